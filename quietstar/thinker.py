@@ -1,0 +1,507 @@
+"""Quiet-STaR: a layer around an unchanged base model that thinks before every token.
+
+Zelikman et al. 2024, "Quiet-STaR: Language Models Can Teach Themselves to Think Before Speaking"
+(arXiv 2403.09629); the official code is described line by line in docs REFERENCE.md.
+
+One training step has two phases (DESIGN §3):
+
+1. rollout (no grad): the text's K/V once per unique sequence, then T - 3 decode-like grid steps that
+   sample a thought token at every position for each of the n copies (Gumbel-max = exact sampling);
+2. learning pass (with grad): one teacher-forced forward over the whole thought grid
+   (S = T + K - 1 rows; masks.py) under the grid predicate, then the talk head, mixing, NLL and
+   REINFORCE on the sampled tokens.
+
+Grid step s of position i (T = n_ahead, K = n_ahead_talk):
+
+    step s:   0      1        2 .. T-2          T-1     T .. T+K-2
+    token:    x_i    <start>  t_1 .. t_{T-3}    <end>   x_{i+1} .. x_{i+K-1}
+    predicts: x_{i+1} t_1      t_2 .. (unused)   x_{i+1} x_{i+2} .. x_{i+K}       position id i + s
+
+Mixing (REFERENCE §1.3): w = talk_head([h_base(i+k); h_talk_k(i)]) with a zero-initialised last layer,
+h_mix = (1 - w) h_base(i+k) + w h_talk_k(i), logits = lm_head(h_mix). Note the code's w weights the
+thought, the opposite of the paper's convention.
+
+Losses (REFERENCE §4): nll = base_loss_weight * CE_base + (1 - base_loss_weight) * mean_k CE_talk_k;
+reward R(i) = sum_k [CE_base(x_{i+k+1}) - CE_talk_k(i)] (base detached); advantage
+A = max(0, R - mean over the n copies) (detached); policy loss = -A * log pi(t_m) averaged over the
+sampled tokens m = 1..T-3 and the scorable positions; loss = nll + policy_weight * policy_loss.
+
+Shape legend: B unique sequences, n thoughts per position, S grid rows per copy, R = 1 + n (S - 1)
+rows in the grid layout, L positions, d model dim, V vocab, H / G query / kv heads, D head dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class ThoughtConfig:
+    """The Quiet-STaR settings. Defaults are faithful to the official code except for its outright bugs;
+    `ThoughtConfig.reference()` reproduces every official quirk (REFERENCE §4-§5, §7)."""
+
+    n_ahead: int = 8
+    """T: grid steps before the talk steps, counting the base step. A thought is T - 1 tokens
+    (<start>, T - 3 sampled tokens, <end>), as in the official code (whose README counts T)."""
+    n_ahead_talk: int = 4
+    """K: true future tokens predicted after each thought (teacher-forced talk steps)."""
+    n_thoughts: int = 2
+    """n: independent thoughts sampled per position (the official n_passes); the REINFORCE baseline is
+    their mean reward."""
+    gumbel_temperature: float = 1.0
+    """Temperature of thought sampling (Gumbel-max, an exact categorical sample). The official code's
+    hard Gumbel-softmax samples at 1.0 whatever its tau (REFERENCE §2.2), so 1.0 reproduces it."""
+    base_loss_weight: float = 0.5
+    """Weight of the no-thought LM loss in the NLL; the talk losses share 1 - this (official: 0.5)."""
+    policy_weight: float = 1e6
+    """beta: multiplier of the REINFORCE term (official: 1e6; the paper's objective implies 1)."""
+    policy_temperature: float = 3.0
+    """tau of the log-probability in the policy loss (official: 3, although thoughts are sampled at 1;
+    set 1.0 for the true score function)."""
+    policy_mean_over_padding: bool = False
+    """Official: True, the policy loss is a plain mean over every row and position, pads included.
+    Default: a mean over scorable (non-pad) positions only."""
+    reward_drop_last_position: bool = False
+    """Official: True, the last fully scorable position L-1-K gets no reward (an off-by-one)."""
+    clamp_negative_advantage: bool = True
+    """Drop negative advantages (official and paper: True, "led to more stable training")."""
+    mix_sigmoid: bool = False
+    """Squash the mixing weight w through a sigmoid (official: False, w is unbounded). With a sigmoid
+    the zero-initialised head starts at w = 0.5, not at 'base only'."""
+    embedding_scale: float = 100.0
+    """The start/end thought embeddings are stored divided by this and multiplied back in forward: an
+    effective LR multiplier of this size under Adam (official: 100)."""
+    init_token: str = "---"
+    """The start/end thought embeddings are initialised, once, from this text's first token embedding."""
+    talk_head_hidden: Optional[int] = None
+    """Width of the talk head's hidden layers (None = d, as in the official code)."""
+
+    impl: str = "grid"
+    """How the learning pass runs: `grid` (one teacher-forced forward over the whole grid) or
+    `sequential_dense` (the official code's way: S dependent steps with gradients through a growing
+    K/V cache, a dense mask and the base pass repeated per copy; a baseline and a test oracle)."""
+
+    def __post_init__(self):
+        if self.impl not in ("grid", "sequential_dense"):
+            raise ValueError(f"ThoughtConfig.impl must be 'grid' or 'sequential_dense', got {self.impl!r}")
+        if self.n_ahead < 3:
+            raise ValueError(f"ThoughtConfig.n_ahead must be >= 3 (<start>, <end> and the base step), got {self.n_ahead}")
+        if self.n_ahead_talk < 1:
+            raise ValueError(f"ThoughtConfig.n_ahead_talk must be >= 1, got {self.n_ahead_talk}")
+        if self.n_thoughts < 1:
+            raise ValueError(f"ThoughtConfig.n_thoughts must be >= 1, got {self.n_thoughts}")
+        if not self.gumbel_temperature > 0:
+            raise ValueError(f"ThoughtConfig.gumbel_temperature must be > 0, got {self.gumbel_temperature}")
+        if not self.policy_temperature > 0:
+            raise ValueError(f"ThoughtConfig.policy_temperature must be > 0, got {self.policy_temperature}")
+        if not 0.0 <= self.base_loss_weight <= 1.0:
+            raise ValueError(f"ThoughtConfig.base_loss_weight must be in [0, 1], got {self.base_loss_weight}")
+        if not self.embedding_scale > 0:
+            raise ValueError(f"ThoughtConfig.embedding_scale must be > 0, got {self.embedding_scale}")
+
+    @property
+    def n_grid_steps(self) -> int:
+        """S = T + K - 1."""
+        return self.n_ahead + self.n_ahead_talk - 1
+
+    @classmethod
+    def reference(cls, **overrides) -> "ThoughtConfig":
+        """The official training settings (REFERENCE §5), every quirk included."""
+        ref = dict(n_ahead=12, n_ahead_talk=4, n_thoughts=2, gumbel_temperature=1.0, base_loss_weight=0.5,
+                   policy_weight=1e6, policy_temperature=3.0, policy_mean_over_padding=True,
+                   reward_drop_last_position=True, clamp_negative_advantage=True, mix_sigmoid=False,
+                   embedding_scale=100.0, init_token="---")
+        return cls(**{**ref, **overrides})
+
+
+# --------------------------------------------------------------------------------------------------
+# pieces
+
+
+class TalkHead(nn.Module):
+    """[h_base; h_thought] (..., 2d) -> mixing weight w (...): Linear-ReLU-Linear-ReLU-Linear(no bias).
+
+    The last layer starts at exactly zero, so w = 0 and the mixed prediction is the base one.
+    """
+
+    def __init__(self, dim: int, hidden: Optional[int] = None):
+        super().__init__()
+        hidden = hidden or dim
+        self.net = nn.Sequential(nn.Linear(2 * dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, 1, bias=False))
+        for m in self.net[:3:2]:
+            nn.init.normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+        nn.init.zeros_(self.net[4].weight)
+
+    def forward(self, h_base, h_thought):
+        return self.net(torch.cat([h_base, h_thought], dim=-1)).squeeze(-1)
+
+
+def _logprob_chunk(h, weight, targets, temperature: float):
+    logits = F.linear(h, weight).float() / temperature  # (c, V)
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def token_logprob(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                  chunk: Optional[int] = None) -> torch.Tensor:
+    """log softmax(h W^T / temperature)[target] for hidden states h (..., d) and targets (...,).
+
+    Chunked over tokens and recomputed in backward, so no (tokens, V) logits are kept for the graph.
+    """
+    shape = targets.shape
+    h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    chunk = chunk or max(128, (1 << 22) // weight.shape[0])
+    grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    out = []
+    for c in range(0, h.shape[0], chunk):
+        args = (h[c:c + chunk], weight, targets[c:c + chunk], temperature)
+        out.append(checkpoint(_logprob_chunk, *args, use_reentrant=False) if grad else _logprob_chunk(*args))
+    return torch.cat(out).view(shape)
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp_min(1)
+
+
+@dataclass
+class ThoughtOutput:
+    loss: torch.Tensor  # scalar: nll + policy_weight * policy_loss (with grad)
+    nll: torch.Tensor  # scalar: base_loss_weight * CE_base + (1 - base_loss_weight) * mean_k CE_talk_k
+    policy_loss: torch.Tensor  # scalar: the REINFORCE term before its weight
+    reward: torch.Tensor  # scalar: mean over scorable positions of R = sum_k (CE_base - CE_talk_k)
+    mix_weight: torch.Tensor  # scalar: mean w over scorable talk predictions
+    thoughts: torch.Tensor  # (B, n, L, T-3) the sampled thought tokens
+    metrics: dict = field(default_factory=dict)  # diagnostics, python floats
+    # per-position detail (detached), for tests and analysis
+    ce_base: Optional[torch.Tensor] = None  # (B, L) CE of x_{i+1} without a thought
+    ce_talk: Optional[torch.Tensor] = None  # (B, n, K, L) CE of x_{i+k+1} from the mixed talk prediction
+    mix_weights: Optional[torch.Tensor] = None  # (B, n, K, L) w of each talk prediction
+    rewards: Optional[torch.Tensor] = None  # (B, n, L) R(i) (0 where not scorable)
+    advantages: Optional[torch.Tensor] = None  # (B, n, L) A(i) as used by the policy loss
+    thought_logprobs: Optional[torch.Tensor] = None  # (B, n, L, T-3) tempered log pi of each sampled token
+
+
+class _GridAttention:
+    """Attention callable for the learning pass: the model's (B, heads, R*L, D) -> the grid layout."""
+
+    def __init__(self, R: int, L: int, n: int, lengths, doc_ids):
+        self.R, self.L, self.n, self.lengths, self.doc_ids = R, L, n, lengths, doc_ids
+
+    def __call__(self, layer_idx, q, k, v):
+        from quietstar.attention import grid_attention
+
+        B, H, _, D = q.shape
+        G = k.shape[1]
+        grid = lambda t, h: t.view(B, h, self.R, self.L, D)
+        out = grid_attention(grid(q, H), grid(k, G), grid(v, G), self.n, self.lengths, self.doc_ids)
+        return out.reshape(B, H, self.R * self.L, D)
+
+
+class _RolloutAttention:
+    """Attention callable for the rollout: the text row once, then one grid step of n*L tokens per call,
+    against a preallocated branch K/V buffer (B, G, n, steps, L, D) per layer."""
+
+    def __init__(self, n_layers, B, G, n, steps, L, D, lengths, doc_ids, dtype, device):
+        self.k0 = [None] * n_layers
+        self.v0 = [None] * n_layers
+        shape = (n_layers, B, G, n, max(steps, 1), L, D)
+        self.kb = torch.empty(shape, dtype=dtype, device=device)
+        self.vb = torch.empty(shape, dtype=dtype, device=device)
+        self.n, self.L, self.lengths, self.doc_ids = n, L, lengths, doc_ids
+        self.step = 0
+
+    def __call__(self, i, q, k, v):
+        from quietstar.attention import decode_step_attention, prefix_attention
+
+        B, H, _, D = q.shape
+        G = k.shape[1]
+        if self.step == 0:  # the text row: causal over itself
+            self.k0[i], self.v0[i] = k, v
+            key_ok = None if self.lengths is None else torch.arange(self.L, device=q.device) < self.lengths[:, None]
+            out, _ = prefix_attention(q.view(B, G, H // G, 1, self.L, D), k, v, key_ok, self.doc_ids)
+            return out.to(q.dtype).view(B, H, self.L, D)
+        s = self.step
+        self.kb[i, :, :, :, s - 1] = k.view(B, G, self.n, self.L, D)
+        self.vb[i, :, :, :, s - 1] = v.view(B, G, self.n, self.L, D)
+        out = decode_step_attention(q.view(B, H, self.n, self.L, D), self.k0[i], self.v0[i],
+                                    self.kb[i, :, :, :, :s], self.vb[i, :, :, :, :s], self.lengths, self.doc_ids)
+        return out.reshape(B, H, self.n * self.L, D)
+
+
+def gumbel_sample(logits: torch.Tensor, temperature: float, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """argmax(logits / temperature + Gumbel noise): an exact sample from softmax(logits / temperature)."""
+    u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float32)
+    g = -torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))
+    return (logits.float() / temperature + g).argmax(-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# the layer
+
+
+class QuietStar(nn.Module):
+    """Quiet-STaR around an unchanged base `Transformer` (model.py).
+
+    Parameters added: `start_embedding`, `end_embedding` (d,), stored divided by
+    cfg.embedding_scale, and `talk_head`. The thought token ids are past the base vocab
+    (`start_token_id` = V, `end_token_id` = V + 1); the embedding matrix is not resized and the LM
+    head never produces them.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer=None, cfg: Optional[ThoughtConfig] = None):
+        super().__init__()
+        self.model = model
+        self.cfg = cfg = cfg or ThoughtConfig()
+        mcfg = model.cfg
+        if mcfg.sliding_window is not None and mcfg.sliding_window < mcfg.max_seq_len:
+            self._window = mcfg.sliding_window  # the grid has no sliding window: sequences must fit in it
+        else:
+            self._window = None
+        V, d = mcfg.vocab_size, mcfg.dim
+        self.start_token_id, self.end_token_id = V, V + 1
+        if tokenizer is not None:
+            if (tokenizer.start_thought_id, tokenizer.end_thought_id) != (V, V + 1):
+                raise ValueError(f"tokenizer thought ids {(tokenizer.start_thought_id, tokenizer.end_thought_id)} "
+                                 f"must be (V, V+1) = {(V, V + 1)} for this model")
+            init_ids = tokenizer.encode(cfg.init_token, add_bos=False)
+            if not init_ids:
+                raise ValueError(f"ThoughtConfig.init_token={cfg.init_token!r} encodes to no token")
+            init_id = init_ids[0]
+            self.pad_token_id = tokenizer.pad_id
+        else:  # bare model (tests): initialise from token 0
+            init_id, self.pad_token_id = 0, 0
+        self.tokenizer = tokenizer
+        # Initialised once, here; a loaded state dict overwrites them and nothing re-initialises them.
+        e = model.tok_embeddings.weight[init_id].detach().float() / cfg.embedding_scale
+        self.start_embedding = nn.Parameter(e.clone().to(model.tok_embeddings.weight.dtype))
+        self.end_embedding = nn.Parameter(e.clone().to(model.tok_embeddings.weight.dtype))
+        self.talk_head = TalkHead(d, cfg.talk_head_hidden).to(model.tok_embeddings.weight.dtype)
+
+    # ---- embeddings and the grid layout ----
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Any ids (...,) -> input vectors (..., d): text ids via the embedding, thought ids via the learned vectors."""
+        V = self.model.cfg.vocab_size
+        x = self.model.tok_embeddings(ids.clamp(max=V - 1))
+        scale = self.cfg.embedding_scale
+        x = torch.where((ids == self.start_token_id)[..., None], (scale * self.start_embedding).to(x.dtype), x)
+        return torch.where((ids == self.end_token_id)[..., None], (scale * self.end_embedding).to(x.dtype), x)
+
+    def _check_input(self, input_ids, attention_mask):
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (B, L), got shape {tuple(input_ids.shape)}")
+        L, K = input_ids.shape[1], self.cfg.n_ahead_talk
+        if L <= K:
+            raise ValueError(f"sequence length {L} must exceed ThoughtConfig.n_ahead_talk={K} (no position "
+                             "could be scored)")
+        if self._window is not None and L > self._window:
+            raise ValueError(f"sequence length {L} exceeds the model's sliding_window={self._window}; the thought "
+                             "grid attends the whole prefix")
+        if attention_mask is None:
+            return None
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                             f"{tuple(input_ids.shape)}")
+        lengths = attention_mask.long().sum(-1)
+        if bool((lengths < 1).any()):
+            raise ValueError("every sequence needs at least one real token (attention_mask row of zeros)")
+        return lengths
+
+    def grid_tokens(self, input_ids: torch.Tensor, thoughts: torch.Tensor):
+        """-> ids (B, R, L) and position ids (B, R, L) of the grid layout (masks.py), R = 1 + n (S - 1).
+
+        Rows of copy p: <start>, t_1..t_{T-3}, <end>, x_{i+1}..x_{i+K-1} (pad past the end)."""
+        B, L = input_ids.shape
+        T, K = self.cfg.n_ahead, self.cfg.n_ahead_talk
+        n = thoughts.shape[1]
+        dev = input_ids.device
+        start = torch.full((B, n, 1, L), self.start_token_id, dtype=torch.long, device=dev)
+        end = torch.full((B, n, 1, L), self.end_token_id, dtype=torch.long, device=dev)
+        padded = F.pad(input_ids, (0, K), value=self.pad_token_id)  # (B, L + K)
+        future = torch.stack([padded[:, k:k + L] for k in range(1, K)], dim=1) if K > 1 else input_ids[:, :0, None]
+        future = future.view(B, 1, K - 1, L).expand(B, n, K - 1, L)
+        branch = torch.cat([start, thoughts.permute(0, 1, 3, 2), end, future], dim=2)  # (B, n, S-1, L)
+        ids = torch.cat([input_ids[:, None], branch.reshape(B, -1, L)], dim=1)  # (B, R, L)
+        S = T + K - 1
+        step = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(1, S).repeat(n)]).to(dev)  # (R,)
+        pos = (step[:, None] + torch.arange(L, device=dev)[None, :]).expand(B, -1, -1)
+        return ids, pos
+
+    # ---- phase 1: rollout ----
+
+    @torch.no_grad()
+    def rollout(self, input_ids, attention_mask=None, generator=None, doc_ids=None) -> torch.Tensor:
+        """Sample n thoughts at every position. -> thoughts (B, n, L, T-3) long."""
+        return self._rollout(input_ids, attention_mask, generator, doc_ids)[0]
+
+    @torch.no_grad()
+    def _rollout(self, input_ids, attention_mask=None, generator=None, doc_ids=None):
+        lengths = self._check_input(input_ids, attention_mask)
+        B, L = input_ids.shape
+        n, n_sampled = self.cfg.n_thoughts, self.cfg.n_ahead - 3
+        thoughts = torch.zeros(B, n, L, n_sampled, dtype=torch.long, device=input_ids.device)
+        entropy = torch.zeros((), device=input_ids.device)
+        if n_sampled == 0:
+            return thoughts, entropy
+        mcfg, model = self.model.cfg, self.model
+        x0 = self.embed(input_ids)
+        attn = _RolloutAttention(mcfg.n_layers, B, mcfg.n_kv_heads, n, n_sampled, L, mcfg.head_dim, lengths,
+                                 doc_ids, x0.dtype, x0.device)
+        pos = torch.arange(L, device=input_ids.device)
+        model(inputs_embeds=x0, position_ids=pos.expand(B, L), attn=attn, return_hidden=True)
+        tokens = torch.full((B, n * L), self.start_token_id, dtype=torch.long, device=input_ids.device)
+        for s in range(1, n_sampled + 1):
+            attn.step = s
+            h = model(inputs_embeds=self.embed(tokens), position_ids=(pos + s).repeat(n).expand(B, n * L),
+                      attn=attn, return_hidden=True)  # (B, n*L, d)
+            logits = model.head(h).float()  # (B, n*L, V): only text ids exist, so <start>/<end> are never sampled
+            tokens = gumbel_sample(logits, self.cfg.gumbel_temperature, generator)
+            thoughts[..., s - 1] = tokens.view(B, n, L)
+            logp = torch.log_softmax(logits / self.cfg.gumbel_temperature, dim=-1)
+            entropy = entropy + -(logp.exp() * logp).sum(-1).mean() / n_sampled
+        return thoughts, entropy
+
+    # ---- phase 2: the learning pass ----
+
+    def grid_hidden(self, input_ids, thoughts, attention_mask=None, doc_ids=None) -> torch.Tensor:
+        """One teacher-forced forward over the whole grid. -> final-norm hidden states (B, R, L, d)."""
+        lengths = self._check_input(input_ids, attention_mask)
+        if self.cfg.impl == "sequential_dense":
+            from quietstar.sequential import sequential_dense_hidden
+
+            return sequential_dense_hidden(self, input_ids, thoughts, lengths, doc_ids)
+        ids, pos = self.grid_tokens(input_ids, thoughts)
+        B, R, L = ids.shape
+        h = self.model(inputs_embeds=self.embed(ids).view(B, R * L, -1), position_ids=pos.reshape(B, R * L),
+                       attn=_GridAttention(R, L, thoughts.shape[1], lengths, doc_ids), return_hidden=True)
+        return h.view(B, R, L, -1)
+
+    def grid_logits(self, input_ids, thoughts, attention_mask=None, doc_ids=None) -> torch.Tensor:
+        """Raw (unmixed) logits of every grid cell, for tests and analysis. -> (B, n, S, L, V);
+        step 0 is the base prediction (the same for every copy)."""
+        h = self.grid_hidden(input_ids, thoughts, attention_mask, doc_ids)
+        B, R, L, d = h.shape
+        n = thoughts.shape[1]
+        rows = torch.cat([h[:, :1].expand(B, n, L, d)[:, :, None], h[:, 1:].view(B, n, -1, L, d)], dim=2)
+        return self.model.head(rows)
+
+    def forward(self, input_ids, attention_mask=None, generator=None, doc_ids=None,
+                thoughts: Optional[torch.Tensor] = None) -> ThoughtOutput:
+        """One Quiet-STaR step: rollout (unless `thoughts` are given), learning pass, losses."""
+        entropy = None
+        if thoughts is None:
+            thoughts, entropy = self._rollout(input_ids, attention_mask, generator, doc_ids)
+        hidden = self.grid_hidden(input_ids, thoughts, attention_mask, doc_ids)
+        out = self.losses(hidden, input_ids, thoughts, attention_mask)
+        if entropy is not None:
+            out.metrics["thought/entropy"] = float(entropy)
+        return out
+
+    def mix(self, h_base: torch.Tensor, h_thought: torch.Tensor):
+        """Hidden-state mixing. -> (h_mix (..., d), w (...))."""
+        w = self.talk_head(h_base, h_thought)
+        if self.cfg.mix_sigmoid:
+            w = torch.sigmoid(w)
+        return (1 - w[..., None]) * h_base + w[..., None] * h_thought, w
+
+    def losses(self, hidden, input_ids, thoughts, attention_mask=None) -> ThoughtOutput:
+        """NLL + REINFORCE from the grid's hidden states (B, R, L, d). See the module docstring."""
+        cfg = self.cfg
+        B, R, L, d = hidden.shape
+        T, K, n = cfg.n_ahead, cfg.n_ahead_talk, thoughts.shape[1]
+        W = self.model.lm_head_weight
+        dev = hidden.device
+        lengths = (attention_mask.long().sum(-1) if attention_mask is not None
+                   else torch.full((B,), L, device=dev))
+        pos = torch.arange(L, device=dev)
+        h0 = hidden[:, 0]  # (B, L, d)
+        hb = hidden[:, 1:].view(B, n, -1, L, d)  # (B, n, S-1, L, d); grid step s is index s - 1
+        padded = F.pad(input_ids, (0, K + 1), value=0)
+
+        def target(k):  # x_{i+k+1} and whether it is a real token: (B, L), (B, L)
+            return padded[:, k + 1:k + 1 + L], (pos + k + 1)[None, :] < lengths[:, None]
+
+        # base NLL: the no-thought prediction of x_{i+1}
+        tgt0, ok0 = target(0)
+        ce0 = -token_logprob(h0, W, tgt0)  # (B, L)
+        nll_base = _masked_mean(ce0, ok0)
+
+        # talk steps k = 0..K-1 (grid step T-1+k): mixed prediction of x_{i+k+1}
+        talk_ce, base_ce, oks, ws = [], [], [], []
+        for k in range(K):
+            tgt, ok = target(k)
+            h_base = torch.cat([h0[:, k:], h0[:, -1:].expand(B, k, d)], dim=1)  # h_base(i+k), (B, L, d)
+            h_base = h_base[:, None].expand(B, n, L, d)
+            h_mix, w = self.mix(h_base, hb[:, :, T - 2 + k])
+            tgt_n = tgt[:, None].expand(B, n, L)
+            talk_ce.append(-token_logprob(h_mix, W, tgt_n))  # (B, n, L)
+            with torch.no_grad():  # the base CE of the same target, computed in the same shape: w = 0 gives r = 0 exactly
+                base_ce.append(-token_logprob(h_base, W, tgt_n))
+            oks.append(ok[:, None].expand(B, n, L))
+            ws.append(w)
+        nll_talk = torch.stack([_masked_mean(c, o) for c, o in zip(talk_ce, oks)]).mean()
+        nll = cfg.base_loss_weight * nll_base + (1 - cfg.base_loss_weight) * nll_talk
+
+        # reward R(i) = sum_k r_k(i), on scorable positions (all K targets real)
+        if cfg.reward_drop_last_position:  # official: i <= L-2-K whatever the padding; pad targets give r_k = 0
+            scorable = (pos <= L - 2 - K)[None, None].expand(B, n, L)
+        else:
+            scorable = ((pos + K)[None, :] <= lengths[:, None] - 1)[:, None].expand(B, n, L)
+        reward = sum((b - t.detach()) * o for b, t, o in zip(base_ce, talk_ce, oks)) * scorable  # (B, n, L)
+        adv = reward - reward.mean(dim=1, keepdim=True) if n > 1 else reward
+        if cfg.clamp_negative_advantage:
+            adv = adv.clamp_min(0)
+        adv = (adv * scorable).detach()
+
+        # REINFORCE on the sampled tokens: t_m is predicted at grid step m (index m - 1)
+        n_sampled = T - 3
+        if n_sampled > 0:
+            h_pol = hb[:, :, :n_sampled].permute(0, 1, 3, 2, 4)  # (B, n, L, T-3, d)
+            logp = token_logprob(h_pol, W, thoughts, cfg.policy_temperature)  # (B, n, L, T-3)
+            pg = -(adv[..., None] * logp).mean(-1)  # (B, n, L): mean over the T-3 tokens
+            if cfg.policy_mean_over_padding:  # official: plain mean over the (B, n, L-1-K) window
+                policy_loss = pg.sum() / (B * n * max(L - 1 - K, 1))
+            else:
+                policy_loss = _masked_mean(pg, scorable)
+        else:
+            logp = None
+            policy_loss = hidden.new_zeros(())
+        loss = nll + cfg.policy_weight * policy_loss
+
+        with torch.no_grad():
+            sc = scorable.float()
+            w_all = torch.stack(ws)  # (K, B, n, L)
+            w_mean = _masked_mean(w_all, sc.expand_as(w_all))
+            metrics = {
+                "train/loss": float(loss), "train/nll": float(nll), "train/nll_base": float(nll_base),
+                "train/nll_talk": float(nll_talk), "thought/policy_loss": float(policy_loss),
+                "thought/policy_term": float(cfg.policy_weight * policy_loss),
+                "thought/reward_mean": float(_masked_mean(reward, sc)),
+                "thought/reward_max": float(reward.masked_fill(~scorable, float("-inf")).max())
+                if bool(scorable.any()) else 0.0,
+                "thought/advantage_pos_frac": float(_masked_mean((adv > 0).float(), sc)),
+                "thought/mix_weight_mean": float(w_mean),
+                "thought/mix_weight_abs_mean": float(_masked_mean(w_all.abs(), sc.expand_as(w_all))),
+            }
+            if n_sampled > 0:
+                valid_t = thoughts[((pos[None, :] < lengths[:, None])[:, None].expand(B, n, L))]
+                metrics["thought/distinct_token_ratio"] = (float(valid_t.unique().numel() / max(1, valid_t.numel())))
+        return ThoughtOutput(loss=loss, nll=nll.detach(), policy_loss=policy_loss.detach(),
+                             reward=_masked_mean(reward, scorable.float()).detach(), mix_weight=w_mean,
+                             thoughts=thoughts, metrics=metrics, ce_base=ce0.detach(),
+                             ce_talk=torch.stack(talk_ce, dim=2).detach(), mix_weights=torch.stack(ws, dim=2).detach(),
+                             rewards=reward.detach(), advantages=adv,
+                             thought_logprobs=None if logp is None else logp.detach())
+
+    def decode_thought(self, thoughts: torch.Tensor, b: int, copy: int, position: int) -> str:
+        """The thought sampled after position `position` of sequence b, copy `copy`, as text."""
+        if self.tokenizer is None:
+            raise ValueError("decode_thought needs a tokenizer")
+        return self.tokenizer.decode(thoughts[b, copy, position].tolist())

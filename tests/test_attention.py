@@ -1,0 +1,127 @@
+"""The grid predicate, the dense oracle, and the split backend against it (forward and all gradients)."""
+
+import pytest
+import torch
+
+from quietstar import attention
+from quietstar.attention import decode_step_attention, dense_attention, grid_attention, split_attention
+from quietstar.masks import dense_grid_mask, flex_mask_mod, grid_rows, n_grid_rows
+
+
+def reference_mask(L, S, length):
+    """The official construction (REFERENCE §2.3): M_0 causal with pad keys blocked, then
+    M_s = cat(M_{s-1}, D) with D the diagonal restricted to what M_0 allows. Step-major keys."""
+    valid = torch.arange(L) < length
+    m0 = torch.tril(torch.ones(L, L, dtype=torch.bool)) & valid[None, :]
+    diag = torch.eye(L, dtype=torch.bool) & torch.diag(m0)[None, :]
+    full = torch.zeros(S * L, S * L, dtype=torch.bool)
+    m = m0
+    for s in range(S):
+        full[s * L:(s + 1) * L, :(s + 1) * L] = m
+        m = torch.cat([m, diag], dim=1)
+    return full
+
+
+@pytest.mark.parametrize("L,S,length", [(3, 3, 3), (5, 4, 3), (7, 1, 7)])
+def test_dense_mask_matches_official_construction(L, S, length):
+    ours = dense_grid_mask(L, 1, S, torch.tensor([length]))[0]
+    theirs = reference_mask(L, S, length)
+    # pad queries: the official mask blocks a pad position's own diagonal; ours does too (j < length)
+    assert torch.equal(ours, theirs)
+
+
+def test_grid_rows_and_copies_are_private():
+    n, S, L = 2, 3, 4
+    step, copy = grid_rows(n, S)
+    assert step.tolist() == [0, 1, 2, 1, 2] and copy.tolist() == [-1, 0, 0, 1, 1]
+    mask = dense_grid_mask(L, n, S)[0].view(n_grid_rows(n, S), L, n_grid_rows(n, S), L)
+    # a copy-1 query never sees a copy-0 branch key, and vice versa
+    assert not mask[3:, :, 1:3].any() and not mask[1:3, :, 3:].any()
+    # every branch query sees its own text prefix
+    for r in range(1, 5):
+        assert torch.equal(mask[r, :, 0], torch.tril(torch.ones(L, L, dtype=torch.bool)))
+
+
+def test_flex_mask_mod_matches_dense():
+    L, n, S = 5, 2, 3
+    lengths = torch.tensor([5, 3])
+    docs = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 1, 1]])
+    mm = flex_mask_mod(L, n, S, lengths, docs)
+    N = n_grid_rows(n, S) * L
+    idx = torch.arange(N)
+    for b in range(2):
+        got = mm(torch.tensor(b), torch.tensor(0), idx[:, None], idx[None, :])
+        assert torch.equal(got, dense_grid_mask(L, n, S, lengths, docs)[b])
+
+
+def _qkv(B, H, G, n, S, L, D, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    R = n_grid_rows(n, S)
+    mk = lambda h: torch.randn(B, h, R, L, D, generator=g, dtype=dtype).requires_grad_()
+    return mk(H), mk(G), mk(G)
+
+
+@pytest.mark.parametrize("H,G,n,S,L", [(4, 4, 1, 3, 9), (6, 2, 2, 4, 37), (4, 1, 3, 2, 5), (2, 2, 2, 1, 6)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_split_equals_dense_forward_and_grads(H, G, n, S, L, padded):
+    B, D = 2, 8
+    q, k, v = _qkv(B, H, G, n, S, L, D)
+    lengths = torch.tensor([L, max(1, L // 2)]) if padded else None
+    ref = dense_attention(q, k, v, n, lengths)
+    out = split_attention(q, k, v, n, lengths, tile=4)  # several tiles, a ragged last one
+    grad = torch.randn_like(ref)
+    g_ref = torch.autograd.grad((ref * grad).sum(), (q, k, v))
+    g_out = torch.autograd.grad((out * grad).sum(), (q, k, v))
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
+    for name, a, b in zip("qkv", g_out, g_ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=f"d{name}")
+
+
+def test_split_equals_dense_with_documents():
+    B, H, G, n, S, L, D = 2, 4, 2, 2, 3, 8, 8
+    q, k, v = _qkv(B, H, G, n, S, L, D, seed=1)
+    docs = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2], [0, 1, 1, 1, 1, 1, 2, 2]])
+    lengths = torch.tensor([8, 6])
+    ref = dense_attention(q, k, v, n, lengths, docs)
+    out = split_attention(q, k, v, n, lengths, docs, tile=3)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
+    g = torch.autograd.grad(out.sum(), (q, k, v))
+    g_ref = torch.autograd.grad(ref.sum(), (q, k, v))
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+def test_split_fp32_close_to_fp64_dense():
+    q, k, v = _qkv(2, 4, 2, 2, 5, 33, 16, dtype=torch.float32, seed=2)
+    lengths = torch.tensor([33, 20])
+    out = split_attention(q, k, v, 2, lengths)
+    ref = dense_attention(q.double(), k.double(), v.double(), 2, lengths)
+    assert out.dtype == torch.float32
+    assert (out.double() - ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("step", [1, 2, 4])
+def test_decode_step_equals_grid_rows(step):
+    B, H, G, n, S, L, D = 2, 4, 2, 2, 5, 7, 8
+    q, k, v = _qkv(B, H, G, n, S, L, D, seed=3)
+    lengths = torch.tensor([7, 4])
+    ref = dense_attention(q, k, v, n, lengths)[:, :, 1:].unflatten(2, (n, S - 1))[:, :, :, step - 1]
+    branch = lambda t: t[:, :, 1:].unflatten(2, (n, S - 1))[:, :, :, :step]
+    qs = q[:, :, 1:].unflatten(2, (n, S - 1))[:, :, :, step - 1]
+    with torch.no_grad():
+        out = decode_step_attention(qs, k[:, :, 0], v[:, :, 0], branch(k), branch(v), lengths)
+    torch.testing.assert_close(out, ref.detach(), rtol=0, atol=1e-10)
+
+
+def test_dispatch_and_override():
+    q, k, v = _qkv(1, 2, 2, 1, 2, 5, 4)
+    with attention.use_backend("dense"):
+        assert attention.resolve_backend(q.device) == "dense"
+        a = grid_attention(q, k, v, 1)
+    with attention.use_backend("split"):
+        b = grid_attention(q, k, v, 1)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    assert attention.resolve_backend(torch.device("cpu")) in ("split", "dense")
+    with pytest.raises(ValueError, match="attention.backend"):
+        with attention.use_backend("nope"):
+            pass
