@@ -32,8 +32,10 @@ rows in the grid layout, L positions, d model dim, V vocab, H / G query / kv hea
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -186,6 +188,13 @@ class ThoughtOutput:
     rewards: Optional[torch.Tensor] = None  # (B, n, L) R(i) (0 where not scorable)
     advantages: Optional[torch.Tensor] = None  # (B, n, L) A(i) as used by the policy loss
     thought_logprobs: Optional[torch.Tensor] = None  # (B, n, L, T-3) tempered log pi of each sampled token
+
+
+class NextTokenLogits(NamedTuple):
+    base: torch.Tensor  # (B, L, V) no-thought logits of x_{i+1}
+    mixed: torch.Tensor  # (B, n, L, V) talk-head-mixed logits after a thought
+    mix_weight: torch.Tensor  # (B, n, L)
+    thoughts: torch.Tensor  # (B, n, L, T-3)
 
 
 class _GridAttention:
@@ -499,6 +508,32 @@ class QuietStar(nn.Module):
                              ce_talk=torch.stack(talk_ce, dim=2).detach(), mix_weights=torch.stack(ws, dim=2).detach(),
                              rewards=reward.detach(), advantages=adv,
                              thought_logprobs=None if logp is None else logp.detach())
+
+    @contextlib.contextmanager
+    def overridden(self, **changes):
+        """Temporarily run with some ThoughtConfig fields changed (e.g. n_ahead_talk=1 for evaluation)."""
+        saved = self.cfg
+        self.cfg = dataclasses.replace(saved, **changes)
+        try:
+            yield self
+        finally:
+            self.cfg = saved
+
+    @torch.no_grad()
+    def next_token_logits(self, input_ids, attention_mask=None, generator=None, n_thoughts: int = 1,
+                          thoughts: Optional[torch.Tensor] = None) -> "NextTokenLogits":
+        """The prediction of x_{i+1} at every position, with and without a thought (the paper's
+        evaluation: K = 1, the mixed logits at the <end> step). -> NextTokenLogits with base (B, L, V),
+        mixed (B, n, L, V), mix_weight (B, n, L), thoughts (B, n, L, T-3)."""
+        with self.overridden(n_ahead_talk=1, n_thoughts=n_thoughts):
+            if thoughts is None:
+                thoughts = self.rollout(input_ids, attention_mask, generator)
+            h = self.grid_hidden(input_ids, thoughts, attention_mask)
+            B, R, L, d = h.shape
+            h0 = h[:, 0]
+            h_end = h[:, 1:].view(B, n_thoughts, -1, L, d)[:, :, self.cfg.n_ahead - 2]  # grid step T-1
+            h_mix, w = self.mix(h0[:, None].expand_as(h_end), h_end)
+            return NextTokenLogits(self.model.head(h0), self.model.head(h_mix), w, thoughts)
 
     def decode_thought(self, thoughts: torch.Tensor, b: int, copy: int, position: int) -> str:
         """The thought sampled after position `position` of sequence b, copy `copy`, as text."""

@@ -1,0 +1,212 @@
+"""Generation with thoughts (REFERENCE §8.4, "ideal"): the text's K/V is cached, and for each new token
+only the last position thinks.
+
+Per generated token, with T = n_ahead:
+  1. feed <start>, then T-3 sampled thought tokens, then <end> (positions i+1 .. i+T-1) on top of the
+     cached text, one token at a time;
+  2. mix the <end> step's hidden state with the text's last hidden state through the talk head and
+     sample the next token from the mixed prediction (the LM head has no rows for the thought ids, so
+     they can never be emitted);
+  3. drop the thought's K/V (truncate the cache back to the text) and feed the new token.
+So a token costs T single-token forwards instead of the official code's full re-run of every
+position's thought over the whole sequence. `think=False` is plain KV-cached decoding of the same model.
+
+CLI:  python -m quietstar.generate [ckpt=DIR] prompt="..." [max_new_tokens=64 temperature=0.7
+      top_p=0.95 think=true show_thoughts=true seed=0 device=cpu]
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+from quietstar.model import KVCache
+from quietstar.thinker import QuietStar, gumbel_sample
+
+
+def sample_token(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,). temperature 0 = greedy (draws no random numbers)."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(-1)
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        probs = torch.softmax(sorted_logits / temperature, -1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return gumbel_sample(logits, temperature, generator)
+
+
+@dataclass
+class Step:
+    tokens: torch.Tensor  # (B,) the token generated at this step (pad_id once a row has finished)
+    thoughts: Optional[torch.Tensor]  # (B, T-3) the thought behind it, None when not thinking
+    mix_weight: Optional[torch.Tensor]  # (B,) the talk head's w for it
+    finished: torch.Tensor  # (B,) bool, True once the row produced a stop token
+
+
+@torch.no_grad()
+def generate_stream(qs: QuietStar, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                    max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0,
+                    think: bool = True, generator: Optional[torch.Generator] = None,
+                    stop_ids: Sequence[int] = (), pad_id: int = 0,
+                    thought_temperature: Optional[float] = None) -> Iterator[Step]:
+    """Yield one Step per generated token for a left-padded batch of prompts input_ids (B, P)."""
+    model, cfg = qs.model, qs.cfg
+    B, P = input_ids.shape
+    dev = input_ids.device
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if bool((attention_mask[:, -1] == 0).any()):
+        raise ValueError("prompts must be left-padded: the last column of attention_mask has a 0")
+    T = cfg.n_ahead
+    thought_temperature = cfg.gumbel_temperature if thought_temperature is None else thought_temperature
+    dtype = model.tok_embeddings.weight.dtype
+    cache = KVCache(model.cfg, B, P + max_new_tokens + T, dtype=dtype, device=dev)
+    cache.key_valid[:, :P] = attention_mask.bool()
+    pos = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # (B, P) left padding shifts positions
+    h = model(inputs_embeds=qs.embed(input_ids), position_ids=pos, attn=cache, return_hidden=True)
+    h_last, last_pos = h[:, -1], pos[:, -1]  # (B, d), (B,)
+    stop = torch.tensor(list(stop_ids) or [-1], device=dev)
+    finished = torch.zeros(B, dtype=torch.bool, device=dev)
+
+    def one(token, position):  # feed one token per row at `position` -> hidden (B, d)
+        return model(inputs_embeds=qs.embed(token[:, None]), position_ids=position[:, None], attn=cache,
+                     return_hidden=True)[:, -1]
+
+    for _ in range(max_new_tokens):
+        thought, w = None, None
+        if think:
+            text_len = cache.seen
+            sampled = []
+            token = torch.full((B,), qs.start_token_id, dtype=torch.long, device=dev)
+            for s in range(1, T):  # steps 1..T-1: <start>, t_1..t_{T-3}, <end>
+                h_s = one(token, last_pos + s)
+                if s <= T - 3:
+                    token = gumbel_sample(model.head(h_s).float(), thought_temperature, generator)
+                    sampled.append(token)
+                elif s == T - 2:
+                    token = torch.full((B,), qs.end_token_id, dtype=torch.long, device=dev)
+            h_mix, w = qs.mix(h_last, h_s)  # h_s: the <end> step
+            logits = model.head(h_mix)
+            cache.truncate(text_len)  # the thought is not part of the text
+            thought = torch.stack(sampled, -1) if sampled else torch.zeros(B, 0, dtype=torch.long, device=dev)
+        else:
+            logits = model.head(h_last)
+        nxt = sample_token(logits, temperature, top_p, generator)
+        nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
+        finished = finished | torch.isin(nxt, stop)
+        yield Step(nxt, thought, w, finished.clone())
+        if bool(finished.all()):
+            return
+        last_pos = last_pos + 1
+        h_last = one(nxt, last_pos)
+
+
+@dataclass
+class Generation:
+    tokens: list  # per prompt: generated ids (stop token included, nothing after it)
+    texts: list  # per prompt: decoded generated text
+    thoughts: list  # per prompt: per generated token, the thought ids behind it (empty lists if think=False)
+    tokens_per_s: float
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device=None):
+    P = max(len(s) for s in seqs)
+    ids = torch.tensor([[pad_id] * (P - len(s)) + list(s) for s in seqs], device=device)
+    mask = torch.tensor([[0] * (P - len(s)) + [1] * len(s) for s in seqs], device=device)
+    return ids, mask
+
+
+def generate(qs: QuietStar, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64,
+             temperature: float = 1.0, top_p: float = 1.0, think: bool = True,
+             generator: Optional[torch.Generator] = None, stop_ids: Optional[Sequence[int]] = None,
+             on_step=None) -> Generation:
+    """Generate continuations of text prompts (batched, left-padded). on_step(Step) streams."""
+    dev = qs.model.tok_embeddings.weight.device
+    ids, mask = left_pad([tokenizer.encode(p) for p in prompts], tokenizer.pad_id, dev)
+    stop_ids = [tokenizer.eos_id] if stop_ids is None else stop_ids
+    out = [[] for _ in prompts]
+    thoughts = [[] for _ in prompts]
+    t0, n_tok = time.perf_counter(), 0
+    for step in generate_stream(qs, ids, mask, max_new_tokens, temperature, top_p, think, generator, stop_ids,
+                                tokenizer.pad_id):
+        if on_step is not None:
+            on_step(step)
+        for b in range(len(prompts)):
+            if len(out[b]) and out[b][-1] in stop_ids:
+                continue
+            out[b].append(int(step.tokens[b]))
+            thoughts[b].append(step.thoughts[b].tolist() if step.thoughts is not None else [])
+            n_tok += 1
+    dt = time.perf_counter() - t0
+    texts = [tokenizer.decode([t for t in o if t not in stop_ids]) for o in out]
+    return Generation(out, texts, thoughts, n_tok / max(dt, 1e-9))
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+
+
+def parse_kv(argv: Sequence[str], defaults: dict) -> dict:
+    """key=value arguments (Hydra-style) onto typed defaults; unknown keys are an error."""
+    args = dict(defaults)
+    for a in argv:
+        if "=" not in a:
+            raise SystemExit(f"expected key=value, got {a!r}; keys: {sorted(defaults)}")
+        k, v = a.split("=", 1)
+        if k not in args:
+            raise SystemExit(f"unknown argument {k!r}; keys: {sorted(defaults)}")
+        d = defaults[k]
+        if isinstance(d, bool):
+            args[k] = v.lower() in ("1", "true", "yes", "on")
+        elif isinstance(d, int):
+            args[k] = int(v)
+        elif isinstance(d, float):
+            args[k] = float(v)
+        else:
+            args[k] = v if v.lower() not in ("null", "none", "") else None
+    return args
+
+
+def load_for_inference(ckpt: Optional[str], device: str = "cpu", dtype: Optional[torch.dtype] = None,
+                       model: str = "smollm2-135m"):
+    """(QuietStar, tokenizer) from a checkpoint or export dir, or the base model with fresh thought parameters."""
+    if ckpt:
+        from quietstar.export import load_thinker
+
+        qs = load_thinker(ckpt, device=device)
+        return qs, qs.tokenizer
+    from quietstar.loading import load_pretrained
+    from quietstar.thinker import ThoughtConfig
+
+    base, tok = load_pretrained(model, dtype=dtype, device=device)
+    return QuietStar(base, tok, ThoughtConfig()).to(device), tok
+
+
+def main(argv=None):
+    args = parse_kv(sys.argv[1:] if argv is None else argv, dict(
+        ckpt="", model="smollm2-135m", prompt="Q: What is 12 + 7?\nA:", max_new_tokens=48, temperature=0.7,
+        top_p=0.95, think=True, show_thoughts=True, seed=0, device="cpu"))
+    qs, tok = load_for_inference(args["ckpt"], args["device"], model=args["model"])
+    qs.eval()
+    g = torch.Generator(device=args["device"]).manual_seed(args["seed"])
+    print(args["prompt"], end="", flush=True)
+
+    def show(step: Step):
+        if args["show_thoughts"] and step.thoughts is not None:
+            print(f"\033[2m[{tok.decode(step.thoughts[0].tolist())}]\033[0m", end="")
+        print(tok.decode([int(step.tokens[0])]), end="", flush=True)
+
+    gen = generate(qs, tok, [args["prompt"]], args["max_new_tokens"], args["temperature"], args["top_p"],
+                   args["think"], g, on_step=show)
+    print(f"\n\n[{len(gen.tokens[0])} tokens, {gen.tokens_per_s:.1f} tok/s, think={args['think']}]")
+
+
+if __name__ == "__main__":
+    main()
