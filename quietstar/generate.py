@@ -25,7 +25,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from quietstar.model import KVCache
-from quietstar.thinker import QuietStar, gumbel_sample
+from quietstar.thinker import QuietStar, sample_categorical
 
 
 def sample_token(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
@@ -39,7 +39,7 @@ def sample_token(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 
         probs = torch.softmax(sorted_logits / temperature, -1)
         drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return gumbel_sample(logits, temperature, generator)
+    return sample_categorical(logits, temperature, generator)
 
 
 @dataclass
@@ -88,7 +88,7 @@ def generate_stream(qs: QuietStar, input_ids: torch.Tensor, attention_mask: Opti
             for s in range(1, T):  # steps 1..T-1: <start>, t_1..t_{T-3}, <end>
                 h_s = one(token, last_pos + s)
                 if s <= T - 3:
-                    token = gumbel_sample(model.head(h_s).float(), thought_temperature, generator)
+                    token = sample_categorical(model.head(h_s).float(), thought_temperature, generator)
                     sampled.append(token)
                 elif s == T - 2:
                     token = torch.full((B,), qs.end_token_id, dtype=torch.long, device=dev)

@@ -147,7 +147,9 @@ class TalkHead(nn.Module):
 
 
 def _logprob_chunk(h, weight, targets, temperature: float):
-    logits = F.linear(h, weight).float() / temperature  # (c, V)
+    if temperature != 1.0:
+        h = h / temperature  # (c, d): cheaper than dividing the logits
+    logits = F.linear(h, weight).float()  # (c, V)
     return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
@@ -244,11 +246,23 @@ class _RolloutAttention:
         return out.reshape(B, H, self.n * self.L, D)
 
 
-def gumbel_sample(logits: torch.Tensor, temperature: float, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """argmax(logits / temperature + Gumbel noise): an exact sample from softmax(logits / temperature)."""
-    u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float32)
-    g = -torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))
-    return (logits.float() / temperature + g).argmax(-1)
+def sample_categorical(logits: torch.Tensor, temperature: float = 1.0,
+                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """An exact sample from softmax(logits / temperature) over the last dim. logits (..., V) -> (...,).
+
+    The official code's hard Gumbel-softmax draws from the same distribution (at temperature 1,
+    whatever its tau); inverse-CDF sampling needs one uniform number per row instead of V."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    flat = probs.reshape(-1, probs.shape[-1])
+    return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+
+
+def categorical_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Mean entropy (nats) of softmax(logits / temperature) over all rows."""
+    z = logits.float() / temperature
+    lse = torch.logsumexp(z, -1, keepdim=True)
+    p = torch.exp(z - lse)
+    return (lse.squeeze(-1) - (p * z).sum(-1)).mean()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -370,11 +384,11 @@ class QuietStar(nn.Module):
             attn.step = s
             h = model(inputs_embeds=self.embed(tokens), position_ids=(pos + s).repeat(n).expand(B, n * L),
                       attn=attn, return_hidden=True)  # (B, n*L, d)
-            logits = model.head(h).float()  # (B, n*L, V): only text ids exist, so <start>/<end> are never sampled
-            tokens = gumbel_sample(logits, self.cfg.gumbel_temperature, generator)
+            logits = model.head(h)  # (B, n*L, V): only text ids exist, so <start>/<end> are never sampled
+            tokens = sample_categorical(logits, self.cfg.gumbel_temperature, generator)
             thoughts[..., s - 1] = tokens.view(B, n, L)
-            logp = torch.log_softmax(logits / self.cfg.gumbel_temperature, dim=-1)
-            entropy = entropy + -(logp.exp() * logp).sum(-1).mean() / n_sampled
+            if s == 1:  # a cheap diagnostic: entropy of the first thought token's distribution
+                entropy = categorical_entropy(logits, self.cfg.gumbel_temperature)
         return thoughts, entropy
 
     # ---- phase 2: the learning pass ----
@@ -383,9 +397,9 @@ class QuietStar(nn.Module):
         """One teacher-forced forward over the whole grid. -> final-norm hidden states (B, R, L, d)."""
         lengths = self._check_input(input_ids, attention_mask)
         if self.cfg.impl == "sequential_dense":
-            from quietstar.sequential import sequential_dense_hidden
+            from quietstar.sequential import sequential_dense_pass
 
-            return sequential_dense_hidden(self, input_ids, thoughts, lengths, doc_ids)
+            return sequential_dense_pass(self, input_ids, thoughts, lengths, doc_ids)[0]
         ids, pos = self.grid_tokens(input_ids, thoughts)
         B, R, L = ids.shape
         h = self.model(inputs_embeds=self.embed(ids).view(B, R * L, -1), position_ids=pos.reshape(B, R * L),
@@ -405,12 +419,20 @@ class QuietStar(nn.Module):
                 thoughts: Optional[torch.Tensor] = None) -> ThoughtOutput:
         """One Quiet-STaR step: rollout (unless `thoughts` are given), learning pass, losses."""
         entropy = None
+        if self.cfg.impl == "sequential_dense":  # the official code's way: sampling inside the S-step loop
+            from quietstar.sequential import sequential_dense_pass
+
+            lengths = self._check_input(input_ids, attention_mask)
+            hidden, thoughts, dead = sequential_dense_pass(self, input_ids, thoughts, lengths, doc_ids, generator)
+            out = self.losses(hidden, input_ids, thoughts, attention_mask)
+            out.loss = out.loss + 0.0 * dead  # the official code's dead work: same value, same gradients
+            return out
         if thoughts is None:
             thoughts, entropy = self._rollout(input_ids, attention_mask, generator, doc_ids)
         hidden = self.grid_hidden(input_ids, thoughts, attention_mask, doc_ids)
         out = self.losses(hidden, input_ids, thoughts, attention_mask)
         if entropy is not None:
-            out.metrics["thought/entropy"] = float(entropy)
+            out.metrics["thought/entropy_first_token"] = float(entropy)
         return out
 
     def mix(self, h_base: torch.Tensor, h_thought: torch.Tensor):
@@ -451,8 +473,7 @@ class QuietStar(nn.Module):
             h_mix, w = self.mix(h_base, hb[:, :, T - 2 + k])
             tgt_n = tgt[:, None].expand(B, n, L)
             talk_ce.append(-token_logprob(h_mix, W, tgt_n))  # (B, n, L)
-            with torch.no_grad():  # the base CE of the same target, computed in the same shape: w = 0 gives r = 0 exactly
-                base_ce.append(-token_logprob(h_base, W, tgt_n))
+            base_ce.append(torch.cat([ce0[:, k:], ce0[:, -1:].expand(B, k)], 1).detach()[:, None])  # CE_base(i+k)
             oks.append(ok[:, None].expand(B, n, L))
             ws.append(w)
         nll_talk = torch.stack([_masked_mean(c, o) for c, o in zip(talk_ce, oks)]).mean()

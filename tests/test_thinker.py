@@ -247,11 +247,11 @@ def test_diagnostics_are_reported():
     x, mask = batch()
     out = qs(x, mask, generator=torch.Generator().manual_seed(0))
     for key in ("thought/reward_mean", "thought/reward_max", "thought/advantage_pos_frac",
-                "thought/mix_weight_abs_mean", "thought/entropy", "thought/distinct_token_ratio",
+                "thought/mix_weight_abs_mean", "thought/entropy_first_token", "thought/distinct_token_ratio",
                 "thought/policy_term", "train/nll"):
         assert key in out.metrics and math.isfinite(out.metrics[key]), key
     assert 0 < out.metrics["thought/distinct_token_ratio"] <= 1
-    assert out.metrics["thought/entropy"] > 0
+    assert out.metrics["thought/entropy_first_token"] > 0
 
 
 @pytest.mark.parametrize("field,value", [("n_ahead", 2), ("n_ahead_talk", 0), ("n_thoughts", 0),

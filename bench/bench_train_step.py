@@ -1,0 +1,247 @@
+"""Wall time and peak memory of one optimiser step: plain LM vs Quiet-STaR (two-phase, grid) vs the
+official code's cost model (`thought.impl=sequential_dense`).
+
+Each case runs in a fresh process so that peak memory is the step's own (CPU: peak RSS growth over
+the process after set-up; CUDA: torch.cuda.max_memory_allocated). Ratios, not absolute times, are the
+result: everything is measured in one run on one machine.
+
+    python bench/bench_train_step.py                       # the issue's table (bench_small + smollm2)
+    python bench/bench_train_step.py --scaling             # time/memory vs L and vs T, + a PNG if matplotlib
+    python bench/bench_train_step.py --case model=bench_small L=256 mode=grid   # one case, JSON on stdout
+
+Modes: `plain` = a plain LM forward+backward over the B sequences; `plain_grid` = plain LM
+forward+backward over B*R sequences of length L, i.e. as many tokens as the thought grid holds
+(R = 1 + n (S - 1) rows); `grid` = our step (rollout + learning pass, backend `split` on CPU);
+`sequential_dense` = the reference's way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_case(model: str, L: int, mode: str, T: int = 12, K: int = 4, n: int = 2, B: int = 2, steps: int = 2,
+             device: str = "cpu", backend: str = "auto", checkpointing: bool = False) -> dict:
+    import torch
+
+    from quietstar import attention
+    from quietstar.model import ModelConfig, Transformer
+    from quietstar.thinker import QuietStar, ThoughtConfig
+
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if model == "smollm2_135m":
+        from quietstar.loading import load_pretrained
+
+        base, tok = load_pretrained("smollm2-135m", dtype=torch.float32, device=device)
+    else:
+        base, tok = Transformer(ModelConfig.from_preset(model)).to(device), None
+    base.grad_checkpointing = checkpointing
+    attention.set_backend(backend)
+    cfg = ThoughtConfig(n_ahead=T, n_ahead_talk=K, n_thoughts=n,
+                        impl="sequential_dense" if mode == "sequential_dense" else "grid")
+    qs = QuietStar(base, tok, cfg).to(device)
+    V = base.cfg.vocab_size
+    S = T + K - 1
+    R = 1 + n * (S - 1)
+    rows = {"plain": B, "plain_grid": B * R}.get(mode, B)
+    x = torch.randint(0, V, (rows, L), device=device)
+    opt = torch.optim.AdamW(qs.parameters(), lr=1e-5)
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def step():
+        if mode.startswith("plain"):
+            with torch.autocast(device, dtype=dtype, enabled=device == "cuda"):
+                logits = base(x[:, :-1])
+                loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+        else:
+            with torch.autocast(device, dtype=dtype, enabled=device == "cuda"):
+                loss = qs(x, generator=g).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return float(loss)
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    step()  # warm-up (allocator, optimiser state)
+    sync()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    rss0 = rss_mb()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    out = dict(model=model, L=L, mode=mode, T=T, K=K, n=n, B=B, S=S, R=R, device=device,
+               backend=attention.resolve_backend(torch.device(device)) if mode in ("grid",) else None,
+               step_s=min(times), step_s_all=times, tokens=rows * L, grid_tokens=B * R * L,
+               checkpointing=checkpointing)
+    if device == "cuda":
+        out["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        out["peak_rss_mb"] = peak_rss_mb()
+        out["rss_after_setup_mb"] = rss0
+    return out
+
+
+def spawn(case: dict, timeout: int = 1800, mem_limit_gb: float | None = None) -> dict:
+    args = [sys.executable, __file__, "--case"] + [f"{k}={v}" for k, v in case.items()]
+    pre = None
+    if mem_limit_gb:
+        lim = int(mem_limit_gb * 2**30)
+        pre = lambda: resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
+    try:
+        p = subprocess.run(args, capture_output=True, text=True, timeout=timeout, preexec_fn=pre,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+    except subprocess.TimeoutExpired:
+        return {**case, "error": f"timeout after {timeout}s"}
+    if p.returncode != 0:
+        tail = (p.stderr or "").strip().splitlines()[-1:] or ["?"]
+        return {**case, "error": f"exit {p.returncode}: {tail[0][:300]}"}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = "?"
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = dict(platform=platform.platform(), cpu=cpu, cores=os.cpu_count(), torch=torch.__version__,
+                threads=torch.get_num_threads())
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def table(rows: list[dict], key="mode") -> str:
+    lines = [f"{'model':14} {'L':>5} {'T':>3} {key:>17} {'step s':>9} {'peak MB':>9} {'vs grid':>8}"]
+    by = {(r["model"], r["L"], r.get("T")): r for r in rows if r.get("mode") == "grid" and "error" not in r}
+    for r in rows:
+        mem = r.get("peak_rss_mb", r.get("peak_mem_mb", float("nan")))
+        g = by.get((r["model"], r["L"], r.get("T")))
+        rel = f"{r['step_s'] / g['step_s']:.2f}x" if g and "step_s" in r else ""
+        if "error" in r:
+            lines.append(f"{r['model']:14} {r['L']:>5} {r.get('T', ''):>3} {r['mode']:>17}  {r['error']}")
+        else:
+            lines.append(f"{r['model']:14} {r['L']:>5} {r['T']:>3} {r['mode']:>17} {r['step_s']:9.3f} {mem:9.0f} {rel:>8}")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--case", nargs="*", help="run one case (key=value ...) and print its JSON")
+    ap.add_argument("--scaling", action="store_true", help="time and memory vs L and vs T")
+    ap.add_argument("--device", default="cuda" if os.environ.get("CUDA_VISIBLE_DEVICES") else "cpu")
+    ap.add_argument("--models", default="bench_small,smollm2_135m")
+    ap.add_argument("--lengths", default="128,256,512")
+    ap.add_argument("--smollm2-lengths", default="128")
+    ap.add_argument("--mem-limit-gb", type=float, default=20.0)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    if a.case is not None:
+        kw = dict(kv.split("=", 1) for kv in a.case)
+        for k in ("L", "T", "K", "n", "B", "steps"):
+            if k in kw:
+                kw[k] = int(kw[k])
+        if "checkpointing" in kw:
+            kw["checkpointing"] = kw["checkpointing"] in ("1", "True", "true")
+        print(json.dumps(run_case(**kw)))
+        return
+
+    rows = []
+    if a.scaling:
+        for L in (128, 256, 512, 1024, 2048):
+            for mode in ("plain_grid", "grid", "sequential_dense"):
+                if mode == "sequential_dense" and L > 512:
+                    rows.append(dict(model="bench_small", L=L, T=12, mode=mode,
+                                     error="not run: the reference cost model needs O(L^2 S^2) attention memory"))
+                    continue
+                rows.append(spawn(dict(model="bench_small", L=L, mode=mode, device=a.device, steps=1),
+                                  mem_limit_gb=a.mem_limit_gb))
+                print(table(rows[-1:]), flush=True)
+        for T in (4, 8, 12, 16, 24):
+            for mode in ("grid", "sequential_dense"):
+                rows.append(spawn(dict(model="bench_small", L=256, T=T, mode=mode, device=a.device, steps=1),
+                                  mem_limit_gb=a.mem_limit_gb))
+                print(table(rows[-1:]), flush=True)
+        name = a.out or f"train_step_scaling_{a.device}.json"
+    else:
+        for model in a.models.split(","):
+            lengths = a.lengths if model != "smollm2_135m" else a.smollm2_lengths
+            for L in map(int, lengths.split(",")):
+                for mode in ("plain", "plain_grid", "grid", "sequential_dense"):
+                    rows.append(spawn(dict(model=model, L=L, mode=mode, device=a.device),
+                                      mem_limit_gb=a.mem_limit_gb))
+                    print(table(rows[-1:]), flush=True)
+        name = a.out or f"train_step_{a.device}.json"
+    print()
+    print(table(rows))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / name
+    path.write_text(json.dumps(dict(machine=machine(), date=time.strftime("%Y-%m-%d"), results=rows), indent=1))
+    print(f"\nwrote {path}")
+    if a.scaling:
+        plot(rows, RESULTS / name.replace(".json", ".png"))
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for mode, style in (("grid", "o-"), ("sequential_dense", "s--"), ("plain_grid", "^:")):
+        pts = [r for r in rows if r["mode"] == mode and r.get("T", 12) == 12 and "step_s" in r]
+        if pts:
+            axes[0].plot([r["L"] for r in pts], [r["step_s"] for r in pts], style, label=mode)
+            axes[1].plot([r["L"] for r in pts], [r["peak_rss_mb"] / 1024 for r in pts], style, label=mode)
+        pts = [r for r in rows if r["mode"] == mode and r["L"] == 256 and "step_s" in r]
+        if pts and mode != "plain_grid":
+            axes[2].plot([r["T"] for r in pts], [r["step_s"] for r in pts], style, label=mode)
+    for ax, (xl, yl) in zip(axes, (("L", "step time (s)"), ("L", "peak RSS (GiB)"), ("T (L=256)", "step time (s)"))):
+        ax.set_xlabel(xl)
+        ax.set_ylabel(yl)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    axes[0].set_xscale("log", base=2)
+    axes[1].set_xscale("log", base=2)
+    fig.suptitle("Quiet-STaR training step, bench_small model, B=2, K=4, n=2")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
