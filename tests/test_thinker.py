@@ -71,7 +71,7 @@ def test_grid_logits_equal_literal_rollouts_tiny(backend):
 @pytest.mark.slow
 def test_grid_logits_equal_literal_rollouts_smollm2(smollm2):
     model, tok = smollm2
-    qs = QuietStar(model, tok, ThoughtConfig(n_ahead=4, n_ahead_talk=2, n_thoughts=2))
+    qs = QuietStar(model, tok, ThoughtConfig(n_ahead=4, n_ahead_talk=2, n_thoughts=1))
     ids = [tok.encode("2 + 3 = 5, so x = 5."), tok.encode("Let y be 7.")]
     L = max(map(len, ids))
     x = torch.tensor([i + [tok.pad_id] * (L - len(i)) for i in ids])
@@ -281,7 +281,7 @@ def test_a_few_optimizer_steps_on_smollm2(smollm2):
     model, tok = smollm2
     text = ("Q: A farmer has 12 cows and buys 7 more. How many cows? A: 12 + 7 = 19. "
             "Q: If x + 4 = 10, what is x? A: x = 10 - 4 = 6.")
-    ids = torch.tensor([tok.encode(text)[:40]])
+    ids = torch.tensor([tok.encode(text)[:24]])
     qs = QuietStar(model, tok, ThoughtConfig(n_ahead=4, n_ahead_talk=2, n_thoughts=2, policy_weight=1.0))
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     head_before = qs.talk_head.net[4].weight.detach().clone()
@@ -290,7 +290,7 @@ def test_a_few_optimizer_steps_on_smollm2(smollm2):
     g = torch.Generator().manual_seed(0)
     losses = []
     try:
-        for _ in range(3):
+        for _ in range(2):
             out = qs(ids, generator=g)
             assert torch.isfinite(out.loss)
             opt.zero_grad()
