@@ -302,3 +302,27 @@ def test_a_few_optimizer_steps_on_smollm2(smollm2):
         print("smollm2 quiet-star losses:", losses, "thought:", repr(qs.decode_thought(out.thoughts, 0, 0, 10)))
     finally:  # the session fixture is shared: put the base weights back
         model.load_state_dict(saved)
+
+
+def test_triton_backend_training_step_matches_split():
+    pytest.importorskip("triton")
+    import os
+
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton needs CUDA or TRITON_INTERPRET=1")
+    qs = tiny_qs(n_ahead=4, n_ahead_talk=2, n_thoughts=2, policy_weight=3.0)
+    randomize_talk_head(qs)
+    x, mask = batch(L=7, lengths=(7, 5))
+    thoughts = qs.rollout(x, mask, generator=torch.Generator().manual_seed(0))
+    results = {}
+    for backend in ("split", "triton"):
+        qs.zero_grad()
+        with use_backend(backend):
+            out = qs(x, mask, thoughts=thoughts)
+            out.loss.backward()
+        results[backend] = (out.loss.item(), {k: p.grad.clone() for k, p in qs.named_parameters()})
+    (la, ga), (lb, gb) = results["split"], results["triton"]
+    assert la == pytest.approx(lb, abs=1e-5)
+    for name in ga:
+        scale = ga[name].abs().max().item() + 1e-8
+        assert (ga[name] - gb[name]).abs().max().item() <= 1e-4 * scale + 1e-7, name

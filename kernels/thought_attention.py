@@ -1,0 +1,641 @@
+"""Fused Triton attention over the Quiet-STaR thought grid: forward and backward.
+
+References
+----------
+- Triton tutorial 06, "Fused Attention" (triton-lang.org/main/getting-started/tutorials/06-fused-attention):
+  program layout, exp2 online softmax, the two-stage (unmasked / diagonal) causal loop, the
+  delta = rowsum(dO * O) preprocess and the separate dq and dk/dv backward kernels.
+- T. Dao, "FlashAttention-2: Faster Attention with Better Parallelism and Work Partitioning",
+  arXiv:2307.08691 (2023): Algorithms 1 and 2 (forward keeps only O and the log-sum-exp; backward
+  recomputes P = exp(S - LSE), dS = P * (dP - delta)).
+- E. Zelikman et al., "Quiet-STaR", arXiv:2403.09629 (2024): the thought attention pattern.
+- The predicate and the grid layout: quietstar/masks.py; the PyTorch reference: kernels/reference.py.
+
+The problem (DESIGN §3)
+-----------------------
+q (B, H, R, L, D); k, v (B, G, R, L, D), G dividing H (GQA, q head h reads kv head h // (H/G));
+R = 1 + n (S - 1) grid rows: row 0 is the text, row 1 + p (S - 1) + (s - 1) is step s of copy p.
+
+    query (step s, copy p, pos i) sees   key (row 0, pos j)              iff j <= i
+                                         key (step r, copy p, pos i)     iff 1 <= r <= s
+    and never a key at a padding position j >= lengths[b].
+
+        keys ->   row 0 (text)          row 1 (s=1,p=0)  row 2 (s=2,p=0)      (n = 1, S = 3, L = 3)
+    query s0 i2   1 1 1                 . . .            . . .
+    query s2 i1   1 1 .                 . 1 .            . 1 .   <- own position only
+                  ^ causal over L       ^ one key per earlier step, in registers
+
+So every query does causal attention over the L text keys (shared by all n copies: they are
+stored once, in row 0) plus at most S - 1 "own-branch" keys at its own position.
+
+Kernel design
+-------------
+Forward, one program per (tile of BLOCK_R grid rows, tile of BLOCK_P positions, b * H + h). The
+program's queries are the BLOCK_R x BLOCK_P grid cells flattened into one M = BLOCK_R * BLOCK_P
+matrix. Every grid row has the same causal mask over row 0, so the rows stacked in M share each
+row-0 K/V tile: it is loaded once and used by one tl.dot for all BLOCK_R rows. Key tiles above the
+diagonal are skipped and only the diagonal tiles (and the one holding the padding boundary) are
+masked. Then the own-branch keys r = 1..s are added in registers: for each step t one gathered
+(M, D) load of K and V at (row - s + t, same position), an elementwise q.k over D and an
+online-softmax update (O(S) work per query, nothing quadratic in L). A block-sparse kernel over the
+flattened grid (FlexAttention) visits each of these keys as a mostly-masked diagonal block of
+scores instead. Only o and the log-sum-exp ((B, H, R, L) fp32, kept in log2 units; the public
+function returns the natural log) are written: memory is O(R L D), never O(L^2).
+
+All R rows in one program would need R * BLOCK_P * D fp32 accumulators (R = 31 for S = 16, n = 2),
+beyond the register file, so rows are tiled: BLOCK_R rows per program, autotuned, with the row
+tiles of one position tile placed on consecutive program ids so that they read the same row-0
+K/V tiles while these are still in L2. When R <= BLOCK_R one program holds every row.
+
+Backward (FlashAttention-2): delta = rowsum(dO * O) (small kernel); dq with the same program
+layout as the forward (row-0 tiles through tl.dot, branch keys elementwise); dk/dv of row 0, one
+program per (key tile, b * G + g, split), which sums over every query head of the kv group and all
+R rows of queries (so K/V are never repeated per q head); the work of a key tile is split over
+`nsplit` programs when B * G * L / BLOCK_N alone would leave the GPU idle, and the fp32 partial
+sums are added on the host; and dk/dv of the branch rows, one program per (branch row, position
+tile, b * G + g), elementwise per position: key step t of copy p collects the queries of steps
+s = t..S-1 of the same copy, over the group's q heads.
+
+Precision: fp16/bf16 tiles go through tensor cores with fp32 accumulation; fp32 inputs use
+tl.dot(..., input_precision="ieee") (no TF32), so that fp32 runs, in the interpreter and on GPU,
+match a fp32 PyTorch computation. Head dims: powers of two >= 16 (64 for SmolLM2, 128 for Mistral).
+
+CPU: runs under TRITON_INTERPRET=1 (tests/conftest.py sets it when there is no CUDA) with one fixed
+small tile configuration; on CUDA every kernel is autotuned over tile shapes, warps and stages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from quietstar.masks import grid_steps
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+LN2 = 0.6931471805599453  # the kernels keep the log-sum-exp in log2 units (exp2 softmax)
+
+# --------------------------------------------------------------------------------------------------
+# @triton.jit helpers
+
+
+@triton.jit
+def _grid_cells(r0, p0, R, L, S, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The M = BLOCK_R * BLOCK_P grid cells of a tile, row-major: row, position, step, in-bounds."""
+    offs_m = tl.arange(0, BLOCK_R * BLOCK_P)
+    row = r0 + offs_m // BLOCK_P
+    pos = p0 + offs_m % BLOCK_P
+    in_grid = (row < R) & (pos < L)
+    step = tl.where(row == 0, 0, (row - 1) % tl.maximum(S - 1, 1) + 1)
+    return row, pos, step, in_grid
+
+
+@triton.jit
+def _text_key_range(p0, length, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Row-0 keys for query positions [p0, p0 + BLOCK_P): [0, lo) needs no mask, [lo, hi) does."""
+    hi = tl.minimum(p0 + BLOCK_P, length)  # causal and padding bound (length <= L)
+    lo = (tl.minimum(p0, length) // BLOCK_N) * BLOCK_N  # whole tiles strictly below every query
+    return lo, hi
+
+
+@triton.jit
+def _fwd_text(acc, l_i, m_i, q, K0, V0, s_kl, pos, lo, hi, qk_scale,
+              D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
+    """Online softmax over row-0 key tiles [lo, hi) for all M queries of the program (log2 units)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        kv_off = cols[:, None] * s_kl + offs_d[None, :]
+        if MASKED:
+            k = tl.load(K0 + kv_off, mask=(cols < hi)[:, None], other=0.0)
+        else:
+            k = tl.load(K0 + kv_off)
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # (M, BLOCK_N)
+        if MASKED:
+            qk = tl.where((cols[None, :] <= pos[:, None]) & (cols[None, :] < hi), qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # a query with no key yet
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASKED:
+            v = tl.load(V0 + kv_off, mask=(cols < hi)[:, None], other=0.0)
+        else:
+            v = tl.load(V0 + kv_off)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _bwd_dq_text(dq, q, do, lse2, delta, K0, V0, s_kl, pos, lo, hi, qk_scale,
+                 D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
+    """dq += dS K over row-0 key tiles [lo, hi) (dS = P * (dP - delta), P recomputed from the lse)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        kv_off = cols[:, None] * s_kl + offs_d[None, :]
+        if MASKED:
+            k = tl.load(K0 + kv_off, mask=(cols < hi)[:, None], other=0.0)
+            v = tl.load(V0 + kv_off, mask=(cols < hi)[:, None], other=0.0)
+        else:
+            k = tl.load(K0 + kv_off)
+            v = tl.load(V0 + kv_off)
+        p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale - lse2[:, None])
+        if MASKED:
+            p = tl.where((cols[None, :] <= pos[:, None]) & (cols[None, :] < hi), p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
+    return dq
+
+
+@triton.jit
+def _bwd_dkdv_text(dk, dv, k, v, Qh, dOh, Lh, Dh, s_qr, s_ql, cols, length, r0, lo, hi, R, L, qk_scale,
+                   D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+                   MASKED: tl.constexpr, PREC: tl.constexpr):
+    """dk, dv of one row-0 key tile from the queries of rows [r0, r0 + BLOCK_R), positions [lo, hi)."""
+    offs_d = tl.arange(0, D)
+    offs_m = tl.arange(0, BLOCK_R * BLOCK_P)
+    row = r0 + offs_m // BLOCK_P  # every row sees row 0 alike: only positions change along the loop
+    for p0 in range(lo, hi, BLOCK_P):
+        pos = p0 + offs_m % BLOCK_P
+        in_grid = (row < R) & (pos < L)
+        q_off = row[:, None] * s_qr + pos[:, None] * s_ql + offs_d[None, :]
+        q = tl.load(Qh + q_off, mask=in_grid[:, None], other=0.0)
+        do = tl.load(dOh + q_off, mask=in_grid[:, None], other=0.0)
+        lse2 = tl.load(Lh + row * L + pos, mask=in_grid, other=0.0)
+        delta = tl.load(Dh + row * L + pos, mask=in_grid, other=0.0)
+        pT = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale - lse2[None, :])  # (BLOCK_N, M)
+        if MASKED:
+            pT = tl.where((cols[:, None] <= pos[None, :]) & (cols[:, None] < length), pT, 0.0)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
+        dsT = pT * (tl.dot(v, tl.trans(do), input_precision=PREC) - delta[None, :])
+        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PREC)
+    return dk, dv
+
+
+# --------------------------------------------------------------------------------------------------
+# kernels (each a plain @triton.jit for the interpreter and forced tiles, plus an autotuned wrapper)
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, Out, Lse2, Lengths,
+              s_qb, s_qh, s_qr, s_ql, s_kb, s_kh, s_kr, s_kl,
+              H, R, L, S, GROUP, sm_scale,
+              D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+              PREC: tl.constexpr):
+    pid_r = tl.program_id(0)  # fastest: the row tiles of one position tile share row-0 K/V in L2
+    pid_p = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    b = pid_bh // H
+    h = pid_bh % H
+    g = h // GROUP
+    p0 = (tl.cdiv(L, BLOCK_P) - 1 - pid_p) * BLOCK_P  # longest (last) position tiles first
+    row, pos, step, in_grid = _grid_cells(pid_r * BLOCK_R, p0, R, L, S, BLOCK_R, BLOCK_P)
+    length = tl.load(Lengths + b)
+    offs_d = tl.arange(0, D)
+    Qbh = Q + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh
+    Kbg = K + b.to(tl.int64) * s_kb + g.to(tl.int64) * s_kh
+    Vbg = V + b.to(tl.int64) * s_kb + g.to(tl.int64) * s_kh
+    q_off = row[:, None] * s_qr + pos[:, None] * s_ql + offs_d[None, :]
+    q = tl.load(Qbh + q_off, mask=in_grid[:, None], other=0.0)
+    qk_scale = sm_scale * 1.4426950408889634  # exp2 domain
+
+    m_i = tl.full([BLOCK_R * BLOCK_P], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_R * BLOCK_P], tl.float32)
+    acc = tl.zeros([BLOCK_R * BLOCK_P, D], tl.float32)
+    # row 0: causal over L text keys, shared by every grid row of the tile
+    lo, hi = _text_key_range(p0, length, BLOCK_P, BLOCK_N)
+    acc, l_i, m_i = _fwd_text(acc, l_i, m_i, q, Kbg, Vbg, s_kl, pos, 0, lo, qk_scale,
+                              D, BLOCK_N, False, PREC)
+    acc, l_i, m_i = _fwd_text(acc, l_i, m_i, q, Kbg, Vbg, s_kl, pos, lo, hi, qk_scale,
+                              D, BLOCK_N, True, PREC)
+    # own branch: key step t of the query's copy sits in row (row - step + t), at the same position
+    key_ok = in_grid & (pos < length)
+    t_hi = tl.max(tl.where(in_grid, step, 0), axis=0)
+    for t in range(1, t_hi + 1):
+        ok = key_ok & (t <= step)
+        kv_off = (row - step + t)[:, None] * s_kr + pos[:, None] * s_kl + offs_d[None, :]
+        kt = tl.load(Kbg + kv_off, mask=ok[:, None], other=0.0)
+        qk = tl.sum(q.to(tl.float32) * kt.to(tl.float32), 1) * qk_scale
+        qk = tl.where(ok, qk, float("-inf"))
+        m_new = tl.maximum(m_i, qk)
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(qk - m_new)
+        vt = tl.load(Vbg + kv_off, mask=ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + p[:, None] * vt.to(tl.float32)
+        l_i = l_i * alpha + p
+        m_i = m_new
+
+    empty = l_i == 0.0  # no visible key at all (lengths[b] == 0): out = 0, lse = -inf
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse2 = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe))  # log2 units
+    tl.store(Out + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh + q_off, out.to(Out.dtype.element_ty),
+             mask=in_grid[:, None])
+    tl.store(Lse2 + pid_bh.to(tl.int64) * R * L + row * L + pos, lse2, mask=in_grid)
+
+
+@triton.jit
+def _attn_bwd_delta(O, dO, Delta, N_ROWS, D: tl.constexpr, BLOCK: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = rows < N_ROWS
+    off = rows.to(tl.int64)[:, None] * D + tl.arange(0, D)[None, :]
+    o = tl.load(O + off, mask=ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(dO + off, mask=ok[:, None], other=0.0).to(tl.float32)
+    tl.store(Delta + rows, tl.sum(o * do, 1), mask=ok)
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, dO, dQ, Lse2, Delta, Lengths,
+                 s_qb, s_qh, s_qr, s_ql, s_kb, s_kh, s_kr, s_kl,
+                 H, R, L, S, GROUP, sm_scale,
+                 D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                 PREC: tl.constexpr):
+    pid_r = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    b = pid_bh // H
+    h = pid_bh % H
+    g = h // GROUP
+    p0 = (tl.cdiv(L, BLOCK_P) - 1 - pid_p) * BLOCK_P
+    row, pos, step, in_grid = _grid_cells(pid_r * BLOCK_R, p0, R, L, S, BLOCK_R, BLOCK_P)
+    length = tl.load(Lengths + b)
+    offs_d = tl.arange(0, D)
+    q_base = b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh
+    Kbg = K + b.to(tl.int64) * s_kb + g.to(tl.int64) * s_kh
+    Vbg = V + b.to(tl.int64) * s_kb + g.to(tl.int64) * s_kh
+    q_off = row[:, None] * s_qr + pos[:, None] * s_ql + offs_d[None, :]
+    q = tl.load(Q + q_base + q_off, mask=in_grid[:, None], other=0.0)
+    do = tl.load(dO + q_base + q_off, mask=in_grid[:, None], other=0.0)
+    l_off = pid_bh.to(tl.int64) * R * L + row * L + pos
+    lse2 = tl.load(Lse2 + l_off, mask=in_grid, other=0.0)
+    lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)  # a row with no key: P = 0
+    delta = tl.load(Delta + l_off, mask=in_grid, other=0.0)
+    qk_scale = sm_scale * 1.4426950408889634
+
+    dq = tl.zeros([BLOCK_R * BLOCK_P, D], tl.float32)
+    lo, hi = _text_key_range(p0, length, BLOCK_P, BLOCK_N)
+    dq = _bwd_dq_text(dq, q, do, lse2, delta, Kbg, Vbg, s_kl, pos, 0, lo, qk_scale, D, BLOCK_N, False, PREC)
+    dq = _bwd_dq_text(dq, q, do, lse2, delta, Kbg, Vbg, s_kl, pos, lo, hi, qk_scale, D, BLOCK_N, True, PREC)
+    key_ok = in_grid & (pos < length)
+    t_hi = tl.max(tl.where(in_grid, step, 0), axis=0)
+    for t in range(1, t_hi + 1):
+        ok = key_ok & (t <= step)
+        kv_off = (row - step + t)[:, None] * s_kr + pos[:, None] * s_kl + offs_d[None, :]
+        kt = tl.load(Kbg + kv_off, mask=ok[:, None], other=0.0).to(tl.float32)
+        vt = tl.load(Vbg + kv_off, mask=ok[:, None], other=0.0).to(tl.float32)
+        p = tl.math.exp2(tl.sum(q.to(tl.float32) * kt, 1) * qk_scale - lse2)
+        p = tl.where(ok, p, 0.0)
+        ds = p * (tl.sum(do.to(tl.float32) * vt, 1) - delta)
+        dq += ds[:, None] * kt
+    dq = dq * sm_scale
+    tl.store(dQ + q_base + q_off, dq.to(dQ.dtype.element_ty), mask=in_grid[:, None])
+
+
+@triton.jit
+def _attn_bwd_dkdv_text(Q, K, V, dO, dK, dV, PartK, PartV, Lse2, Delta, Lengths,
+                        s_qb, s_qh, s_qr, s_ql, s_kb, s_kh, s_kr, s_kl,
+                        B, H, R, L, S, GROUP, NSPLIT, sm_scale,
+                        D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+                        SPLIT: tl.constexpr, PREC: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    G = H // GROUP
+    b = pid_bg // G
+    g = pid_bg % G
+    length = tl.load(Lengths + b)
+    n0 = pid_n * BLOCK_N
+    cols = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    kv_base = b.to(tl.int64) * s_kb + g.to(tl.int64) * s_kh
+    kv_off = cols[:, None] * s_kl + offs_d[None, :]  # row 0
+    k = tl.load(K + kv_base + kv_off, mask=(cols < L)[:, None], other=0.0)
+    v = tl.load(V + kv_base + kv_off, mask=(cols < L)[:, None], other=0.0)
+    qk_scale = sm_scale * 1.4426950408889634
+
+    # query positions that see some key of the tile: [p_lo, L); from p_mid on, every key is visible
+    p_lo = tl.where(n0 < length, (n0 // BLOCK_P) * BLOCK_P, L)
+    p_mid = tl.cdiv(n0 + BLOCK_N - 1, BLOCK_P) * BLOCK_P
+    p_mid = tl.where(n0 + BLOCK_N <= length, tl.minimum(p_mid, L), L)
+    p_mid = tl.maximum(p_mid, p_lo)
+    # this program's share of the (q head of the group, row tile) work items
+    n_rt = tl.cdiv(R, BLOCK_R)
+    n_items = GROUP * n_rt
+    per = tl.cdiv(n_items, NSPLIT)
+    dk = tl.zeros([BLOCK_N, D], tl.float32)
+    dv = tl.zeros([BLOCK_N, D], tl.float32)
+    for item in range(pid_s * per, tl.minimum(pid_s * per + per, n_items)):
+        h = g * GROUP + item // n_rt
+        r0 = (item % n_rt) * BLOCK_R
+        bh = b * H + h
+        q_base = b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh
+        l_base = bh.to(tl.int64) * R * L
+        dk, dv = _bwd_dkdv_text(dk, dv, k, v, Q + q_base, dO + q_base, Lse2 + l_base, Delta + l_base,
+                                s_qr, s_ql, cols, length, r0, p_lo, p_mid, R, L, qk_scale,
+                                D, BLOCK_R, BLOCK_P, True, PREC)
+        dk, dv = _bwd_dkdv_text(dk, dv, k, v, Q + q_base, dO + q_base, Lse2 + l_base, Delta + l_base,
+                                s_qr, s_ql, cols, length, r0, p_mid, L, R, L, qk_scale,
+                                D, BLOCK_R, BLOCK_P, False, PREC)
+    dk = dk * sm_scale
+    if SPLIT:  # fp32 partial sums (NSPLIT, B, G, L, D), added on the host
+        p_off = (((pid_s * B + b) * G + g).to(tl.int64) * L) * D + cols[:, None] * D + offs_d[None, :]
+        tl.store(PartK + p_off, dk, mask=(cols < L)[:, None])
+        tl.store(PartV + p_off, dv, mask=(cols < L)[:, None])
+    else:
+        tl.store(dK + kv_base + kv_off, dk.to(dK.dtype.element_ty), mask=(cols < L)[:, None])
+        tl.store(dV + kv_base + kv_off, dv.to(dV.dtype.element_ty), mask=(cols < L)[:, None])
+
+
+@triton.jit
+def _attn_bwd_dkdv_branch(Q, K, V, dO, dK, dV, Lse2, Delta, Lengths,
+                          s_qb, s_qh, s_qr, s_ql, s_kb, s_kh, s_kr, s_kl,
+                          H, R, L, S, GROUP, sm_scale,
+                          D: tl.constexpr, BLOCK_P: tl.constexpr):
+    pid_k = tl.program_id(0)  # branch row - 1, fastest: neighbours read the same queries
+    pid_p = tl.program_id(1)
+    pid_bg = tl.program_id(2)
+    G = H // GROUP
+    b = pid_bg // G
+    g = pid_bg % G
+    kr = 1 + pid_k
+    t = pid_k % (S - 1) + 1  # the key's step
+    length = tl.load(Lengths + b)
+    pos = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_d = tl.arange(0, D)
+    ok = (pos < L) & (pos < length)
+    kv_base = b.to(tl.int64) * s_kb + g.to(tl.int64) * s_kh
+    kv_off = kr * s_kr + pos[:, None] * s_kl + offs_d[None, :]
+    k = tl.load(K + kv_base + kv_off, mask=ok[:, None], other=0.0).to(tl.float32)
+    v = tl.load(V + kv_base + kv_off, mask=ok[:, None], other=0.0).to(tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+    dk = tl.zeros([BLOCK_P, D], tl.float32)
+    dv = tl.zeros([BLOCK_P, D], tl.float32)
+    for hh in range(0, GROUP):
+        h = g * GROUP + hh
+        q_base = b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh
+        l_base = (b * H + h).to(tl.int64) * R * L
+        for s in range(t, S):  # queries of steps t..S-1 of the same copy, same position
+            qr = kr + s - t
+            q_off = qr * s_qr + pos[:, None] * s_ql + offs_d[None, :]
+            q = tl.load(Q + q_base + q_off, mask=ok[:, None], other=0.0).to(tl.float32)
+            do = tl.load(dO + q_base + q_off, mask=ok[:, None], other=0.0).to(tl.float32)
+            lse2 = tl.load(Lse2 + l_base + qr * L + pos, mask=ok, other=0.0)
+            delta = tl.load(Delta + l_base + qr * L + pos, mask=ok, other=0.0)
+            p = tl.where(ok, tl.math.exp2(tl.sum(q * k, 1) * qk_scale - lse2), 0.0)
+            dv += p[:, None] * do
+            ds = p * (tl.sum(do * v, 1) - delta)
+            dk += ds[:, None] * q
+    dk = dk * sm_scale
+    st = pos < L  # padding positions get exact zeros
+    tl.store(dK + kv_base + kv_off, dk.to(dK.dtype.element_ty), mask=st[:, None])
+    tl.store(dV + kv_base + kv_off, dv.to(dV.dtype.element_ty), mask=st[:, None])
+
+
+# autotuning (CUDA only). Tiles follow the tutorial's Hopper choices (M = 128 queries with 8 warps,
+# 64 with 4, BLOCK_N 32..128, 2-4 pipeline stages), M here being BLOCK_R rows x BLOCK_P positions. Each
+# kernel then drops the tiles that spill registers at the given head dim (sm_90, checked with ptxas):
+# the budget is the number of elements of one (rows, D) tile held per thread.
+def _cfg(num_warps, num_stages, **kw):
+    return triton.Config(kw, num_warps=num_warps, num_stages=num_stages)
+
+
+def _per_thread(rows, D, c):
+    return rows * D // (32 * c.num_warps)
+
+
+def _fits(kind, c, D):
+    kw = c.kwargs
+    m = kw.get("BLOCK_R", 1) * kw.get("BLOCK_P", 16)
+    if kind == "fwd":  # q, acc + a K/V tile (+ gathered branch K/V)
+        e = _per_thread(m, D, c)
+        return e <= 32 or (e <= 64 and c.num_warps == 8 and kw["BLOCK_N"] <= 64)
+    if kind == "dq":  # q, dO, dq + a K/V tile (+ gathered branch K/V)
+        return _per_thread(m, D, c) <= 32
+    if kind == "dkdv":  # k, v, dk, dv + q, dO tiles
+        return _per_thread(kw["BLOCK_N"], D, c) <= 32 and _per_thread(m, D, c) <= 16
+    return _per_thread(kw["BLOCK_P"], D, c) <= 16  # branch: six (BLOCK_P, D) tiles, elementwise
+
+
+def _pruner(kind):
+    def prune(configs, named_args, **kwargs):
+        """Keep tiles that fit in registers and are not much larger than the problem."""
+        R, L, D = named_args["R"], named_args["L"], kwargs["D"]
+        rmax, lmax = triton.next_power_of_2(R), max(16, triton.next_power_of_2(L))
+        keep = [c for c in configs if _fits(kind, c, D) and c.kwargs.get("BLOCK_R", 1) <= rmax
+                and c.kwargs.get("BLOCK_P", 16) <= lmax and c.kwargs.get("BLOCK_N", 16) <= lmax]
+        return keep or [min(configs, key=lambda c: _per_thread(max(c.kwargs.values()), D, c))]
+    return prune
+
+
+_FWD_CONFIGS = [_cfg(w, s, BLOCK_R=r, BLOCK_P=p, BLOCK_N=n) for r, p, n, w, s in (
+    (1, 128, 64, 8, 3), (2, 64, 64, 8, 3), (4, 32, 64, 8, 3), (2, 64, 128, 8, 3),
+    (1, 64, 64, 4, 3), (2, 32, 64, 4, 3), (4, 16, 64, 4, 3), (2, 32, 32, 4, 4))]
+_DQ_CONFIGS = [_cfg(w, s, BLOCK_R=r, BLOCK_P=p, BLOCK_N=n) for r, p, n, w, s in (
+    (1, 128, 32, 8, 2), (2, 64, 32, 8, 3), (4, 32, 64, 8, 3), (2, 32, 32, 8, 2), (2, 32, 64, 8, 3),
+    (1, 64, 32, 4, 2), (2, 32, 64, 4, 3), (2, 16, 32, 4, 2), (1, 32, 64, 4, 3))]
+_DKDV_CONFIGS = [_cfg(w, s, BLOCK_N=n, BLOCK_R=r, BLOCK_P=p) for n, r, p, w, s in (
+    (128, 1, 32, 8, 3), (128, 2, 32, 8, 3), (128, 1, 64, 8, 3), (64, 1, 32, 8, 3), (64, 2, 32, 8, 3),
+    (64, 1, 32, 4, 3), (64, 2, 16, 4, 2), (64, 1, 64, 8, 2), (64, 1, 32, 8, 2), (64, 2, 16, 8, 3), (32, 1, 16, 4, 3))]
+_BRANCH_CONFIGS = [_cfg(w, 2, BLOCK_P=p) for p, w in ((16, 4), (32, 4), (32, 8), (64, 8))]
+
+def _tune(kind):
+    return dict(prune_configs_by={"early_config_prune": _pruner(kind)})
+
+
+_attn_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["R", "L", "S", "D"], **_tune("fwd"))(_attn_fwd)
+_attn_bwd_dq_tuned = triton.autotune(_DQ_CONFIGS, key=["R", "L", "S", "D"], **_tune("dq"))(_attn_bwd_dq)
+_attn_bwd_dkdv_text_tuned = triton.autotune(_DKDV_CONFIGS, key=["R", "L", "S", "GROUP", "NSPLIT", "D"],
+                                            **_tune("dkdv"))(_attn_bwd_dkdv_text)
+_attn_bwd_dkdv_branch_tuned = triton.autotune(_BRANCH_CONFIGS, key=["R", "L", "S", "GROUP", "D"],
+                                              **_tune("branch"))(_attn_bwd_dkdv_branch)
+
+# one fixed small tiling under TRITON_INTERPRET=1 (each program is run op by op in numpy)
+_INTERPRET_TILES = {
+    "fwd": dict(BLOCK_R=4, BLOCK_P=16, BLOCK_N=16),
+    "dq": dict(BLOCK_R=4, BLOCK_P=16, BLOCK_N=16),
+    "dkdv": dict(BLOCK_N=16, BLOCK_R=4, BLOCK_P=16, nsplit=1),
+    "branch": dict(BLOCK_P=16),
+}
+_fixed: dict = {}
+
+
+@contextlib.contextmanager
+def fixed_tiles(**per_kernel: dict):
+    """Launch with these tiles instead of autotuning (tests: odd tilings, the split dk/dv path).
+
+    Keys: "fwd", "dq" (BLOCK_R, BLOCK_P, BLOCK_N), "dkdv" (BLOCK_N, BLOCK_R, BLOCK_P, nsplit),
+    "branch" (BLOCK_P); each may also give num_warps and num_stages.
+    """
+    global _fixed
+    prev, _fixed = _fixed, {**_fixed, **per_kernel}
+    try:
+        yield
+    finally:
+        _fixed = prev
+
+
+def _tiles(kind: str) -> Optional[dict]:
+    if kind in _fixed:
+        return dict(_fixed[kind])
+    if INTERPRET:
+        return dict(_INTERPRET_TILES[kind])
+    return None
+
+
+def _launch(kind, jit_fn, tuned_fn, grid, *args, **kwargs):
+    meta = _tiles(kind)
+    if meta is None:
+        tuned_fn[grid](*args, **kwargs)
+    else:
+        meta.pop("nsplit", None)
+        jit_fn[grid](*args, **kwargs, **meta)
+
+
+def _dkdv_nsplit(device, B, G, L, GROUP, R) -> int:
+    """Programs per row-0 key tile: enough for ~2 waves of the GPU when B * G * L / 64 is small."""
+    meta = _tiles("dkdv")
+    if meta is not None and "nsplit" in meta:
+        return max(1, min(int(meta["nsplit"]), GROUP * R))
+    if device.type != "cuda":
+        return 1
+    n_sm = torch.cuda.get_device_properties(device).multi_processor_count
+    base = triton.cdiv(L, 64) * B * G
+    return max(1, min(16, GROUP * R, triton.cdiv(2 * n_sm, base)))
+
+
+# --------------------------------------------------------------------------------------------------
+# autograd Function
+
+
+def _dot_precision(dtype):
+    """fp32 tiles: exact fp32 products (no TF32); fp16/bf16: the default tensor-core path."""
+    return "ieee" if dtype == torch.float32 else None
+
+
+def _strides(q, k):
+    return (*q.stride()[:4], *k.stride()[:4])
+
+
+def _forward(q, k, v, lens, S):
+    B, H, R, L, D = q.shape
+    G = k.shape[1]
+    o = torch.empty_like(q)
+    lse2 = torch.empty(B, H, R, L, device=q.device, dtype=torch.float32)
+    grid = lambda META: (triton.cdiv(R, META["BLOCK_R"]), triton.cdiv(L, META["BLOCK_P"]), B * H)
+    _launch("fwd", _attn_fwd, _attn_fwd_tuned, grid,
+            q, k, v, o, lse2, lens, *_strides(q, k), H, R, L, S, H // G, D ** -0.5,
+            D=D, PREC=_dot_precision(q.dtype))
+    return o, lse2
+
+
+def _backward(q, k, v, o, lse2, do, lens, S):
+    B, H, R, L, D = q.shape
+    G = k.shape[1]
+    GROUP = H // G
+    scale = D ** -0.5
+    prec = _dot_precision(q.dtype)
+    strides = _strides(q, k)
+    delta = torch.empty_like(lse2)
+    n_rows = B * H * R * L
+    _attn_bwd_delta[(triton.cdiv(n_rows, 64),)](o, do, delta, n_rows, D=D, BLOCK=64)
+
+    dq = torch.empty_like(q)
+    grid = lambda META: (triton.cdiv(R, META["BLOCK_R"]), triton.cdiv(L, META["BLOCK_P"]), B * H)
+    _launch("dq", _attn_bwd_dq, _attn_bwd_dq_tuned, grid,
+            q, k, v, do, dq, lse2, delta, lens, *strides, H, R, L, S, GROUP, scale, D=D, PREC=prec)
+
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    nsplit = _dkdv_nsplit(q.device, B, G, L, GROUP, R)
+    if nsplit > 1:
+        part_k = torch.empty(nsplit, B, G, L, D, device=q.device, dtype=torch.float32)
+        part_v = torch.empty_like(part_k)
+    else:
+        part_k = part_v = lse2  # unused
+    grid = lambda META: (triton.cdiv(L, META["BLOCK_N"]), B * G, nsplit)
+    _launch("dkdv", _attn_bwd_dkdv_text, _attn_bwd_dkdv_text_tuned, grid,
+            q, k, v, do, dk, dv, part_k, part_v, lse2, delta, lens, *strides,
+            B, H, R, L, S, GROUP, nsplit, scale, D=D, SPLIT=nsplit > 1, PREC=prec)
+    if nsplit > 1:
+        dk[:, :, 0] = part_k.sum(0).to(dk.dtype)
+        dv[:, :, 0] = part_v.sum(0).to(dv.dtype)
+    if R > 1:
+        grid = lambda META: (R - 1, triton.cdiv(L, META["BLOCK_P"]), B * G)
+        _launch("branch", _attn_bwd_dkdv_branch, _attn_bwd_dkdv_branch_tuned, grid,
+                q, k, v, do, dk, dv, lse2, delta, lens, *strides, H, R, L, S, GROUP, scale, D=D)
+    return dq, dk, dv
+
+
+class ThoughtAttention(torch.autograd.Function):
+    """o, lse2 = ThoughtAttention.apply(q, k, v, n, lengths); lse2 (log2 units) is not differentiable."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, n, lengths):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        B, H, R, L, D = q.shape
+        S = grid_steps(R, n)
+        if lengths is None:
+            lens = torch.full((B,), L, device=q.device, dtype=torch.int32)
+        else:
+            lens = lengths.to(device=q.device, dtype=torch.int32).clamp(0, L).contiguous()
+        with _on_device(q):
+            o, lse2 = _forward(q, k, v, lens, S)
+        ctx.save_for_backward(q, k, v, o, lse2, lens)
+        ctx.S = S
+        ctx.mark_non_differentiable(lse2)
+        return o, lse2
+
+    @staticmethod
+    def backward(ctx, do, _dlse2):
+        q, k, v, o, lse2, lens = ctx.saved_tensors
+        with _on_device(q):
+            dq, dk, dv = _backward(q, k, v, o, lse2, do.contiguous(), lens, ctx.S)
+        return dq, dk, dv, None, None
+
+
+def _on_device(x):
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------------------------------
+# public function
+
+
+def thought_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int,
+                      lengths: Optional[torch.Tensor] = None, return_lse: bool = False):
+    """Attention over the thought grid (fused Triton, forward and backward).
+
+    q (B, H, R, L, D); k, v (B, G, R, L, D) with H % G == 0 and R = 1 + n (S - 1); lengths (B,)
+    real tokens per sequence (right padding) or None. Inputs may be non-contiguous views (they are
+    made contiguous). fp16/bf16/fp32 on CUDA, fp32 on CPU under TRITON_INTERPRET=1.
+    Returns o (B, H, R, L, D) in q's dtype, and with return_lse also lse (B, H, R, L) fp32
+    (natural log, -inf for a query with no visible key; not differentiable).
+    """
+    if q.dim() != 5 or k.dim() != 5 or k.shape != v.shape:
+        raise ValueError(f"expected q (B, H, R, L, D) and k, v (B, G, R, L, D); got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    B, H, R, L, D = q.shape
+    G = k.shape[1]
+    if k.shape[0] != B or k.shape[2:] != (R, L, D) or H % G:
+        raise ValueError(f"k/v shape {tuple(k.shape)} does not match q {tuple(q.shape)} (need H % G == 0)")
+    if D < 16 or D & (D - 1):
+        raise ValueError(f"head dim must be a power of two >= 16, got {D}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share one of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.device.type != "cuda" and not INTERPRET:
+        raise RuntimeError("thought_attention needs CUDA, or TRITON_INTERPRET=1 set before triton is imported")
+    grid_steps(R, n)  # validates R against n
+    o, lse2 = ThoughtAttention.apply(q, k, v, n, lengths)
+    return (o, lse2 * LN2) if return_lse else o
