@@ -1,0 +1,7 @@
+"""Evaluation of a Quiet-STaR model (DESIGN §5): GSM8K and CommonsenseQA zero-shot (the paper's
+teacher-forced soft accuracy, and exact match from generation with thoughts), held-out NLL with and
+without thoughts by difficulty, and a per-token HTML report. CLI: `python -m quietstar.eval`."""
+
+from quietstar.eval.common import DataError, load_model, next_token_logits_at
+
+__all__ = ["DataError", "load_model", "next_token_logits_at"]

@@ -1,0 +1,141 @@
+"""python -m quietstar.eval gsm8k|csqa|nll|report [key=value ...]
+
+  gsm8k   GSM8K test: the paper's teacher-forced soft accuracy (metric=soft), zero-shot-CoT exact match
+          with a k-sample majority vote (metric=em), or both
+  csqa    CommonsenseQA dev: the same two metrics (the letter variant of the CoT)
+  nll     held-out NLL of a jsonl corpus (`text`) with and without thoughts, by difficulty bucket;
+          per-token scores go to an .npz beside the json (report=FILE.html: also the per-token page)
+  report  the per-token HTML page (+ PNG plot, + json summary) for a few records of a jsonl corpus
+
+Common keys: ckpt=DIR (a train.py run or checkpoint dir, or an export dir; none: the base model with
+fresh thought parameters), model=smollm2-135m, data.path=FILE (default: ../shared/data/... beside the
+project), data.start=0 (negative: from the end), limit=N (0: all), out=FILE, batch_size, seed, device,
+thoughts=auto|on|off (auto: skip sampling thoughts when the talk head is exactly zero, which makes the
+with-thought numbers equal the base ones), n_ahead=T (override the thought length, T - 1 tokens),
+threads=N (torch threads; 0 = torch's default).
+The json holds the headline figures at the top level, then the settings and per-item detail.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from quietstar.eval import common
+from quietstar.generate import parse_kv
+
+COMMON = {"ckpt": "", "model": "smollm2-135m", "data.path": "", "data.start": 0, "limit": 0, "out": "",
+          "batch_size": 8, "seed": 0, "device": "cpu", "thoughts": "auto", "n_ahead": 0, "threads": 0}
+QA = {"metric": "soft", "method": "cached", "max_len": 256, "k": 1, "temperature": 0.9, "max_cot_tokens": 128,
+      "answer_tokens": 12}
+TASKS = {
+    "gsm8k": {**COMMON, **QA},
+    "csqa": {**COMMON, **QA},
+    "nll": {**COMMON, "batch_size": 4, "seq_len": 128, "n_buckets": 5, "npz": "", "report": "", "report_records": 3},
+    "report": {**COMMON, "batch_size": 4, "limit": 3, "seq_len": 128, "n_buckets": 5},
+}
+DATA = {"gsm8k": "gsm8k/test.jsonl", "csqa": "commonsenseqa/dev_rand_split.jsonl",
+        "nll": "math_web/train.jsonl", "report": "math_web/train.jsonl"}
+
+
+def usage() -> str:
+    return __doc__ + "\nKeys per task:\n" + "\n".join(f"  {t}: {' '.join(sorted(d))}" for t, d in TASKS.items())
+
+
+def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] not in TASKS:
+        raise SystemExit(usage())
+    task = argv[0]
+    args = parse_kv(argv[1:], TASKS[task])
+    if args["threads"]:
+        torch.set_num_threads(args["threads"])
+    path = common.default_data_path(DATA[task], args["data.path"])
+    limit = args["limit"] or None
+    out = Path(args["out"] or (f"eval_{task}.json" if task != "report" else "report.html"))
+    t0 = time.perf_counter()
+
+    # data first, so that a bad file fails before the model loads
+    if task == "gsm8k":
+        from quietstar.eval.gsm8k import load_gsm8k
+
+        data = load_gsm8k(path, args["data.start"], limit)
+    elif task == "csqa":
+        from quietstar.eval.csqa import load_csqa
+
+        data = load_csqa(path, args["data.start"], limit)
+    else:
+        from quietstar.eval.nll import load_texts
+
+        data = load_texts(path, args["data.start"], limit)
+
+    qs, tok, desc = common.load_model(args["ckpt"] or None, args["model"], args["device"], args["n_ahead"] or None)
+    think = common.resolve_think(qs, args["thoughts"])
+    g = torch.Generator(device=args["device"]).manual_seed(args["seed"])
+    record = {"task": task, "model": desc, "data": str(path), "data_start": args["data.start"], "n": len(data)}
+    detail = {}
+
+    if task in ("gsm8k", "csqa"):
+        from quietstar.eval import csqa, gsm8k
+
+        mod = gsm8k if task == "gsm8k" else csqa
+        if args["metric"] not in ("soft", "em", "both"):
+            raise SystemExit(f"metric must be soft, em or both, got {args['metric']!r}")
+        if args["metric"] in ("soft", "both"):
+            res = mod.evaluate_soft(qs, tok, data, think, method=args["method"], batch_size=args["batch_size"],
+                                    max_len=args["max_len"], generator=g)
+            record.update(soft_acc_base=res["soft_acc_base"], soft_acc_thought=res["soft_acc_thought"])
+            detail["soft"] = res
+        if args["metric"] in ("em", "both"):
+            res = mod.evaluate_em(qs, tok, data, think, k=args["k"], generator=g, temperature=args["temperature"],
+                                  max_cot_tokens=args["max_cot_tokens"], answer_tokens=args["answer_tokens"],
+                                  batch_size=args["batch_size"])
+            record.update(em=res["em"], em_k=res["k"])
+            detail["cot"] = res
+    else:
+        from quietstar.eval import nll
+
+        scores = nll.score_tokens(qs, tok, [t for _, t in data], seq_len=args["seq_len"],
+                                  batch_size=args["batch_size"], think=think, generator=g, desc=task,
+                                  names=[f"{path}:{ln}" for ln, _ in data])
+        if task == "nll":
+            summary = nll.summarize(scores, args["n_buckets"])
+            npz = Path(args["npz"] or out.with_suffix(".npz"))
+            nll.save_npz(npz, scores, args["n_buckets"])
+            record.update({k: summary[k] for k in ("nll_base", "nll_thought", "gain", "ppl_base", "ppl_thought",
+                                                   "tokens", "frac_improved")})
+            detail = {"buckets": summary["buckets"], "mix_weight_mean": summary["mix_weight_mean"],
+                      "npz": str(npz), "seq_len": args["seq_len"], "lines": [ln for ln, _ in data]}
+            if args["report"]:  # the per-token page from the same scores, first report_records records
+                from quietstar.eval.report import write_report
+
+                sub = f"{desc}; {path} lines {data[0][0]}..{data[-1][0]}, first {args['seq_len']} tokens"
+                info = write_report(args["report"], tok, scores, args["n_buckets"], subtitle=sub,
+                                    max_records=args["report_records"])
+                detail.update(report_html=info["html"], report_png=info["png"], png_writer=info["png_writer"])
+        else:
+            from quietstar.eval.report import write_report
+
+            sub = f"{desc}; {path} records from {args['data.start']} ({len(data)}), first {args['seq_len']} tokens"
+            summary = write_report(out, tok, scores, args["n_buckets"], subtitle=sub)
+            record.update({k: summary[k] for k in ("nll_base", "nll_thought", "gain", "tokens")})
+            detail = {"html": summary["html"], "png": summary["png"], "png_writer": summary["png_writer"],
+                      "buckets": summary["buckets"]}
+            out = out.with_suffix(".json")
+    record.update(seconds=round(time.perf_counter() - t0, 1), thought=common.thought_info(qs, think),
+                  settings=args, machine=common.machine_info(), **detail)
+    common.write_json(out, record)
+    headline = {k: v for k, v in record.items() if k in ("soft_acc_base", "soft_acc_thought", "em", "nll_base",
+                                                         "nll_thought", "gain", "n", "tokens", "seconds")}
+    print(f"{task}: {headline} -> {out}")
+    return record
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except common.DataError as e:
+        raise SystemExit(f"data error: {e}")

@@ -1,0 +1,142 @@
+"""Held-out NLL with and without thoughts, overall and by difficulty, with the per-token gain.
+
+For every token x_{i+1} of every record (the first seq_len tokens of its `text`), two predictions from
+`QuietStar.next_token_logits` (n = 1, K = 1): the base model's, and the paper's eval prediction after a
+thought sampled at position i (talk-head-mixed logits at the <end> step). The gain of a token is
+CE_base - CE_thought (nats; > 0: the thought helped). Difficulty buckets are the quantiles of the base
+model's per-token CE over all scored tokens (bucket 0 = easiest); every token is in exactly one bucket.
+The paper's claim to compare with: thoughts help most on the hard tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from quietstar.eval.common import DataError, Progress, field, read_jsonl
+from quietstar.thinker import QuietStar
+
+
+@dataclass
+class TokenScores:
+    """Per scored token, in record order (all numpy arrays of length N, thoughts (N, T-3))."""
+
+    record: np.ndarray  # index of the record in the slice
+    position: np.ndarray  # i: the prediction is made at position i, of token i + 1
+    target: np.ndarray  # x_{i+1}
+    ce_base: np.ndarray
+    ce_thought: np.ndarray
+    mix_weight: np.ndarray
+    thoughts: np.ndarray
+    ids: list  # per record: its token ids
+
+    @property
+    def gain(self) -> np.ndarray:
+        return self.ce_base - self.ce_thought
+
+
+def load_texts(path, start: int = 0, limit: Optional[int] = None) -> list[tuple[int, str]]:
+    """(line number, text) of the records' `text` fields; an empty text is an error naming its line."""
+    path = Path(path)
+    out = []
+    for lineno, rec in read_jsonl(path, start, limit):
+        text = field(path, lineno, rec, "text")
+        if not text.strip():
+            raise DataError(f"{path}:{lineno}: field 'text' is empty")
+        out.append((lineno, text))
+    return out
+
+
+@torch.no_grad()
+def score_tokens(qs: QuietStar, tok, texts: Sequence[str], seq_len: int = 128, batch_size: int = 4,
+                 think: bool = True, generator: Optional[torch.Generator] = None, desc: str = "nll",
+                 names: Optional[Sequence[str]] = None) -> TokenScores:
+    """CE of every token with and without a thought (think=False: the thought CE is the base CE, which is
+    exact when the talk head is zero). names[k] says where text k came from, for error messages."""
+    dev = qs.model.tok_embeddings.weight.device
+    T = qs.cfg.n_ahead
+    encoded = [tok.encode(t)[:seq_len] for t in texts]
+    for k, ids in enumerate(encoded):
+        if len(ids) < 2:
+            where = names[k] if names is not None else f"text {k}"
+            raise DataError(f"{where}: {len(ids)} token(s); at least 2 are needed to score one")
+    # longest first so that batches pad little; results go back in record order
+    order = sorted(range(len(encoded)), key=lambda k: -len(encoded[k]))
+    cols = {n: [] for n in ("record", "position", "target", "ce_base", "ce_thought", "mix_weight", "thoughts")}
+    bar = Progress(len(encoded), desc)
+    for b0 in range(0, len(order), batch_size):
+        idx = order[b0:b0 + batch_size]
+        seqs = [encoded[k] for k in idx]
+        L = max(map(len, seqs))
+        x = torch.tensor([s + [tok.pad_id] * (L - len(s)) for s in seqs], device=dev)
+        lengths = torch.tensor([len(s) for s in seqs], device=dev)
+        mask = (torch.arange(L, device=dev)[None, :] < lengths[:, None]).long()
+        tgt = x[:, 1:]
+        if think:
+            out = qs.next_token_logits(x, mask, generator, n_thoughts=1)
+            base, mixed, w, th = out.base[:, :-1], out.mixed[:, 0, :-1], out.mix_weight[:, 0, :-1], out.thoughts[:, 0, :-1]
+        else:
+            base = qs.model(x, attention_mask=mask)[:, :-1]
+            mixed, w = None, torch.zeros(x.shape[0], L - 1, device=dev)
+            th = torch.zeros(x.shape[0], L - 1, T - 3, dtype=torch.long, device=dev)
+        ce_b = F.cross_entropy(base.float().transpose(1, 2), tgt, reduction="none")  # (B, L-1)
+        ce_t = ce_b if mixed is None else F.cross_entropy(mixed.float().transpose(1, 2), tgt, reduction="none")
+        for r, k in enumerate(idx):
+            n = len(seqs[r]) - 1
+            cols["record"].append(np.full(n, k))
+            cols["position"].append(np.arange(n))
+            cols["target"].append(tgt[r, :n].cpu().numpy())
+            cols["ce_base"].append(ce_b[r, :n].cpu().numpy())
+            cols["ce_thought"].append(ce_t[r, :n].cpu().numpy())
+            cols["mix_weight"].append(w[r, :n].float().cpu().numpy())
+            cols["thoughts"].append(th[r, :n].cpu().numpy())
+        bar.update(len(idx))
+    bar.close()
+    cat = {k: np.concatenate(v) for k, v in cols.items()}
+    order_tok = np.lexsort((cat["position"], cat["record"]))
+    cat = {k: v[order_tok] for k, v in cat.items()}
+    return TokenScores(ids=encoded, **cat)
+
+
+def difficulty_buckets(ce_base: np.ndarray, n_buckets: int = 5):
+    """-> (bucket index per token in 0..n_buckets-1, the n_buckets - 1 inner edges). Quantiles of the
+    base CE; a token equal to an edge goes to the upper bucket, so the buckets partition the tokens."""
+    edges = np.quantile(ce_base, np.arange(1, n_buckets) / n_buckets) if n_buckets > 1 else np.zeros(0)
+    return np.searchsorted(edges, ce_base, side="right"), edges
+
+
+def summarize(scores: TokenScores, n_buckets: int = 5) -> dict:
+    """The headline numbers and the per-bucket table (token-weighted means, nats)."""
+    b, edges = difficulty_buckets(scores.ce_base, n_buckets)
+    gain = scores.gain
+    buckets = []
+    for k in range(n_buckets):
+        sel = b == k
+        lo = float(edges[k - 1]) if k > 0 else float(scores.ce_base.min())
+        hi = float(edges[k]) if k < n_buckets - 1 else float(scores.ce_base.max())
+        buckets.append({"bucket": k, "base_ce_range": [lo, hi], "tokens": int(sel.sum()),
+                        "nll_base": _mean(scores.ce_base[sel]), "nll_thought": _mean(scores.ce_thought[sel]),
+                        "gain": _mean(gain[sel]), "frac_improved": _mean((gain[sel] > 0).astype(float))})
+    nb, nt = float(scores.ce_base.mean()), float(scores.ce_thought.mean())
+    return {"nll_base": nb, "nll_thought": nt, "gain": nb - nt, "ppl_base": float(np.exp(nb)),
+            "ppl_thought": float(np.exp(nt)), "tokens": int(len(gain)), "records": len(scores.ids),
+            "frac_improved": float((gain > 0).mean()), "mix_weight_mean": float(scores.mix_weight.mean()),
+            "n_buckets": n_buckets, "buckets": buckets}
+
+
+def _mean(x: np.ndarray) -> Optional[float]:
+    return float(x.mean()) if len(x) else None
+
+
+def save_npz(path, scores: TokenScores, n_buckets: int = 5):
+    b, _ = difficulty_buckets(scores.ce_base, n_buckets)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, record=scores.record, position=scores.position, target=scores.target,
+                        ce_base=scores.ce_base, ce_thought=scores.ce_thought, gain=scores.gain,
+                        mix_weight=scores.mix_weight, thoughts=scores.thoughts, bucket=b)
