@@ -1,0 +1,440 @@
+"""Resumable training checkpoints: atomic, verified, keep-last-k.
+
+Layout of `<output dir>/checkpoints/step_0000120/`:
+
+    model.safetensors      the whole QuietStar state dict: base model (`model.*`), start/end thought
+                           embeddings, talk head (`talk_head.*`); fp32 master weights. Not with FSDP:
+    sharded/               FSDP: model + optimizer as torch.distributed.checkpoint shards
+    optimizer.pt           AdamW state (one process or DDP; absent with FSDP, or save_optimizer=false)
+    train_state.pt         step, LR scheduler, data cursor, wandb run id, counters (tokens seen)
+    rng_rank{r}.pt         per rank: torch CPU / CUDA, Python, numpy, and the thought-sampling generator
+    model_config.json      the base model's ModelConfig (so the model is rebuilt without its source file)
+    tokenizer.json, tokenizer_config.json   the tokenizer (or a byte-tokenizer marker)
+    config.yaml            the fully resolved training config
+    state.json             human-readable step, data cursor and wandb id
+    manifest.json          written last: every file with its size and sha256
+
+Writing is atomic: everything goes to a temporary sibling dir, each file is fsynced, then the dir is
+renamed into place (and the parent fsynced), so a crash leaves either the old set of checkpoints or the
+new one, never a partial `step_*`. Loading checks the manifest first and refuses a partial or corrupt
+checkpoint with an error naming the offending file.
+
+Checkpoints are saved from the unwrapped, uncompiled module (compile is per block and in place), so keys
+never carry `_orig_mod.` or DDP's `module.` prefix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+FORMAT_VERSION = 1
+STEP_PREFIX = "step_"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (partial, corrupt, or for another model); names the file."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"{STEP_PREFIX}{step:07d}"
+
+
+# --------------------------------------------------------------------------------------------------
+# RNG state
+
+
+def capture_rng(generator: Optional[torch.Generator] = None) -> dict:
+    """Every RNG the training step can touch, plus the thought-sampling generator."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    if generator is not None:
+        state["generator"] = generator.get_state()
+    return state
+
+
+def restore_rng(state: dict, generator: Optional[torch.Generator] = None) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if generator is not None and "generator" in state:
+        generator.set_state(state["generator"])
+
+
+# --------------------------------------------------------------------------------------------------
+# files
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems do not support fsync on a directory
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def save_tokenizer(tok, out: Path) -> None:
+    """tokenizer.json + tokenizer_config.json (HF layout) for a loading.Tokenizer, or a marker for bytes."""
+    from quietstar.data import ByteTokenizer
+
+    if isinstance(tok, ByteTokenizer):
+        _write_json(out / "tokenizer_config.json", {"quietstar_tokenizer": "byte", "vocab_size": tok.vocab_size})
+        return
+    backend = getattr(tok, "backend", None)
+    if backend is None:
+        return
+    backend.save(str(out / "tokenizer.json"))
+    name = lambda i: None if i is None else backend.id_to_token(int(i))  # noqa: E731
+    _write_json(out / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": name(tok.bos_id), "eos_token": name(tok.eos_id),
+        "pad_token": name(tok.pad_id), "add_bos_token": bool(getattr(tok, "add_bos", False)),
+        "model_max_length": 1 << 30})
+
+
+def load_tokenizer_from(path: Path, vocab_size: int):
+    """The tokenizer saved by `save_tokenizer` (None if there is none)."""
+    from quietstar.data import ByteTokenizer
+
+    path = Path(path)
+    tcfg = path / "tokenizer_config.json"
+    if tcfg.is_file():
+        meta = json.loads(tcfg.read_text())
+        if meta.get("quietstar_tokenizer") == "byte":
+            return ByteTokenizer(int(meta.get("vocab_size", vocab_size)))
+    if (path / "tokenizer.json").is_file():
+        from quietstar.loading import tokenizer_from_hf_dir
+
+        return tokenizer_from_hf_dir(path, vocab_size)
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# finding and verifying
+
+
+def find_checkpoint(path) -> Path:
+    """A step dir from a step dir, a `checkpoints/` dir or a run dir (the newest complete step)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    if path.name.startswith(STEP_PREFIX) or (path / "manifest.json").exists() or (path / "model.safetensors").exists():
+        return path
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    steps = sorted(p for p in root.glob(f"{STEP_PREFIX}*") if p.is_dir() and (p / "manifest.json").is_file())
+    if not steps:
+        raise CheckpointError(f"no complete checkpoint ({STEP_PREFIX}XXXXXXX/manifest.json) under {str(path)!r}")
+    return steps[-1]
+
+
+def verify_checkpoint(path, check_hashes: bool = True) -> dict:
+    """The manifest of a complete, intact checkpoint; CheckpointError naming the bad file otherwise."""
+    path = Path(path)
+    manifest_path = path / "manifest.json"
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{manifest_path}: missing: {path} is a partial checkpoint (interrupted while saving?) "
+                              "or not a checkpoint")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{manifest_path}: unreadable manifest ({e})") from e
+    for name, meta in files.items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing from the checkpoint (listed in manifest.json)")
+        size = f.stat().st_size
+        if size != meta["size"]:
+            raise CheckpointError(f"{f}: corrupt or truncated: {size} bytes, the manifest says {meta['size']}")
+        if check_hashes and meta.get("sha256") and _sha256(f) != meta["sha256"]:
+            raise CheckpointError(f"{f}: corrupt: sha256 does not match the manifest")
+    return manifest
+
+
+def _torch_load(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {e})") from e
+
+
+def read_model_state(path) -> dict[str, torch.Tensor]:
+    """The full QuietStar state dict of a checkpoint (consolidating FSDP shards if needed), on CPU."""
+    path = Path(path)
+    if (path / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path / "model.safetensors")
+        except Exception as e:
+            raise CheckpointError(f"{path / 'model.safetensors'}: unreadable ({type(e).__name__}: {e})") from e
+    if (path / "sharded").is_dir():
+        import tempfile
+
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        with tempfile.TemporaryDirectory() as tmp:
+            dcp_to_torch_save(path / "sharded", Path(tmp) / "full.pt")
+            state = _torch_load(Path(tmp) / "full.pt")
+        if isinstance(state.get("model"), dict):
+            return state["model"]
+        return {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    raise CheckpointError(f"{path / 'model.safetensors'}: missing (and no sharded/ FSDP checkpoint)")
+
+
+def read_model_config(path):
+    from quietstar.model import ModelConfig
+
+    f = Path(path) / "model_config.json"
+    if not f.is_file():
+        raise CheckpointError(f"{f}: missing")
+    return ModelConfig(**json.loads(f.read_text()))
+
+
+def read_train_config(path):
+    """The TrainConfig saved with a checkpoint."""
+    from quietstar.config import load_config
+
+    f = Path(path) / "config.yaml"
+    if not f.is_file():
+        raise CheckpointError(f"{f}: missing")
+    return load_config(str(f))
+
+
+# --------------------------------------------------------------------------------------------------
+# save
+
+
+def save_checkpoint(root, step: int, qs: nn.Module, optimizer, scheduler, *, data_state: dict,
+                    generator: Optional[torch.Generator], config_yaml: str, tokenizer, dist=None,
+                    wandb_id: Optional[str] = None, keep_last: int = 0, save_optimizer: bool = True,
+                    verify_hashes: bool = True, extra: Optional[dict] = None) -> Path:
+    """Write `<root>/step_XXXXXXX/` atomically (every rank calls this under FSDP/DDP). -> its path."""
+    from quietstar.dist import DistInfo
+
+    dist = dist or DistInfo()
+    root = Path(root)
+    final = root / step_dir_name(step)
+    tmp = root / f".tmp-{step_dir_name(step)}"
+    if dist.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    dist.barrier()
+
+    # every rank: its RNG; FSDP: the model and optimizer shards
+    torch.save(capture_rng(generator), tmp / f"rng_rank{dist.rank}.pt")
+    if dist.kind == "fsdp":
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        msd, osd = get_state_dict(qs, optimizer)
+        dcp.save({"model": msd, "optim": osd} if save_optimizer else {"model": msd},
+                 checkpoint_id=str(tmp / "sharded"))
+    dist.barrier()
+
+    if dist.is_main:
+        from safetensors.torch import save_file
+
+        if dist.kind != "fsdp":
+            state = {k: v.detach().contiguous().cpu() for k, v in qs.state_dict().items()}
+            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "step": str(step)})
+            if save_optimizer:
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        info = {"step": step, "data": data_state, "wandb_id": wandb_id, "world_size": dist.world_size,
+                "dist": dist.kind, "extra": extra or {}}
+        torch.save({**info, "scheduler": scheduler.state_dict()}, tmp / "train_state.pt")
+        _write_json(tmp / "state.json", info)
+        _write_json(tmp / "model_config.json", qs.model.cfg.to_dict())
+        save_tokenizer(tokenizer, tmp)
+        (tmp / "config.yaml").write_text(config_yaml)
+        files = {}
+        for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            _fsync_file(f)
+            files[str(f.relative_to(tmp))] = {"size": f.stat().st_size,
+                                              "sha256": _sha256(f) if verify_hashes else None}
+        _write_json(tmp / "manifest.json", {"format_version": FORMAT_VERSION, "step": step, "files": files})
+        _fsync_file(tmp / "manifest.json")
+        for d in sorted({p.parent for p in tmp.rglob("*")}, key=lambda p: -len(p.parts)):
+            _fsync_dir(d)
+        if final.exists():  # the same step saved again (e.g. a resumed run into the same dir)
+            old = root / f".old-{final.name}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+            shutil.rmtree(old)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        if keep_last > 0:
+            prune_checkpoints(root, keep_last)
+    dist.barrier()
+    return final
+
+
+def prune_checkpoints(root, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints (and stale temporary dirs)."""
+    root = Path(root)
+    steps = sorted(p for p in root.glob(f"{STEP_PREFIX}*") if p.is_dir())
+    for p in steps[:-keep_last]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# load
+
+
+def load_checkpoint(path, qs: nn.Module, optimizer=None, scheduler=None, generator=None, dist=None,
+                    check_hashes: bool = True) -> dict:
+    """Restore a checkpoint into a (possibly FSDP-sharded) model, optimizer, scheduler and RNGs.
+
+    -> the train state: {"step", "data" (cursor), "wandb_id", ...}. Refuses a partial or corrupt checkpoint.
+    """
+    import warnings
+
+    from quietstar.dist import DistInfo
+
+    dist = dist or DistInfo()
+    path = find_checkpoint(path)
+    verify_checkpoint(path, check_hashes and dist.is_main)
+    state = _torch_load(path / "train_state.pt")
+    sharded = (path / "sharded").is_dir()
+    # the hyperparameters this run was configured with (they win over the saved ones; see _restore_schedule)
+    fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups] if optimizer is not None else None
+
+    if dist.kind == "fsdp" and sharded:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        msd, osd = get_state_dict(qs, optimizer)
+        want = {"model": msd, "optim": osd} if optimizer is not None else {"model": msd}
+        dcp.load(want, checkpoint_id=str(path / "sharded"))
+        set_state_dict(qs, optimizer, model_state_dict=want["model"],
+                       optim_state_dict=want.get("optim", {}) if optimizer is not None else {})
+    else:
+        model_state = read_model_state(path)
+        _load_model_state(qs, model_state, path, dist)
+        if optimizer is not None:
+            if sharded or not (path / "optimizer.pt").is_file():
+                raise CheckpointError(f"{path / 'optimizer.pt'}: missing; cannot resume the optimizer "
+                                      "(saved with save_optimizer=false or by a different dist.kind)")
+            opt_state = _torch_load(path / "optimizer.pt")
+            if dist.kind == "fsdp":
+                from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+                set_optimizer_state_dict(qs, optimizer, opt_state)
+            else:
+                try:
+                    optimizer.load_state_dict(opt_state)
+                except (ValueError, KeyError) as e:
+                    raise CheckpointError(f"{path / 'optimizer.pt'}: does not match this model's optimizer ({e})") from e
+    if scheduler is not None:
+        _restore_schedule(scheduler, optimizer, state["scheduler"], fresh)
+    rng_file = path / f"rng_rank{dist.rank}.pt"
+    if rng_file.is_file():
+        restore_rng(_torch_load(rng_file), generator)
+    else:
+        warnings.warn(f"{rng_file}: missing (the checkpoint was written by {state.get('world_size')} process(es)); "
+                      "RNG states are not restored, so the run is not bitwise identical to an uninterrupted one")
+    return state
+
+
+def _restore_schedule(scheduler, optimizer, saved: dict, fresh: Optional[list]) -> None:
+    """Restore the schedule's position, keeping this run's configured LR, schedule shape and AdamW settings
+    (so `resume=... optim.lr=...` changes the LR); with an unchanged config the values are the saved ones."""
+    saved = {**saved, "lr_lambdas": [None] * len(saved.get("lr_lambdas", []))}
+    base_lrs = list(scheduler.base_lrs)
+    scheduler.load_state_dict(saved)
+    scheduler.base_lrs = base_lrs
+    if optimizer is None or fresh is None:
+        return
+    step = scheduler.last_epoch
+    for g, f, base, fn in zip(optimizer.param_groups, fresh, base_lrs, scheduler.lr_lambdas):
+        g.update(f)
+        g["initial_lr"] = base
+        g["lr"] = base * fn(step)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
+def _load_model_state(qs: nn.Module, sd: dict, path: Path, dist) -> None:
+    if dist.kind == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(qs, sd, options=StateDictOptions(full_state_dict=True))
+        return
+    want = qs.state_dict()
+    missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
+    if missing or unexpected:
+        raise CheckpointError(f"{path / 'model.safetensors'}: does not match this model (missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]})")
+    for k, v in sd.items():
+        if tuple(v.shape) != tuple(want[k].shape):
+            raise CheckpointError(f"{path / 'model.safetensors'}: {k} has shape {tuple(v.shape)}, this model has "
+                                  f"{tuple(want[k].shape)}")
+    qs.load_state_dict(sd, strict=True)
+
+
+def build_thinker(model_cfg, tokenizer, thought_cfg, state: dict, dtype=None, device=None):
+    """A QuietStar holding exactly `state` (built on the meta device, no random init)."""
+    from quietstar.model import Transformer, rope_inv_freq
+    from quietstar.thinker import QuietStar
+
+    with torch.device("meta"):
+        base = Transformer(model_cfg)
+        qs = QuietStar(base, tokenizer, thought_cfg)
+    want = qs.state_dict()
+    missing, unexpected = sorted(set(want) - set(state)), sorted(set(state) - set(want))
+    if missing or unexpected:
+        raise CheckpointError(f"the saved weights do not match the saved model config (missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]})")
+    dtype = dtype or state["model.tok_embeddings.weight"].dtype
+    qs.load_state_dict({k: v.to(dtype).contiguous() for k, v in state.items()}, strict=True, assign=True)
+    base.register_buffer("inv_freq", rope_inv_freq(model_cfg), persistent=False)
+    return qs.to(device) if device is not None else qs
+
+
+def load_thinker_checkpoint(path, device=None, dtype=None):
+    """A QuietStar (with its tokenizer) from a training checkpoint, for inference or export."""
+    path = find_checkpoint(path)
+    verify_checkpoint(path)
+    model_cfg = read_model_config(path)
+    train_cfg = read_train_config(path)
+    tok = load_tokenizer_from(path, model_cfg.vocab_size)
+    return build_thinker(model_cfg, tok, train_cfg.thought, read_model_state(path), dtype, device)

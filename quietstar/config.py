@@ -1,0 +1,301 @@
+"""The training configuration schema: typed, nested dataclasses; Hydra's YAML under configs/ mirrors them.
+
+`TrainConfig` is registered in Hydra's ConfigStore as `base_config`, so `configs/train.yaml` starts
+`defaults: [base_config, model: ..., thought: ..., ...]` and every YAML value is type-checked against
+these fields. train.py turns the composed DictConfig into a `TrainConfig` with `OmegaConf.to_object`,
+which runs every `__post_init__` below: a bad value raises `ValueError` naming its field. Nothing past
+train.py ever sees a DictConfig.
+
+Sections (each a config group under configs/):
+  model       ModelSpec      which base model: pretrained weights (`name`) or a random-init preset (`preset`)
+  thought     ThoughtConfig  the Quiet-STaR settings (thinker.py; `thought=reference` = the official code)
+  data        DataConfig     corpus, sequence length, cropping or packing, batch size
+  optim       OptimConfig    AdamW, parameter groups, LR schedule, accumulation, clipping
+  train       LoopConfig     steps, seed, device, precision, compile, progress
+  checkpoint  CheckpointConfig
+  logger      LoggerConfig   wandb (offline by default) or none; metrics.jsonl always
+  dist        DistConfig     none | ddp | fsdp (under torchrun)
+  attention   AttentionConfig  the thought-grid attention backend
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from quietstar.model import PRESETS, ModelConfig
+from quietstar.thinker import ThoughtConfig
+
+__all__ = ["ModelSpec", "ThoughtConfig", "DataConfig", "OptimConfig", "LoopConfig", "CheckpointConfig",
+           "LoggerConfig", "DistConfig", "AttentionConfig", "TrainConfig", "register_configs", "load_config",
+           "config_to_dict"]
+
+
+def _one_of(section: str, name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{section}.{name} must be one of {tuple(allowed)}, got {value!r}")
+
+
+def _positive(section: str, name: str, value, allow_zero: bool = False) -> None:
+    if value is None or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{section}.{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class ModelSpec:
+    """Which base model to train. Either `name` (pretrained weights) or `preset` (random init).
+
+    The architecture fields mirror `model.ModelConfig` one for one; `None` keeps the preset's value. They
+    apply to a random-init preset only: a pretrained model's architecture comes from its file.
+    """
+
+    name: Optional[str] = None
+    """Pretrained weights: "smollm2-135m" (the packaged GGUF), a .gguf file, or an HF model dir
+    (config.json + safetensors). None = random init from `preset`."""
+    preset: str = "tiny"
+    """A ModelConfig preset (model.py PRESETS: tiny, bench_small, smollm2_135m, mistral_7b) for random
+    init; its text is byte-tokenized (data.ByteTokenizer). Ignored when `name` is set."""
+    dtype: str = "float32"
+    """Parameter (master weight) dtype: float32 | bfloat16 | float16. On GPU, float32 weights run under
+    bf16 autocast (train.precision)."""
+    grad_checkpointing: bool = False
+    """Recompute each block in backward (less activation memory, ~30% more compute)."""
+
+    # ---- ModelConfig fields (None = the preset's value) ----
+    vocab_size: Optional[int] = None  # rows of the embedding / outputs of the LM head (>= 256 for bytes)
+    dim: Optional[int] = None  # model width d
+    n_layers: Optional[int] = None  # transformer blocks
+    n_heads: Optional[int] = None  # query heads H
+    n_kv_heads: Optional[int] = None  # key/value heads G (GQA)
+    head_dim: Optional[int] = None  # D (default dim // n_heads)
+    intermediate_size: Optional[int] = None  # SwiGLU width
+    norm_eps: Optional[float] = None  # RMSNorm epsilon
+    rope_theta: Optional[float] = None  # RoPE base
+    rope_scaling: Optional[Dict[str, Any]] = None  # llama3 RoPE scaling parameters
+    max_seq_len: Optional[int] = None  # longest position the model is meant for
+    tie_embeddings: Optional[bool] = None  # LM head shares the embedding matrix
+    qkv_bias: Optional[bool] = None  # Qwen2-style q/k/v bias
+    sliding_window: Optional[int] = None  # Mistral sliding-window size
+    arch: Optional[str] = None  # llama | mistral | qwen2 (used by the HF exporter)
+
+    def __post_init__(self):
+        _one_of("model", "dtype", self.dtype, DTYPES)
+        if self.name is None:
+            _one_of("model", "preset", self.preset, sorted(PRESETS))
+            try:
+                cfg = self.architecture()
+            except ValueError as e:  # ModelConfig names the field; say which section it is in
+                raise ValueError(f"model: {e}") from None
+            if cfg.vocab_size < 256:
+                raise ValueError(f"model.vocab_size must be >= 256 for a byte-tokenized random-init model, "
+                                 f"got {cfg.vocab_size}")
+        elif not str(self.name).strip():
+            raise ValueError("model.name must be a model name or path, or null")
+
+    def overrides(self) -> dict:
+        """The ModelConfig fields set here (not None)."""
+        names = {f.name for f in dataclasses.fields(ModelConfig)}
+        return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+
+    def architecture(self) -> ModelConfig:
+        """The ModelConfig of a random-init preset with this spec's overrides."""
+        return ModelConfig.from_preset(self.preset, **self.overrides())
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"
+    """synthetic (the embedded math corpus, data.synthetic_math) | jsonl (.jsonl / .jsonl.gz: a file or a
+    folder of them) | parquet (a file or folder) | text (a folder of .txt files, or one file) | hf (HF
+    `datasets` streaming by name; needs a network)."""
+    path: Optional[str] = None
+    """File or folder for jsonl / parquet / text (relative to the launch directory); dataset name for hf."""
+    text_field: str = "text"  # the record field holding the document (OpenWebMath layout: "text")
+    hf_config: Optional[str] = None  # hf: dataset config name
+    hf_split: str = "train"  # hf: split to stream
+    max_docs: Optional[int] = None  # use only the first N documents of the source (None = all)
+    synthetic_docs: int = 4000  # synthetic: documents generated (deterministic given train.seed)
+    seq_len: int = 96  # L: tokens per training sequence, BOS included
+    mode: str = "crop"
+    """crop (the official code: each sequence is BOS + one document, a random seq_len window of longer
+    ones, right-padded with pad id) | pack (documents concatenated, doc_ids keep attention in-document)."""
+    batch_size: int = 2
+    """Unique sequences per micro-batch per process (each is thought about n_thoughts times). The
+    global batch is batch_size * optim.grad_accum * world size."""
+    shuffle: bool = True  # document order is a permutation per epoch, seeded by train.seed
+
+    def __post_init__(self):
+        _one_of("data", "source", self.source, ("synthetic", "jsonl", "parquet", "text", "hf"))
+        _one_of("data", "mode", self.mode, ("crop", "pack"))
+        if self.source != "synthetic" and not self.path:
+            raise ValueError(f"data.path is required for data.source={self.source!r}")
+        if self.seq_len < 4:
+            raise ValueError(f"data.seq_len must be >= 4, got {self.seq_len}")
+        _positive("data", "batch_size", self.batch_size)
+        _positive("data", "synthetic_docs", self.synthetic_docs)
+        if self.max_docs is not None:
+            _positive("data", "max_docs", self.max_docs)
+        if not self.text_field:
+            raise ValueError("data.text_field must be a field name")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5  # peak learning rate
+    weight_decay: float = 0.001  # decoupled (AdamW) decay of matrices; norms and biases get none
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    fused: Optional[bool] = None  # fused AdamW kernel; None = when every parameter is on a GPU
+    base_lr_mult: float = 1.0  # LR multiplier of the base model (0 freezes it)
+    thought_embedding_lr_mult: float = 1.0
+    """LR multiplier of <start>/<end> embeddings, on top of the x thought.embedding_scale
+    parameterisation (the official code's effective 100x; set embedding_scale=1 and this =100 for
+    the same effect made explicit)."""
+    thought_embedding_weight_decay: Optional[float] = None  # None = weight_decay (the official code)
+    talk_head_lr_mult: float = 1.0  # LR multiplier of the mixing (talk) head
+    schedule: str = "constant"  # after warmup: constant | cosine | linear (decay to min_lr_ratio * lr at max_steps)
+    warmup_steps: int = 5  # linear warmup from 0 over this many optimizer steps (official: 20)
+    min_lr_ratio: float = 0.1  # cosine/linear: final LR as a fraction of lr
+    grad_clip: float = 1.0  # max global grad norm (0 = no clipping; official 1.0)
+    grad_accum: int = 1  # micro-batches per optimizer step
+
+    def __post_init__(self):
+        _one_of("optim", "schedule", self.schedule, ("constant", "cosine", "linear"))
+        _positive("optim", "lr", self.lr)
+        _positive("optim", "grad_accum", self.grad_accum)
+        for name in ("weight_decay", "warmup_steps", "grad_clip", "base_lr_mult", "thought_embedding_lr_mult",
+                     "talk_head_lr_mult", "eps"):
+            _positive("optim", name, getattr(self, name), allow_zero=True)
+        for name in ("beta1", "beta2", "min_lr_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"optim.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.thought_embedding_weight_decay is not None:
+            _positive("optim", "thought_embedding_weight_decay", self.thought_embedding_weight_decay, True)
+
+
+@dataclass
+class LoopConfig:
+    max_steps: int = 30  # optimizer steps in total (a resumed run continues up to this)
+    seed: int = 42  # seeds the model init, the data order and crops, and thought sampling
+    device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16 (autocast; fp32 master weights)
+    compile: bool = False  # torch.compile each transformer block (GPU; checkpoints keep plain keys)
+    log_every: int = 1  # write metrics (jsonl, wandb) every N steps
+    progress: bool = True  # print a progress bar with loss, reward, mix weight and tok/s
+    threads: Optional[int] = None  # torch CPU threads (None = torch's default)
+    sample_position: int = -1  # the end-of-run summary decodes the thought after this position (-1 = middle)
+
+    def __post_init__(self):
+        _positive("train", "max_steps", self.max_steps)
+        _positive("train", "log_every", self.log_every)
+        _one_of("train", "precision", self.precision, ("auto", "fp32", "bf16"))
+        if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
+            raise ValueError(f"train.device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        if self.threads is not None:
+            _positive("train", "threads", self.threads)
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # save every N optimizer steps (0 = only at the end)
+    keep_last: int = 2  # keep this many newest checkpoints (0 = keep all)
+    save_final: bool = True  # save after the last step
+    save_optimizer: bool = True  # include optimizer state (needed to resume exactly)
+    verify_hashes: bool = True  # record sha256 of every file and check it on load
+
+    def __post_init__(self):
+        _positive("checkpoint", "every", self.every, allow_zero=True)
+        _positive("checkpoint", "keep_last", self.keep_last, allow_zero=True)
+
+
+@dataclass
+class LoggerConfig:
+    backend: str = "wandb"  # wandb | none (metrics.jsonl is written either way)
+    mode: str = "offline"  # wandb mode: offline (default: no network) | online | disabled
+    project: str = "quietstar"
+    entity: Optional[str] = None
+    run_name: Optional[str] = None  # None = wandb's generated name
+    group: Optional[str] = None  # e.g. a sweep name
+    tags: List[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        _one_of("logger", "backend", self.backend, ("wandb", "none"))
+        _one_of("logger", "mode", self.mode, ("offline", "online", "disabled"))
+
+
+@dataclass
+class DistConfig:
+    kind: str = "none"  # none | ddp | fsdp (FSDP2 fully_shard); launch with torchrun for ddp/fsdp
+    backend: str = "auto"  # process-group backend: auto (nccl on GPU, gloo on CPU) | nccl | gloo
+    reshard_after_forward: bool = True  # fsdp: free gathered parameters after forward (ZeRO-3)
+    timeout_s: int = 1800  # collective timeout
+
+    def __post_init__(self):
+        _one_of("dist", "kind", self.kind, ("none", "ddp", "fsdp"))
+        _one_of("dist", "backend", self.backend, ("auto", "nccl", "gloo"))
+        _positive("dist", "timeout_s", self.timeout_s)
+
+
+@dataclass
+class AttentionConfig:
+    backend: str = "auto"  # thought-grid attention: auto (triton on GPU, split on CPU) | dense | split | flex | triton
+
+    def __post_init__(self):
+        _one_of("attention", "backend", self.backend, ("auto", "dense", "split", "flex", "triton"))
+
+
+@dataclass
+class TrainConfig:
+    """The root config (ConfigStore: `base_config`)."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    thought: ThoughtConfig = field(default_factory=ThoughtConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    resume: Optional[str] = None
+    """A checkpoint to continue: a step_XXXXXXX dir, a run's checkpoints/ dir or a run dir (newest step)."""
+    output_dir: Optional[str] = None
+    """Where the run writes (checkpoints, metrics.jsonl, wandb, config.yaml). train.py sets it to Hydra's
+    output dir; None = ./outputs/run."""
+
+    def __post_init__(self):
+        if self.data.seq_len <= self.thought.n_ahead_talk:
+            raise ValueError(f"data.seq_len={self.data.seq_len} must exceed thought.n_ahead_talk="
+                             f"{self.thought.n_ahead_talk}")
+        if self.model.name is None:
+            max_len = self.model.architecture().max_seq_len
+            if self.data.seq_len + self.thought.n_grid_steps > max_len:
+                raise ValueError(f"data.seq_len={self.data.seq_len} + thought steps exceeds model.max_seq_len="
+                                 f"{max_len}")
+
+
+def register_configs() -> None:
+    """Register the schema in Hydra's ConfigStore (imported lazily: this module never needs Hydra)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="base_config", node=TrainConfig)
+
+
+def config_to_dict(cfg: TrainConfig) -> dict:
+    """A plain, JSON/YAML-able dict of the whole config."""
+    return dataclasses.asdict(cfg)
+
+
+def load_config(obj) -> TrainConfig:
+    """A TrainConfig from a YAML file path, a dict or a DictConfig, checked against the schema."""
+    from omegaconf import OmegaConf
+
+    data = OmegaConf.load(str(obj)) if isinstance(obj, (str, os.PathLike)) else obj
+    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), data)
+    return OmegaConf.to_object(merged)
