@@ -149,20 +149,26 @@ class TalkHead(nn.Module):
 def _logprob_chunk(h, weight, targets, temperature: float):
     if temperature != 1.0:
         h = h / temperature  # (c, d): cheaper than dividing the logits
-    logits = F.linear(h, weight).float()  # (c, V)
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    logp = torch.log_softmax(F.linear(h, weight).float(), dim=-1)  # (c, V)
+    return logp.gather(-1, targets[:, None]).squeeze(-1)
+
+
+LOGITS_MEMORY_BUDGET = 1 << 30  # bytes of fp32 logits that token_logprob may keep for backward
 
 
 def token_logprob(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
                   chunk: Optional[int] = None) -> torch.Tensor:
     """log softmax(h W^T / temperature)[target] for hidden states h (..., d) and targets (...,).
 
-    Chunked over tokens and recomputed in backward, so no (tokens, V) logits are kept for the graph.
+    When the (tokens, V) logits would exceed LOGITS_MEMORY_BUDGET, they are computed in chunks and
+    recomputed in backward, so no vocabulary-sized tensor is kept for the graph.
     """
     shape = targets.shape
     h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
-    chunk = chunk or max(128, (1 << 22) // weight.shape[0])
     grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    if grad and chunk is None and 4 * h.shape[0] * weight.shape[0] <= LOGITS_MEMORY_BUDGET:
+        return _logprob_chunk(h, weight, targets, temperature).view(shape)
+    chunk = chunk or max(128, (1 << 22) // weight.shape[0])
     out = []
     for c in range(0, h.shape[0], chunk):
         args = (h[c:c + chunk], weight, targets[c:c + chunk], temperature)
@@ -252,9 +258,12 @@ def sample_categorical(logits: torch.Tensor, temperature: float = 1.0,
 
     The official code's hard Gumbel-softmax draws from the same distribution (at temperature 1,
     whatever its tau); inverse-CDF sampling needs one uniform number per row instead of V."""
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    flat = probs.reshape(-1, probs.shape[-1])
-    return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+    z = logits.float().reshape(-1, logits.shape[-1])  # (rows, V)
+    z = z - z.amax(-1, keepdim=True)
+    cdf = torch.exp(z if temperature == 1.0 else z / temperature).cumsum_(-1)  # unnormalised CDF
+    u = torch.rand(z.shape[0], 1, generator=generator, device=z.device, dtype=torch.float64)
+    idx = torch.searchsorted(cdf, (u * cdf[:, -1:].double()).float())
+    return idx.clamp_(max=z.shape[-1] - 1).view(logits.shape[:-1])
 
 
 def categorical_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
