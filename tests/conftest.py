@@ -23,6 +23,16 @@ def smollm2_gguf_path():
     return hits[0] if hits else None
 
 
+@pytest.fixture
+def one_thread():
+    """Small models are all per-op overhead, where a second intra-op thread only adds synchronisation
+    (very costly when the cores are shared): run on one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """(model, tokenizer) for SmolLM2-135M in fp32, or skip where the GGUF is not installed."""

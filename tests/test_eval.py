@@ -22,14 +22,7 @@ from quietstar.model import ModelConfig, Transformer
 from quietstar.thinker import QuietStar, ThoughtConfig, sample_categorical
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models are all per-op overhead, where a second thread only adds synchronisation (very costly
-    on a busy machine): run these tests on one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ByteTokenizer:

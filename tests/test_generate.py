@@ -12,14 +12,7 @@ from quietstar.thinker import QuietStar, ThoughtConfig, sample_categorical
 V = 256
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models are all per-op overhead, where a second thread only adds synchronisation (very costly
-    on a busy machine): run these tests on one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_qs(seed=0, n_ahead=6, talk_std=2.0):

@@ -18,13 +18,7 @@ from quietstar.loading import (END_THOUGHT, START_THOUGHT, LoadError, MissingFil
 from quietstar.model import KVCache, ModelConfig, Transformer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small models: intra-op threads cost more than they save here, and the CPU cores may be shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOKENIZER_STRINGS = [
     "Hello world", "  leading spaces and   runs of    spaces  ", "tabs\tand\nnewlines\r\n\n\nend",

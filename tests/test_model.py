@@ -13,13 +13,7 @@ from quietstar.model import KVCache, ModelConfig, Transformer
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small models: intra-op threads cost more than they save here, and the CPU cores may be shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SMALL = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              intermediate_size=80, max_position_embeddings=256, rms_norm_eps=1e-6)
