@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -80,7 +80,7 @@ def grid_attention(q, k, v, n: int, lengths: Optional[torch.Tensor] = None,
                    doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention over the whole thought grid. q (B, H, R, L, D); k, v (B, G, R, L, D) -> (B, H, R, L, D)."""
     backend = resolve_backend(q.device)
-    if backend == "triton" and doc_ids is None:
+    if backend == "triton" and doc_ids is None:  # packed documents: the kernel has no doc mask, use split
         from kernels.thought_attention import thought_attention
         return thought_attention(q, k, v, n, lengths)
     if backend == "flex":
@@ -230,5 +230,3 @@ def merge(o1, lse1, o2, lse2):
     lse = torch.logaddexp(lse1, lse2)
     return torch.exp(lse1 - lse)[..., None] * o1 + torch.exp(lse2 - lse)[..., None] * o2
 
-
-AttentionFn = Callable[..., torch.Tensor]

@@ -278,6 +278,7 @@ class KVCache:
         self.window = cfg.sliding_window
         self.max_len = max_len
         self.seen = 0  # tokens already cached
+        self._key_valid = None  # key_valid[:, :end] of the current call, or None when nothing is padding
 
     def __call__(self, layer_idx: int, q, k, v):
         N, end = q.shape[2], self.seen + q.shape[2]
@@ -285,10 +286,11 @@ class KVCache:
             raise ValueError(f"KVCache is full: {end} tokens > max_len={self.max_len}")
         self.k[layer_idx, :, :, self.seen:end] = k
         self.v[layer_idx, :, :, self.seen:end] = v
-        key_valid = self.key_valid[:, :end]
+        if layer_idx == 0:  # the padding mask is the same for every layer of this call: decide once
+            key_valid = self.key_valid[:, :end]
+            self._key_valid = None if bool(key_valid.all()) else key_valid
         return causal_attention(q, self.k[layer_idx, :, :, :end], self.v[layer_idx, :, :, :end],
-                                key_valid=None if bool(key_valid.all()) else key_valid,
-                                window=self.window, q_offset=self.seen)
+                                key_valid=self._key_valid, window=self.window, q_offset=self.seen)
 
     def advance(self, n: int):
         self.seen += n
