@@ -83,7 +83,7 @@ def run_case(model: str, L: int, mode: str, T: int = 12, K: int = 4, n: int = 2,
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(warmup):  # allocator, optimiser state

@@ -27,7 +27,6 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from quietstar.masks import dense_grid_mask, grid_steps
 
@@ -101,22 +100,64 @@ def dense_attention(q, k, v, n, lengths=None, doc_ids=None):
 
 
 def split_attention(q, k, v, n, lengths=None, doc_ids=None, tile: Optional[int] = None):
-    """Prefix part (row-0 keys, causal) + own-branch part (same copy, steps <= s, same position), LSE-merged."""
-    B, H, R, L, D = q.shape
-    G = k.shape[1]
-    S = grid_steps(R, n)
-    qg = q.view(B, G, H // G, R, L, D)  # query heads grouped by their kv head: no repeated K/V
-    key_ok = _key_ok(B, L, lengths, q.device)
-    o1, lse1 = prefix_attention(qg, k[:, :, 0], v[:, :, 0], key_ok, doc_ids, tile)  # (B,G,h,R,L,D), (B,G,h,R,L)
-    if S == 1:
-        return o1.to(q.dtype).view(B, H, R, L, D)
-    qb = qg[:, :, :, 1:].unflatten(3, (n, S - 1))  # (B, G, h, n, S-1, L, D)
-    kb = k[:, :, 1:].unflatten(2, (n, S - 1))  # (B, G, n, S-1, L, D)
-    vb = v[:, :, 1:].unflatten(2, (n, S - 1))
-    o2, lse2 = branch_attention(qb, kb, vb, key_ok, steps_causal=True)
-    o1b, lse1b = o1[:, :, :, 1:].unflatten(3, (n, S - 1)), lse1[:, :, :, 1:].unflatten(3, (n, S - 1))
-    ob = merge(o1b, lse1b, o2, lse2).flatten(3, 4)  # (B, G, h, n(S-1), L, D)
-    return torch.cat([o1[:, :, :, :1], ob], dim=3).to(q.dtype).view(B, H, R, L, D)
+    """Prefix part (row-0 keys, causal) + own-branch part (same copy, steps <= s, same position), LSE-merged.
+
+    `tile` forces the pure-PyTorch prefix path, tiled over this many query positions (the path used
+    off the CPU); by default the CPU runs the prefix through PyTorch's fused flash-attention kernels."""
+    return _SplitAttention.apply(q, k, v, n, _key_ok(q.shape[0], q.shape[3], lengths, q.device), doc_ids, tile)
+
+
+class _SplitAttention(torch.autograd.Function):
+    """The split backend with its own backward. Both parts are differentiated from the merged output o
+    and log-sum-exp lse (the split-KV rule of FlashAttention): with P_j = exp(S_j - lse) over part j's
+    keys, dS_j = P_j (dO V_j^T - rowsum(dO o)), so neither part's own output or lse is kept."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, n, key_ok, doc_ids, tile):
+        B, H, R, L, D = q.shape
+        G = k.shape[1]
+        S = grid_steps(R, n)
+        qg = q.view(B, G, H // G, R, L, D)  # query heads grouped by their kv head: no repeated K/V
+        o, lse = _prefix_forward(qg, k[:, :, 0], v[:, :, 0], key_ok, doc_ids, tile)  # (B,G,h,R,L,D), (B,G,h,R,L)
+        if S > 1:
+            qb, kb, vb = _branch(qg, n, S, 3), _branch(k, n, S, 2), _branch(v, n, S, 2)
+            o2, lse2 = branch_attention(qb, kb, vb, key_ok, steps_causal=True)
+            ob, lse_b = _branch(o, n, S, 3), _branch(lse, n, S, 3)
+            lse_m = torch.logaddexp(lse_b, lse2)
+            ob.copy_(torch.exp(lse_b - lse_m)[..., None] * _up(ob) + torch.exp(lse2 - lse_m)[..., None] * o2)
+            lse_b.copy_(lse_m)
+        ctx.save_for_backward(q, k, v, o, lse, key_ok, doc_ids)
+        ctx.n, ctx.tile = n, tile
+        return o.view(B, H, R, L, D)
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, key_ok, doc_ids = ctx.saved_tensors
+        n = ctx.n
+        B, H, R, L, D = q.shape
+        G = k.shape[1]
+        S = grid_steps(R, n)
+        qg, do = q.view(B, G, H // G, R, L, D), do.contiguous().view(B, G, H // G, R, L, D)
+        dq, dk0, dv0 = _prefix_backward(do, qg, k[:, :, 0], v[:, :, 0], o, lse, key_ok, doc_ids, ctx.tile)
+        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+        dk[:, :, 0], dv[:, :, 0] = dk0, dv0
+        if S > 1:  # own-branch part: P2 = exp(S2 - lse), recomputed; at most S - 1 keys per query
+            qb, kb, vb = _branch(qg, n, S, 3), _branch(k, n, S, 2), _branch(v, n, S, 2)
+            dob, ob, lse_b = _branch(do, n, S, 3), _branch(o, n, S, 3), _branch(lse, n, S, 3)
+            scale = D ** -0.5
+            s2 = _branch_scores(qb, kb, key_ok, steps_causal=True)
+            p2 = torch.exp(s2 - lse_b[..., None])  # (B, G, h, n, S-1, L, S-1)
+            delta = (_up(dob) * _up(ob)).sum(-1, keepdim=True)  # (..., L, 1)
+            ds = p2 * (torch.einsum("bghnsld,bgnrld->bghnslr", _up(dob), _up(vb)) - delta)
+            _branch(dq, n, S, 3).add_(torch.einsum("bghnslr,bgnrld->bghnsld", ds, _up(kb)) * scale)
+            _branch(dk, n, S, 2).copy_(torch.einsum("bghnslr,bghnsld->bgnrld", ds, _up(qb)) * scale)
+            _branch(dv, n, S, 2).copy_(torch.einsum("bghnslr,bghnsld->bgnrld", p2, _up(dob)))
+        return dq.view(B, H, R, L, D).to(q.dtype), dk, dv, None, None, None, None
+
+
+def _branch(t: torch.Tensor, n: int, S: int, dim: int) -> torch.Tensor:
+    """Rows 1.. of the grid dim `dim`, split per copy and step: (..., R, ...) -> (..., n, S-1, ...). A view."""
+    return t.narrow(dim, 1, t.shape[dim] - 1).unflatten(dim, (n, S - 1))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -166,42 +207,99 @@ def _safe_lse(scores: torch.Tensor):
     return p, lse
 
 
-def _prefix_tile(q, k0, v0, allowed, scale):
-    # q (B, G, h, R, t, D) for positions [i0, i1); k0, v0 (B, G, i1, D); allowed (B|1, t, i1)
-    s = torch.einsum("bghrtd,bgjd->bghrtj", _up(q), _up(k0)) * scale
-    s = s.masked_fill(~allowed[:, None, None, None], float("-inf"))
-    p, lse = _safe_lse(s)
-    return torch.einsum("bghrtj,bgjd->bghrtd", p, _up(v0)), lse
+def _prefix_allowed(L, i0, i1, key_ok, doc_ids, device):
+    """(B|1, i1 - i0, i1) bool: query positions [i0, i1) against keys [0, i1) of the text row."""
+    pos = torch.arange(L, device=device)
+    allowed = (pos[None, :i1] <= pos[i0:i1, None])[None]
+    if key_ok is not None:
+        allowed = allowed & key_ok[:, None, :i1]
+    if doc_ids is not None:
+        allowed = allowed & (doc_ids[:, i0:i1, None] == doc_ids[:, None, :i1])
+    return allowed
 
 
-def prefix_attention(q, k0, v0, key_ok=None, doc_ids=None, tile: Optional[int] = None):
-    """Causal attention of every row's queries over the text row. q (B, G, h, R, L, D); k0, v0 (B, G, L, D).
+def _flash_cpu(q, key_ok, doc_ids):
+    """Whether PyTorch's fused CPU flash-attention kernels take the prefix part, and the additive mask they need."""
+    if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.float64, torch.bfloat16):
+        return False, None
+    if key_ok is None and doc_ids is None:
+        return True, None
+    L = q.shape[-2]
+    mask = torch.zeros(_prefix_allowed(L, 0, L, key_ok, doc_ids, q.device).shape, dtype=q.dtype, device=q.device)
+    return True, mask.masked_fill_(~_prefix_allowed(L, 0, L, key_ok, doc_ids, q.device), float("-inf"))[:, None]
 
-    Tiled over query positions: the tile of positions [i0, i1) reads keys [0, i1) once for all R
-    rows. Each tile is recomputed in backward, so only q, k, v, out and lse are kept.
-    Returns out (B, G, h, R, L, D) fp32 and lse (B, G, h, R, L) fp32.
-    """
+
+def _tiles(q, tile):
     B, G, h, R, L, D = q.shape
-    scale = D ** -0.5
     if tile is None:  # about 2^24 scores per tile
         tile = max(16, min(L, (1 << 24) // max(1, B * G * h * R * L)))
-    pos = torch.arange(L, device=q.device)
-    outs, lses = [], []
-    for i0 in range(0, L, tile):
-        i1 = min(L, i0 + tile)
-        allowed = (pos[None, :i1] <= pos[i0:i1, None])[None]  # (1, t, i1)
-        if key_ok is not None:
-            allowed = allowed & key_ok[:, None, :i1]
-        if doc_ids is not None:
-            allowed = allowed & (doc_ids[:, i0:i1, None] == doc_ids[:, None, :i1])
-        args = (q[:, :, :, :, i0:i1], k0[:, :, :i1], v0[:, :, :i1], allowed, scale)
-        if torch.is_grad_enabled() and (q.requires_grad or k0.requires_grad or v0.requires_grad):
-            o, lse = checkpoint(_prefix_tile, *args, use_reentrant=False)
-        else:
-            o, lse = _prefix_tile(*args)
-        outs.append(o)
-        lses.append(lse)
-    return torch.cat(outs, dim=4), torch.cat(lses, dim=4)
+    return [(i0, min(L, i0 + tile)) for i0 in range(0, L, tile)]
+
+
+def _prefix_forward(q, k0, v0, key_ok=None, doc_ids=None, tile: Optional[int] = None):
+    """Causal attention of every row's queries over the text row, no autograd.
+    q (B, G, h, R, L, D); k0, v0 (B, G, L, D) -> out (B, G, h, R, L, D) fp32 and lse (B, G, h, R, L) fp32."""
+    B, G, h, R, L, D = q.shape
+    flash, mask = _flash_cpu(q, key_ok, doc_ids)
+    if flash and tile is None:  # heads (g, h, r) in that order: query head j uses kv head j // (h R)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q.reshape(B, G * h * R, L, D), k0, v0, is_causal=mask is None, attn_mask=mask)
+        return _up(out).view(B, G, h, R, L, D), _up(lse).view(B, G, h, R, L)
+    scale = D ** -0.5
+    out = q.new_empty(q.shape, dtype=_up(q).dtype)
+    lse = q.new_empty(q.shape[:-1], dtype=_up(q).dtype)
+    for i0, i1 in _tiles(q, tile):
+        s = torch.einsum("bghrtd,bgjd->bghrtj", _up(q[..., i0:i1, :]), _up(k0[:, :, :i1])) * scale
+        s = s.masked_fill(~_prefix_allowed(L, i0, i1, key_ok, doc_ids, q.device)[:, None, None, None], float("-inf"))
+        p, lse[..., i0:i1] = _safe_lse(s)
+        out[..., i0:i1, :] = torch.einsum("bghrtj,bgjd->bghrtd", p, _up(v0[:, :, :i1]))
+    return out, lse
+
+
+def _prefix_backward(do, q, k0, v0, o, lse, key_ok=None, doc_ids=None, tile: Optional[int] = None):
+    """Gradients of the prefix part from the (merged) output o and lse: -> dq (like q, fp32), dk0, dv0."""
+    B, G, h, R, L, D = q.shape
+    flash, mask = _flash_cpu(q, key_ok, doc_ids)
+    if flash and tile is None:
+        flat = lambda t: t.reshape(B, G * h * R, L, *t.shape[5:])
+        dq, dk0, dv0 = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            flat(do), flat(q), k0, v0, flat(o.to(q.dtype)), flat(lse).to(_up(q).dtype), 0.0, mask is None,
+            attn_mask=mask)
+        return _up(dq).view(q.shape), dk0, dv0
+    scale = D ** -0.5
+    dq = torch.empty(q.shape, dtype=_up(q).dtype, device=q.device)
+    dk0, dv0 = torch.zeros_like(_up(k0)), torch.zeros_like(_up(v0))
+    delta = (_up(do) * _up(o)).sum(-1)  # (B, G, h, R, L)
+    for i0, i1 in _tiles(q, tile):
+        qt, dot = _up(q[..., i0:i1, :]), _up(do[..., i0:i1, :])
+        s = torch.einsum("bghrtd,bgjd->bghrtj", qt, _up(k0[:, :, :i1])) * scale
+        s = s.masked_fill(~_prefix_allowed(L, i0, i1, key_ok, doc_ids, q.device)[:, None, None, None], float("-inf"))
+        p = torch.exp(s - lse[..., i0:i1, None])
+        dv0[:, :, :i1] += torch.einsum("bghrtj,bghrtd->bgjd", p, dot)
+        ds = p * (torch.einsum("bghrtd,bgjd->bghrtj", dot, _up(v0[:, :, :i1])) - delta[..., i0:i1, None])
+        dq[..., i0:i1, :] = torch.einsum("bghrtj,bgjd->bghrtd", ds, _up(k0[:, :, :i1])) * scale
+        dk0[:, :, :i1] += torch.einsum("bghrtj,bghrtd->bgjd", ds, qt) * scale
+    return dq, dk0.to(k0.dtype), dv0.to(v0.dtype)
+
+
+def prefix_attention(q, k0, v0, key_ok=None, doc_ids=None):
+    """Causal attention of every row's queries over the text row (no gradient: the rollout).
+    q (B, G, h, R, L, D); k0, v0 (B, G, L, D) -> out (B, G, h, R, L, D) and lse (B, G, h, R, L), fp32."""
+    return _prefix_forward(q, k0, v0, key_ok, doc_ids)
+
+
+def _branch_scores(q, kb, key_ok, steps_causal):
+    """Scaled scores of each query against its own branch keys, -inf where not visible: (..., Sq, L, Sk)."""
+    D = q.shape[-1]
+    s = torch.einsum("bghnsld,bgnrld->bghnslr", _up(q), _up(kb)) * D ** -0.5
+    Sq, Sk = s.shape[4], s.shape[6]
+    allowed = torch.ones(Sq, 1, Sk, dtype=torch.bool, device=q.device)
+    if steps_causal:
+        allowed = torch.arange(Sk, device=q.device)[None, None, :] <= torch.arange(Sq, device=q.device)[:, None, None]
+    allowed = allowed[None]  # (1, Sq, 1|L, Sk)
+    if key_ok is not None:
+        allowed = allowed & key_ok[:, None, :, None]  # (B, Sq, L, Sk)
+    return s.masked_fill(~allowed[:, None, None, None], float("-inf"))
 
 
 def branch_attention(q, kb, vb, key_ok=None, steps_causal: bool = True):
@@ -211,17 +309,7 @@ def branch_attention(q, kb, vb, key_ok=None, steps_causal: bool = True):
     key steps r <= s (needs Sq == Sk); otherwise every key step is visible. A key at a padding
     position is masked. Returns out (B, G, h, n, Sq, L, D) and lse (B, G, h, n, Sq, L), fp32.
     """
-    D = q.shape[-1]
-    s = torch.einsum("bghnsld,bgnrld->bghnslr", _up(q), _up(kb)) * D ** -0.5  # (..., Sq, L, Sk)
-    Sq, Sk = s.shape[4], s.shape[6]
-    allowed = torch.ones(Sq, 1, Sk, dtype=torch.bool, device=q.device)
-    if steps_causal:
-        allowed = torch.arange(Sk, device=q.device)[None, None, :] <= torch.arange(Sq, device=q.device)[:, None, None]
-    allowed = allowed[None]  # (1, Sq, 1|L, Sk)
-    if key_ok is not None:
-        allowed = allowed & key_ok[:, None, :, None]  # (B, Sq, L, Sk)
-    s = s.masked_fill(~allowed[:, None, None, None], float("-inf"))
-    p, lse = _safe_lse(s)
+    p, lse = _safe_lse(_branch_scores(q, kb, key_ok, steps_causal))
     return torch.einsum("bghnslr,bgnrld->bghnsld", p, _up(vb)), lse
 
 

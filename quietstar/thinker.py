@@ -40,7 +40,8 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+
+from quietstar.linear_ce import CHUNK_BYTES, linear_logprob_sum
 
 
 @dataclass
@@ -146,36 +147,6 @@ class TalkHead(nn.Module):
         return self.net(torch.cat([h_base, h_thought], dim=-1)).squeeze(-1)
 
 
-def _logprob_chunk(h, weight, targets, temperature: float):
-    if temperature != 1.0:
-        h = h / temperature  # (c, d): cheaper than dividing the logits
-    logp = torch.log_softmax(F.linear(h, weight).float(), dim=-1)  # (c, V)
-    return logp.gather(-1, targets[:, None]).squeeze(-1)
-
-
-LOGITS_MEMORY_BUDGET = 1 << 30  # bytes of fp32 logits that token_logprob may keep for backward
-
-
-def token_logprob(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                  chunk: Optional[int] = None) -> torch.Tensor:
-    """log softmax(h W^T / temperature)[target] for hidden states h (..., d) and targets (...,).
-
-    When the (tokens, V) logits would exceed LOGITS_MEMORY_BUDGET, they are computed in chunks and
-    recomputed in backward, so no vocabulary-sized tensor is kept for the graph.
-    """
-    shape = targets.shape
-    h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
-    grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    if grad and chunk is None and 4 * h.shape[0] * weight.shape[0] <= LOGITS_MEMORY_BUDGET:
-        return _logprob_chunk(h, weight, targets, temperature).view(shape)
-    chunk = chunk or max(128, (1 << 22) // weight.shape[0])
-    out = []
-    for c in range(0, h.shape[0], chunk):
-        args = (h[c:c + chunk], weight, targets[c:c + chunk], temperature)
-        out.append(checkpoint(_logprob_chunk, *args, use_reentrant=False) if grad else _logprob_chunk(*args))
-    return torch.cat(out).view(shape)
-
-
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp_min(1)
 
@@ -253,15 +224,17 @@ class _RolloutAttention:
 
 
 def sample_categorical(logits: torch.Tensor, temperature: float = 1.0,
-                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                       generator: Optional[torch.Generator] = None, u: Optional[torch.Tensor] = None) -> torch.Tensor:
     """An exact sample from softmax(logits / temperature) over the last dim. logits (..., V) -> (...,).
 
     The official code's hard Gumbel-softmax draws from the same distribution (at temperature 1,
-    whatever its tau); inverse-CDF sampling needs one uniform number per row instead of V."""
+    whatever its tau); inverse-CDF sampling needs one uniform number per row instead of V. `u`
+    (rows, 1) float64 gives those numbers (to sample a batch in chunks); by default they are drawn here."""
     z = logits.float().reshape(-1, logits.shape[-1])  # (rows, V)
     z = z - z.amax(-1, keepdim=True)
-    cdf = torch.exp(z if temperature == 1.0 else z / temperature).cumsum_(-1)  # unnormalised CDF
-    u = torch.rand(z.shape[0], 1, generator=generator, device=z.device, dtype=torch.float64)
+    cdf = torch.exp_(z if temperature == 1.0 else z.div_(temperature)).cumsum_(-1)  # unnormalised CDF
+    if u is None:
+        u = torch.rand(z.shape[0], 1, generator=generator, device=z.device, dtype=torch.float64)
     idx = torch.searchsorted(cdf, (u * cdf[:, -1:].double()).float())
     return idx.clamp_(max=z.shape[-1] - 1).view(logits.shape[:-1])
 
@@ -393,12 +366,24 @@ class QuietStar(nn.Module):
             attn.step = s
             h = model(inputs_embeds=self.embed(tokens), position_ids=(pos + s).repeat(n).expand(B, n * L),
                       attn=attn, return_hidden=True)  # (B, n*L, d)
-            logits = model.head(h)  # (B, n*L, V): only text ids exist, so <start>/<end> are never sampled
-            tokens = sample_categorical(logits, self.cfg.gumbel_temperature, generator)
+            tokens = self._sample(h.view(B * n * L, -1), generator, entropy if s == 1 else None).view(B, n * L)
             thoughts[..., s - 1] = tokens.view(B, n, L)
-            if s == 1:  # a cheap diagnostic: entropy of the first thought token's distribution
-                entropy = categorical_entropy(logits, self.cfg.gumbel_temperature)
         return thoughts, entropy
+
+    def _sample(self, h: torch.Tensor, generator=None, entropy: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One thought token per row of final hidden states h (rows, d), the LM head applied in chunks
+        (only text ids exist, so <start>/<end> are never sampled). If given, `entropy` (a 0-dim tensor)
+        receives the mean entropy of the distributions: a cheap diagnostic."""
+        rows, temp = h.shape[0], self.cfg.gumbel_temperature
+        u = torch.rand(rows, 1, generator=generator, device=h.device, dtype=torch.float64)
+        tokens = torch.empty(rows, dtype=torch.long, device=h.device)
+        chunk = max(1, CHUNK_BYTES.get(h.device.type, 1 << 25) // (4 * self.model.cfg.vocab_size))
+        for c0 in range(0, rows, chunk):
+            logits = self.model.head(h[c0:c0 + chunk])  # (c, V)
+            if entropy is not None:
+                entropy += categorical_entropy(logits, temp) * logits.shape[0] / rows
+            tokens[c0:c0 + chunk] = sample_categorical(logits, temp, u=u[c0:c0 + chunk])
+        return tokens
 
     # ---- phase 2: the learning pass ----
 
@@ -468,47 +453,55 @@ class QuietStar(nn.Module):
         def target(k):  # x_{i+k+1} and whether it is a real token: (B, L), (B, L)
             return padded[:, k + 1:k + 1 + L], (pos + k + 1)[None, :] < lengths[:, None]
 
-        # base NLL: the no-thought prediction of x_{i+1}
-        tgt0, ok0 = target(0)
-        ce0 = -token_logprob(h0, W, tgt0)  # (B, L)
-        nll_base = _masked_mean(ce0, ok0)
-
-        # talk steps k = 0..K-1 (grid step T-1+k): mixed prediction of x_{i+k+1}
-        talk_ce, base_ce, oks, ws = [], [], [], []
+        # NLL: the no-thought prediction of x_{i+1} and the K mixed talk predictions of x_{i+k+1}
+        # (talk step k is grid step T-1+k), all in one fused LM-head pass (linear_ce.py)
+        targets, oks, h_mix, ws = [], [], [], []
         for k in range(K):
             tgt, ok = target(k)
+            targets.append(tgt)
+            oks.append(ok)
             h_base = torch.cat([h0[:, k:], h0[:, -1:].expand(B, k, d)], dim=1)  # h_base(i+k), (B, L, d)
-            h_base = h_base[:, None].expand(B, n, L, d)
-            h_mix, w = self.mix(h_base, hb[:, :, T - 2 + k])
-            tgt_n = tgt[:, None].expand(B, n, L)
-            talk_ce.append(-token_logprob(h_mix, W, tgt_n))  # (B, n, L)
-            base_ce.append(torch.cat([ce0[:, k:], ce0[:, -1:].expand(B, k)], 1).detach()[:, None])  # CE_base(i+k)
-            oks.append(ok[:, None].expand(B, n, L))
+            hm, w = self.mix(h_base[:, None].expand(B, n, L, d), hb[:, :, T - 2 + k])
+            h_mix.append(hm)
             ws.append(w)
-        nll_talk = torch.stack([_masked_mean(c, o) for c, o in zip(talk_ce, oks)]).mean()
-        nll = cfg.base_loss_weight * nll_base + (1 - cfg.base_loss_weight) * nll_talk
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        ok = torch.stack(oks)[:, :, None].expand(K, B, n, L).to(acc)  # (K, B, n, L)
+        ok0 = ok[0, :, 0]  # (B, L)
+        talk_coef = (1 - cfg.base_loss_weight) / K * ok / ok.sum((1, 2, 3), keepdim=True).clamp_min(1)
+        coef = torch.cat([cfg.base_loss_weight * ok0.flatten() / ok0.sum().clamp_min(1), talk_coef.flatten()])
+        tgt = torch.cat([targets[0].flatten(), torch.stack(targets)[:, :, None].expand(K, B, n, L).flatten()])
+        h_all = torch.cat([h0.reshape(-1, d), torch.stack(h_mix).view(-1, d)])
+        weighted, logp_all = linear_logprob_sum(h_all, W, tgt, coef)
+        nll = -weighted  # = base_loss_weight * CE_base + (1 - base_loss_weight) * mean_k CE_talk_k
+        ce0 = -logp_all[:B * L].view(B, L)
+        talk_ce = -logp_all[B * L:].view(K, B, n, L)  # (K, B, n, L), no grad: the NLL's gradient is in `nll`
+        nll_base = _masked_mean(ce0, ok0)
+        nll_talk = torch.stack([_masked_mean(c, o) for c, o in zip(talk_ce, ok)]).mean()
 
         # reward R(i) = sum_k r_k(i), on scorable positions (all K targets real)
         if cfg.reward_drop_last_position:  # official: i <= L-2-K whatever the padding; pad targets give r_k = 0
             scorable = (pos <= L - 2 - K)[None, None].expand(B, n, L)
         else:
             scorable = ((pos + K)[None, :] <= lengths[:, None] - 1)[:, None].expand(B, n, L)
-        reward = sum((b - t.detach()) * o for b, t, o in zip(base_ce, talk_ce, oks)) * scorable  # (B, n, L)
+        base_ce = torch.stack([torch.cat([ce0[:, k:], ce0[:, -1:].expand(B, k)], 1) for k in range(K)])  # CE_base(i+k)
+        reward = ((base_ce[:, :, None] - talk_ce) * ok).sum(0) * scorable  # (B, n, L)
         adv = reward - reward.mean(dim=1, keepdim=True) if n > 1 else reward
         if cfg.clamp_negative_advantage:
             adv = adv.clamp_min(0)
-        adv = (adv * scorable).detach()
+        adv = adv * scorable
 
-        # REINFORCE on the sampled tokens: t_m is predicted at grid step m (index m - 1)
+        # REINFORCE on the sampled tokens: t_m is predicted at grid step m (index m - 1);
+        # policy loss = mean over scorable positions of -A(i) * mean_m log pi(t_m)
         n_sampled = T - 3
         if n_sampled > 0:
             h_pol = hb[:, :, :n_sampled].permute(0, 1, 3, 2, 4)  # (B, n, L, T-3, d)
-            logp = token_logprob(h_pol, W, thoughts, cfg.policy_temperature)  # (B, n, L, T-3)
-            pg = -(adv[..., None] * logp).mean(-1)  # (B, n, L): mean over the T-3 tokens
             if cfg.policy_mean_over_padding:  # official: plain mean over the (B, n, L-1-K) window
-                policy_loss = pg.sum() / (B * n * max(L - 1 - K, 1))
+                count = B * n * max(L - 1 - K, 1)
             else:
-                policy_loss = _masked_mean(pg, scorable)
+                count = scorable.sum().clamp_min(1)
+            coef = (adv / (n_sampled * count))[..., None].expand(B, n, L, n_sampled)
+            weighted, logp = linear_logprob_sum(h_pol, W, thoughts, coef, cfg.policy_temperature)  # (B, n, L, T-3)
+            policy_loss = -weighted
         else:
             logp = None
             policy_loss = hidden.new_zeros(())
@@ -535,9 +528,8 @@ class QuietStar(nn.Module):
         return ThoughtOutput(loss=loss, nll=nll.detach(), policy_loss=policy_loss.detach(),
                              reward=_masked_mean(reward, scorable.float()).detach(), mix_weight=w_mean,
                              thoughts=thoughts, metrics=metrics, ce_base=ce0.detach(),
-                             ce_talk=torch.stack(talk_ce, dim=2).detach(), mix_weights=torch.stack(ws, dim=2).detach(),
-                             rewards=reward.detach(), advantages=adv,
-                             thought_logprobs=None if logp is None else logp.detach())
+                             ce_talk=talk_ce.permute(1, 2, 0, 3), mix_weights=torch.stack(ws, dim=2).detach(),
+                             rewards=reward, advantages=adv, thought_logprobs=logp)
 
     @contextlib.contextmanager
     def overridden(self, **changes):

@@ -212,6 +212,55 @@ def test_gradients_equal_the_sequential_dense_way(n):
         assert (ga[name] - gb[name]).abs().max().item() <= 1e-4 * scale + 1e-7, name
 
 
+def unfused_loss(qs, x, mask, thoughts):
+    """The whole loss written with plain autograd ops (log_softmax + gather on full logits), vectorised."""
+    cfg = qs.cfg
+    T, K = cfg.n_ahead, cfg.n_ahead_talk
+    h = qs.grid_hidden(x, thoughts, mask)
+    B, R, L, d = h.shape
+    n = thoughts.shape[1]
+    W = qs.model.lm_head_weight
+    lp = lambda hh, t, tau=1.0: F.log_softmax(F.linear(hh, W) / tau, -1).gather(-1, t[..., None]).squeeze(-1)
+    h0, hb = h[:, 0], h[:, 1:].view(B, n, -1, L, d)
+    lengths, i, xp = mask.sum(-1), torch.arange(L), F.pad(x, (0, K + 1))
+    real = lambda k: ((i + k + 1)[None] < lengths[:, None]).double()  # (B, L)
+    ce0 = -lp(h0, xp[:, 1:L + 1])
+    nll_base = (ce0 * real(0)).sum() / real(0).sum()
+    talk, reward = [], 0
+    for k in range(K):
+        at = (i + k).clamp(max=L - 1)
+        hm, _ = qs.mix(h0[:, at][:, None].expand(B, n, L, d), hb[:, :, T - 2 + k])
+        ce = -lp(hm, xp[:, k + 1:k + 1 + L][:, None].expand(B, n, L))
+        ok = real(k)[:, None]
+        talk.append((ce * ok).sum() / ok.expand(B, n, L).sum())
+        reward = reward + (ce0[:, at][:, None] - ce).detach() * ok
+    scorable = ((i + K)[None] <= lengths[:, None] - 1)[:, None].double()
+    reward = reward * scorable
+    adv = (reward - reward.mean(1, keepdim=True)).clamp_min(0) * scorable
+    logp = lp(hb[:, :, :T - 3].permute(0, 1, 3, 2, 4), thoughts, cfg.policy_temperature)
+    policy = -(adv[..., None] * logp).mean(-1).sum() / scorable.expand(B, n, L).sum()
+    nll = cfg.base_loss_weight * nll_base + (1 - cfg.base_loss_weight) * torch.stack(talk).mean()
+    return nll + cfg.policy_weight * policy
+
+
+def test_fused_loss_gradients_equal_plain_autograd():
+    qs = tiny_qs(n_ahead=6, n_ahead_talk=3, n_thoughts=2, policy_weight=3.0).double()
+    randomize_talk_head(qs)
+    x, mask = batch(L=9, lengths=(9, 6))
+    thoughts = qs.rollout(x, mask, generator=torch.Generator().manual_seed(3))
+    grads = []
+    for fn in (lambda: qs(x, mask, thoughts=thoughts).loss, lambda: unfused_loss(qs, x, mask, thoughts)):
+        qs.zero_grad()
+        loss = fn()
+        loss.backward()
+        grads.append((loss.item(), {k: p.grad.clone() for k, p in qs.named_parameters()}))
+    (la, ga), (lb, gb) = grads
+    assert la == pytest.approx(lb, rel=1e-12)
+    assert qs(x, mask, thoughts=thoughts).policy_loss.item() > 0, "the policy term should be active"
+    for name in ga:
+        torch.testing.assert_close(ga[name], gb[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
 def test_thought_embeddings_init_once_and_survive_reload():
     qs = tiny_qs()
     e0 = qs.model.tok_embeddings.weight[0].detach()

@@ -1,0 +1,85 @@
+"""The fused LM-head log-probability sum against plain autograd (log_softmax + gather), fp64."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from quietstar.linear_ce import linear_logprob_sum
+
+
+def reference(h, weight, targets, coef, temperature):
+    logp = F.log_softmax(F.linear(h, weight) / temperature, -1).gather(-1, targets[..., None]).squeeze(-1)
+    return (coef * logp).sum(), logp
+
+
+def inputs(shape=(3, 10), d=16, V=37, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(*shape, d, generator=g, dtype=dtype)
+    weight = torch.randn(V, d, generator=g, dtype=dtype) * 0.5
+    targets = torch.randint(0, V, shape, generator=g)
+    coef = torch.randn(shape, generator=g, dtype=dtype)
+    coef[0, :3] = 0  # masked tokens
+    return h, weight, targets, coef
+
+
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+@pytest.mark.parametrize("chunk", [None, 1, 7, 1000])
+def test_value_logprobs_and_gradients_equal_autograd(temperature, chunk):
+    h, weight, targets, coef = inputs()
+    grads = []
+    for fn in (reference, lambda *a: linear_logprob_sum(*a, chunk=chunk)):
+        hh, ww = h.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss, logp = fn(hh, ww, targets, coef, temperature)
+        (2.5 * loss).backward()  # an upstream gradient other than 1
+        grads.append((loss.detach(), logp.detach(), hh.grad, ww.grad))
+    (la, pa, gha, gwa), (lb, pb, ghb, gwb) = grads
+    assert pb.shape == targets.shape and pb.dtype == torch.float64
+    torch.testing.assert_close(lb, la, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(pb, pa, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ghb, gha, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gwb, gwa, rtol=1e-10, atol=1e-12)
+
+
+def test_only_the_inputs_that_need_it_get_gradients():
+    h, weight, targets, coef = inputs()
+    hh = h.clone().requires_grad_()
+    loss, _ = linear_logprob_sum(hh, weight, targets, coef)
+    loss.backward()
+    ref_h = h.clone().requires_grad_()
+    reference(ref_h, weight, targets, coef, 1.0)[0].backward()
+    torch.testing.assert_close(hh.grad, ref_h.grad, rtol=1e-10, atol=1e-12)
+    ww = weight.clone().requires_grad_()
+    linear_logprob_sum(h, ww, targets, coef)[0].backward()
+    assert ww.grad is not None and ww.grad.shape == weight.shape
+
+
+def test_no_grad_gives_the_same_logprobs():
+    h, weight, targets, coef = inputs()
+    with torch.no_grad():
+        loss, logp = linear_logprob_sum(h.requires_grad_(), weight, targets, coef)
+    assert not loss.requires_grad
+    torch.testing.assert_close(logp, reference(h.detach(), weight, targets, coef, 1.0)[1], rtol=1e-10, atol=1e-12)
+
+
+def test_float32_matches_the_float32_pytorch_error():
+    h, weight, targets, coef = inputs(shape=(4, 33), d=32, V=500)
+    exact = [t.detach() for t in _grads(reference, h, weight, targets, coef)]
+    torch_err = [(a - e).abs().max() for a, e in zip(_grads(reference, h.float(), weight.float(), targets, coef.float()), exact)]
+    ours_err = [(a - e).abs().max() for a, e in
+                zip(_grads(lambda *a: linear_logprob_sum(*a, chunk=16), h.float(), weight.float(), targets, coef.float()), exact)]
+    for name, o, t in zip(("dh", "dW"), ours_err, torch_err):
+        assert o <= 4 * t + 1e-7, (name, o.item(), t.item())
+
+
+def _grads(fn, h, weight, targets, coef):
+    h, weight = h.clone().requires_grad_(), weight.clone().requires_grad_()
+    fn(h, weight, targets, coef, 1.0)[0].backward()
+    return h.grad.double(), weight.grad.double()
+
+
+def test_bad_arguments_are_refused():
+    h, weight, targets, coef = inputs()
+    with pytest.raises(ValueError, match="coef must not require grad"):
+        linear_logprob_sum(h, weight, targets, coef.clone().requires_grad_())
+    with pytest.raises(ValueError, match="share their leading dims"):
+        linear_logprob_sum(h, weight, targets, coef[:, :-1])
