@@ -1,18 +1,22 @@
 """Wall time and peak memory of one optimiser step: plain LM vs Quiet-STaR (two-phase, grid) vs the
 official code's cost model (`thought.impl=sequential_dense`).
 
-Each case runs in a fresh process so that peak memory is the step's own (CPU: peak RSS growth over
-the process after set-up; CUDA: torch.cuda.max_memory_allocated). Ratios, not absolute times, are the
-result: everything is measured in one run on one machine.
+Each case runs in a fresh process (CPU: its peak RSS, the Python and PyTorch runtime included;
+CUDA: torch.cuda.max_memory_allocated). Ratios, not absolute times, are the result: everything is
+measured in one run on one machine.
 
     python bench/bench_train_step.py                       # the issue's table (bench_small + smollm2)
     python bench/bench_train_step.py --scaling             # time/memory vs L and vs T, + a PNG if matplotlib
     python bench/bench_train_step.py --case model=bench_small L=256 mode=grid   # one case, JSON on stdout
 
+On CUDA (bf16 autocast) each case also reports its model FLOP utilisation: `step_flops` (the matmuls
+the step must do, backward = 2x forward) / time / the GPU's dense bf16 peak.
+
 Modes: `plain` = a plain LM forward+backward over the B sequences; `plain_grid` = plain LM
 forward+backward over B*R sequences of length L, i.e. as many tokens as the thought grid holds
 (R = 1 + n (S - 1) rows); `grid` = our step (rollout + learning pass, backend `split` on CPU);
-`sequential_dense` = the reference's way.
+`sequential_dense` = the reference's way. `grid` runs once as is and once with activation checkpointing
+(`checkpointing=1`, shown as grid+ckpt: each block recomputed in backward).
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ def run_case(model: str, L: int, mode: str, T: int = 12, K: int = 4, n: int = 2,
 
         base, tok = load_pretrained("smollm2-135m", dtype=torch.float32, device=device)
     else:
-        base, tok = Transformer(ModelConfig.from_preset(model)).to(device), None
+        base, tok = Transformer(ModelConfig.from_preset(model)).to(device), None  # random weights: timing only
     base.grad_checkpointing = checkpointing
     attention.set_backend(backend)
     cfg = ThoughtConfig(n_ahead=T, n_ahead_talk=K, n_thoughts=n,
@@ -102,12 +106,37 @@ def run_case(model: str, L: int, mode: str, T: int = 12, K: int = 4, n: int = 2,
                backend=attention.resolve_backend(torch.device(device)) if mode in ("grid",) else None,
                step_s=min(times), step_s_all=times, tokens=rows * L, grid_tokens=B * R * L,
                checkpointing=checkpointing)
+    out["model_tflop"] = step_flops(base.cfg, mode, B, L, T, K, n) / 1e12
     if device == "cuda":
         out["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        peak_flops = next((v for k, v in PEAK_BF16.items() if k in torch.cuda.get_device_name()), None)
+        if peak_flops:
+            out["mfu"] = out["model_tflop"] * 1e12 / out["step_s"] / peak_flops
     else:
         out["peak_rss_mb"] = peak_rss_mb()
         out["rss_after_setup_mb"] = rss0
     return out
+
+
+def step_flops(m, mode: str, B: int, L: int, T: int, K: int, n: int) -> float:
+    """Model FLOPs of one step (matmuls only, causal attention counted at half the square): what the
+    step must compute, whatever it recomputes. Backward = 2x forward."""
+    S = T + K - 1
+    R = 1 + n * (S - 1)
+    qd, kvd = m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim
+    layer = 2 * m.n_layers * (m.dim * (2 * qd + 2 * kvd) + 3 * m.dim * m.intermediate_size)  # per token
+    head = 2 * m.dim * m.vocab_size
+    attn = lambda keys: 4 * m.n_layers * qd * keys  # per query over `keys` keys (QK^T and PV)
+    if mode.startswith("plain"):
+        rows = B * (R if mode == "plain_grid" else 1)
+        return 3 * rows * (L - 1) * (layer + head + attn(L / 2))
+    lm_rows = B * L * (1 + n * K + n * (T - 3))  # base, talk and policy predictions
+    learn = 3 * (B * R * L * (layer + attn(L / 2)) + B * n * (S - 1) * L * attn(S / 2) + lm_rows * head)
+    rollout = B * L * (layer + attn(L / 2)) + (T - 3) * B * n * L * (layer + attn(L / 2) + head)
+    return learn + rollout
+
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core FLOP/s
 
 
 def spawn(case: dict, timeout: int = 1800, mem_limit_gb: float | None = None) -> dict:
@@ -142,18 +171,51 @@ def machine() -> dict:
     return info
 
 
-def table(rows: list[dict], key="mode") -> str:
-    lines = [f"{'model':14} {'L':>5} {'T':>3} {key:>17} {'step s':>9} {'peak MB':>9} {'vs grid':>8}"]
-    by = {(r["model"], r["L"], r.get("T")): r for r in rows if r.get("mode") == "grid" and "error" not in r}
+def label(r: dict) -> str:
+    return r["mode"] + ("+ckpt" if r.get("checkpointing") else "")
+
+
+def peak(r: dict) -> float:
+    return r.get("peak_rss_mb", r.get("peak_mem_mb", float("nan")))
+
+
+def table(rows: list[dict]) -> str:
+    """One line per case; time and memory relative to our step (grid, no checkpointing) on the same model/L/T."""
+    lines = [f"{'model':14} {'L':>5} {'T':>3} {'mode':>17} {'step s':>9} {'peak MB':>9} {'time/grid':>10} {'mem/grid':>9}"]
+    by = {(r["model"], r["L"], r.get("T")): r for r in rows
+          if r.get("mode") == "grid" and not r.get("checkpointing") and "error" not in r}
     for r in rows:
-        mem = r.get("peak_rss_mb", r.get("peak_mem_mb", float("nan")))
         g = by.get((r["model"], r["L"], r.get("T")))
-        rel = f"{r['step_s'] / g['step_s']:.2f}x" if g and "step_s" in r else ""
         if "error" in r:
-            lines.append(f"{r['model']:14} {r['L']:>5} {r.get('T', ''):>3} {r['mode']:>17}  {r['error']}")
-        else:
-            lines.append(f"{r['model']:14} {r['L']:>5} {r['T']:>3} {r['mode']:>17} {r['step_s']:9.3f} {mem:9.0f} {rel:>8}")
+            lines.append(f"{r['model']:14} {r['L']:>5} {r.get('T', ''):>3} {label(r):>17}  {r['error']}")
+            continue
+        rel = f"{r['step_s'] / g['step_s']:.2f}x" if g else ""
+        mrel = f"{peak(r) / peak(g):.2f}x" if g else ""
+        mfu = f"  MFU {100 * r['mfu']:.1f}%" if "mfu" in r else ""
+        lines.append(f"{r['model']:14} {r['L']:>5} {r['T']:>3} {label(r):>17} {r['step_s']:9.3f} {peak(r):9.0f} "
+                     f"{rel:>10} {mrel:>9}{mfu}")
     return "\n".join(lines)
+
+
+def goals(rows: list[dict]) -> dict:
+    """The issue's ratios, per model and L: our step / plain passes over the grid's tokens (time), and the
+    reference-cost mode / our step (time and peak memory), for our step without and with checkpointing."""
+    out = {}
+    ok = [r for r in rows if "error" not in r]
+    for key in sorted({(r["model"], r["L"]) for r in ok}):
+        at = {label(r): r for r in ok if (r["model"], r["L"]) == key and r.get("T", 12) == 12}
+        entry = {}
+        for ours in ("grid", "grid+ckpt"):
+            if ours not in at:
+                continue
+            if "plain_grid" in at:
+                entry[f"{ours} / plain_grid time"] = round(at[ours]["step_s"] / at["plain_grid"]["step_s"], 3)
+            if "sequential_dense" in at:
+                entry[f"sequential_dense / {ours} time"] = round(at["sequential_dense"]["step_s"] / at[ours]["step_s"], 3)
+                entry[f"sequential_dense / {ours} memory"] = round(peak(at["sequential_dense"]) / peak(at[ours]), 3)
+        if entry:
+            out[f"{key[0]} L={key[1]}"] = entry
+    return out
 
 
 def main():
@@ -161,9 +223,10 @@ def main():
     ap.add_argument("--case", nargs="*", help="run one case (key=value ...) and print its JSON")
     ap.add_argument("--scaling", action="store_true", help="time and memory vs L and vs T")
     ap.add_argument("--device", default="cuda" if os.environ.get("CUDA_VISIBLE_DEVICES") else "cpu")
-    ap.add_argument("--models", default="bench_small,smollm2_135m")
+    ap.add_argument("--models", default=None, help="default: bench_small,smollm2_135m (+ llama_1b on CUDA)")
     ap.add_argument("--lengths", default="128,256,512")
-    ap.add_argument("--smollm2-lengths", default="128")
+    ap.add_argument("--large-lengths", default=None, help="L for smollm2_135m / llama_1b (default: 128 on CPU, "
+                    "128,512 on CUDA)")
     ap.add_argument("--mem-limit-gb", type=float, default=20.0)
     ap.add_argument("--out", default=None)
     ap.add_argument("--steps", type=int, default=1, help="measured steps after one warm-up step")
@@ -181,13 +244,13 @@ def main():
     rows = []
     if a.scaling:  # one step each, no warm-up step (the large cases take minutes)
         for L in (128, 256, 512, 1024, 2048):
-            for mode in ("plain_grid", "grid", "sequential_dense"):
-                if (mode == "sequential_dense" and L > 256) or (mode == "plain_grid" and L > 512):
-                    rows.append(dict(model="bench_small", L=L, T=12, mode=mode,
-                                     error="not run: out of memory at this length (see the main table)"))
+            for mode, ckpt in (("plain_grid", 0), ("grid", 0), ("grid", 1), ("sequential_dense", 0)):
+                if (mode == "sequential_dense" and L > 512) or (mode == "plain_grid" and L > 1024):
+                    rows.append(dict(model="bench_small", L=L, T=12, mode=mode, checkpointing=bool(ckpt),
+                                     error="not run: out of memory at a shorter length"))
                     continue
-                rows.append(spawn(dict(model="bench_small", L=L, mode=mode, device=a.device, steps=1, warmup=0),
-                                  mem_limit_gb=a.mem_limit_gb))
+                rows.append(spawn(dict(model="bench_small", L=L, mode=mode, device=a.device, steps=1, warmup=0,
+                                       checkpointing=ckpt), mem_limit_gb=a.mem_limit_gb))
                 print(table(rows[-1:]), flush=True)
         for T in (4, 8, 12, 16, 24):
             for mode in ("grid", "sequential_dense"):
@@ -196,19 +259,24 @@ def main():
                 print(table(rows[-1:]), flush=True)
         name = a.out or f"train_step_scaling_{a.device}.json"
     else:
-        for model in a.models.split(","):
-            lengths = a.lengths if model != "smollm2_135m" else a.smollm2_lengths
+        models = a.models or ("bench_small,smollm2_135m" + (",llama_1b" if a.device == "cuda" else ""))
+        for model in models.split(","):
+            large = a.large_lengths or ("128,512" if a.device == "cuda" else "128")
+            lengths = a.lengths if model == "bench_small" else large
             for L in map(int, lengths.split(",")):
-                for mode in ("plain", "plain_grid", "grid", "sequential_dense"):
-                    rows.append(spawn(dict(model=model, L=L, mode=mode, device=a.device, steps=a.steps),
-                                      mem_limit_gb=a.mem_limit_gb))
+                for mode, ckpt in (("plain", 0), ("plain_grid", 0), ("grid", 0), ("grid", 1), ("sequential_dense", 0)):
+                    rows.append(spawn(dict(model=model, L=L, mode=mode, device=a.device, steps=a.steps,
+                                           checkpointing=ckpt), mem_limit_gb=a.mem_limit_gb))
                     print(table(rows[-1:]), flush=True)
         name = a.out or f"train_step_{a.device}.json"
     print()
     print(table(rows))
+    summary = goals(rows)
+    print(json.dumps(summary, indent=1))
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / name
-    path.write_text(json.dumps(dict(machine=machine(), date=time.strftime("%Y-%m-%d"), results=rows), indent=1))
+    path.write_text(json.dumps(dict(machine=machine(), date=time.strftime("%Y-%m-%d"), goals=summary, results=rows),
+                               indent=1))
     print(f"\nwrote {path}")
     if a.scaling:
         plot(rows, RESULTS / name.replace(".json", ".png"))
@@ -227,13 +295,13 @@ def plot(rows, path):
         return sorted({r[key]: r for r in pts}.values(), key=lambda r: r[key])
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for mode, style in (("grid", "o-"), ("sequential_dense", "s--"), ("plain_grid", "^:")):
-        pts = series([r for r in rows if r["mode"] == mode and r.get("T", 12) == 12 and "step_s" in r], "L")
+    for mode, style in (("grid", "o-"), ("grid+ckpt", "o--"), ("sequential_dense", "s--"), ("plain_grid", "^:")):
+        pts = series([r for r in rows if label(r) == mode and r.get("T", 12) == 12 and "step_s" in r], "L")
         if pts:
             axes[0].plot([r["L"] for r in pts], [r["step_s"] for r in pts], style, label=mode)
-            axes[1].plot([r["L"] for r in pts], [r["peak_rss_mb"] / 1024 for r in pts], style, label=mode)
-        pts = series([r for r in rows if r["mode"] == mode and r["L"] == 128 and "step_s" in r], "T")
-        if pts and mode != "plain_grid":
+            axes[1].plot([r["L"] for r in pts], [peak(r) / 1024 for r in pts], style, label=mode)
+        pts = series([r for r in rows if label(r) == mode and r["L"] == 128 and "step_s" in r], "T")
+        if pts and mode in ("grid", "sequential_dense"):
             axes[2].plot([r["T"] for r in pts], [r["step_s"] for r in pts], style, label=mode)
     for ax, (xl, yl) in zip(axes, (("L", "step time (s)"), ("L", "peak RSS (GiB)"), ("T (L=128)", "step time (s)"))):
         ax.set_xlabel(xl)

@@ -5,9 +5,10 @@ Backends, all computing the same function of (q, k, v) in the grid layout:
 - `dense`:  the boolean mask from masks.dense_grid_mask + SDPA. The oracle, and the reference's cost
             model (O(R^2 L^2) scores).
 - `split`:  prefix-causal attention over row 0 plus own-branch attention over the query's own earlier
-            branch keys, merged exactly by log-sum-exp. Pure PyTorch, GQA without repeated heads, the
-            prefix part tiled over positions and recomputed in backward (nothing O(L^2) is kept).
-            The CPU default.
+            branch keys, merged exactly by log-sum-exp, with its own backward (nothing O(L^2) is kept).
+            On CPU the prefix part runs on PyTorch's fused flash-attention kernels (one causal pass
+            with every grid row as extra query heads of its kv head); elsewhere it is tiled PyTorch.
+            GQA without repeated heads. The CPU default.
 - `flex`:   FlexAttention with a block mask from the same predicate (CUDA).
 - `triton`: the fused kernel in kernels/thought_attention.py (CUDA; CPU only under TRITON_INTERPRET=1).
 - `auto`:   triton on CUDA, split elsewhere.

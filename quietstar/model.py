@@ -83,6 +83,10 @@ PRESETS: dict[str, dict] = {
     "bench_small": dict(vocab_size=32000, dim=256, n_layers=4, n_heads=4, n_kv_heads=2, intermediate_size=688),
     "smollm2_135m": dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, intermediate_size=1536,
                          rope_theta=100000.0, tie_embeddings=True, max_seq_len=8192),
+    "llama_1b": dict(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, intermediate_size=8192,
+                     rope_theta=500000.0, tie_embeddings=True, max_seq_len=8192,
+                     rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                       original_max_position_embeddings=8192)),  # Llama-3.2-1B's shape
     "mistral_7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, intermediate_size=14336,
                        rope_theta=10000.0, sliding_window=4096, max_seq_len=32768, arch="mistral"),
 }

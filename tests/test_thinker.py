@@ -103,6 +103,20 @@ def test_rollout_matches_the_grid_and_is_reproducible():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_rollout_sampling_in_chunks_is_the_same_sample(monkeypatch):
+    """The LM head is applied in chunks of rows during the rollout; the sample and the entropy
+    diagnostic do not depend on the chunk size."""
+    import quietstar.linear_ce as linear_ce
+
+    qs = tiny_qs(n_ahead=6, n_ahead_talk=2, n_thoughts=2)
+    x, mask = batch()
+    whole, ent = qs._rollout(x, mask, generator=torch.Generator().manual_seed(4))
+    monkeypatch.setitem(linear_ce.CHUNK_BYTES, "cpu", 4 * 256 * 5)  # 5 rows of 256 logits per chunk
+    chunked, ent_chunked = qs._rollout(x, mask, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(whole, chunked)
+    assert ent_chunked.item() == pytest.approx(ent.item(), rel=1e-6) and ent.item() > 0
+
+
 def test_zero_init_rewards_are_exactly_zero_and_talk_ce_is_shifted_base_ce():
     qs = tiny_qs(n_ahead=5, n_ahead_talk=3, n_thoughts=2)
     x, mask = batch()
