@@ -182,6 +182,7 @@ class _GridAttention:
     def __init__(self, R: int, L: int, n: int, lengths, doc_ids):
         self.R, self.L, self.n, self.lengths, self.doc_ids = R, L, n, lengths, doc_ids
 
+    @torch.compiler.disable  # compiled blocks (train.compile) call it as an opaque op: no guards on its state
     def __call__(self, layer_idx, q, k, v):
         from quietstar.attention import grid_attention
 
@@ -205,6 +206,7 @@ class _RolloutAttention:
         self.n, self.L, self.lengths, self.doc_ids = n, L, lengths, doc_ids
         self.step = 0
 
+    @torch.compiler.disable  # as above: `step` changes every call, which would recompile the blocks
     def __call__(self, i, q, k, v):
         from quietstar.attention import decode_step_attention, prefix_attention
 

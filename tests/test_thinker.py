@@ -389,3 +389,33 @@ def test_triton_backend_training_step_matches_split():
     for name in ga:
         scale = ga[name].abs().max().item() + 1e-8
         assert (ga[name] - gb[name]).abs().max().item() <= 1e-4 * scale + 1e-7, name
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # raised by torch's own compile machinery
+def test_compiled_blocks_give_the_eager_step_and_do_not_recompile_per_rollout_step():
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from quietstar.optim import maybe_compile
+
+    x, mask = batch()
+    graphs = {}
+    try:
+        for T in (5, 8):  # 2 or 5 rollout steps: the same compiled graphs
+            qs = tiny_qs(n_ahead=T, n_ahead_talk=2, n_thoughts=2)
+            randomize_talk_head(qs)
+            eager = qs(x, mask, generator=torch.Generator().manual_seed(0))
+            torch._dynamo.reset()
+            counters.clear()
+            maybe_compile(qs.model, True)
+            with torch.no_grad():
+                qs.rollout(x, mask, generator=torch.Generator().manual_seed(0))
+            graphs[T] = counters["stats"]["unique_graphs"]
+            compiled = qs(x, mask, generator=torch.Generator().manual_seed(0))
+            compiled.loss.backward()
+            assert torch.equal(compiled.thoughts, eager.thoughts)
+            assert compiled.nll.item() == pytest.approx(eager.nll.item(), rel=1e-5)
+            assert compiled.policy_loss.item() == pytest.approx(eager.policy_loss.item(), rel=1e-3)  # x1e6 in the loss
+    finally:
+        torch._dynamo.reset()
+    assert graphs[5] == graphs[8] > 0, graphs
