@@ -225,9 +225,9 @@ def _flash_cpu(q, key_ok, doc_ids):
         return False, None
     if key_ok is None and doc_ids is None:
         return True, None
-    L = q.shape[-2]
-    mask = torch.zeros(_prefix_allowed(L, 0, L, key_ok, doc_ids, q.device).shape, dtype=q.dtype, device=q.device)
-    return True, mask.masked_fill_(~_prefix_allowed(L, 0, L, key_ok, doc_ids, q.device), float("-inf"))[:, None]
+    allowed = _prefix_allowed(q.shape[-2], 0, q.shape[-2], key_ok, doc_ids, q.device)  # (B, L, L)
+    mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
+    return True, mask[:, None]
 
 
 def _tiles(q, tile):
