@@ -83,3 +83,21 @@ def test_bad_arguments_are_refused():
         linear_logprob_sum(h, weight, targets, coef.clone().requires_grad_())
     with pytest.raises(ValueError, match="share their leading dims"):
         linear_logprob_sum(h, weight, targets, coef[:, :-1])
+
+
+def test_autocast_bf16_runs_the_matmuls_in_bf16_and_stays_close():
+    """Under autocast (the GPU training path; CPU autocast here) the matmuls run in bf16, the softmax and
+    dW accumulate in fp32: the error is that of bf16 PyTorch on the same computation."""
+    h, weight, targets, coef = inputs(shape=(4, 33), d=32, V=500, dtype=torch.float32)
+    exact = _grads(reference, h.double(), weight.double(), targets, coef.double())
+
+    def bf16(fn):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return _grads(fn, h, weight, targets, coef)
+
+    ours = bf16(lambda *a: linear_logprob_sum(*a, chunk=16))
+    torch_bf16 = bf16(reference)
+    fp32 = _grads(lambda *a: linear_logprob_sum(*a, chunk=16), h, weight, targets, coef)
+    for name, o, t, f, e in zip(("dh", "dW"), ours, torch_bf16, fp32, exact):
+        assert (o - e).abs().max() <= 2 * (t - e).abs().max() + 1e-6, name
+        assert (o - e).abs().max() > 10 * (f - e).abs().max(), name  # bf16 really was used
