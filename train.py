@@ -31,13 +31,14 @@ from typing import Optional
 import torch
 
 from quietstar import attention
-from quietstar.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from quietstar.checkpoint import find_checkpoint, init_weights, load_checkpoint, save_checkpoint
 from quietstar.config import TrainConfig, config_to_dict
 from quietstar.data import Batch, ByteTokenizer, build_stream
 from quietstar.dist import DistInfo, no_sync, setup, teardown, wrap
 from quietstar.logging import Progress, start_run
 from quietstar.model import Transformer
 from quietstar.optim import autocast_context, build_optimizer, clip_grad_norm, maybe_compile, resolve_precision
+from quietstar.plain import PlainLM
 from quietstar.thinker import QuietStar
 
 
@@ -50,6 +51,7 @@ class TrainResult:
     output_dir: Optional[Path] = None
     checkpoint: Optional[Path] = None  # the newest checkpoint written
     sample: Optional[dict] = None  # a decoded thought from the last batch
+    curves: Optional[Path] = None  # the learning-curve plot written at the end
 
 
 def build_thinker(cfg: TrainConfig, device: torch.device):
@@ -67,7 +69,11 @@ def build_thinker(cfg: TrainConfig, device: torch.device):
         base = Transformer(spec.architecture()).to(dtype)
         tok = ByteTokenizer(base.cfg.vocab_size)
     base.grad_checkpointing = spec.grad_checkpointing
-    return QuietStar(base, tok, cfg.thought).to(device), tok
+    cls = QuietStar if cfg.thought.enabled else PlainLM
+    qs = cls(base, tok, cfg.thought)
+    if cfg.init_from:
+        init_weights(qs, cfg.init_from)
+    return qs.to(device), tok
 
 
 def config_yaml(cfg: TrainConfig) -> str:
@@ -188,9 +194,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         result.step, result.metrics = step, metrics
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
             run.log(metrics, step=step)
-        progress.update(step, metrics["train/loss"], metrics.get("train/nll", math.nan),
-                        metrics.get("thought/reward_mean", math.nan),
-                        metrics.get("thought/mix_weight_mean", math.nan), metrics["perf/tok_per_s"])
+        progress.update(step, metrics)
         every = cfg.checkpoint.every
         if (every and step % every == 0) or (step == cfg.train.max_steps and cfg.checkpoint.save_final):
             result.checkpoint = checkpoint(step)
@@ -202,10 +206,22 @@ def train(cfg: TrainConfig) -> TrainResult:
     if batch is not None and out is not None and dist.is_main:
         result.sample = sample_thought(qs, tok, batch.to("cpu"), out, cfg.train.sample_position)
         run.summary({"final/loss": result.losses[-1] if result.losses else math.nan, "final/step": result.step})
+        result.curves = write_curves(out_dir)
         print_summary(cfg, result, run, skipped)
     run.finish(exit_code=0 if result.status == "done" else 1)
     teardown(dist)
     return result
+
+
+def write_curves(out_dir: Path) -> Optional[Path]:
+    """The run's learning curves (quietstar/plots.py) as <out_dir>/curves.png; a failure only warns."""
+    from quietstar.plots import plot_run
+
+    try:
+        return plot_run(out_dir / "metrics.jsonl", out_dir / "curves.png")
+    except Exception as e:  # a plot must never cost a finished run its summary
+        print(f"  (no curves.png: {type(e).__name__}: {e})", flush=True)
+        return None
 
 
 def print_summary(cfg: TrainConfig, result: TrainResult, run, skipped: dict) -> None:
@@ -218,6 +234,8 @@ def print_summary(cfg: TrainConfig, result: TrainResult, run, skipped: dict) -> 
     print(f"  metrics:    {result.output_dir / 'metrics.jsonl'}")
     if result.checkpoint:
         print(f"  checkpoint: {result.checkpoint}")
+    if result.curves:
+        print(f"  curves:     {result.curves}")
     if run.dir:
         print(f"  wandb:      {run.dir} ({cfg.logger.mode})")
     if any(skipped.values()):
@@ -268,7 +286,12 @@ if __name__ == "__main__":
             node = resume_config(node, list(hc.overrides.task))
         node.output_dir = hc.runtime.output_dir
         cfg: TrainConfig = OmegaConf.to_object(node)
-        result = train(cfg)
+        if cfg.recipe:  # a multi-stage experiment (quietstar/recipes/), each stage a train() run
+            from quietstar.recipes import run_recipe
+
+            result = run_recipe(cfg, train)
+        else:
+            result = train(cfg)
         if result.status != "done" and hc.mode.name == "RUN":
             raise SystemExit(1)
 

@@ -9,7 +9,7 @@ measured in one run on one machine.
     python bench/bench_train_step.py --scaling             # time/memory vs L and vs T, + a PNG if matplotlib
     python bench/bench_train_step.py --case model=bench_small L=256 mode=grid   # one case, JSON on stdout
 
-On CUDA (bf16 autocast) each case also reports its model FLOP utilisation: `step_flops` (the matmuls
+On CUDA (bf16 autocast) each case also reports its model FLOP utilisation: `quietstar.flops.step_flops` (the matmuls
 the step must do, backward = 2x forward) / time / the GPU's dense bf16 peak.
 
 Modes: `plain` = a plain LM forward+backward over the B sequences; `plain_grid` = plain LM
@@ -106,6 +106,8 @@ def run_case(model: str, L: int, mode: str, T: int = 12, K: int = 4, n: int = 2,
                backend=attention.resolve_backend(torch.device(device)) if mode in ("grid",) else None,
                step_s=min(times), step_s_all=times, tokens=rows * L, grid_tokens=B * R * L,
                checkpointing=checkpointing)
+    from quietstar.flops import step_flops
+
     out["model_tflop"] = step_flops(base.cfg, mode, B, L, T, K, n) / 1e12
     if device == "cuda":
         out["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -116,24 +118,6 @@ def run_case(model: str, L: int, mode: str, T: int = 12, K: int = 4, n: int = 2,
         out["peak_rss_mb"] = peak_rss_mb()
         out["rss_after_setup_mb"] = rss0
     return out
-
-
-def step_flops(m, mode: str, B: int, L: int, T: int, K: int, n: int) -> float:
-    """Model FLOPs of one step (matmuls only, causal attention counted at half the square): what the
-    step must compute, whatever it recomputes. Backward = 2x forward."""
-    S = T + K - 1
-    R = 1 + n * (S - 1)
-    qd, kvd = m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim
-    layer = 2 * m.n_layers * (m.dim * (2 * qd + 2 * kvd) + 3 * m.dim * m.intermediate_size)  # per token
-    head = 2 * m.dim * m.vocab_size
-    attn = lambda keys: 4 * m.n_layers * qd * keys  # per query over `keys` keys (QK^T and PV)
-    if mode.startswith("plain"):
-        rows = B * (R if mode == "plain_grid" else 1)
-        return 3 * rows * (L - 1) * (layer + head + attn(L / 2))
-    lm_rows = B * L * (1 + n * K + n * (T - 3))  # base, talk and policy predictions
-    learn = 3 * (B * R * L * (layer + attn(L / 2)) + B * n * (S - 1) * L * attn(S / 2) + lm_rows * head)
-    rollout = B * L * (layer + attn(L / 2)) + (T - 3) * B * n * L * (layer + attn(L / 2) + head)
-    return learn + rollout
 
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core FLOP/s

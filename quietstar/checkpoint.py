@@ -438,3 +438,13 @@ def load_thinker_checkpoint(path, device=None, dtype=None):
     train_cfg = read_train_config(path)
     tok = load_tokenizer_from(path, model_cfg.vocab_size)
     return build_thinker(model_cfg, tok, train_cfg.thought, read_model_state(path), dtype, device)
+
+
+def init_weights(qs: nn.Module, path) -> Path:
+    """Load only the model weights of a checkpoint into `qs` (a new run starting from them). -> the step dir."""
+    path = find_checkpoint(path)
+    verify_checkpoint(path)
+    from quietstar.dist import DistInfo
+
+    _load_model_state(qs, read_model_state(path), path, DistInfo())
+    return path

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from quietstar.model import PRESETS, ModelConfig
+from quietstar.reasoning import ReasoningConfig
+from quietstar.recipes.learn_to_think import LearnToThinkConfig
 from quietstar.thinker import ThoughtConfig
 
 __all__ = ["ModelSpec", "ThoughtConfig", "DataConfig", "OptimConfig", "LoopConfig", "CheckpointConfig",
@@ -110,7 +112,8 @@ class ModelSpec:
 @dataclass
 class DataConfig:
     source: str = "synthetic"
-    """synthetic (the embedded math corpus, data.synthetic_math) | jsonl (.jsonl / .jsonl.gz: a file or a
+    """synthetic (the embedded math corpus, data.synthetic_math) | reasoning (puzzles whose answers need
+    serial steps, quietstar/reasoning.py) | jsonl (.jsonl / .jsonl.gz: a file or a
     folder of them) | parquet (a file or folder) | text (a folder of .txt files, or one file) | hf (HF
     `datasets` streaming by name; needs a network)."""
     path: Optional[str] = None
@@ -128,11 +131,13 @@ class DataConfig:
     """Unique sequences per micro-batch per process (each is thought about n_thoughts times). The
     global batch is batch_size * optim.grad_accum * world size."""
     shuffle: bool = True  # document order is a permutation per epoch, seeded by train.seed
+    reasoning: ReasoningConfig = field(default_factory=ReasoningConfig)
+    """reasoning: the puzzle families and their knobs (quietstar/reasoning.py); synthetic_docs documents."""
 
     def __post_init__(self):
-        _one_of("data", "source", self.source, ("synthetic", "jsonl", "parquet", "text", "hf"))
+        _one_of("data", "source", self.source, ("synthetic", "reasoning", "jsonl", "parquet", "text", "hf"))
         _one_of("data", "mode", self.mode, ("crop", "pack"))
-        if self.source != "synthetic" and not self.path:
+        if self.source not in ("synthetic", "reasoning") and not self.path:
             raise ValueError(f"data.path is required for data.source={self.source!r}")
         if self.seq_len < 4:
             raise ValueError(f"data.seq_len must be >= 4, got {self.seq_len}")
@@ -265,11 +270,23 @@ class TrainConfig:
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     resume: Optional[str] = None
     """A checkpoint to continue: a step_XXXXXXX dir, a run's checkpoints/ dir or a run dir (newest step)."""
+    init_from: Optional[str] = None
+    """A checkpoint whose weights start this run (a step dir, checkpoints/ dir or run dir): a new run with a
+    fresh optimizer, schedule and data order, unlike `resume`."""
+    recipe: Optional[str] = None
+    """A multi-stage experiment run by train.py in place of one training run (quietstar/recipes/):
+    learn_to_think. Set by experiment presets."""
+    learn_to_think: LearnToThinkConfig = field(default_factory=LearnToThinkConfig)  # that recipe's settings
     output_dir: Optional[str] = None
     """Where the run writes (checkpoints, metrics.jsonl, wandb, config.yaml). train.py sets it to Hydra's
     output dir; None = ./outputs/run."""
 
     def __post_init__(self):
+        if self.recipe is not None:
+            from quietstar.recipes import RECIPES
+
+            if self.recipe not in RECIPES:
+                raise ValueError(f"recipe must be one of {RECIPES} or null, got {self.recipe!r}")
         if self.data.seq_len <= self.thought.n_ahead_talk:
             raise ValueError(f"data.seq_len={self.data.seq_len} must exceed thought.n_ahead_talk="
                              f"{self.thought.n_ahead_talk}")

@@ -3,6 +3,7 @@
 Sources (DataConfig.source):
   synthetic  the embedded math corpus (`synthetic_math`): worked arithmetic and algebra, where a thought can
              genuinely help predict the next token (the answer digits follow from a computation)
+  reasoning  puzzles whose answers need serial steps, worked and unworked (quietstar/reasoning.py)
   jsonl      OpenWebMath-layout records (`{"text": ...}`, other fields ignored), .jsonl or .jsonl.gz, a file
              or a folder of them
   parquet    a file or folder of .parquet files with a text column
@@ -508,6 +509,12 @@ def build_stream(cfg, tokenizer, seed: int, rank: int = 0, world_size: int = 1,
     if cfg.source == "hf":
         docs = StreamingDocs(cfg.path, cfg.text_field, seed, cfg.hf_config, cfg.hf_split, cfg.shuffle, cfg.max_docs)
     else:
-        texts = load_documents(cfg.source, cfg.path, cfg.text_field, cfg.max_docs, cfg.synthetic_docs, seed, skipped)
+        if cfg.source == "reasoning":  # the training split of the reasoning corpus (its held-out split: eval)
+            from quietstar.reasoning import make_documents
+
+            texts = [d.text for d in make_documents(cfg.reasoning, cfg.max_docs or cfg.synthetic_docs, seed)]
+        else:
+            texts = load_documents(cfg.source, cfg.path, cfg.text_field, cfg.max_docs, cfg.synthetic_docs, seed,
+                                   skipped)
         docs = ListDocs(texts, seed, cfg.shuffle)
     return SequenceStream(docs, tokenizer, cfg.seq_len, cfg.mode, seed, cfg.batch_size, rank, world_size)

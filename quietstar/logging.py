@@ -109,34 +109,66 @@ def start_run(cfg, out_dir, config: Optional[dict] = None, rank: int = 0, resume
     return JsonlRun(out_dir / "metrics.jsonl", inner)
 
 
+# what the progress line shows, in order: (metric, label, format); the whole objective comes last because
+# it is dominated by the weighted policy term (policy_weight 1e6 in the official preset)
+PROGRESS_FIELDS = [
+    ("train/nll_talk", "nll_thought", "{:.4f}"),
+    ("train/nll_base", "nll_base", "{:.4f}"),
+    ("thought/reward_mean", "reward", "{:+.4f}"),
+    ("thought/mix_weight_mean", "w", "{:+.4f}"),
+    ("perf/tok_per_s", "tok/s", "{:,.0f}"),
+    ("train/loss", "loss", "{:.4g}"),
+]
+
+
+def progress_text(metrics: dict) -> str:
+    """The readable parts of a step's metrics, in PROGRESS_FIELDS order (absent ones are left out)."""
+    parts = []
+    for key, label, fmt in PROGRESS_FIELDS:
+        v = metrics.get(key)
+        if v is not None and not (isinstance(v, float) and math.isnan(v)):
+            parts.append(f"{label} {fmt.format(float(v))}")
+    return " ".join(parts)
+
+
 class Progress:
-    """A one-line progress bar; plain lines when not on a terminal. `loss` is the whole objective (NLL plus
-    the weighted REINFORCE term), `nll` the language-model part of it."""
+    """The training progress bar (tqdm; rank 0 only): NLL with and without a thought, reward, mixing weight,
+    throughput, then the whole objective. On a terminal it redraws in place; in a log file it writes about
+    ten lines per run."""
 
     def __init__(self, total: int, start: int = 0, enabled: bool = True, stream=None):
         import sys
-        import time
 
-        self.total, self.start, self.enabled = total, start, enabled
-        self.stream = stream or sys.stdout
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.every = 1 if self.tty else max(1, (total - start) // 10)
-        self._t0, self._time = time.time(), time.time
+        from tqdm import tqdm
 
-    def update(self, step: int, loss: float, nll: float, reward: float, mix: float, tok_s: float) -> None:
-        if not self.enabled or (not self.tty and step % self.every and step != self.total):
+        stream = stream or sys.stdout
+        tty = hasattr(stream, "isatty") and stream.isatty()
+        if not tty:
+            stream = _Lines(stream)
+        self.bar = tqdm(total=total, initial=start, disable=not enabled, file=stream, unit="step",
+                        dynamic_ncols=tty, ascii=not tty, mininterval=0.5 if tty else 0.0,
+                        miniters=None if tty else max(1, (total - start) // 10), smoothing=0.1)
+
+    def update(self, step: int, metrics: dict) -> None:
+        if self.bar.disable:
             return
-        done = (step - self.start) / max(1, self.total - self.start)
-        elapsed = self._time() - self._t0
-        eta = elapsed / max(done, 1e-9) - elapsed
-        width = 24
-        bar = "#" * int(done * width) + "-" * (width - int(done * width))
-        line = (f"[{bar}] {step}/{self.total} loss {loss:.4g} nll {nll:.4f} reward {reward:+.4f} mix {mix:+.4f} "
-                f"{tok_s:,.0f} tok/s  {elapsed:.0f}s<{eta:.0f}s")
-        self.stream.write(("\r" + line) if self.tty else line + "\n")
-        self.stream.flush()
+        self.bar.set_postfix_str(progress_text(metrics), refresh=False)
+        self.bar.update(step - self.bar.n)
 
     def close(self) -> None:
-        if self.enabled and self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
+        self.bar.close()
+
+
+class _Lines:
+    """A text stream that turns tqdm's in-place redraws into one line each (for log files)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        text = text.replace("\r", "\n").lstrip("\n") if text.strip() else ""
+        if text:
+            self.stream.write(text if text.endswith("\n") else text + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()

@@ -85,6 +85,10 @@ class ThoughtConfig:
     talk_head_hidden: Optional[int] = None
     """Width of the talk head's hidden layers (None = d, as in the official code)."""
 
+    enabled: bool = True
+    """False: train the base model as a plain language model (no thoughts, no talk head: quietstar/plain.py),
+    for pretraining and for the matched no-thought baseline. Checkpoints are the same either way."""
+
     impl: str = "grid"
     """How the learning pass runs: `grid` (one teacher-forced forward over the whole grid) or
     `sequential_dense` (the official code's way: S dependent steps with gradients through a growing

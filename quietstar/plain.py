@@ -1,0 +1,45 @@
+"""The same module trained as a plain language model: no rollout, no grid, no talk head (thought.enabled=false).
+
+`PlainLM` is a `QuietStar` (same parameters, same checkpoints), whose forward is the base model's next-token
+NLL alone. It pretrains a random-init model before Quiet-STaR, and it is the matched no-thought baseline: the
+same checkpoint trained on the same data as a plain LM.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from quietstar.linear_ce import linear_logprob_sum
+from quietstar.thinker import QuietStar, ThoughtOutput
+
+
+class PlainLM(QuietStar):
+    def forward(self, input_ids, attention_mask=None, generator=None, doc_ids=None, thoughts=None) -> ThoughtOutput:
+        lengths = self._check_input(input_ids, attention_mask)
+        B, L = input_ids.shape
+        pos = torch.arange(L, device=input_ids.device)
+        attn = None
+        if doc_ids is not None:  # packed rows: causal within each document
+            allowed = (pos[:, None] >= pos[None, :]) & (doc_ids[:, :, None] == doc_ids[:, None, :])  # (B, L, L)
+            if lengths is not None:
+                allowed = allowed & (pos < lengths[:, None])[:, None, :]
+            allowed = allowed[:, None]
+
+            def attn(i, q, k, v):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
+        h = self.model(input_ids, attention_mask=attention_mask, attn=attn, return_hidden=True)  # (B, L, d)
+        ok = (pos[None, :] + 1 < (lengths[:, None] if lengths is not None else L)).expand(B, L)
+        if doc_ids is not None:  # the last token of a document predicts nothing
+            ok = ok & torch.cat([doc_ids[:, 1:] == doc_ids[:, :-1], ok[:, -1:] & False], 1)
+        ok = ok.to(h.dtype if h.dtype == torch.float64 else torch.float32)
+        tgt = torch.cat([input_ids[:, 1:], input_ids[:, -1:]], 1)
+        coef = ok / ok.sum().clamp_min(1)
+        weighted, _ = linear_logprob_sum(h.reshape(B * L, -1), self.model.lm_head_weight, tgt.flatten(), coef.flatten())
+        nll = -weighted
+        zero = nll.new_zeros(())
+        empty = torch.zeros(B, 1, L, 0, dtype=torch.long, device=input_ids.device)
+        v = float(nll.detach())
+        metrics = {"train/loss": v, "train/nll": v, "train/nll_base": v}
+        return ThoughtOutput(loss=nll, nll=nll.detach(), policy_loss=zero, reward=zero, mix_weight=zero,
+                             thoughts=empty, metrics=metrics)

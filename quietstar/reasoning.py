@@ -1,0 +1,295 @@
+"""A reasoning corpus where a thought must help: answers that need serial steps, worked and unworked.
+
+Each document is a small, self-contained puzzle world, written as plain text, followed by queries. Some
+queries are *worked*: their chain of intermediate steps is written out between two chain delimiters
+(`-` by default) before the answer, as real text contains worked steps. The others are *direct*: the
+answer follows `=` at once. A small model learns from the worked ones to do one step per token; it cannot
+do all the steps inside the single position before a direct answer. A thought inserted there can: if it
+writes the chain, the answer becomes a copy. The direct answers are the scored tokens.
+
+Families (ReasoningConfig.families):
+
+  lookup   k-hop lookup in a random permutation of `n_symbols` letters, listed in the document:
+               c>h a>f f>j ... j>b
+               a3=j h1:-d-d f2:-jb-b ...
+           `a3=j` asks for f(f(f(a))); the worked `f2:-jb-b` writes f(f) = j, then f(j) = b, then the answer.
+           Difficulty: hops (1 .. max_hops).
+  state    running state tracking: the sum mod 10 of a digit string, the running sums written out when worked:
+               4712=4 93:-92-2 ...
+           (4, 4+7=1, 1+1=2, 2+2=4). Difficulty: the number of digits (min_digits .. max_digits).
+
+The answer position is unambiguous: `=` is always followed by the answer, `:` always by a chain. The
+evaluation split draws from a different seed stream and, where a draw repeats a training map or problem,
+draws again, so no evaluation map (lookup) or digit string (state) was seen in training. Documents are a
+deterministic function of (seed, split, index).
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from dataclasses import dataclass, field
+from typing import Iterable, List, NamedTuple, Optional, Sequence
+
+import torch
+
+FAMILIES = ("lookup", "state")
+
+
+@dataclass
+class ReasoningConfig:
+    """The knobs of the reasoning corpus (data.source=reasoning)."""
+
+    families: List[str] = field(default_factory=lambda: ["lookup"])
+    """Which puzzle families the documents are drawn from (round robin): lookup | state."""
+    n_symbols: int = 10  # lookup: letters in the permutation (2 .. 26)
+    max_hops: int = 3  # lookup: queries ask for 1 .. max_hops hops
+    min_digits: int = 2  # state: shortest digit string
+    max_digits: int = 4  # state: longest digit string
+    n_queries: int = 8  # queries per document
+    worked_share: float = 0.5  # share of queries whose chain is written out
+    chain_delimiter: str = "-"
+    """Opens and closes a worked chain. The thought embeddings start at thought.init_token; when both are
+    the same token, a thought begins where the model has learned a chain begins."""
+    map_separator: str = ">"
+    """lookup: written between a symbol and its image in the map (`a>f`); "" writes the pairs as `af`."""
+    chain_from_query: bool = True
+    """lookup: a worked chain starts with the queried symbol (`a3:-afjb-b`), so every chain step looks up the
+    token before it; False: the chain holds the looked-up symbols only (`a3:-fjb-b`)."""
+    eval_docs: int = 256  # documents in the held-out evaluation split
+
+    def __post_init__(self):
+        bad = [f for f in self.families if f not in FAMILIES]
+        if not self.families or bad:
+            raise ValueError(f"data.reasoning.families must be a non-empty list of {FAMILIES}, got {list(self.families)}")
+        if not 2 <= self.n_symbols <= 26:
+            raise ValueError(f"data.reasoning.n_symbols must be in [2, 26], got {self.n_symbols}")
+        if not 1 <= self.max_hops <= 9:
+            raise ValueError(f"data.reasoning.max_hops must be in [1, 9], got {self.max_hops}")
+        if not 1 <= self.min_digits <= self.max_digits:
+            raise ValueError(f"data.reasoning needs 1 <= min_digits <= max_digits, got {self.min_digits}, "
+                             f"{self.max_digits}")
+        if self.n_queries < 1:
+            raise ValueError(f"data.reasoning.n_queries must be >= 1, got {self.n_queries}")
+        if not 0.0 <= self.worked_share <= 1.0:
+            raise ValueError(f"data.reasoning.worked_share must be in [0, 1], got {self.worked_share}")
+        if len(self.chain_delimiter) != 1 or self.chain_delimiter.isalnum() or self.chain_delimiter in " =:>\n":
+            raise ValueError(f"data.reasoning.chain_delimiter must be one punctuation character other than "
+                             f"'=', ':', '>', got {self.chain_delimiter!r}")
+        sep = self.map_separator
+        if sep and (len(sep) > 1 or sep.isalnum() or sep in " =:\n" or sep == self.chain_delimiter):
+            raise ValueError(f"data.reasoning.map_separator must be empty or one punctuation character other than "
+                             f"'=', ':' and the chain delimiter, got {sep!r}")
+        if self.eval_docs < 1:
+            raise ValueError(f"data.reasoning.eval_docs must be >= 1, got {self.eval_docs}")
+
+
+class Segment(NamedTuple):
+    text: str
+    difficulty: int = 0  # > 0: a scored answer of this difficulty (hops or digits); 0: plain text
+
+
+@dataclass
+class Document:
+    family: str
+    segments: List[Segment]
+    key: tuple  # what must not repeat between the splits (the map, or the digit strings)
+
+    @property
+    def text(self) -> str:
+        return "".join(s.text for s in self.segments)
+
+
+# --------------------------------------------------------------------------------------------------
+# the families
+
+
+def _draw_unseen(draw, avoid: frozenset, what: str, knob: str, tries: int = 1000):
+    """draw() until the result is not in `avoid` (the training split's maps or problems)."""
+    for _ in range(tries):
+        x = draw()
+        if x not in avoid:
+            return x
+    raise ValueError(f"reasoning corpus: no {what} unseen in training after {tries} draws; the training split "
+                     f"covers (nearly) all of them: raise data.reasoning.{knob} or lower data.synthetic_docs")
+
+
+def _lookup(r: random.Random, cfg: ReasoningConfig, avoid: frozenset) -> Document:
+    letters = list(string.ascii_lowercase[:cfg.n_symbols])
+    image = _draw_unseen(lambda: tuple(r.sample(letters, len(letters))), avoid, "map", "n_symbols")
+    f = dict(zip(letters, image))
+    listing = letters[:]
+    r.shuffle(listing)
+    segs = [Segment(" ".join(f"{a}{cfg.map_separator}{f[a]}" for a in listing) + "\n")]
+    d = cfg.chain_delimiter
+    for q in range(cfg.n_queries):
+        a, hops = r.choice(letters), r.randint(1, cfg.max_hops)
+        chain = [a]
+        for _ in range(hops):
+            chain.append(f[chain[-1]])
+        sep = " " if q else ""
+        if r.random() < cfg.worked_share:
+            written = chain if cfg.chain_from_query else chain[1:]
+            segs.append(Segment(f"{sep}{a}{hops}:{d}{''.join(written)}{d}{chain[-1]}"))
+        else:
+            segs += [Segment(f"{sep}{a}{hops}="), Segment(chain[-1], hops)]
+    segs.append(Segment("\n"))
+    return Document("lookup", segs, tuple(image))
+
+
+def _state(r: random.Random, cfg: ReasoningConfig, avoid: frozenset) -> Document:
+    segs: List[Segment] = []
+    keys = []
+    d = cfg.chain_delimiter
+    for q in range(cfg.n_queries):
+        digits = _draw_unseen(lambda: "".join(r.choice(string.digits)
+                                              for _ in range(r.randint(cfg.min_digits, cfg.max_digits))),
+                              avoid, "digit string", "max_digits")
+        keys.append(digits)
+        running, total = [], 0
+        for c in digits:
+            total = (total + int(c)) % 10
+            running.append(str(total))
+        sep = " " if q else ""
+        if r.random() < cfg.worked_share:
+            segs.append(Segment(f"{sep}{digits}:{d}{''.join(running)}{d}{running[-1]}"))
+        else:
+            segs += [Segment(f"{sep}{digits}="), Segment(running[-1], len(digits))]
+    segs.append(Segment("\n"))
+    return Document("state", segs, tuple(keys))
+
+
+_MAKERS = {"lookup": _lookup, "state": _state}
+
+
+def _avoid_set(docs: Iterable[Document], family: str) -> frozenset:
+    keys = set()
+    for doc in docs:
+        if doc.family == family:
+            keys.update([doc.key] if family == "lookup" else doc.key)
+    return frozenset(keys)
+
+
+def make_documents(cfg: ReasoningConfig, n_docs: int, seed: int, split: str = "train",
+                   avoid: Sequence[Document] = ()) -> List[Document]:
+    """`n_docs` documents, a deterministic function of (seed, split, index); none reuses a map or problem of
+    `avoid` (the training documents, when making the evaluation split)."""
+    avoid_by_family = {f: _avoid_set(avoid, f) for f in cfg.families}
+    docs = []
+    for i in range(n_docs):
+        family = cfg.families[i % len(cfg.families)]
+        r = random.Random(f"reasoning-{split}-{seed}-{i}")
+        docs.append(_MAKERS[family](r, cfg, avoid_by_family[family]))
+    return docs
+
+
+def train_and_eval_documents(cfg: ReasoningConfig, n_train: int, seed: int):
+    """(training documents, held-out evaluation documents) for one seed."""
+    train = make_documents(cfg, n_train, seed, "train")
+    return train, make_documents(cfg, cfg.eval_docs, seed, "eval", avoid=train)
+
+
+def max_document_chars(cfg: ReasoningConfig) -> int:
+    """An upper bound on a document's length in characters (so data.seq_len can hold a whole one)."""
+    per_query = {"lookup": 1 + 2 + 2 * cfg.max_hops + 4, "state": 1 + 2 * cfg.max_digits + 4}
+    header = {"lookup": 4 * cfg.n_symbols, "state": 0}
+    return max(header[f] + cfg.n_queries * per_query[f] + 1 for f in cfg.families)
+
+
+# --------------------------------------------------------------------------------------------------
+# tokens and scoring
+
+
+def encode_document(doc: Document, tokenizer) -> tuple[list[int], list[int]]:
+    """-> (ids with BOS first, difficulty of each token: > 0 on scored answer tokens). Segments are encoded one
+    by one, so an answer is its own tokens whatever the tokenizer (bytes here: the same ids as the text)."""
+    ids, diff = [tokenizer.bos_id], [0]
+    for seg in doc.segments:
+        t = tokenizer.encode(seg.text, add_bos=False)
+        ids += t
+        diff += [seg.difficulty] * len(t)
+    return ids, diff
+
+
+def batches(docs: Sequence[Document], tokenizer, batch_size: int, pad_id: int = 0):
+    """Right-padded (ids (B, L), attention_mask (B, L), difficulty (B, L), docs) batches."""
+    for b0 in range(0, len(docs), batch_size):
+        chunk = docs[b0:b0 + batch_size]
+        enc = [encode_document(d, tokenizer) for d in chunk]
+        L = max(len(i) for i, _ in enc)
+        ids = torch.full((len(chunk), L), pad_id, dtype=torch.long)
+        mask = torch.zeros(len(chunk), L, dtype=torch.long)
+        diff = torch.zeros(len(chunk), L, dtype=torch.long)
+        for row, (i, d) in enumerate(enc):
+            ids[row, :len(i)] = torch.tensor(i)
+            mask[row, :len(i)] = 1
+            diff[row, :len(d)] = torch.tensor(d)
+        yield ids, mask, diff, chunk
+
+
+class AnswerScores:
+    """Sums of answer-token CE and correct top-1 predictions, by difficulty."""
+
+    def __init__(self):
+        self.nll: dict = {}
+        self.correct: dict = {}
+        self.count: dict = {}
+
+    def add(self, logits: torch.Tensor, ids: torch.Tensor, diff: torch.Tensor) -> None:
+        """logits (B, L, V) predict ids[:, 1:] from positions :-1; only tokens with diff > 0 count."""
+        logp = torch.log_softmax(logits[:, :-1].float(), -1)
+        tgt, dd = ids[:, 1:], diff[:, 1:]
+        ce = -logp.gather(-1, tgt[..., None]).squeeze(-1)
+        hit = logp.argmax(-1) == tgt
+        for k in dd[dd > 0].unique().tolist():
+            sel = dd == k
+            self.nll[k] = self.nll.get(k, 0.0) + float(ce[sel].sum())
+            self.correct[k] = self.correct.get(k, 0) + int(hit[sel].sum())
+            self.count[k] = self.count.get(k, 0) + int(sel.sum())
+
+    def summary(self) -> dict:
+        """{"nll": {"all": .., "1": .., ...}, "acc": {...}, "count": {...}} (difficulty keys as strings)."""
+        keys = sorted(self.count)
+        total = max(1, sum(self.count.values()))
+        out = {"nll": {"all": sum(self.nll.values()) / total}, "acc": {"all": sum(self.correct.values()) / total},
+               "count": {"all": sum(self.count.values())}}
+        for k in keys:
+            out["nll"][str(k)] = self.nll[k] / self.count[k]
+            out["acc"][str(k)] = self.correct[k] / self.count[k]
+            out["count"][str(k)] = self.count[k]
+        return out
+
+
+@torch.no_grad()
+def score_answers(qs, docs: Sequence[Document], tokenizer, batch_size: int = 32, seed: int = 0,
+                  thoughts: bool = True, n_examples: int = 0, device="cpu") -> dict:
+    """Answer-token NLL and top-1 accuracy on `docs`, by difficulty: `no_thought` (the base prediction) and,
+    with `thoughts`, `thought` (the talk-head-mixed prediction after one sampled thought, as the paper
+    evaluates). `examples`: the first `n_examples` decoded thoughts before an answer of the hardest level."""
+    was_training = qs.training
+    qs.eval()
+    g = torch.Generator(device=device).manual_seed(seed)
+    base, mixed = AnswerScores(), AnswerScores()
+    examples: list = []
+    top = max(max(s.difficulty for s in d.segments) for d in docs)
+    for ids, mask, diff, chunk in batches(docs, tokenizer, batch_size, getattr(tokenizer, "pad_id", 0) or 0):
+        ids, mask, diff = ids.to(device), mask.to(device), diff.to(device)
+        if not thoughts:
+            base.add(qs.model(ids, attention_mask=mask), ids, diff)
+            continue
+        out = qs.next_token_logits(ids, mask, generator=g, n_thoughts=1)
+        base.add(out.base, ids, diff)
+        mixed.add(out.mixed[:, 0], ids, diff)
+        for b, p in (diff == top).nonzero().tolist():
+            if len(examples) >= n_examples:
+                break
+            examples.append({"context": tokenizer.decode(ids[b, max(0, p - 8):p].tolist()),
+                             "thought": qs.decode_thought(out.thoughts, b, 0, p - 1),
+                             "answer": tokenizer.decode([int(ids[b, p])]),
+                             "mix_weight": float(out.mix_weight[b, 0, p - 1])})
+    qs.train(was_training)
+    res = {"no_thought": base.summary()}
+    if thoughts:
+        res["thought"] = mixed.summary()
+        res["examples"] = examples
+    return res

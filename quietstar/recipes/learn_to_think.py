@@ -1,0 +1,196 @@
+"""Does Quiet-STaR learn to think? One command: `python train.py experiment=learn_to_think`.
+
+Stages, each an ordinary training run in a subfolder of the run dir (its own config.yaml, metrics.jsonl,
+checkpoints, curves.png):
+
+  pretrain/   a random-init model trained as a plain LM on the reasoning corpus (quietstar/reasoning.py),
+              until it has learned one lookup per token (the worked chains) but not the direct answers
+  quietstar/  Quiet-STaR from that checkpoint, with the run's `thought` and `optim` settings
+  baseline/   the matched no-thought baseline: the same checkpoint, the same data source and optimizer,
+              trained on as a plain LM for the same model FLOPs as the Quiet-STaR stage
+              (quietstar/flops.py: the matmuls each step must compute; so the baseline takes more steps)
+
+Then the held-out split (maps never seen in training) is scored on its direct answers only:
+`results.json` holds answer NLL and top-1 accuracy for `thought` (the talk-head-mixed prediction after one
+sampled thought), `no_thought` (the same model's base prediction) and `baseline`, overall and by hops, with
+decoded thoughts before and after Quiet-STaR; `learning_curves.png` shows the training curves of both runs
+against the shared compute axis. A stage whose final checkpoint exists is not run again, so the same
+command continues an interrupted recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from quietstar.flops import step_flops
+
+
+@dataclass
+class LearnToThinkConfig:
+    """The recipe's own settings (the Quiet-STaR stage uses the run's `thought`, `optim` and `train`)."""
+
+    pretrain_steps: int = 2000  # plain-LM steps from random init
+    pretrain_lr: float = 2e-3  # peak LR of pretraining (cosine to 0.1x, after pretrain_warmup steps)
+    pretrain_warmup: int = 100
+    baseline_compute: str = "flops"
+    """flops: the baseline trains for the Quiet-STaR stage's model FLOPs (more, cheaper steps);
+    steps: the same number of steps (the same tokens of text, far less compute)."""
+    eval_batch_size: int = 32
+    n_examples: int = 6  # decoded thoughts before a hardest-level answer, before and after training
+
+    def __post_init__(self):
+        if self.pretrain_steps < 1 or self.pretrain_warmup < 0 or not self.pretrain_lr > 0:
+            raise ValueError("learn_to_think: pretrain_steps must be >= 1, pretrain_warmup >= 0, pretrain_lr > 0")
+        if self.baseline_compute not in ("flops", "steps"):
+            raise ValueError(f"learn_to_think.baseline_compute must be flops or steps, got {self.baseline_compute!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# stage configs
+
+
+def _stage(cfg, name: str, **changes):
+    """The TrainConfig of one stage: the run's config with `changes`, writing to <run dir>/<name>."""
+    out = dataclasses.replace(cfg, recipe=None, resume=None, output_dir=str(Path(cfg.output_dir) / name), **changes)
+    if cfg.logger.backend == "wandb":  # one wandb run per stage, grouped under the recipe's run
+        group = cfg.logger.group or Path(cfg.output_dir).name
+        out.logger = dataclasses.replace(cfg.logger, group=group, run_name=f"{group}-{name}")
+    return out
+
+
+def _plain(cfg):
+    return dataclasses.replace(cfg.thought, enabled=False)
+
+
+def pretrain_config(cfg):
+    r = cfg.learn_to_think
+    optim = dataclasses.replace(cfg.optim, lr=r.pretrain_lr, warmup_steps=r.pretrain_warmup, schedule="cosine",
+                                base_lr_mult=1.0)
+    train = dataclasses.replace(cfg.train, max_steps=r.pretrain_steps)
+    return _stage(cfg, "pretrain", thought=_plain(cfg), optim=optim, train=train, init_from=cfg.init_from)
+
+
+def micro_step_flops(cfg, plain: bool) -> float:
+    """Model FLOPs of one micro-batch of this config, as a plain LM or as Quiet-STaR."""
+    t = cfg.thought
+    return step_flops(cfg.model.architecture(), "plain" if plain else "grid", cfg.data.batch_size,
+                      cfg.data.seq_len, t.n_ahead, t.n_ahead_talk, t.n_thoughts)
+
+
+def baseline_steps(cfg) -> int:
+    """Optimizer steps of the baseline: the Quiet-STaR stage's FLOPs (or steps) as a plain LM."""
+    if cfg.learn_to_think.baseline_compute == "steps":
+        return cfg.train.max_steps
+    ratio = micro_step_flops(cfg, plain=False) / micro_step_flops(cfg, plain=True)
+    return max(1, round(cfg.train.max_steps * ratio))
+
+
+# --------------------------------------------------------------------------------------------------
+# the recipe
+
+
+def _final_checkpoint(stage_cfg) -> Optional[Path]:
+    """The stage's checkpoint at its last step, if a previous launch already finished the stage."""
+    final = Path(stage_cfg.output_dir) / "checkpoints" / f"step_{stage_cfg.train.max_steps:07d}"
+    return final if (final / "manifest.json").is_file() else None
+
+
+def _run_stage(stage_cfg, train_fn, log: list) -> Path:
+    done = _final_checkpoint(stage_cfg)
+    name = Path(stage_cfg.output_dir).name
+    if done is not None:
+        print(f"[learn_to_think] {name}: already done ({done})", flush=True)
+        log.append({"stage": name, "steps": stage_cfg.train.max_steps, "wall_s": None, "reused": str(done)})
+        return done
+    print(f"[learn_to_think] {name}: {stage_cfg.train.max_steps} steps -> {stage_cfg.output_dir}", flush=True)
+    t0 = time.time()
+    result = train_fn(stage_cfg)
+    if result.status != "done" or result.checkpoint is None:
+        raise RuntimeError(f"learn_to_think: stage {name} ended {result.status!r} at step {result.step} "
+                           f"({stage_cfg.output_dir}); see its metrics.jsonl")
+    log.append({"stage": name, "steps": result.step, "wall_s": round(time.time() - t0, 1),
+                "final_metrics": {k: v for k, v in result.metrics.items() if k.startswith(("train/", "thought/"))}})
+    return result.checkpoint
+
+
+def run(cfg, train_fn):
+    """Pretrain, Quiet-STaR, matched baseline, held-out evaluation. -> the Quiet-STaR stage's TrainResult-like
+    summary (status "done"); results.json and learning_curves.png in the run dir."""
+    root = Path(cfg.output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    if cfg.data.source != "reasoning":
+        raise ValueError(f"learn_to_think needs data=reasoning (its held-out split is scored), got "
+                         f"data.source={cfg.data.source!r}")
+    stages: list = []
+    pre = _run_stage(pretrain_config(cfg), train_fn, stages)
+    qs_cfg = _stage(cfg, "quietstar", init_from=str(pre))
+    qs_ckpt = _run_stage(qs_cfg, train_fn, stages)
+    bl_cfg = _stage(cfg, "baseline", init_from=str(pre), thought=_plain(cfg),
+                    train=dataclasses.replace(cfg.train, max_steps=baseline_steps(cfg)))
+    bl_ckpt = _run_stage(bl_cfg, train_fn, stages)
+
+    from quietstar.recipes.report import evaluate, plot_learning_curves
+
+    results = evaluate(cfg, pre, qs_ckpt, bl_ckpt)
+    results["stages"] = stages
+    results["compute"] = {
+        "counted": "model FLOPs (quietstar/flops.py: matmuls a step must compute, backward = 2x forward)",
+        "quietstar_flops": micro_step_flops(cfg, False) * cfg.train.max_steps * cfg.optim.grad_accum,
+        "baseline_flops": micro_step_flops(cfg, True) * bl_cfg.train.max_steps * cfg.optim.grad_accum,
+        "quietstar_steps": cfg.train.max_steps, "baseline_steps": bl_cfg.train.max_steps,
+        "baseline_compute": cfg.learn_to_think.baseline_compute}
+    (root / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    plot_learning_curves(root / "quietstar" / "metrics.jsonl", root / "baseline" / "metrics.jsonl",
+                         root / "learning_curves.png", results)
+    print_results(results, root)
+    return _Summary(root, qs_ckpt)
+
+
+@dataclass
+class _Summary:
+    output_dir: Path
+    checkpoint: Path
+    status: str = "done"
+
+
+def print_results(results: dict, root: Path) -> None:
+    nll, acc = results["answer_nll"], results["answer_acc"]
+    keys = [k for k in nll["thought"] if k != "all"] + ["all"]
+    print(f"\n[learn_to_think] held-out direct answers ({results['eval']['docs']} documents, maps never seen in "
+          f"training):")
+    print(f"  {'hops':>5}  {'NLL thought':>11} {'no thought':>10} {'baseline':>9}   {'acc thought':>11} "
+          f"{'no thought':>10} {'baseline':>9}")
+    for k in keys:
+        print(f"  {k:>5}  {nll['thought'][k]:11.4f} {nll['no_thought'][k]:10.4f} {nll['baseline'][k]:9.4f}   "
+              f"{acc['thought'][k]:11.3f} {acc['no_thought'][k]:10.3f} {acc['baseline'][k]:9.3f}")
+    for when in ("before", "after"):
+        for ex in results["examples"][when][:3]:
+            print(f"  thought {when:>6}: ...{ex['context']!r} <{ex['thought']}> -> {ex['answer']!r} "
+                  f"(w {ex['mix_weight']:+.3f})")
+    print(f"  results: {root / 'results.json'}\n  curves:  {root / 'learning_curves.png'}")
+
+
+def median_over_seeds(result_files: list) -> dict:
+    """Median, over several runs' results.json, of every answer_nll / answer_acc entry."""
+    runs = [json.loads(Path(f).read_text()) for f in result_files]
+    out: dict = {"runs": [str(f) for f in result_files]}
+    for metric in ("answer_nll", "answer_acc"):
+        out[metric] = {}
+        for model, by_diff in runs[0][metric].items():
+            out[metric][model] = {k: _median([r[metric][model][k] for r in runs]) for k in by_diff}
+    return out
+
+
+def _median(xs: list) -> float:
+    xs = sorted(xs)
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else 0.5 * (xs[mid - 1] + xs[mid])
+
+
+__all__ = ["LearnToThinkConfig", "run", "baseline_steps", "median_over_seeds", "math"]

@@ -1,0 +1,86 @@
+"""Scoring and plotting for the learn_to_think recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from quietstar.checkpoint import load_thinker_checkpoint
+from quietstar.plots import read_metrics, save_figure
+from quietstar.reasoning import score_answers, train_and_eval_documents
+
+
+def _device(cfg) -> str:
+    if cfg.train.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.train.device
+
+
+def evaluate(cfg, pretrain_ckpt, quietstar_ckpt, baseline_ckpt) -> dict:
+    """Answer NLL / accuracy of the held-out split: the Quiet-STaR model with and without a thought, the
+    baseline, and the pretrained starting point, by difficulty; decoded thoughts before and after."""
+    data = cfg.data
+    _, docs = train_and_eval_documents(data.reasoning, data.max_docs or data.synthetic_docs, cfg.train.seed)
+    dev = _device(cfg)
+    r = cfg.learn_to_think
+    seed = cfg.train.seed + 7919  # the evaluation's own thought-sampling stream
+
+    def score(path, thoughts: bool):
+        qs = load_thinker_checkpoint(path, device=dev)
+        return score_answers(qs, docs, qs.tokenizer, r.eval_batch_size, seed, thoughts, r.n_examples, dev)
+
+    before, after = score(pretrain_ckpt, True), score(quietstar_ckpt, True)
+    baseline = score(baseline_ckpt, False)
+    return {
+        "answer_nll": {"thought": after["thought"]["nll"], "no_thought": after["no_thought"]["nll"],
+                       "baseline": baseline["no_thought"]["nll"], "pretrained": before["no_thought"]["nll"]},
+        "answer_acc": {"thought": after["thought"]["acc"], "no_thought": after["no_thought"]["acc"],
+                       "baseline": baseline["no_thought"]["acc"], "pretrained": before["no_thought"]["acc"]},
+        "answer_count": after["thought"]["count"],
+        "examples": {"before": before["examples"], "after": after["examples"]},
+        "eval": {"docs": len(docs), "split": "held-out (maps never seen in training)",
+                 "difficulty": "hops" if data.reasoning.families == ["lookup"] else "hops (lookup) / digits (state)",
+                 "thoughts_per_position": 1, "seed": seed},
+    }
+
+
+def plot_learning_curves(qs_metrics: Path, baseline_metrics: Path, out: Path, results: dict) -> Path:
+    """The Quiet-STaR stage's curves and the baseline's NLL, on a shared axis: the fraction of the compute."""
+    qs, bl = read_metrics(qs_metrics), read_metrics(baseline_metrics)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    frac = lambda rows: [r["step"] / max(1, rows[-1]["step"]) for r in rows] if rows else []
+    x = frac(qs)
+    panels = [("thought/reward_mean", "reward (mean over positions)"),
+              ("thought/advantage_pos_frac", "advantage > 0 fraction"),
+              ("thought/mix_weight_mean", "mixing weight w"),
+              ("thought/entropy_first_token", "thought entropy (first token, nats)")]
+    for ax, (key, title) in zip(axes.flat, panels):
+        ax.plot(x, [r.get(key, float("nan")) for r in qs])
+        ax.set_title(title, fontsize=10)
+    ax = axes.flat[4]
+    ax.plot(x, [r.get("train/nll_talk", float("nan")) for r in qs], label="Quiet-STaR: after a thought")
+    ax.plot(x, [r.get("train/nll_base", float("nan")) for r in qs], label="Quiet-STaR: no thought")
+    ax.plot(frac(bl), [r.get("train/nll", float("nan")) for r in bl], label="baseline (plain LM)", alpha=0.7)
+    ax.set_title("training NLL (all tokens)", fontsize=10)
+    ax.legend(fontsize=8)
+    ax = axes.flat[5]
+    nll = results["answer_nll"]
+    keys = [k for k in nll["thought"] if k != "all"]
+    width = 0.27
+    for j, (model, label) in enumerate([("thought", "thought"), ("no_thought", "no thought"), ("baseline", "baseline")]):
+        ax.bar([i + (j - 1) * width for i in range(len(keys))], [nll[model][k] for k in keys], width, label=label)
+    ax.set_xticks(range(len(keys)), keys)
+    ax.set_xlabel("difficulty (hops)")
+    ax.set_title("held-out answer NLL", fontsize=10)
+    ax.legend(fontsize=8)
+    for ax in axes.flat[:5]:
+        ax.set_xlabel("fraction of the run's compute")
+        ax.grid(alpha=0.3)
+    fig.suptitle("learn_to_think: Quiet-STaR vs a plain-LM baseline with the same FLOPs")
+    return save_figure(fig, out)

@@ -1,0 +1,123 @@
+"""The reasoning corpus: deterministic, a disjoint evaluation split, correct answers, answer-token scoring
+against a hand-computed example, and the learn_to_think recipe's pieces (configs, compute matching)."""
+
+import math
+import re
+
+import pytest
+import torch
+
+from quietstar.data import ByteTokenizer
+from quietstar.reasoning import (AnswerScores, Document, ReasoningConfig, Segment, encode_document,
+                                 make_documents, max_document_chars, score_answers, train_and_eval_documents)
+
+BOTH = ReasoningConfig(families=["lookup", "state"])
+
+
+def test_documents_are_a_function_of_the_seed():
+    a = [d.text for d in make_documents(BOTH, 20, seed=3)]
+    assert a == [d.text for d in make_documents(BOTH, 20, seed=3)]
+    assert a != [d.text for d in make_documents(BOTH, 20, seed=4)]
+    assert a[:5] == [d.text for d in make_documents(BOTH, 5, seed=3)]  # document i does not depend on n_docs
+
+
+def test_the_evaluation_split_never_repeats_a_training_map_or_problem():
+    cfg = ReasoningConfig(families=["lookup", "state"], n_symbols=4, min_digits=3, max_digits=3, eval_docs=40)
+    train, held_out = train_and_eval_documents(cfg, 30, seed=0)  # 24 maps, 1000 digit strings: collisions forced
+    seen_maps = {d.key for d in train if d.family == "lookup"}
+    seen_problems = {k for d in train if d.family == "state" for k in d.key}
+    assert all(d.key not in seen_maps for d in held_out if d.family == "lookup")
+    assert all(not set(d.key) & seen_problems for d in held_out if d.family == "state")
+    train, held_out = train_and_eval_documents(ReasoningConfig(eval_docs=50), 500, seed=1)
+    assert {d.text for d in train}.isdisjoint(d.text for d in held_out)
+
+
+def test_an_exhausted_space_is_a_clear_error():
+    with pytest.raises(ValueError, match="unseen in training.*n_symbols"):
+        train_and_eval_documents(ReasoningConfig(n_symbols=3, eval_docs=5), 60, seed=0)  # 3! = 6 maps, all seen
+
+
+def _permutation(text: str) -> dict:
+    return dict(pair.split(">") for pair in text.split("\n")[0].split())
+
+
+def test_lookup_answers_and_worked_chains_are_correct():
+    cfg = ReasoningConfig(worked_share=0.5, n_queries=12)
+    for doc in make_documents(cfg, 30, seed=5):
+        f = _permutation(doc.text)
+        assert sorted(f) == sorted(f.values()) == list("abcdefghij")  # a permutation of the 10 symbols
+        for a, hops, sep, rest in re.findall(r"([a-j])(\d)([=:])(\S+)", doc.text.split("\n")[1]):
+            x = a
+            chain = [a]
+            for _ in range(int(hops)):
+                x = f[x]
+                chain.append(x)
+            assert rest == (x if sep == "=" else f"-{''.join(chain)}-{x}")
+        scored = [s for s in doc.segments if s.difficulty]
+        assert scored and all(len(s.text) == 1 and 1 <= s.difficulty <= 3 for s in scored)
+
+
+def test_state_answers_are_running_sums_mod_10():
+    cfg = ReasoningConfig(families=["state"], min_digits=2, max_digits=5)
+    for doc in make_documents(cfg, 20, seed=2):
+        for digits, sep, rest in re.findall(r"(\d+)([=:])(\S+)", doc.text):
+            sums, t = [], 0
+            for c in digits:
+                t = (t + int(c)) % 10
+                sums.append(str(t))
+            assert rest == (sums[-1] if sep == "=" else f"-{''.join(sums)}-{sums[-1]}")
+        assert {s.difficulty for s in doc.segments if s.difficulty} <= {2, 3, 4, 5}
+
+
+def test_documents_fit_the_bound_and_the_config_checks_its_fields():
+    cfg = ReasoningConfig(families=["lookup", "state"])
+    assert max(len(d.text) for d in make_documents(cfg, 300, seed=0)) <= max_document_chars(cfg)
+    for bad in [dict(families=[]), dict(families=["maze"]), dict(n_symbols=27), dict(max_hops=0),
+                dict(min_digits=3, max_digits=2), dict(worked_share=1.5), dict(chain_delimiter="="),
+                dict(chain_delimiter="ab"), dict(eval_docs=0)]:
+        with pytest.raises(ValueError, match="data.reasoning"):
+            ReasoningConfig(**bad)
+
+
+def test_answer_tokens_are_marked_in_the_encoding():
+    doc = Document("lookup", [Segment("a>b b>a\n"), Segment("a1="), Segment("b", 1), Segment(" b2:-bab-b"),
+                              Segment(" a2="), Segment("a", 2), Segment("\n")], ())
+    ids, diff = encode_document(doc, ByteTokenizer())
+    assert ids[0] == ByteTokenizer.bos_id and ByteTokenizer().decode(ids) == doc.text
+    assert [(doc.text[i - 1], d) for i, d in enumerate(diff) if d] == [("b", 1), ("a", 2)]
+
+
+def test_answer_scoring_matches_a_hand_computation():
+    # two positions are scored: token 2 (difficulty 1) and token 3 (difficulty 2), predicted from 1 and 2
+    V = 4
+    logits = torch.full((1, 4, V), -1e4)
+    logits[0, 1] = torch.tensor([0.0, math.log(3.0), 0.0, 0.0])  # p(target 1) = 3/6
+    logits[0, 2] = torch.tensor([math.log(2.0), 0.0, 0.0, 0.0])  # p(target 3) = 1/5, argmax 0 (wrong)
+    ids = torch.tensor([[0, 0, 1, 3]])
+    diff = torch.tensor([[0, 0, 1, 2]])
+    s = AnswerScores()
+    s.add(logits, ids, diff)
+    out = s.summary()
+    assert out["nll"]["1"] == pytest.approx(math.log(2.0), rel=1e-5)
+    assert out["nll"]["2"] == pytest.approx(math.log(5.0), rel=1e-5)
+    assert out["nll"]["all"] == pytest.approx((math.log(2.0) + math.log(5.0)) / 2, rel=1e-5)
+    assert out["acc"] == {"all": 0.5, "1": 1.0, "2": 0.0}
+    assert out["count"] == {"all": 2, "1": 1, "2": 1}
+
+
+def test_score_answers_on_a_tiny_model_is_consistent():
+    from quietstar.model import ModelConfig, Transformer
+    from quietstar.thinker import QuietStar, ThoughtConfig
+
+    torch.manual_seed(0)
+    tok = ByteTokenizer()
+    qs = QuietStar(Transformer(ModelConfig.from_preset("tiny")), tok, ThoughtConfig(n_ahead=5, n_ahead_talk=1))
+    docs = make_documents(ReasoningConfig(n_queries=4), 6, seed=0)
+    res = score_answers(qs, docs, tok, batch_size=4, seed=0, n_examples=2)
+    plain = score_answers(qs, docs, tok, batch_size=3, thoughts=False)
+    # the mixing head starts at zero: the prediction after a thought is the base prediction
+    assert res["thought"]["nll"]["all"] == pytest.approx(res["no_thought"]["nll"]["all"], rel=1e-5)
+    assert plain["no_thought"]["nll"] == pytest.approx(res["no_thought"]["nll"], rel=1e-5)
+    n_answers = sum(1 for d in docs for s in d.segments if s.difficulty)
+    assert res["thought"]["count"]["all"] == n_answers
+    assert len(res["examples"]) == 2 and all(len(e["answer"]) == 1 for e in res["examples"])
