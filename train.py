@@ -31,8 +31,11 @@ from typing import Optional
 import torch
 
 from quietstar import attention
-from quietstar.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from quietstar.config import TrainConfig, config_to_dict
+from quietstar.checkpoint import (NonFiniteStateError, RunLock, find_checkpoint, load_checkpoint, read_config_node,
+                                  recover_checkpoints, recover_run, save_checkpoint, set_aside_later)
+from quietstar.config import TrainConfig, build_config, check_device_dtype, config_to_dict
+from quietstar.errors import ConfigError
+from quietstar.health import HealthMonitor
 from quietstar.data import Batch, ByteTokenizer, build_stream
 from quietstar.dist import DistInfo, no_sync, setup, teardown, wrap
 from quietstar.logging import Progress, start_run
@@ -101,13 +104,17 @@ def train(cfg: TrainConfig) -> TrainResult:
     dist: DistInfo = setup(cfg.dist, cfg.train.device)
     device = dist.device
     precision = resolve_precision(device, cfg.train.precision)
+    check_device_dtype(cfg, device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     attention.set_backend(cfg.attention.backend)
-    out_dir = Path(cfg.output_dir or Path("outputs") / time.strftime("%Y-%m-%d/%H-%M-%S")).resolve()
+    out_dir = Path(cfg.output_dir or default_output_dir()).resolve()
     out_dir = dist.broadcast_object(out_dir)  # every rank writes (checkpoint shards) where rank 0 does
+    lock = RunLock(out_dir)
     if dist.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        lock.acquire()  # before anything is written: a second run into this dir fails here
+        for line in recover_checkpoints(out_dir / "checkpoints") + (recover_run(cfg.resume) if cfg.resume else []):
+            print(line, flush=True)
         (out_dir / "config.yaml").write_text(config_yaml(cfg))
 
     # ---------------------------------------------------------------- model
@@ -132,8 +139,15 @@ def train(cfg: TrainConfig) -> TrainResult:
         start_step, wandb_id = int(state["step"]), state.get("wandb_id")
         tokens_seen = int(state.get("extra", {}).get("tokens_seen", 0))
         stream.load_state_dict(state["data"])
+        if start_step >= cfg.train.max_steps:
+            raise ConfigError(f"resume: {find_checkpoint(cfg.resume)} is at step {start_step}, and train.max_steps="
+                              f"{cfg.train.max_steps}: nothing to train; raise train.max_steps")
         if dist.is_main:
             print(f"resumed from {find_checkpoint(cfg.resume)} at step {start_step}", flush=True)
+            if find_checkpoint(cfg.resume).parent.resolve() == (out_dir / "checkpoints").resolve():
+                aside = set_aside_later(out_dir / "checkpoints", start_step, out_dir / "metrics.jsonl")
+                if aside:
+                    print(f"later checkpoints and metrics of this run moved to {aside}", flush=True)
 
     # ---------------------------------------------------------------- logging
     run = start_run(cfg.logger, out_dir, config=config_to_dict(cfg), rank=dist.rank, resume_id=wandb_id)
@@ -141,6 +155,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     ckpt_root = out_dir / "checkpoints"
     kill_after = int(os.environ.get("QUIETSTAR_SIGKILL_AFTER_STEP", "0") or 0)
     result = TrainResult("done", start_step, output_dir=out_dir)
+    health = HealthMonitor(cfg.health)
 
     def checkpoint(step: int) -> Path:
         return save_checkpoint(ckpt_root, step, qs, optimizer, scheduler, data_state=stream.state_dict(),
@@ -191,9 +206,28 @@ def train(cfg: TrainConfig) -> TrainResult:
         progress.update(step, metrics["train/loss"], metrics.get("train/nll", math.nan),
                         metrics.get("thought/reward_mean", math.nan),
                         metrics.get("thought/mix_weight_mean", math.nan), metrics["perf/tok_per_s"])
+        verdict = health.update(metrics.get("train/nll", metrics["train/loss"]), grad_norm)
+        if verdict.status == "diverged" and dist.is_main:
+            print(f"\nWARNING: the run has diverged at step {step}: {verdict.reason}; " + (
+                  f"stopping; the last healthy checkpoint is kept ({result.checkpoint or 'none written by this run'})"
+                  if cfg.health.on_divergence == "stop" else "going on (health.on_divergence=warn)"), flush=True)
+        if verdict.status == "diverged" and cfg.health.on_divergence == "stop":
+            result.status = "diverged"
+            break
         every = cfg.checkpoint.every
-        if (every and step % every == 0) or (step == cfg.train.max_steps and cfg.checkpoint.save_final):
-            result.checkpoint = checkpoint(step)
+        due = (every and step % every == 0) or (step == cfg.train.max_steps and cfg.checkpoint.save_final)
+        if due and verdict.status == "suspect" and dist.is_main:
+            print(f"\nstep {step}: no checkpoint written ({verdict.reason}: the run may have stopped learning)",
+                  flush=True)
+        elif due:
+            try:
+                result.checkpoint = checkpoint(step)
+            except NonFiniteStateError as e:
+                result.status = "diverged"
+                if dist.is_main:
+                    print(f"\n{e}: stopping; the last good checkpoint is kept "
+                          f"({result.checkpoint or 'none written by this run'})", flush=True)
+                break
         if step == kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
     progress.close()
@@ -204,8 +238,16 @@ def train(cfg: TrainConfig) -> TrainResult:
         run.summary({"final/loss": result.losses[-1] if result.losses else math.nan, "final/step": result.step})
         print_summary(cfg, result, run, skipped)
     run.finish(exit_code=0 if result.status == "done" else 1)
+    lock.release()
     teardown(dist)
     return result
+
+
+def default_output_dir() -> Path:
+    """outputs/<date>/<time>-<microseconds>-<pid>: unique even for two launches in the same second."""
+    now = time.time()
+    return Path("outputs") / time.strftime("%Y-%m-%d/%H-%M-%S", time.localtime(now)) / \
+        f"{int(now * 1e6) % 1_000_000:06d}-{os.getpid()}"
 
 
 def print_summary(cfg: TrainConfig, result: TrainResult, run, skipped: dict) -> None:
@@ -238,14 +280,13 @@ def resume_config(node, overrides: list[str]):
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
-    ckpt = find_checkpoint(node.resume)
-    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(ckpt / "config.yaml"))
+    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), read_config_node(node.resume))
     for o in OverridesParser.create().parse_overrides(overrides):
         key = o.key_or_group
         if key in ("resume", "output_dir") or key.startswith("hydra"):
             continue
         if key == "experiment":
-            raise ValueError("experiment=... cannot be combined with resume=...: the checkpoint's config is "
+            raise ConfigError("experiment=... cannot be combined with resume=...: the checkpoint's config is "
                              "used; name the fields to change instead")
         OmegaConf.update(merged, key, OmegaConf.select(node, key), merge=False)
     merged.resume = node.resume
@@ -258,18 +299,24 @@ if __name__ == "__main__":
     from omegaconf import DictConfig, OmegaConf
 
     from quietstar.config import register_configs
+    from quietstar.errors import run_main, tracebacks_wanted
 
     register_configs()
+    if tracebacks_wanted():
+        os.environ.setdefault("HYDRA_FULL_ERROR", "1")
 
-    @hydra.main(version_base="1.3", config_path="configs", config_name="train")
-    def main(node: DictConfig) -> None:
+    def run(node: DictConfig) -> None:
         hc = HydraConfig.get()
         if node.resume:
             node = resume_config(node, list(hc.overrides.task))
         node.output_dir = hc.runtime.output_dir
-        cfg: TrainConfig = OmegaConf.to_object(node)
+        cfg: TrainConfig = build_config(node)
         result = train(cfg)
         if result.status != "done" and hc.mode.name == "RUN":
             raise SystemExit(1)
+
+    @hydra.main(version_base="1.3", config_path="configs", config_name="train")
+    def main(node: DictConfig) -> None:
+        run_main(run, node)
 
     main()
