@@ -34,10 +34,10 @@ from quietstar import attention
 from quietstar.checkpoint import (NonFiniteStateError, RunLock, find_checkpoint, load_checkpoint, read_config_node,
                                   recover_checkpoints, recover_run, save_checkpoint, set_aside_later)
 from quietstar.config import TrainConfig, build_config, check_device_dtype, config_to_dict
-from quietstar.errors import ConfigError
-from quietstar.health import HealthMonitor
 from quietstar.data import Batch, ByteTokenizer, build_stream
 from quietstar.dist import DistInfo, no_sync, setup, teardown, wrap
+from quietstar.errors import ConfigError
+from quietstar.health import RunWatch
 from quietstar.logging import Progress, start_run
 from quietstar.model import Transformer
 from quietstar.optim import autocast_context, build_optimizer, clip_grad_norm, maybe_compile, resolve_precision
@@ -155,14 +155,15 @@ def train(cfg: TrainConfig) -> TrainResult:
     ckpt_root = out_dir / "checkpoints"
     kill_after = int(os.environ.get("QUIETSTAR_SIGKILL_AFTER_STEP", "0") or 0)
     result = TrainResult("done", start_step, output_dir=out_dir)
-    health = HealthMonitor(cfg.health)
+    watch = RunWatch(cfg.health, dist.is_main)  # divergence beyond NaN; which checkpoints are healthy
 
     def checkpoint(step: int) -> Path:
         return save_checkpoint(ckpt_root, step, qs, optimizer, scheduler, data_state=stream.state_dict(),
                                generator=generator, config_yaml=config_yaml(cfg), tokenizer=tok, dist=dist,
                                wandb_id=run.id if dist.is_main else None, keep_last=cfg.checkpoint.keep_last,
                                save_optimizer=cfg.checkpoint.save_optimizer,
-                               verify_hashes=cfg.checkpoint.verify_hashes, extra={"tokens_seen": tokens_seen})
+                               verify_hashes=cfg.checkpoint.verify_hashes, extra={"tokens_seen": tokens_seen},
+                               protect=watch.protected)
 
     # ---------------------------------------------------------------- loop
     model.train()
@@ -206,22 +207,15 @@ def train(cfg: TrainConfig) -> TrainResult:
         progress.update(step, metrics["train/loss"], metrics.get("train/nll", math.nan),
                         metrics.get("thought/reward_mean", math.nan),
                         metrics.get("thought/mix_weight_mean", math.nan), metrics["perf/tok_per_s"])
-        verdict = health.update(metrics.get("train/nll", metrics["train/loss"]), grad_norm)
-        if verdict.status == "diverged" and dist.is_main:
-            print(f"\nWARNING: the run has diverged at step {step}: {verdict.reason}; " + (
-                  f"stopping; the last healthy checkpoint is kept ({result.checkpoint or 'none written by this run'})"
-                  if cfg.health.on_divergence == "stop" else "going on (health.on_divergence=warn)"), flush=True)
-        if verdict.status == "diverged" and cfg.health.on_divergence == "stop":
-            result.status = "diverged"
+        if watch.after_step(step, metrics.get("train/nll", metrics["train/loss"]), grad_norm):
+            result.status, result.checkpoint = "diverged", watch.last_healthy
             break
         every = cfg.checkpoint.every
-        due = (every and step % every == 0) or (step == cfg.train.max_steps and cfg.checkpoint.save_final)
-        if due and verdict.status == "suspect" and dist.is_main:
-            print(f"\nstep {step}: no checkpoint written ({verdict.reason}: the run may have stopped learning)",
-                  flush=True)
-        elif due:
+        if ((every and step % every == 0) or (step == cfg.train.max_steps and cfg.checkpoint.save_final)) \
+                and watch.may_checkpoint(step):
             try:
                 result.checkpoint = checkpoint(step)
+                watch.saved(result.checkpoint)
             except NonFiniteStateError as e:
                 result.status = "diverged"
                 if dist.is_main:
@@ -244,9 +238,10 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 
 def default_output_dir() -> Path:
-    """outputs/<date>/<time>-<microseconds>-<pid>: unique even for two launches in the same second."""
+    """outputs/<date>/<time>.<microseconds>-<pid> (as configs/train.yaml's hydra.run.dir): unique even for
+    two launches in the same second."""
     now = time.time()
-    return Path("outputs") / time.strftime("%Y-%m-%d/%H-%M-%S", time.localtime(now)) / \
+    return Path("outputs") / f"{time.strftime('%Y-%m-%d/%H-%M-%S', time.localtime(now))}." \
         f"{int(now * 1e6) % 1_000_000:06d}-{os.getpid()}"
 
 

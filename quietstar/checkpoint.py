@@ -335,12 +335,13 @@ def recover_checkpoints(root) -> list[str]:
 def save_checkpoint(root, step: int, qs: nn.Module, optimizer, scheduler, *, data_state: dict,
                     generator: Optional[torch.Generator], config_yaml: str, tokenizer, dist=None,
                     wandb_id: Optional[str] = None, keep_last: int = 0, save_optimizer: bool = True,
-                    verify_hashes: bool = True, extra: Optional[dict] = None,
+                    verify_hashes: bool = True, extra: Optional[dict] = None, protect: Optional[Path] = None,
                     on_point: Optional[Callable[[str], None]] = None) -> Path:
     """Write `<root>/step_XXXXXXX/` atomically (every rank calls this under FSDP/DDP). -> its path.
 
     NonFiniteStateError (nothing written) if any weight is NaN / inf. A write error removes the partial
-    temporary dir; a full disk is a CheckpointError saying so. `on_point(name)` is called at each of
+    temporary dir; a full disk is a CheckpointError saying so. keep_last pruning never deletes the checkpoint
+    just written nor `protect`. `on_point(name)` is called at each of
     SAVE_POINTS (a test hook: fault injection at every step of the sequence)."""
     from quietstar.dist import DistInfo
 
@@ -367,7 +368,7 @@ def save_checkpoint(root, step: int, qs: nn.Module, optimizer, scheduler, *, dat
         shutil.rmtree(tmp, ignore_errors=True)
         _raise_write_error(e, tmp)
     if dist.is_main:
-        _commit(tmp, final, keep_last, on_point or (lambda name: None))
+        _commit(tmp, final, keep_last, on_point or (lambda name: None), protect)
     dist.barrier()
     return final
 
@@ -426,7 +427,7 @@ def _raise_write_error(e: BaseException, tmp: Path):
     raise e
 
 
-def _commit(tmp: Path, final: Path, keep_last: int, point: Callable[[str], None]) -> None:
+def _commit(tmp: Path, final: Path, keep_last: int, point: Callable[[str], None], protect: Optional[Path]) -> None:
     """Rename the complete `tmp` into place; an existing `final` is set aside first and deleted only after."""
     root = final.parent
     point("written")
@@ -443,16 +444,17 @@ def _commit(tmp: Path, final: Path, keep_last: int, point: Callable[[str], None]
         _fsync_dir(root)
         point("old_removed")
     if keep_last > 0:
-        prune_checkpoints(root, keep_last, keep=final)
+        prune_checkpoints(root, keep_last, keep=(final, protect))
         point("pruned")
 
 
-def prune_checkpoints(root, keep_last: int, keep: Optional[Path] = None) -> None:
-    """Delete all but the newest `keep_last` checkpoints; `keep` (the one just written) is never deleted."""
+def prune_checkpoints(root, keep_last: int, keep=()) -> None:
+    """Delete all but the newest `keep_last` checkpoints; those in `keep` (paths or None) are never deleted."""
     root = Path(root)
+    spared = {Path(k).name for k in keep if k is not None}
     steps = sorted(p for p in root.glob(f"{STEP_PREFIX}*") if p.is_dir())
     for p in steps[:-keep_last]:
-        if keep is None or p.name != Path(keep).name:
+        if p.name not in spared:
             shutil.rmtree(p, ignore_errors=True)
     _fsync_dir(root)
 

@@ -50,3 +50,89 @@ class HealthMonitor:
                                           f"times the median {median:.4g} of the last {len(self.history)} steps")
         self.history.append(nll)
         return Health("ok")
+
+
+class CheckpointKeeper:
+    """Which checkpoints of this run are known to be healthy.
+
+    A checkpoint written after step k holds the weights that step k+1 runs on, so it is confirmed healthy only
+    when step k+1 is `ok`. train.py passes `confirmed` to save_checkpoint(protect=...), so pruning never
+    deletes it; when the run diverges, the unconfirmed newer checkpoint is moved aside into
+    `<checkpoints>/diverged_after_step_N/` (kept for inspection, never picked by resume), leaving the
+    confirmed one as the newest."""
+
+    def __init__(self):
+        self.confirmed = None  # Path of the newest checkpoint followed by a healthy step
+        self.pending = None  # Path of a newer checkpoint not yet followed by a healthy step
+
+    def step_ok(self) -> None:
+        if self.pending is not None:
+            self.confirmed, self.pending = self.pending, None
+
+    def saved(self, path) -> None:
+        self.pending = path
+
+    def diverged(self):
+        """Move the unconfirmed checkpoint aside. -> (the confirmed checkpoint or None, where it went or None)."""
+        import os
+        from pathlib import Path
+
+        moved = None
+        if self.pending is not None and Path(self.pending).is_dir():
+            pending = Path(self.pending)
+            moved = pending.parent / f"diverged_after_{pending.name}" / pending.name
+            moved.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(pending, moved)
+            self.pending = None
+        return self.confirmed, moved
+
+
+class RunWatch:
+    """HealthMonitor + CheckpointKeeper as the training loop uses them: one call after each step, one before
+    each checkpoint. Messages are printed on the main process only; the verdicts agree on every rank (the
+    metrics and gradient norm they read are all-reduced)."""
+
+    def __init__(self, cfg, is_main: bool = True):
+        self.cfg, self.is_main = cfg, is_main
+        self.monitor, self.keeper = HealthMonitor(cfg), CheckpointKeeper()
+        self.verdict = Health("ok")
+
+    def _say(self, text: str) -> None:
+        if self.is_main:
+            print(f"\n{text}", flush=True)
+
+    def after_step(self, step: int, nll: float, grad_norm: float) -> bool:
+        """Judge the step just taken. -> True when the run must stop (diverged, health.on_divergence=stop)."""
+        self.verdict = self.monitor.update(nll, grad_norm)
+        if self.verdict.status == "ok":
+            self.keeper.step_ok()
+        if self.verdict.status != "diverged":
+            return False
+        if self.cfg.on_divergence != "stop":
+            self._say(f"WARNING: the run has diverged at step {step}: {self.verdict.reason}; going on "
+                      "(health.on_divergence=warn)")
+            return False
+        confirmed, moved = self.keeper.diverged() if self.is_main else (self.keeper.confirmed, None)
+        self._say(f"WARNING: the run has diverged at step {step}: {self.verdict.reason}; stopping. Last healthy "
+                  f"checkpoint: {confirmed or 'none written by this run'}"
+                  + (f"; the newer, unconfirmed one was moved to {moved}" if moved else ""))
+        return True
+
+    def may_checkpoint(self, step: int) -> bool:
+        """False (with a note) while the run is suspect: no checkpoint is written from such a step."""
+        if self.verdict.status == "suspect":
+            self._say(f"step {step}: no checkpoint written ({self.verdict.reason}: the run may have stopped learning)")
+            return False
+        return True
+
+    def saved(self, path) -> None:
+        self.keeper.saved(path)
+
+    @property
+    def last_healthy(self):
+        return self.keeper.confirmed
+
+    @property
+    def protected(self):
+        """The checkpoint that keep_last pruning must not delete."""
+        return self.keeper.confirmed
