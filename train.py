@@ -185,9 +185,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         if dist.any(not finite) or not math.isfinite(grad_norm):  # stop cleanly: no update, no checkpoint
             optimizer.zero_grad(set_to_none=True)
             result.status = "diverged"
-            if dist.is_main:
-                print(f"\nnon-finite {'loss' if not finite else 'gradient'} at step {step}: stopping; the last "
-                      f"good checkpoint is kept ({result.checkpoint or 'none written by this run'})", flush=True)
+            result.checkpoint = watch.stop(step, f"non-finite {'loss' if not finite else 'gradient'}")
             break
         optimizer.step()
         scheduler.step()
@@ -217,10 +215,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 result.checkpoint = checkpoint(step)
                 watch.saved(result.checkpoint)
             except NonFiniteStateError as e:
-                result.status = "diverged"
-                if dist.is_main:
-                    print(f"\n{e}: stopping; the last good checkpoint is kept "
-                          f"({result.checkpoint or 'none written by this run'})", flush=True)
+                result.status, result.checkpoint = "diverged", watch.stop(step, str(e))
                 break
         if step == kill_after:
             os.kill(os.getpid(), signal.SIGKILL)

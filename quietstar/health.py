@@ -8,7 +8,8 @@
   diverged  `health.frozen_steps` suspect steps in a row, or the NLL jumped above `health.spike_factor`
             times the median of the recent steps. train.py warns and (health.on_divergence=stop, the
             default) stops without writing a checkpoint, so the newest checkpoint is the last healthy one.
-A non-finite loss, gradient or weight is handled before this (train.py, checkpoint.assert_finite).
+A non-finite loss, gradient or weight (train.py; checkpoint.non_finite_tensor) ends the run the same way:
+`RunWatch.stop`.
 """
 
 from __future__ import annotations
@@ -112,11 +113,17 @@ class RunWatch:
             self._say(f"WARNING: the run has diverged at step {step}: {self.verdict.reason}; going on "
                       "(health.on_divergence=warn)")
             return False
-        confirmed, moved = self.keeper.diverged() if self.is_main else (self.keeper.confirmed, None)
-        self._say(f"WARNING: the run has diverged at step {step}: {self.verdict.reason}; stopping. Last healthy "
-                  f"checkpoint: {confirmed or 'none written by this run'}"
-                  + (f"; the newer, unconfirmed one was moved to {moved}" if moved else ""))
+        self.stop(step, self.verdict.reason)
         return True
+
+    def stop(self, step: int, reason: str):
+        """The run ends as diverged at `step`: set the unconfirmed checkpoint aside and say which checkpoint
+        is the last healthy one. -> that checkpoint (None if this run wrote none)."""
+        confirmed, moved = self.keeper.diverged() if self.is_main else (self.keeper.confirmed, None)
+        self._say(f"WARNING: the run has diverged at step {step}: {reason}; stopping. Last healthy checkpoint: "
+                  f"{confirmed or 'none written by this run'}"
+                  + (f"; the newer one, not confirmed by a healthy step, was moved to {moved}" if moved else ""))
+        return confirmed
 
     def may_checkpoint(self, step: int) -> bool:
         """False (with a note) while the run is suspect: no checkpoint is written from such a step."""
