@@ -4,7 +4,7 @@
     python train.py model=tiny train.max_steps=5      # the tiny random model (seconds)
     python train.py data=jsonl data.path=../shared/data/math_web/train.jsonl thought.n_ahead=12
     python train.py -m thought.n_ahead=4,8            # a Hydra multirun sweep
-    python train.py resume=outputs/<date>/<time>      # continue a run from its newest checkpoint
+    python train.py resume=outputs/<date>/<time>-<pid>  # continue a run from its newest checkpoint
     python train.py experiment=gpu                    # the preset for a real run on a GPU
     torchrun --nproc_per_node=2 train.py dist=ddp     # data parallel (dist=fsdp: sharded)
 
@@ -65,7 +65,7 @@ def build_thinker(cfg: TrainConfig, device: torch.device):
 
         base, tok = load_pretrained(spec.name, dtype=dtype)
         if tok is None:
-            raise ValueError(f"model.name={spec.name!r}: no tokenizer found (an HF dir needs tokenizer.json)")
+            raise ConfigError(f"model.name={spec.name!r}: no tokenizer found (an HF dir needs tokenizer.json)")
     else:
         base = Transformer(spec.architecture()).to(dtype)
         tok = ByteTokenizer(base.cfg.vocab_size)

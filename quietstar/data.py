@@ -432,7 +432,7 @@ class SequenceStream:
 
     def load_state_dict(self, state: dict) -> None:
         if (state.get("mode", self.mode), state.get("seq_len", self.L)) != (self.mode, self.L):
-            raise ValueError(f"data cursor was saved for mode={state.get('mode')!r} seq_len={state.get('seq_len')}, "
+            raise DataFileError(f"data cursor was saved for mode={state.get('mode')!r} seq_len={state.get('seq_len')}, "
                              f"this run has data.mode={self.mode!r} data.seq_len={self.L}")
         self.epoch, self.pos, self.offset = int(state["epoch"]), int(state["pos"]), int(state["offset"])
 
@@ -449,7 +449,7 @@ class SequenceStream:
                 text = next(self._it)
             except StopIteration:  # end of an epoch: the next permutation
                 if self.pos == 0 or wrapped:
-                    raise ValueError("the data source has no (non-empty) documents") from None
+                    raise DataFileError("the data source has no (non-empty) documents") from None
                 self.epoch, self.pos, self.offset, self._it, wrapped = self.epoch + 1, 0, 0, None, True
                 continue
             self._it_at = (self.epoch, self.pos + 1)
