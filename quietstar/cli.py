@@ -64,7 +64,7 @@ def _convert(key: str, value: str, default):
         if kind is float and not math.isfinite(x):
             raise UserError(f"argument {key}={value!r}: must be a finite number")
         return x
-    return value if value.lower() not in ("null", "none", "") else None
+    return None if value.lower() in ("null", "none") or (value == "" and default is None) else value
 
 
 def check_writable(path, what: str) -> Path:
@@ -72,6 +72,9 @@ def check_writable(path, what: str) -> Path:
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{what}={path}: is a directory, expected a file path")
+    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise UserError(f"{what}={path}: cannot be written ({blocking} is a file, not a directory)")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         existed = path.exists()

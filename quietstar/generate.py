@@ -199,6 +199,7 @@ def main(argv=None):
     args = parse_kv(sys.argv[1:] if argv is None else argv, dict(
         ckpt="", model="smollm2-135m", prompt="Q: What is 12 + 7?\nA:", max_new_tokens=48, temperature=0.7,
         top_p=0.95, think=True, show_thoughts=True, seed=0, device="cpu"), RULES)
+    args["prompt"] = args["prompt"] or ""  # prompt= or prompt=none: generate from BOS
     qs, tok = load_for_inference(args["ckpt"], args["device"], model=args["model"])
     qs.eval()
     g = torch.Generator(device=args["device"]).manual_seed(args["seed"])

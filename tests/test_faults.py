@@ -323,7 +323,7 @@ def test_eval_checks_that_out_is_writable_before_it_runs(eval_data, tmp_path, mo
 
     (tmp_path / "file").write_text("x")
     monkeypatch.setattr(common, "load_model", lambda *a, **k: pytest.fail("the model loaded before out was checked"))
-    with pytest.raises(UserError, match=r"out=.*file/n.json: cannot be written"):
+    with pytest.raises(UserError, match=r"out=.*file/n.json: cannot be written \(.*file is a file"):
         main(["nll", f"data.path={eval_data}", f"out={tmp_path / 'file' / 'n.json'}", "seq_len=16"])
 
 
@@ -375,6 +375,7 @@ def test_bad_eval_limits_and_starts_name_the_argument(eval_data):
 
 def test_an_empty_prompt_generates_from_bos_and_a_long_one_is_cropped_with_a_warning():
     qs, tok = tiny_thinker().eval(), ByteTokenizer()
+    assert parse_kv(["prompt="], {"prompt": "Q:"})["prompt"] == ""  # the CLI's prompt= is the empty prompt
     g = generate(qs, tok, [""], max_new_tokens=3, temperature=0, think=True)
     assert len(g.tokens[0]) >= 1
     too_long = "7" * (qs.model.cfg.max_seq_len + 10)
