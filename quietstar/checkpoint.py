@@ -318,7 +318,7 @@ def recover_checkpoints(root) -> list[str]:
         return done
     for tmp in sorted(root.glob(f"{TMP_PREFIX}{STEP_PREFIX}*")):
         final, old = root / tmp.name.removeprefix(TMP_PREFIX), root / (OLD_PREFIX + tmp.name.removeprefix(TMP_PREFIX))
-        if not final.exists() and (tmp / "manifest.json").is_file():
+        if not final.exists() and _is_complete(tmp):
             os.rename(tmp, final)
             done.append(f"{final}: finished an interrupted save")
     for old in sorted(root.glob(f"{OLD_PREFIX}{STEP_PREFIX}*")):
@@ -327,9 +327,21 @@ def recover_checkpoints(root) -> list[str]:
             os.rename(old, final)
             done.append(f"{final}: rolled back an interrupted replace")
     for leftover in [*root.glob(f"{TMP_PREFIX}*"), *root.glob(f"{OLD_PREFIX}*")]:
-        shutil.rmtree(leftover, ignore_errors=True)
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:  # a manifest being written (.tmp-step_N.manifest.part)
+            leftover.unlink(missing_ok=True)
     _fsync_dir(root)
     return done
+
+
+def _is_complete(path: Path) -> bool:
+    """Every file of the manifest is there with its size (hashes are checked on load)."""
+    try:
+        verify_checkpoint(path, check_hashes=False)
+        return True
+    except CheckpointError:
+        return False
 
 
 def save_checkpoint(root, step: int, qs: nn.Module, optimizer, scheduler, *, data_state: dict,
@@ -408,8 +420,10 @@ def _write_manifest(tmp: Path, step: int, verify_hashes: bool) -> None:
     for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
         _fsync_file(f)
         files[str(f.relative_to(tmp))] = {"size": f.stat().st_size, "sha256": _sha256(f) if verify_hashes else None}
-    _write_json(tmp / "manifest.json", {"format_version": FORMAT_VERSION, "step": step, "files": files})
-    _fsync_file(tmp / "manifest.json")
+    part = tmp.parent / f"{tmp.name}.manifest.part"  # outside tmp: never listed in the manifest
+    _write_json(part, {"format_version": FORMAT_VERSION, "step": step, "files": files})
+    _fsync_file(part)
+    os.rename(part, tmp / "manifest.json")  # whole or absent, never half written
     for d in sorted({p.parent for p in tmp.rglob("*")}, key=lambda p: -len(p.parts)):
         _fsync_dir(d)
 
