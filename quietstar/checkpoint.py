@@ -14,10 +14,15 @@ Layout of `<output dir>/checkpoints/step_0000120/`:
     state.json             human-readable step, data cursor and wandb id
     manifest.json          written last: every file with its size and sha256
 
-Writing is atomic: everything goes to a temporary sibling dir, each file is fsynced, then the dir is
-renamed into place (and the parent fsynced), so a crash leaves either the old set of checkpoints or the
-new one, never a partial `step_*`. Loading checks the manifest first and refuses a partial or corrupt
-checkpoint with an error naming the offending file.
+Writing is atomic: everything goes to a temporary sibling dir `.tmp-step_N/`, each file is fsynced, the
+manifest is renamed in last, then the dir is renamed into place (and the parent fsynced). Saving a step
+that exists renames the old copy to `.old-step_N/` first and deletes it only once the new one is in place;
+`recover_checkpoints` (run before every save and when a run starts) finishes or rolls back a save that a
+crash interrupted, so at every instruction a complete `step_N` exists or is restored (SAVE_POINTS). No
+checkpoint is written from non-finite weights. Loading checks the manifest first and refuses a partial or
+corrupt checkpoint with an error naming the offending file.
+
+A run holds `RunLock` on its output dir, so two runs never write into one dir.
 
 Checkpoints are saved from the unwrapped, uncompiled module (compile is per block and in place), so keys
 never carry `_orig_mod.` or DDP's `module.` prefix.
@@ -317,7 +322,7 @@ def recover_checkpoints(root) -> list[str]:
     if not root.is_dir():
         return done
     for tmp in sorted(root.glob(f"{TMP_PREFIX}{STEP_PREFIX}*")):
-        final, old = root / tmp.name.removeprefix(TMP_PREFIX), root / (OLD_PREFIX + tmp.name.removeprefix(TMP_PREFIX))
+        final = root / tmp.name.removeprefix(TMP_PREFIX)
         if not final.exists() and _is_complete(tmp):
             os.rename(tmp, final)
             done.append(f"{final}: finished an interrupted save")
