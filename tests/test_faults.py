@@ -182,6 +182,16 @@ def test_a_kill_at_every_point_of_the_save_leaves_a_complete_checkpoint(tmp_path
         assert step_dirs(root) == ["step_0000001", "step_0000002"]
 
 
+def test_a_run_restarted_into_its_dir_rolls_back_a_half_done_replace_first(run_dir, tmp_path):
+    shutil.copytree(run_dir / "checkpoints", tmp_path / "checkpoints")
+    root = tmp_path / "checkpoints"
+    os.rename(root / "step_0000002", root / ".old-step_0000002")  # killed between the two renames
+    result = train_script.train(tiny_cfg(tmp_path, f"resume={tmp_path}", "train.max_steps=3"))
+    assert result.status == "done" and len(result.losses) == 1  # resumed from step 2, not step 1
+    assert step_dirs(root) == ["step_0000002", "step_0000003"]  # keep_last=2
+    assert not list(root.glob(".old-*"))
+
+
 def test_a_full_disk_during_a_save_says_so_and_removes_the_partial_dir(tmp_path, monkeypatch):
     import safetensors.torch
 
