@@ -286,7 +286,7 @@ def resume_config(node, overrides: list[str]):
 if __name__ == "__main__":
     import hydra
     from hydra.core.hydra_config import HydraConfig
-    from omegaconf import DictConfig, OmegaConf
+    from omegaconf import DictConfig
 
     from quietstar.config import register_configs
     from quietstar.errors import run_main, tracebacks_wanted

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from quietstar.cli import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Rule, check_writable, one_of, parse_kv
+from quietstar.cli import AT_LEAST_1, NON_NEGATIVE, Rule, check_writable, one_of, parse_kv
 from quietstar.errors import UserError, run_main
 from quietstar.eval import common
 
@@ -41,7 +41,7 @@ TASKS = {
 }
 RULES = {"limit": NON_NEGATIVE, "batch_size": AT_LEAST_1, "seed": NON_NEGATIVE, "threads": NON_NEGATIVE,
          "thoughts": one_of("auto", "on", "off"), "n_ahead": Rule(lambda x: x == 0 or x >= 3, "0 or >= 3"),
-         "metric": one_of("soft", "em", "both"), "max_len": AT_LEAST_1, "k": AT_LEAST_1, "temperature": POSITIVE,
+         "metric": one_of("soft", "em", "both"), "max_len": AT_LEAST_1, "k": AT_LEAST_1, "temperature": NON_NEGATIVE,
          "max_cot_tokens": AT_LEAST_1, "answer_tokens": AT_LEAST_1, "seq_len": Rule(lambda x: x >= 2, ">= 2"),
          "n_buckets": AT_LEAST_1, "report_records": AT_LEAST_1}
 DATA = {"gsm8k": "gsm8k/test.jsonl", "csqa": "commonsenseqa/dev_rand_split.jsonl",
