@@ -4,7 +4,7 @@
     python train.py model=tiny train.max_steps=5      # the tiny random model (seconds)
     python train.py data=jsonl data.path=../shared/data/math_web/train.jsonl thought.n_ahead=12
     python train.py -m thought.n_ahead=4,8            # a Hydra multirun sweep
-    python train.py resume=outputs/<date>/<time>      # continue a run from its newest checkpoint
+    python train.py resume=outputs/<date>/<time>-<pid>  # continue a run from its newest checkpoint
     python train.py experiment=gpu                    # the preset for a real run on a GPU
     torchrun --nproc_per_node=2 train.py dist=ddp     # data parallel (dist=fsdp: sharded)
 
@@ -31,10 +31,14 @@ from typing import Optional
 import torch
 
 from quietstar import attention
-from quietstar.checkpoint import find_checkpoint, init_weights, load_checkpoint, save_checkpoint
-from quietstar.config import TrainConfig, config_to_dict
+from quietstar.checkpoint import (NonFiniteStateError, RunLock, find_checkpoint, init_weights, load_checkpoint,
+                                  read_config_node, recover_checkpoints, recover_run, save_checkpoint,
+                                  set_aside_later)
+from quietstar.config import TrainConfig, build_config, check_device_dtype, config_to_dict
 from quietstar.data import Batch, ByteTokenizer, build_stream
 from quietstar.dist import DistInfo, no_sync, setup, teardown, wrap
+from quietstar.errors import ConfigError
+from quietstar.health import RunWatch
 from quietstar.logging import Progress, start_run
 from quietstar.model import Transformer
 from quietstar.optim import autocast_context, build_optimizer, clip_grad_norm, maybe_compile, resolve_precision
@@ -64,7 +68,7 @@ def build_thinker(cfg: TrainConfig, device: torch.device):
 
         base, tok = load_pretrained(spec.name, dtype=dtype)
         if tok is None:
-            raise ValueError(f"model.name={spec.name!r}: no tokenizer found (an HF dir needs tokenizer.json)")
+            raise ConfigError(f"model.name={spec.name!r}: no tokenizer found (an HF dir needs tokenizer.json)")
     else:
         base = Transformer(spec.architecture()).to(dtype)
         tok = ByteTokenizer(base.cfg.vocab_size)
@@ -107,13 +111,17 @@ def train(cfg: TrainConfig) -> TrainResult:
     dist: DistInfo = setup(cfg.dist, cfg.train.device)
     device = dist.device
     precision = resolve_precision(device, cfg.train.precision)
+    check_device_dtype(cfg, device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     attention.set_backend(cfg.attention.backend)
-    out_dir = Path(cfg.output_dir or Path("outputs") / time.strftime("%Y-%m-%d/%H-%M-%S")).resolve()
+    out_dir = Path(cfg.output_dir or default_output_dir()).resolve()
     out_dir = dist.broadcast_object(out_dir)  # every rank writes (checkpoint shards) where rank 0 does
+    lock = RunLock(out_dir)
     if dist.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        lock.acquire()  # before anything is written: a second run into this dir fails here
+        for line in recover_checkpoints(out_dir / "checkpoints") + (recover_run(cfg.resume) if cfg.resume else []):
+            print(line, flush=True)
         (out_dir / "config.yaml").write_text(config_yaml(cfg))
 
     # ---------------------------------------------------------------- model
@@ -138,8 +146,15 @@ def train(cfg: TrainConfig) -> TrainResult:
         start_step, wandb_id = int(state["step"]), state.get("wandb_id")
         tokens_seen = int(state.get("extra", {}).get("tokens_seen", 0))
         stream.load_state_dict(state["data"])
+        if start_step >= cfg.train.max_steps:
+            raise ConfigError(f"resume: {find_checkpoint(cfg.resume)} is at step {start_step}, and train.max_steps="
+                              f"{cfg.train.max_steps}: nothing to train; raise train.max_steps")
         if dist.is_main:
             print(f"resumed from {find_checkpoint(cfg.resume)} at step {start_step}", flush=True)
+            if find_checkpoint(cfg.resume).parent.resolve() == (out_dir / "checkpoints").resolve():
+                aside = set_aside_later(out_dir / "checkpoints", start_step, out_dir / "metrics.jsonl")
+                if aside:
+                    print(f"later checkpoints and metrics of this run moved to {aside}", flush=True)
 
     # ---------------------------------------------------------------- logging
     run = start_run(cfg.logger, out_dir, config=config_to_dict(cfg), rank=dist.rank, resume_id=wandb_id)
@@ -147,13 +162,15 @@ def train(cfg: TrainConfig) -> TrainResult:
     ckpt_root = out_dir / "checkpoints"
     kill_after = int(os.environ.get("QUIETSTAR_SIGKILL_AFTER_STEP", "0") or 0)
     result = TrainResult("done", start_step, output_dir=out_dir)
+    watch = RunWatch(cfg.health, dist.is_main)  # divergence beyond NaN; which checkpoints are healthy
 
     def checkpoint(step: int) -> Path:
         return save_checkpoint(ckpt_root, step, qs, optimizer, scheduler, data_state=stream.state_dict(),
                                generator=generator, config_yaml=config_yaml(cfg), tokenizer=tok, dist=dist,
                                wandb_id=run.id if dist.is_main else None, keep_last=cfg.checkpoint.keep_last,
                                save_optimizer=cfg.checkpoint.save_optimizer,
-                               verify_hashes=cfg.checkpoint.verify_hashes, extra={"tokens_seen": tokens_seen})
+                               verify_hashes=cfg.checkpoint.verify_hashes, extra={"tokens_seen": tokens_seen},
+                               protect=watch.protected)
 
     # ---------------------------------------------------------------- loop
     model.train()
@@ -175,9 +192,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         if dist.any(not finite) or not math.isfinite(grad_norm):  # stop cleanly: no update, no checkpoint
             optimizer.zero_grad(set_to_none=True)
             result.status = "diverged"
-            if dist.is_main:
-                print(f"\nnon-finite {'loss' if not finite else 'gradient'} at step {step}: stopping; the last "
-                      f"good checkpoint is kept ({result.checkpoint or 'none written by this run'})", flush=True)
+            result.checkpoint = watch.stop(step, f"non-finite {'loss' if not finite else 'gradient'}")
             break
         optimizer.step()
         scheduler.step()
@@ -195,9 +210,18 @@ def train(cfg: TrainConfig) -> TrainResult:
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
             run.log(metrics, step=step)
         progress.update(step, metrics)
+        if watch.after_step(step, metrics.get("train/nll", metrics["train/loss"]), grad_norm):
+            result.status, result.checkpoint = "diverged", watch.last_healthy
+            break
         every = cfg.checkpoint.every
-        if (every and step % every == 0) or (step == cfg.train.max_steps and cfg.checkpoint.save_final):
-            result.checkpoint = checkpoint(step)
+        if ((every and step % every == 0) or (step == cfg.train.max_steps and cfg.checkpoint.save_final)) \
+                and watch.may_checkpoint(step):
+            try:
+                result.checkpoint = checkpoint(step)
+                watch.saved(result.checkpoint)
+            except NonFiniteStateError as e:
+                result.status, result.checkpoint = "diverged", watch.stop(step, str(e))
+                break
         if step == kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
     progress.close()
@@ -209,6 +233,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         result.curves = write_curves(out_dir)
         print_summary(cfg, result, run, skipped)
     run.finish(exit_code=0 if result.status == "done" else 1)
+    lock.release()
     teardown(dist)
     return result
 
@@ -222,6 +247,14 @@ def write_curves(out_dir: Path) -> Optional[Path]:
     except Exception as e:  # a plot must never cost a finished run its summary
         print(f"  (no curves.png: {type(e).__name__}: {e})", flush=True)
         return None
+
+
+def default_output_dir() -> Path:
+    """outputs/<date>/<time>.<microseconds>-<pid> (as configs/train.yaml's hydra.run.dir): unique even for
+    two launches in the same second."""
+    now = time.time()
+    return Path("outputs") / f"{time.strftime('%Y-%m-%d/%H-%M-%S', time.localtime(now))}." \
+        f"{int(now * 1e6) % 1_000_000:06d}-{os.getpid()}"
 
 
 def print_summary(cfg: TrainConfig, result: TrainResult, run, skipped: dict) -> None:
@@ -256,14 +289,13 @@ def resume_config(node, overrides: list[str]):
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
-    ckpt = find_checkpoint(node.resume)
-    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(ckpt / "config.yaml"))
+    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), read_config_node(node.resume))
     for o in OverridesParser.create().parse_overrides(overrides):
         key = o.key_or_group
         if key in ("resume", "output_dir") or key.startswith("hydra"):
             continue
         if key == "experiment":
-            raise ValueError("experiment=... cannot be combined with resume=...: the checkpoint's config is "
+            raise ConfigError("experiment=... cannot be combined with resume=...: the checkpoint's config is "
                              "used; name the fields to change instead")
         OmegaConf.update(merged, key, OmegaConf.select(node, key), merge=False)
     merged.resume = node.resume
@@ -273,19 +305,21 @@ def resume_config(node, overrides: list[str]):
 if __name__ == "__main__":
     import hydra
     from hydra.core.hydra_config import HydraConfig
-    from omegaconf import DictConfig, OmegaConf
+    from omegaconf import DictConfig
 
     from quietstar.config import register_configs
+    from quietstar.errors import run_main, tracebacks_wanted
 
     register_configs()
+    if tracebacks_wanted():
+        os.environ.setdefault("HYDRA_FULL_ERROR", "1")
 
-    @hydra.main(version_base="1.3", config_path="configs", config_name="train")
-    def main(node: DictConfig) -> None:
+    def run(node: DictConfig) -> None:
         hc = HydraConfig.get()
         if node.resume:
             node = resume_config(node, list(hc.overrides.task))
         node.output_dir = hc.runtime.output_dir
-        cfg: TrainConfig = OmegaConf.to_object(node)
+        cfg: TrainConfig = build_config(node)
         if cfg.recipe:  # a multi-stage experiment (quietstar/recipes/), each stage a train() run
             from quietstar.recipes import run_recipe
 
@@ -294,5 +328,9 @@ if __name__ == "__main__":
             result = train(cfg)
         if result.status != "done" and hc.mode.name == "RUN":
             raise SystemExit(1)
+
+    @hydra.main(version_base="1.3", config_path="configs", config_name="train")
+    def main(node: DictConfig) -> None:
+        run_main(run, node)
 
     main()

@@ -26,7 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quietstar.eval.common import machine_info, write_json  # noqa: E402
-from quietstar.generate import generate_stream, parse_kv  # noqa: E402
+from quietstar.cli import parse_kv  # noqa: E402
+from quietstar.generate import generate_stream  # noqa: E402
 from quietstar.thinker import QuietStar, ThoughtConfig  # noqa: E402
 
 PROMPT = ("Q: Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "

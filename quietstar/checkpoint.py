@@ -14,10 +14,15 @@ Layout of `<output dir>/checkpoints/step_0000120/`:
     state.json             human-readable step, data cursor and wandb id
     manifest.json          written last: every file with its size and sha256
 
-Writing is atomic: everything goes to a temporary sibling dir, each file is fsynced, then the dir is
-renamed into place (and the parent fsynced), so a crash leaves either the old set of checkpoints or the
-new one, never a partial `step_*`. Loading checks the manifest first and refuses a partial or corrupt
-checkpoint with an error naming the offending file.
+Writing is atomic: everything goes to a temporary sibling dir `.tmp-step_N/`, each file is fsynced, the
+manifest is renamed in last, then the dir is renamed into place (and the parent fsynced). Saving a step
+that exists renames the old copy to `.old-step_N/` first and deletes it only once the new one is in place;
+`recover_checkpoints` (run before every save and when a run starts) finishes or rolls back a save that a
+crash interrupted, so at every instruction a complete `step_N` exists or is restored (SAVE_POINTS). No
+checkpoint is written from non-finite weights. Loading checks the manifest first and refuses a partial or
+corrupt checkpoint with an error naming the offending file.
+
+A run holds `RunLock` on its output dir, so two runs never write into one dir.
 
 Checkpoints are saved from the unwrapped, uncompiled module (compile is per block and in place), so keys
 never carry `_orig_mod.` or DDP's `module.` prefix.
@@ -30,18 +35,23 @@ import json
 import os
 import random
 import shutil
+import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from quietstar.errors import UserError
+
 FORMAT_VERSION = 1
 STEP_PREFIX = "step_"
+TMP_PREFIX = ".tmp-"  # a checkpoint being written
+OLD_PREFIX = ".old-"  # the previous copy of a step being saved again, until the new one is in place
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used (partial, corrupt, or for another model); names the file."""
 
 
@@ -175,8 +185,9 @@ def verify_checkpoint(path, check_hashes: bool = True) -> dict:
     try:
         manifest = json.loads(manifest_path.read_text())
         files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{manifest_path}: unreadable manifest ({e})") from e
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{manifest_path}: unreadable manifest ({type(e).__name__}: {e})") from e
+    _check_manifest_entries(manifest_path, files)
     for name, meta in files.items():
         f = path / name
         if not f.is_file():
@@ -187,6 +198,18 @@ def verify_checkpoint(path, check_hashes: bool = True) -> dict:
         if check_hashes and meta.get("sha256") and _sha256(f) != meta["sha256"]:
             raise CheckpointError(f"{f}: corrupt: sha256 does not match the manifest")
     return manifest
+
+
+def _check_manifest_entries(manifest_path: Path, files) -> None:
+    """Each entry of manifest.json's `files` is {"size": int, "sha256": str or null}."""
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{manifest_path}: 'files' must be an object, got {type(files).__name__}")
+    for name, meta in files.items():
+        ok = (isinstance(meta, dict) and isinstance(meta.get("size"), int) and not isinstance(meta["size"], bool)
+              and isinstance(meta.get("sha256"), (str, type(None))))
+        if not ok:
+            raise CheckpointError(f"{manifest_path}: malformed entry for {name!r} (expected "
+                                  f'{{"size": <bytes>, "sha256": <hex or null>}}, got {meta!r})')
 
 
 def _torch_load(path: Path):
@@ -229,39 +252,146 @@ def read_model_config(path):
     return ModelConfig(**json.loads(f.read_text()))
 
 
+def read_config_node(path):
+    """The saved config.yaml of a checkpoint as a DictConfig, after verifying the checkpoint (a damaged file
+    is reported by the manifest check, not as a YAML error)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    path = find_checkpoint(path)
+    meta = verify_checkpoint(path, check_hashes=False)["files"].get("config.yaml")  # sizes; one hash below
+    f = path / "config.yaml"
+    if not f.is_file():
+        raise CheckpointError(f"{f}: missing")
+    if meta and meta.get("sha256") and _sha256(f) != meta["sha256"]:
+        raise CheckpointError(f"{f}: corrupt: sha256 does not match the manifest")
+    try:
+        node = OmegaConf.load(f)
+    except Exception as e:  # yaml's and omegaconf's own error types
+        raise CheckpointError(f"{f}: not a readable config ({type(e).__name__}: {' '.join(str(e).split())})") from e
+    if not isinstance(node, DictConfig):
+        raise CheckpointError(f"{f}: not a config mapping")
+    return node
+
+
 def read_train_config(path):
     """The TrainConfig saved with a checkpoint."""
     from quietstar.config import load_config
 
-    f = Path(path) / "config.yaml"
-    if not f.is_file():
-        raise CheckpointError(f"{f}: missing")
-    return load_config(str(f))
+    try:
+        return load_config(read_config_node(path))
+    except CheckpointError:
+        raise
+    except UserError as e:
+        raise CheckpointError(f"{Path(path) / 'config.yaml'}: {e}") from e
 
 
 # --------------------------------------------------------------------------------------------------
 # save
 
 
+SAVE_POINTS = ("written", "old_aside", "new_in_place", "old_removed", "pruned")
+"""The points of the save sequence after which `save_checkpoint(on_point=...)` is called, in order:
+  written       every file of `.tmp-step_N` is written and fsynced, manifest.json last
+  old_aside     an existing `step_N` (the same step saved again) is renamed to `.old-step_N`
+  new_in_place  `.tmp-step_N` is renamed to `step_N`
+  old_removed   `.old-step_N` is deleted
+  pruned        keep_last: older checkpoints are deleted
+At every point a complete `step_N` (old or new) exists or is restored by `recover_checkpoints`."""
+
+
+class NonFiniteStateError(RuntimeError):
+    """The model holds NaN / inf: it is never written as a checkpoint."""
+
+
+def non_finite_tensor(qs: nn.Module) -> Optional[str]:
+    """The name of the first parameter or buffer of `qs` with a NaN / inf, or None."""
+    for name, t in [*qs.named_parameters(), *qs.named_buffers()]:
+        t = t.to_local() if hasattr(t, "to_local") else t  # FSDP: this rank's shard
+        if t.is_floating_point() and not bool(torch.isfinite(t.detach()).all()):
+            return name
+    return None
+
+
+def recover_checkpoints(root) -> list[str]:
+    """Finish or roll back a save that a crash interrupted. -> one line per action taken.
+
+    A complete `.tmp-step_N` (its manifest is written last) whose `step_N` is missing is renamed into place
+    (finish); else a `.old-step_N` whose `step_N` is missing is renamed back (roll back). Leftover `.old-*`
+    and incomplete `.tmp-*` dirs are then deleted. Call only while no process is saving into `root`."""
+    root, done = Path(root), []
+    if not root.is_dir():
+        return done
+    for tmp in sorted(root.glob(f"{TMP_PREFIX}{STEP_PREFIX}*")):
+        final = root / tmp.name.removeprefix(TMP_PREFIX)
+        if not final.exists() and _is_complete(tmp):
+            os.rename(tmp, final)
+            done.append(f"{final}: finished an interrupted save")
+    for old in sorted(root.glob(f"{OLD_PREFIX}{STEP_PREFIX}*")):
+        final = root / old.name.removeprefix(OLD_PREFIX)
+        if not final.exists():
+            os.rename(old, final)
+            done.append(f"{final}: rolled back an interrupted replace")
+    for leftover in [*root.glob(f"{TMP_PREFIX}*"), *root.glob(f"{OLD_PREFIX}*")]:
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:  # a manifest being written (.tmp-step_N.manifest.part)
+            leftover.unlink(missing_ok=True)
+    _fsync_dir(root)
+    return done
+
+
+def _is_complete(path: Path) -> bool:
+    """Every file of the manifest is there with its size (hashes are checked on load)."""
+    try:
+        verify_checkpoint(path, check_hashes=False)
+        return True
+    except CheckpointError:
+        return False
+
+
 def save_checkpoint(root, step: int, qs: nn.Module, optimizer, scheduler, *, data_state: dict,
                     generator: Optional[torch.Generator], config_yaml: str, tokenizer, dist=None,
                     wandb_id: Optional[str] = None, keep_last: int = 0, save_optimizer: bool = True,
-                    verify_hashes: bool = True, extra: Optional[dict] = None) -> Path:
-    """Write `<root>/step_XXXXXXX/` atomically (every rank calls this under FSDP/DDP). -> its path."""
+                    verify_hashes: bool = True, extra: Optional[dict] = None, protect: Optional[Path] = None,
+                    on_point: Optional[Callable[[str], None]] = None) -> Path:
+    """Write `<root>/step_XXXXXXX/` atomically (every rank calls this under FSDP/DDP). -> its path.
+
+    NonFiniteStateError (nothing written) if any weight is NaN / inf. A write error removes the partial
+    temporary dir; a full disk is a CheckpointError saying so. keep_last pruning never deletes the checkpoint
+    just written nor `protect`. `on_point(name)` is called at each of
+    SAVE_POINTS (a test hook: fault injection at every step of the sequence)."""
     from quietstar.dist import DistInfo
 
     dist = dist or DistInfo()
+    bad = non_finite_tensor(qs)
+    if dist.any(bad is not None):
+        raise NonFiniteStateError(f"step {step}: the model holds non-finite values ({bad or 'on another rank'}); "
+                                  "no checkpoint written")
     root = Path(root)
-    final = root / step_dir_name(step)
-    tmp = root / f".tmp-{step_dir_name(step)}"
+    final, tmp = root / step_dir_name(step), root / f"{TMP_PREFIX}{step_dir_name(step)}"
     if dist.is_main:
         root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        recover_checkpoints(root)
         tmp.mkdir()
     dist.barrier()
+    try:
+        _write_rank_files(tmp, qs, optimizer, generator, dist, save_optimizer)
+        if dist.is_main:
+            info = {"step": step, "data": data_state, "wandb_id": wandb_id, "world_size": dist.world_size,
+                    "dist": dist.kind, "extra": extra or {}}
+            _write_main_files(tmp, qs, optimizer, scheduler, info, config_yaml, tokenizer, dist, save_optimizer)
+            _write_manifest(tmp, step, verify_hashes)
+    except (OSError, RuntimeError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _raise_write_error(e, tmp)
+    if dist.is_main:
+        _commit(tmp, final, keep_last, on_point or (lambda name: None), protect)
+    dist.barrier()
+    return final
 
-    # every rank: its RNG; FSDP: the model and optimizer shards
+
+def _write_rank_files(tmp: Path, qs, optimizer, generator, dist, save_optimizer: bool) -> None:
+    """Every rank: its RNG; FSDP: the model and optimizer shards."""
     torch.save(capture_rng(generator), tmp / f"rng_rank{dist.rank}.pt")
     if dist.kind == "fsdp":
         import torch.distributed.checkpoint as dcp
@@ -272,49 +402,80 @@ def save_checkpoint(root, step: int, qs: nn.Module, optimizer, scheduler, *, dat
                  checkpoint_id=str(tmp / "sharded"))
     dist.barrier()
 
-    if dist.is_main:
-        from safetensors.torch import save_file
 
-        if dist.kind != "fsdp":
-            state = {k: v.detach().contiguous().cpu() for k, v in qs.state_dict().items()}
-            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "step": str(step)})
-            if save_optimizer:
-                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        info = {"step": step, "data": data_state, "wandb_id": wandb_id, "world_size": dist.world_size,
-                "dist": dist.kind, "extra": extra or {}}
-        torch.save({**info, "scheduler": scheduler.state_dict()}, tmp / "train_state.pt")
-        _write_json(tmp / "state.json", info)
-        _write_json(tmp / "model_config.json", qs.model.cfg.to_dict())
-        save_tokenizer(tokenizer, tmp)
-        (tmp / "config.yaml").write_text(config_yaml)
-        files = {}
-        for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
-            _fsync_file(f)
-            files[str(f.relative_to(tmp))] = {"size": f.stat().st_size,
-                                              "sha256": _sha256(f) if verify_hashes else None}
-        _write_json(tmp / "manifest.json", {"format_version": FORMAT_VERSION, "step": step, "files": files})
-        _fsync_file(tmp / "manifest.json")
-        for d in sorted({p.parent for p in tmp.rglob("*")}, key=lambda p: -len(p.parts)):
-            _fsync_dir(d)
-        if final.exists():  # the same step saved again (e.g. a resumed run into the same dir)
-            old = root / f".old-{final.name}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(final, old)
-            shutil.rmtree(old)
-        os.rename(tmp, final)
+def _write_main_files(tmp: Path, qs, optimizer, scheduler, info: dict, config_yaml: str, tokenizer, dist,
+                      save_optimizer: bool) -> None:
+    from safetensors.torch import save_file
+
+    if dist.kind != "fsdp":
+        state = {k: v.detach().contiguous().cpu() for k, v in qs.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "step": str(info["step"])})
+        if save_optimizer:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save({**info, "scheduler": scheduler.state_dict()}, tmp / "train_state.pt")
+    _write_json(tmp / "state.json", info)
+    _write_json(tmp / "model_config.json", qs.model.cfg.to_dict())
+    save_tokenizer(tokenizer, tmp)
+    (tmp / "config.yaml").write_text(config_yaml)
+
+
+def _write_manifest(tmp: Path, step: int, verify_hashes: bool) -> None:
+    """fsync every file, then write manifest.json (the mark of a complete checkpoint) and fsync the dirs."""
+    files = {}
+    for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        _fsync_file(f)
+        files[str(f.relative_to(tmp))] = {"size": f.stat().st_size, "sha256": _sha256(f) if verify_hashes else None}
+    part = tmp.parent / f"{tmp.name}.manifest.part"  # outside tmp: never listed in the manifest
+    _write_json(part, {"format_version": FORMAT_VERSION, "step": step, "files": files})
+    _fsync_file(part)
+    os.rename(part, tmp / "manifest.json")  # whole or absent, never half written
+    for d in sorted({p.parent for p in tmp.rglob("*")}, key=lambda p: -len(p.parts)):
+        _fsync_dir(d)
+
+
+def _raise_write_error(e: BaseException, tmp: Path):
+    """A full disk -> CheckpointError naming the filesystem; any other write error is re-raised."""
+    import errno
+
+    text = str(e)
+    full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text or (
+        "unexpected pos" in text or "file write failed" in text)
+    if full:
+        raise CheckpointError(f"no space left on {tmp.parent} while writing checkpoint {tmp.name}; the partial "
+                              "checkpoint was removed and the earlier ones are intact") from e
+    raise e
+
+
+def _commit(tmp: Path, final: Path, keep_last: int, point: Callable[[str], None], protect: Optional[Path]) -> None:
+    """Rename the complete `tmp` into place; an existing `final` is set aside first and deleted only after."""
+    root = final.parent
+    point("written")
+    old = root / f"{OLD_PREFIX}{final.name}"
+    if final.exists():  # the same step saved again (e.g. a resumed run into the same dir)
+        os.rename(final, old)
         _fsync_dir(root)
-        if keep_last > 0:
-            prune_checkpoints(root, keep_last)
-    dist.barrier()
-    return final
+        point("old_aside")
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    point("new_in_place")
+    if old.exists():
+        shutil.rmtree(old)
+        _fsync_dir(root)
+        point("old_removed")
+    if keep_last > 0:
+        prune_checkpoints(root, keep_last, keep=(final, protect))
+        point("pruned")
 
 
-def prune_checkpoints(root, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` complete checkpoints (and stale temporary dirs)."""
+def prune_checkpoints(root, keep_last: int, keep=()) -> None:
+    """Delete all but the newest `keep_last` checkpoints; those in `keep` (paths or None) are never deleted."""
     root = Path(root)
+    spared = {Path(k).name for k in keep if k is not None}
     steps = sorted(p for p in root.glob(f"{STEP_PREFIX}*") if p.is_dir())
     for p in steps[:-keep_last]:
-        shutil.rmtree(p, ignore_errors=True)
+        if p.name not in spared:
+            shutil.rmtree(p, ignore_errors=True)
+    _fsync_dir(root)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -448,3 +609,118 @@ def init_weights(qs: nn.Module, path) -> Path:
 
     _load_model_state(qs, read_model_state(path), path, DistInfo())
     return path
+
+
+# --------------------------------------------------------------------------------------------------
+# one run per directory; resuming an earlier step
+
+
+LOCK_NAME = ".lock"
+
+
+class RunDirInUse(UserError):
+    """Another live process holds the run dir's lock."""
+
+
+class RunLock:
+    """An exclusive advisory lock on a run dir: `<run dir>/.lock` (flock), holding the owner's pid.
+
+    Taken by train.py before it writes anything into the dir; a second run into the same dir fails at once,
+    naming the holder's pid. The lock is released by `release()` or when the process ends (even by SIGKILL),
+    so a crashed run never leaves a stale lock behind."""
+
+    def __init__(self, run_dir):
+        self.path = Path(run_dir) / LOCK_NAME
+        self.fd: Optional[int] = None
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunDirInUse(f"{self.path.parent}: in use by another run (pid {holder}); wait for it to end or "
+                              "choose another output dir (hydra.run.dir=...)") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            import fcntl
+
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def __del__(self):
+        self.release()
+
+
+def recover_run(path) -> list[str]:
+    """`recover_checkpoints` for the run holding checkpoint `path`, if no live process holds its lock."""
+    path = Path(path).expanduser()
+    root = path.parent if path.name.startswith(STEP_PREFIX) else (
+        path / "checkpoints" if (path / "checkpoints").is_dir() else path)
+    run_dir = root.parent if root.name == "checkpoints" else root
+    if not root.is_dir():
+        return []
+    try:
+        with RunLock(run_dir):
+            return recover_checkpoints(root)
+    except (RunDirInUse, OSError):  # a live run (or a read-only dir): leave it as it is
+        return []
+
+
+def step_of(path: Path) -> int:
+    return int(Path(path).name[len(STEP_PREFIX):])
+
+
+def set_aside_later(ckpt_root, step: int, metrics_file: Optional[Path] = None) -> Optional[Path]:
+    """Resuming step `step` into the run it came from: move that run's later checkpoints, and its
+    metrics.jsonl records of later steps, into `<ckpt_root>/abandoned_after_step_N_<time>/`, so the resumed
+    timeline never mixes with the abandoned one and nothing is deleted. -> that dir, or None."""
+    root = Path(ckpt_root)
+    later = sorted(p for p in root.glob(f"{STEP_PREFIX}*") if p.is_dir() and step_of(p) > step)
+    kept, dropped = _split_metrics(metrics_file, step)
+    if not later and not dropped:
+        return None
+    dest = root / f"abandoned_after_{step_dir_name(step)}_{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    dest.mkdir(parents=True)
+    for p in later:
+        os.rename(p, dest / p.name)
+    if dropped:
+        (dest / "metrics.jsonl").write_text("".join(dropped))
+        _fsync_file(dest / "metrics.jsonl")
+        tmp = metrics_file.with_name(metrics_file.name + ".tmp")
+        tmp.write_text("".join(kept))
+        _fsync_file(tmp)
+        os.replace(tmp, metrics_file)
+    _fsync_dir(dest)
+    _fsync_dir(root)
+    return dest
+
+
+def _split_metrics(metrics_file: Optional[Path], step: int) -> tuple[list[str], list[str]]:
+    """The lines of metrics.jsonl up to `step`, and those after it."""
+    if metrics_file is None or not Path(metrics_file).is_file():
+        return [], []
+    kept, dropped = [], []
+    for line in Path(metrics_file).read_text(errors="replace").splitlines(keepends=True):
+        try:
+            later = int(json.loads(line).get("step", 0)) > step
+        except (ValueError, TypeError, AttributeError):
+            later = False
+        (dropped if later else kept).append(line)
+    return kept, dropped

@@ -3,7 +3,7 @@
 `TrainConfig` is registered in Hydra's ConfigStore as `base_config`, so `configs/train.yaml` starts
 `defaults: [base_config, model: ..., thought: ..., ...]` and every YAML value is type-checked against
 these fields. train.py turns the composed DictConfig into a `TrainConfig` with `OmegaConf.to_object`,
-which runs every `__post_init__` below: a bad value raises `ValueError` naming its field. Nothing past
+which runs every `__post_init__` below: a bad value raises `ConfigError` (a ValueError) naming its field. Nothing past
 train.py ever sees a DictConfig.
 
 Sections (each a config group under configs/):
@@ -16,33 +16,52 @@ Sections (each a config group under configs/):
   logger      LoggerConfig   wandb (offline by default) or none; metrics.jsonl always
   dist        DistConfig     none | ddp | fsdp (under torchrun)
   attention   AttentionConfig  the thought-grid attention backend
+  health      HealthConfig   divergence detection: a loss spike, a frozen loss or zero gradient
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from quietstar.errors import ConfigError
 from quietstar.model import PRESETS, ModelConfig
 from quietstar.reasoning import ReasoningConfig
 from quietstar.recipes.learn_to_think import LearnToThinkConfig
 from quietstar.thinker import ThoughtConfig
 
 __all__ = ["ModelSpec", "ThoughtConfig", "DataConfig", "OptimConfig", "LoopConfig", "CheckpointConfig",
-           "LoggerConfig", "DistConfig", "AttentionConfig", "TrainConfig", "register_configs", "load_config",
-           "config_to_dict"]
+           "LoggerConfig", "DistConfig", "AttentionConfig", "HealthConfig", "TrainConfig", "register_configs",
+           "build_config", "load_config", "check_device_dtype", "config_to_dict"]
 
 
 def _one_of(section: str, name: str, value, allowed) -> None:
     if value not in allowed:
-        raise ValueError(f"{section}.{name} must be one of {tuple(allowed)}, got {value!r}")
+        raise ConfigError(f"{section}.{name} must be one of {tuple(allowed)}, got {value!r}")
 
 
 def _positive(section: str, name: str, value, allow_zero: bool = False) -> None:
-    if value is None or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{section}.{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+    """value > 0 (>= 0 with allow_zero); NaN and None fail both."""
+    if value is None or not (value > 0 or (allow_zero and value == 0)):
+        raise ConfigError(f"{section}.{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def _in_range(section: str, name: str, value, lo: float, hi: float) -> None:
+    if not lo <= value <= hi:  # False for NaN
+        raise ConfigError(f"{section}.{name} must be in [{lo}, {hi}], got {value!r}")
+
+
+def _check_finite(section: str, obj) -> None:
+    """Every float field of a config dataclass is a finite number: NaN and inf name their field."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{section}.{f.name} must be a finite number, got {value!r}")
+        if dataclasses.is_dataclass(value):
+            _check_finite(f"{section}.{f.name}", value)
 
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -87,17 +106,22 @@ class ModelSpec:
 
     def __post_init__(self):
         _one_of("model", "dtype", self.dtype, DTYPES)
+        _check_finite("model", self)
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "intermediate_size",
+                     "norm_eps", "rope_theta", "max_seq_len", "sliding_window"):
+            if getattr(self, name) is not None:
+                _positive("model", name, getattr(self, name))
         if self.name is None:
             _one_of("model", "preset", self.preset, sorted(PRESETS))
             try:
                 cfg = self.architecture()
             except ValueError as e:  # ModelConfig names the field; say which section it is in
-                raise ValueError(f"model: {e}") from None
+                raise ConfigError(f"model: {e}") from None
             if cfg.vocab_size < 256:
-                raise ValueError(f"model.vocab_size must be >= 256 for a byte-tokenized random-init model, "
+                raise ConfigError(f"model.vocab_size must be >= 256 for a byte-tokenized random-init model, "
                                  f"got {cfg.vocab_size}")
         elif not str(self.name).strip():
-            raise ValueError("model.name must be a model name or path, or null")
+            raise ConfigError("model.name must be a model name or path, or null")
 
     def overrides(self) -> dict:
         """The ModelConfig fields set here (not None)."""
@@ -138,15 +162,15 @@ class DataConfig:
         _one_of("data", "source", self.source, ("synthetic", "reasoning", "jsonl", "parquet", "text", "hf"))
         _one_of("data", "mode", self.mode, ("crop", "pack"))
         if self.source not in ("synthetic", "reasoning") and not self.path:
-            raise ValueError(f"data.path is required for data.source={self.source!r}")
+            raise ConfigError(f"data.path is required for data.source={self.source!r}")
         if self.seq_len < 4:
-            raise ValueError(f"data.seq_len must be >= 4, got {self.seq_len}")
+            raise ConfigError(f"data.seq_len must be >= 4, got {self.seq_len}")
         _positive("data", "batch_size", self.batch_size)
         _positive("data", "synthetic_docs", self.synthetic_docs)
         if self.max_docs is not None:
             _positive("data", "max_docs", self.max_docs)
         if not self.text_field:
-            raise ValueError("data.text_field must be a field name")
+            raise ConfigError("data.text_field must be a field name")
 
 
 @dataclass
@@ -178,8 +202,7 @@ class OptimConfig:
                      "talk_head_lr_mult", "eps"):
             _positive("optim", name, getattr(self, name), allow_zero=True)
         for name in ("beta1", "beta2", "min_lr_ratio"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"optim.{name} must be in [0, 1], got {getattr(self, name)}")
+            _in_range("optim", name, getattr(self, name), 0.0, 1.0)
         if self.thought_embedding_weight_decay is not None:
             _positive("optim", "thought_embedding_weight_decay", self.thought_embedding_weight_decay, True)
 
@@ -201,9 +224,12 @@ class LoopConfig:
         _positive("train", "log_every", self.log_every)
         _one_of("train", "precision", self.precision, ("auto", "fp32", "bf16"))
         if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
-            raise ValueError(f"train.device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+            raise ConfigError(f"train.device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         if self.threads is not None:
             _positive("train", "threads", self.threads)
+        _positive("train", "seed", self.seed, allow_zero=True)
+        if self.sample_position < -1:
+            raise ConfigError(f"train.sample_position must be >= -1 (-1 = the middle), got {self.sample_position}")
 
 
 @dataclass
@@ -217,6 +243,28 @@ class CheckpointConfig:
     def __post_init__(self):
         _positive("checkpoint", "every", self.every, allow_zero=True)
         _positive("checkpoint", "keep_last", self.keep_last, allow_zero=True)
+
+
+@dataclass
+class HealthConfig:
+    """When a run has gone bad (quietstar/health.py). A non-finite loss, gradient or weight always stops
+    the run; these settings catch the runs that stay finite but stop learning or blow up."""
+
+    on_divergence: str = "stop"
+    """stop (end the run, keep the checkpoints written before it went bad) | warn (print and go on)."""
+    spike_factor: float = 4.0  # diverged: train/nll above this times the median of the last `window` steps
+    window: int = 8  # steps of history for the median
+    min_history: int = 3  # steps seen before a spike can be called
+    frozen_steps: int = 3  # diverged: this many steps in a row with a zero gradient or an unchanged loss
+    frozen_rtol: float = 1e-7  # a loss is unchanged when it moves by less than this fraction of itself
+
+    def __post_init__(self):
+        _one_of("health", "on_divergence", self.on_divergence, ("stop", "warn"))
+        if not self.spike_factor > 1:
+            raise ConfigError(f"health.spike_factor must be > 1, got {self.spike_factor!r}")
+        for name in ("window", "min_history", "frozen_steps"):
+            _positive("health", name, getattr(self, name))
+        _positive("health", "frozen_rtol", self.frozen_rtol, allow_zero=True)
 
 
 @dataclass
@@ -268,6 +316,7 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
     resume: Optional[str] = None
     """A checkpoint to continue: a step_XXXXXXX dir, a run's checkpoints/ dir or a run dir (newest step)."""
     init_from: Optional[str] = None
@@ -286,22 +335,31 @@ class TrainConfig:
             from quietstar.recipes import RECIPES
 
             if self.recipe not in RECIPES:
-                raise ValueError(f"recipe must be one of {RECIPES} or null, got {self.recipe!r}")
+                raise ConfigError(f"recipe must be one of {RECIPES} or null, got {self.recipe!r}")
+        for f in dataclasses.fields(self):
+            if dataclasses.is_dataclass(getattr(self, f.name)):
+                _check_finite(f.name, getattr(self, f.name))
+        _positive("thought", "policy_weight", self.thought.policy_weight, allow_zero=True)
+        if self.thought.talk_head_hidden is not None:
+            _positive("thought", "talk_head_hidden", self.thought.talk_head_hidden)
         if self.data.seq_len <= self.thought.n_ahead_talk:
-            raise ValueError(f"data.seq_len={self.data.seq_len} must exceed thought.n_ahead_talk="
+            raise ConfigError(f"data.seq_len={self.data.seq_len} must exceed thought.n_ahead_talk="
                              f"{self.thought.n_ahead_talk}")
         if self.model.name is None:
             max_len = self.model.architecture().max_seq_len
             if self.data.seq_len + self.thought.n_grid_steps > max_len:
-                raise ValueError(f"data.seq_len={self.data.seq_len} + thought steps exceeds model.max_seq_len="
+                raise ConfigError(f"data.seq_len={self.data.seq_len} + thought steps exceeds model.max_seq_len="
                                  f"{max_len}")
 
 
 def register_configs() -> None:
     """Register the schema in Hydra's ConfigStore (imported lazily: this module never needs Hydra)."""
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
     ConfigStore.instance().store(name="base_config", node=TrainConfig)
+    if not OmegaConf.has_resolver("pid"):  # ${pid:} in configs/train.yaml's default output dirs
+        OmegaConf.register_new_resolver("pid", os.getpid)
 
 
 def config_to_dict(cfg: TrainConfig) -> dict:
@@ -309,10 +367,37 @@ def config_to_dict(cfg: TrainConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def build_config(node) -> TrainConfig:
+    """A TrainConfig from a composed DictConfig: every `__post_init__` runs, and a bad value (including one
+    rejected by ThoughtConfig or ModelConfig) is a ConfigError naming its field."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.to_object(node)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError, OmegaConfBaseException) as e:
+        raise ConfigError(" ".join(str(e).split())) from e
+
+
 def load_config(obj) -> TrainConfig:
     """A TrainConfig from a YAML file path, a dict or a DictConfig, checked against the schema."""
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
-    data = OmegaConf.load(str(obj)) if isinstance(obj, (str, os.PathLike)) else obj
-    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), data)
-    return OmegaConf.to_object(merged)
+    try:
+        data = OmegaConf.load(str(obj)) if isinstance(obj, (str, os.PathLike)) else obj
+        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), data)
+    except (OmegaConfBaseException, ValueError) as e:  # YAML syntax (a yaml error is a ValueError), types
+        where = f"{obj}: " if isinstance(obj, (str, os.PathLike)) else ""
+        raise ConfigError(f"{where}{' '.join(str(e).split())}") from e
+    return build_config(merged)
+
+
+def check_device_dtype(cfg: TrainConfig, device) -> None:
+    """Half-precision master weights need a GPU: the CPU kernels run in float32 (bf16 autocast on CPU is
+    not used either; see train.precision)."""
+    if getattr(device, "type", str(device)) == "cpu" and cfg.model.dtype != "float32":
+        raise ConfigError(f"model.dtype={cfg.model.dtype} is not supported on CPU; use model.dtype=float32 "
+                          "(or train on a GPU)")

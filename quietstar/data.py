@@ -37,7 +37,17 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
+from quietstar.errors import UserError
+
 log = logging.getLogger(__name__)
+
+
+class DataFileError(UserError):
+    """A data file or folder that gives no usable training text; the message names it."""
+
+
+class MissingDataError(DataFileError, FileNotFoundError):
+    """data.path names nothing."""
 
 MAX_WARNINGS_PER_FILE = 5  # per-record warnings; the rest are only counted in the file's summary
 
@@ -185,7 +195,7 @@ class _Skips:
             log.warning("%s: skipped %d bad record(s) (%s); %d usable", self.path, self.total, detail, n_good)
         if n_good == 0:
             detail = ", ".join(f"{k}: {v}" for k, v in sorted(self.count.items())) or "the file is empty"
-            raise ValueError(f"{self.path}: no usable record ({detail})")
+            raise DataFileError(f"{self.path}: no usable record ({detail})")
 
 
 def _check_text(rec, field: str) -> Optional[str]:
@@ -199,6 +209,10 @@ def _check_text(rec, field: str) -> Optional[str]:
         return f"field {field!r} is not a string ({type(text).__name__})"
     if not text.strip():
         return f"empty field {field!r}"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate such as "\ud800": valid JSON, not valid Unicode
+        return f"field {field!r} is not valid Unicode ({e.reason} at character {e.start})"
     return None
 
 
@@ -213,8 +227,8 @@ def read_jsonl(path, text_field: str = "text", skipped: Optional[dict] = None) -
             for lineno, raw in enumerate(f, 1):
                 if not raw.strip():
                     continue  # blank lines are not records
-                try:
-                    line = raw.decode("utf-8")
+                try:  # a UTF-8 byte order mark before the first record is not part of it
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
                 except UnicodeDecodeError as e:
                     skips.add(lineno, "not UTF-8", f"{e.reason} at byte {e.start}")
                     continue
@@ -229,7 +243,7 @@ def read_jsonl(path, text_field: str = "text", skipped: Optional[dict] = None) -
                     continue
                 docs.append(rec[text_field])
     except (OSError, EOFError) as e:  # unreadable, or a truncated / corrupt gzip stream
-        raise ValueError(f"{path}: cannot read ({e})") from e
+        raise DataFileError(f"{path}: cannot read ({e})") from e
     skips.finish(len(docs))
     if skipped is not None:
         skipped[str(path)] = skips.total
@@ -244,9 +258,9 @@ def read_parquet(path, text_field: str = "text", skipped: Optional[dict] = None)
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises its own error types for a bad file
-        raise ValueError(f"{path}: not a readable parquet file ({e})") from e
+        raise DataFileError(f"{path}: not a readable parquet file ({e})") from e
     if text_field not in pf.schema_arrow.names:
-        raise ValueError(f"{path}: no column {text_field!r} (columns: {pf.schema_arrow.names})")
+        raise DataFileError(f"{path}: no column {text_field!r} (columns: {pf.schema_arrow.names})")
     skips = _Skips(path, unit="row")
     docs, row = [], 0
     for batch in pf.iter_batches(columns=[text_field]):
@@ -274,7 +288,7 @@ def read_text_file(path) -> Optional[str]:
     path = Path(path)
     raw = path.read_bytes()
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         log.warning("%s: skipped file: not UTF-8 (%s at byte %d)", path, e.reason, e.start)
         return None
@@ -288,10 +302,10 @@ def _files(path: Path, suffixes: tuple[str, ...]) -> list[Path]:
     if path.is_file():
         return [path]
     if not path.is_dir():
-        raise FileNotFoundError(f"data.path {str(path)!r} does not exist")
+        raise MissingDataError(f"data.path {str(path)!r} does not exist")
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(suffixes))
     if not files:
-        raise ValueError(f"data.path {str(path)!r}: no {'/'.join(suffixes)} files in this folder")
+        raise DataFileError(f"data.path {str(path)!r}: no {'/'.join(suffixes)} files in this folder")
     return files
 
 
@@ -315,7 +329,7 @@ def load_documents(source: str, path: Optional[str], text_field: str = "text", m
             skipped[str(root)] = sum(t is None for t in texts)
         docs = [t for t in texts if t is not None]
         if not docs:
-            raise ValueError(f"{root}: no usable text file")
+            raise DataFileError(f"{root}: no usable text file")
     else:
         raise ValueError(f"data.source={source!r} is not file-based")
     return docs[:max_docs] if max_docs else docs
@@ -419,7 +433,7 @@ class SequenceStream:
 
     def load_state_dict(self, state: dict) -> None:
         if (state.get("mode", self.mode), state.get("seq_len", self.L)) != (self.mode, self.L):
-            raise ValueError(f"data cursor was saved for mode={state.get('mode')!r} seq_len={state.get('seq_len')}, "
+            raise DataFileError(f"data cursor was saved for mode={state.get('mode')!r} seq_len={state.get('seq_len')}, "
                              f"this run has data.mode={self.mode!r} data.seq_len={self.L}")
         self.epoch, self.pos, self.offset = int(state["epoch"]), int(state["pos"]), int(state["offset"])
 
@@ -436,7 +450,7 @@ class SequenceStream:
                 text = next(self._it)
             except StopIteration:  # end of an epoch: the next permutation
                 if self.pos == 0 or wrapped:
-                    raise ValueError("the data source has no (non-empty) documents") from None
+                    raise DataFileError("the data source has no (non-empty) documents") from None
                 self.epoch, self.pos, self.offset, self._it, wrapped = self.epoch + 1, 0, 0, None, True
                 continue
             self._it_at = (self.epoch, self.pos + 1)

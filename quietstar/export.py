@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Optional
@@ -27,8 +29,9 @@ import torch
 
 from quietstar.checkpoint import (CheckpointError, build_thinker, find_checkpoint, load_thinker_checkpoint,
                                   load_tokenizer_from, save_tokenizer)
+from quietstar.cli import one_of, parse_kv
+from quietstar.errors import UserError, run_main
 from quietstar.thinker import QuietStar, ThoughtConfig
-
 
 
 def _thought_state(qs: QuietStar) -> dict[str, torch.Tensor]:
@@ -42,18 +45,52 @@ def _write_meta(out: Path, qs: QuietStar, fmt: str, source: Path, dtype: torch.d
     (out / "quietstar.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def export(ckpt, out, fmt: str = "hf", dtype: Optional[str] = None) -> Path:
-    """Write an export of checkpoint `ckpt` (a step dir, checkpoints/ dir or run dir) to `out`."""
-    from safetensors.torch import save_file
+EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 
+
+def check_export_target(source: Path, out: Path, overwrite: bool) -> None:
+    """Refuse an `out` that would destroy the checkpoint or mix with other files (a UserError naming out)."""
+    src, dst = source.resolve(), out.resolve()
+    if dst == src or src in dst.parents or dst in src.parents:
+        raise UserError(f"out={out}: overlaps the checkpoint {source}; export to a directory outside it")
+    if any((p / "manifest.json").is_file() for p in [dst, *dst.parents]):
+        raise UserError(f"out={out}: is inside a training checkpoint; export to a directory outside it")
+    if dst.exists() and not dst.is_dir():
+        raise UserError(f"out={out}: exists and is not a directory")
+    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
+        raise UserError(f"out={out}: not empty; pass overwrite=true to replace its contents, or choose a new dir")
+
+
+def export(ckpt, out, fmt: str = "hf", dtype: Optional[str] = None, overwrite: bool = False) -> Path:
+    """Write an export of checkpoint `ckpt` (a step dir, checkpoints/ dir or run dir) to `out`.
+
+    The files are written to a temporary sibling dir that is renamed to `out` when complete, so `out` holds
+    either its old contents or the whole export. Refuses (UserError) an `out` that overlaps the checkpoint,
+    lies inside any checkpoint, is a file, or is a non-empty dir without overwrite=True; dtype is a float."""
     if fmt not in ("hf", "safetensors"):
-        raise ValueError(f"format must be 'hf' or 'safetensors', got {fmt!r}")
-    source = find_checkpoint(ckpt)
+        raise UserError(f"format must be 'hf' or 'safetensors', got {fmt!r}")
+    if dtype is not None and dtype not in EXPORT_DTYPES:
+        raise UserError(f"dtype must be one of {EXPORT_DTYPES} (weights are exported as floats), got {dtype!r}")
+    source, out = find_checkpoint(ckpt), Path(out)
+    check_export_target(source, out, overwrite)
     qs = load_thinker_checkpoint(source)
     dt = getattr(torch, dtype) if dtype else qs.model.tok_embeddings.weight.dtype
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        _write_export(tmp, qs, fmt, dt, source)
+        _replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _write_export(out: Path, qs: QuietStar, fmt: str, dt: torch.dtype, source: Path) -> None:
+    from safetensors.torch import save_file
+
     cast = lambda sd: {k: v.detach().to(dt).contiguous() for k, v in sd.items()}  # noqa: E731
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     if fmt == "hf":
         from quietstar.loading import hf_config, hf_state_dict
 
@@ -70,7 +107,26 @@ def export(ckpt, out, fmt: str = "hf", dtype: Optional[str] = None) -> Path:
     if qs.tokenizer is not None:
         save_tokenizer(qs.tokenizer, out)
     _write_meta(out, qs, fmt, source, dt)
-    return out
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    """Rename the complete `new` to `out`; an existing `out` is set aside first and deleted only after."""
+    old = out.with_name(f".old-{out.name}-{os.getpid()}")
+    if out.exists():
+        os.rename(out, old)
+    os.rename(new, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_export_meta(meta_file: Path) -> tuple[dict, ThoughtConfig]:
+    """quietstar.json -> (its dict, the ThoughtConfig); CheckpointError naming the file otherwise."""
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        if not isinstance(meta, dict) or meta.get("format") not in ("hf", "safetensors"):
+            raise ValueError("expected an object with format 'hf' or 'safetensors'")
+        return meta, ThoughtConfig(**meta["thought"])
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{meta_file}: not a valid export description ({type(e).__name__}: {e})") from e
 
 
 def load_thinker(path, device=None, dtype=None) -> QuietStar:
@@ -81,8 +137,7 @@ def load_thinker(path, device=None, dtype=None) -> QuietStar:
         return load_thinker_checkpoint(path, device=device, dtype=dtype)
     from safetensors.torch import load_file
 
-    meta = json.loads(meta_file.read_text())
-    thought = ThoughtConfig(**meta["thought"])
+    meta, thought = read_export_meta(meta_file)
     if meta["format"] == "safetensors":
         from quietstar.checkpoint import read_model_config
 
@@ -104,15 +159,19 @@ def load_thinker(path, device=None, dtype=None) -> QuietStar:
     return qs.to(device) if device is not None else qs
 
 
+USAGE = ("usage: python -m quietstar.export ckpt=<dir> out=<dir> [format=hf|safetensors] "
+         "[dtype=float32|bfloat16|float16] [overwrite=false]")
+
+
 def main(argv=None) -> None:
-    args = dict(a.split("=", 1) for a in (sys.argv[1:] if argv is None else argv))
-    unknown = set(args) - {"ckpt", "out", "format", "dtype"}
-    if unknown or "ckpt" not in args or "out" not in args:
-        raise SystemExit("usage: python -m quietstar.export ckpt=<dir> out=<dir> [format=hf|safetensors] "
-                         "[dtype=float32|bfloat16]" + (f"  (unknown: {sorted(unknown)})" if unknown else ""))
-    out = export(args["ckpt"], args["out"], args.get("format", "hf"), args.get("dtype"))
-    print(f"exported {find_checkpoint(args['ckpt'])} -> {out} ({args.get('format', 'hf')})")
+    args = parse_kv(sys.argv[1:] if argv is None else argv,
+                    {"ckpt": "", "out": "", "format": "hf", "dtype": None, "overwrite": False},
+                    {"format": one_of("hf", "safetensors"), "dtype": one_of(*EXPORT_DTYPES)})
+    if not args["ckpt"] or not args["out"]:
+        raise SystemExit(USAGE)
+    out = export(args["ckpt"], args["out"], args["format"], args["dtype"], args["overwrite"])
+    print(f"exported {find_checkpoint(args['ckpt'])} -> {out} ({args['format']})")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

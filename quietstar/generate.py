@@ -24,6 +24,8 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
+from quietstar.cli import AT_LEAST_1, NON_NEGATIVE, UNIT_OPEN_LEFT, parse_kv
+from quietstar.errors import UserError, run_main
 from quietstar.model import KVCache
 from quietstar.thinker import QuietStar, sample_categorical
 
@@ -123,13 +125,35 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device=None):
     return ids, mask
 
 
+def fit_prompt(tokenizer, prompt: str, room: int) -> list[int]:
+    """The prompt's ids: an empty prompt starts from BOS; a prompt longer than the model's positions leave
+    room for (`room`: max_seq_len - max_new_tokens - n_ahead) keeps its last `room` tokens, with a warning."""
+    import warnings
+
+    if room < 1:
+        raise UserError(f"max_new_tokens: too large: with the thought's n_ahead it leaves no room for a prompt "
+                        f"in the model's max_seq_len ({room} positions)")
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        bos = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+        if bos is None:
+            raise UserError("prompt: empty, and this tokenizer has no BOS token to start from")
+        ids = [bos]
+    if len(ids) > room:
+        warnings.warn(f"prompt: {len(ids)} tokens, more than the {room} the model's max_seq_len leaves beside "
+                      f"max_new_tokens; keeping its last {room} tokens")
+        ids = ids[-room:]
+    return ids
+
+
 def generate(qs: QuietStar, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64,
              temperature: float = 1.0, top_p: float = 1.0, think: bool = True,
              generator: Optional[torch.Generator] = None, stop_ids: Optional[Sequence[int]] = None,
              on_step=None) -> Generation:
     """Generate continuations of text prompts (batched, left-padded). on_step(Step) streams."""
     dev = qs.model.tok_embeddings.weight.device
-    ids, mask = left_pad([tokenizer.encode(p) for p in prompts], tokenizer.pad_id, dev)
+    room = qs.model.cfg.max_seq_len - max_new_tokens - qs.cfg.n_ahead  # positions left for the prompt
+    ids, mask = left_pad([fit_prompt(tokenizer, p, room) for p in prompts], tokenizer.pad_id, dev)
     stop_ids = [tokenizer.eos_id] if stop_ids is None else stop_ids
     out = [[] for _ in prompts]
     thoughts = [[] for _ in prompts]
@@ -153,27 +177,6 @@ def generate(qs: QuietStar, tokenizer, prompts: Sequence[str], max_new_tokens: i
 # CLI
 
 
-def parse_kv(argv: Sequence[str], defaults: dict) -> dict:
-    """key=value arguments (Hydra-style) onto typed defaults; unknown keys are an error."""
-    args = dict(defaults)
-    for a in argv:
-        if "=" not in a:
-            raise SystemExit(f"expected key=value, got {a!r}; keys: {sorted(defaults)}")
-        k, v = a.split("=", 1)
-        if k not in args:
-            raise SystemExit(f"unknown argument {k!r}; keys: {sorted(defaults)}")
-        d = defaults[k]
-        if isinstance(d, bool):
-            args[k] = v.lower() in ("1", "true", "yes", "on")
-        elif isinstance(d, int):
-            args[k] = int(v)
-        elif isinstance(d, float):
-            args[k] = float(v)
-        else:
-            args[k] = v if v.lower() not in ("null", "none", "") else None
-    return args
-
-
 def load_for_inference(ckpt: Optional[str], device: str = "cpu", dtype: Optional[torch.dtype] = None,
                        model: str = "smollm2-135m"):
     """(QuietStar, tokenizer) from a checkpoint or export dir, or the base model with fresh thought parameters."""
@@ -189,10 +192,14 @@ def load_for_inference(ckpt: Optional[str], device: str = "cpu", dtype: Optional
     return QuietStar(base, tok, ThoughtConfig()).to(device), tok
 
 
+RULES = {"max_new_tokens": AT_LEAST_1, "temperature": NON_NEGATIVE, "top_p": UNIT_OPEN_LEFT, "seed": NON_NEGATIVE}
+
+
 def main(argv=None):
     args = parse_kv(sys.argv[1:] if argv is None else argv, dict(
         ckpt="", model="smollm2-135m", prompt="Q: What is 12 + 7?\nA:", max_new_tokens=48, temperature=0.7,
-        top_p=0.95, think=True, show_thoughts=True, seed=0, device="cpu"))
+        top_p=0.95, think=True, show_thoughts=True, seed=0, device="cpu"), RULES)
+    args["prompt"] = args["prompt"] or ""  # prompt= or prompt=none: generate from BOS
     qs, tok = load_for_inference(args["ckpt"], args["device"], model=args["model"])
     qs.eval()
     g = torch.Generator(device=args["device"]).manual_seed(args["seed"])
@@ -209,4 +216,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -31,6 +31,7 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from quietstar.errors import UserError
 from quietstar.model import ModelConfig, Transformer, rope_inv_freq
 
 PathLike = Union[str, Path]
@@ -38,7 +39,7 @@ SMOLLM2_NAME = "smollm2-135m"
 START_THOUGHT, END_THOUGHT = "<|startthought|>", "<|endthought|>"
 
 
-class LoadError(ValueError):
+class LoadError(UserError):
     """A model, config or tokenizer that cannot be loaded; the message names the file and the problem."""
 
 
@@ -110,8 +111,30 @@ def _hf_sliding_window(hf: dict, arch: str, where: Path) -> Optional[int]:
     return int(window)
 
 
+HF_FIELD_TYPES = {"vocab_size": int, "hidden_size": int, "num_hidden_layers": int, "num_attention_heads": int,
+                  "num_key_value_heads": int, "head_dim": int, "intermediate_size": int, "rms_norm_eps": float,
+                  "rope_theta": float, "max_position_embeddings": int, "tie_word_embeddings": bool,
+                  "sliding_window": int, "max_window_layers": int, "use_sliding_window": bool}
+
+
+def _check_hf_types(hf, where: Path) -> None:
+    """Each config.json field this loader reads has the JSON type it needs (null: the field is unset)."""
+    if not isinstance(hf, dict):
+        raise LoadError(f"{where}: expected a JSON object, got {type(hf).__name__}")
+    for key, kind in HF_FIELD_TYPES.items():
+        value = hf.get(key)
+        if value is None:
+            continue
+        ok = isinstance(value, bool) if kind is bool else (
+            isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool))
+        if not ok:
+            want = {int: "an integer", float: "a number", bool: "true or false"}[kind]
+            raise LoadError(f"{where}: field {key!r} must be {want}, got {value!r}")
+
+
 def config_from_hf(hf: dict, where: Path = Path("config.json")) -> ModelConfig:
     """An HF config.json dict -> ModelConfig; LoadError (naming `where`) for anything this model cannot run."""
+    _check_hf_types(hf, where)
     archs = hf.get("architectures") or []
     arch = next((HF_ARCHS[a] for a in archs if a in HF_ARCHS), None) or hf.get("model_type")
     if arch not in HF_ARCHS.values():

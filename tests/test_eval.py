@@ -13,6 +13,7 @@ import torch
 from quietstar.eval import common
 from quietstar.eval.common import DataError, next_token_logits_at, read_jsonl
 from quietstar.eval.cot import cut_at_end_string, first_integer, first_letter, zero_shot_cot
+from quietstar.errors import UserError
 from quietstar.eval.csqa import load_csqa, soft_example as csqa_example
 from quietstar.eval.gsm8k import Problem, gold_integer, load_gsm8k, soft_example as gsm_example
 from quietstar.eval.nll import difficulty_buckets, score_tokens, summarize
@@ -416,7 +417,7 @@ def test_cli_errors(tmp_path, tiny_cli):
 
     with pytest.raises(SystemExit, match="gsm8k"):
         main([])
-    with pytest.raises(SystemExit, match="unknown argument"):
+    with pytest.raises(UserError, match="unknown argument"):
         main(["nll", "nope=1"])
     with pytest.raises(DataError, match="no such file"):
         main(["nll", f"data.path={tmp_path / 'missing.jsonl'}"])

@@ -124,8 +124,11 @@ def test_a_non_finite_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_
     monkeypatch.setattr(QuietStar, "forward", poisoned)
     result = train_script.train(tiny_cfg(tmp_path, "train.max_steps=5", "checkpoint.every=1", "checkpoint.keep_last=5"))
     assert result.status == "diverged" and result.step == 2
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000001", "step_0000002"]
-    verify_checkpoint(tmp_path / "checkpoints" / "step_0000002")
+    # step 2's checkpoint holds the weights that gave the non-finite loss: kept, but set aside from resume
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["diverged_after_step_0000002",
+                                                                            "step_0000001"]
+    assert result.checkpoint == tmp_path / "checkpoints" / "step_0000001"
+    verify_checkpoint(tmp_path / "checkpoints" / "diverged_after_step_0000002" / "step_0000002")
     assert [r["step"] for r in records(tmp_path)] == [1, 2]
 
 

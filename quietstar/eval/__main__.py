@@ -18,14 +18,16 @@ The json holds the headline figures at the top level, then the settings and per-
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from quietstar.cli import AT_LEAST_1, NON_NEGATIVE, Rule, check_writable, one_of, parse_kv
+from quietstar.errors import UserError, run_main
 from quietstar.eval import common
-from quietstar.generate import parse_kv
 
 COMMON = {"ckpt": "", "model": "smollm2-135m", "data.path": "", "data.start": 0, "limit": 0, "out": "",
           "batch_size": 8, "seed": 0, "device": "cpu", "thoughts": "auto", "n_ahead": 0, "threads": 0}
@@ -37,6 +39,11 @@ TASKS = {
     "nll": {**COMMON, "batch_size": 4, "seq_len": 128, "n_buckets": 5, "npz": "", "report": "", "report_records": 3},
     "report": {**COMMON, "batch_size": 4, "limit": 3, "seq_len": 128, "n_buckets": 5},
 }
+RULES = {"limit": NON_NEGATIVE, "batch_size": AT_LEAST_1, "seed": NON_NEGATIVE, "threads": NON_NEGATIVE,
+         "thoughts": one_of("auto", "on", "off"), "n_ahead": Rule(lambda x: x == 0 or x >= 3, "0 or >= 3"),
+         "metric": one_of("soft", "em", "both"), "max_len": AT_LEAST_1, "k": AT_LEAST_1, "temperature": NON_NEGATIVE,
+         "max_cot_tokens": AT_LEAST_1, "answer_tokens": AT_LEAST_1, "seq_len": Rule(lambda x: x >= 2, ">= 2"),
+         "n_buckets": AT_LEAST_1, "report_records": AT_LEAST_1}
 DATA = {"gsm8k": "gsm8k/test.jsonl", "csqa": "commonsenseqa/dev_rand_split.jsonl",
         "nll": "math_web/train.jsonl", "report": "math_web/train.jsonl"}
 
@@ -50,12 +57,13 @@ def main(argv=None) -> dict:
     if not argv or argv[0] not in TASKS:
         raise SystemExit(usage())
     task = argv[0]
-    args = parse_kv(argv[1:], TASKS[task])
+    args = parse_kv(argv[1:], TASKS[task], {k: r for k, r in RULES.items() if k in TASKS[task]})
     if args["threads"]:
         torch.set_num_threads(args["threads"])
     path = common.default_data_path(DATA[task], args["data.path"])
     limit = args["limit"] or None
     out = Path(args["out"] or (f"eval_{task}.json" if task != "report" else "report.html"))
+    check_outputs(task, out, args)  # before the work: a bad out path must not cost a whole evaluation
     t0 = time.perf_counter()
 
     # data first, so that a bad file fails before the model loads
@@ -127,15 +135,27 @@ def main(argv=None) -> dict:
             out = out.with_suffix(".json")
     record.update(seconds=round(time.perf_counter() - t0, 1), thought=common.thought_info(qs, think),
                   settings=args, machine=common.machine_info(), **detail)
-    common.write_json(out, record)
     headline = {k: v for k, v in record.items() if k in ("soft_acc_base", "soft_acc_thought", "em", "nll_base",
                                                          "nll_thought", "gain", "n", "tokens", "seconds")}
+    try:
+        common.write_json(out, record)
+    except OSError as e:  # the results are printed whole, so the work is not lost
+        print(json.dumps(record, indent=1, default=common._jsonable))
+        raise UserError(f"out={out}: cannot write the results ({e.strerror or e}); they are printed above") from e
     print(f"{task}: {headline} -> {out}")
     return record
 
 
+def check_outputs(task: str, out: Path, args: dict) -> None:
+    """Every file this task will write can be written (a UserError naming the argument otherwise)."""
+    check_writable(out.with_suffix(".json") if task == "report" else out, "out")
+    if task == "report":
+        check_writable(out, "out")
+    if task == "nll":
+        check_writable(Path(args["npz"] or out.with_suffix(".npz")), "npz")
+        if args["report"]:
+            check_writable(Path(args["report"]), "report")
+
+
 if __name__ == "__main__":
-    try:
-        main()
-    except common.DataError as e:
-        raise SystemExit(f"data error: {e}")
+    run_main(main)

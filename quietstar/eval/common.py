@@ -22,6 +22,7 @@ from typing import Iterable, Iterator, NamedTuple, Optional, Sequence
 
 import torch
 
+from quietstar.errors import UserError
 from quietstar.model import KVCache
 from quietstar.thinker import QuietStar, ThoughtConfig, sample_categorical
 
@@ -29,7 +30,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A bad data file: the message names the file and the line."""
 
 
@@ -55,12 +56,14 @@ def read_jsonl(path, start: int = 0, limit: Optional[int] = None) -> list[tuple[
     counted from the end) and at most `limit` of them. Bad json names the file and line."""
     path = Path(path)
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
-            try:
-                rec = json.loads(line)
+            try:  # a byte order mark is not part of the first record
+                rec = json.loads(raw.decode("utf-8-sig" if lineno == 1 else "utf-8"))
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 ({e.reason} at byte {e.start})") from None
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not valid json ({e.msg} at column {e.colno})") from None
             if not isinstance(rec, dict):
@@ -68,6 +71,11 @@ def read_jsonl(path, start: int = 0, limit: Optional[int] = None) -> list[tuple[
             records.append((lineno, rec))
     if not records:
         raise DataError(f"{path}: no records")
+    if not -len(records) <= start < len(records):
+        raise DataError(f"data.start={start}: {path} has {len(records)} records (valid: {-len(records)} .. "
+                        f"{len(records) - 1})")
+    if limit is not None and limit < 0:
+        raise DataError(f"limit={limit}: must be >= 0 (0 = all)")
     records = records[start:] if start else records
     return records[:limit] if limit else records
 
@@ -80,6 +88,12 @@ def field(path, lineno: int, rec: dict, name: str, kind=str):
     if not isinstance(value, kind):
         want = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
         raise DataError(f"{path}:{lineno}: field {name!r} should be {want}, got {type(value).__name__}")
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate such as "\ud800": valid JSON, not valid Unicode
+            raise DataError(f"{path}:{lineno}: field {name!r} is not valid Unicode ({e.reason} at character "
+                            f"{e.start})") from None
     return value
 
 
