@@ -147,7 +147,8 @@ class Progress:
             stream = _Lines(stream)
         self.bar = tqdm(total=total, initial=start, disable=not enabled, file=stream, unit="step",
                         dynamic_ncols=tty, ascii=not tty, mininterval=0.5 if tty else 0.0,
-                        miniters=None if tty else max(1, (total - start) // 10), smoothing=0.1)
+                        miniters=None if tty else max(1, (total - start) // 10), smoothing=0.1,
+                        maxinterval=10.0 if tty else float("inf"))
 
     def update(self, step: int, metrics: dict) -> None:
         if self.bar.disable:

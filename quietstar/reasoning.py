@@ -9,31 +9,40 @@ writes the chain, the answer becomes a copy. The direct answers are the scored t
 
 Families (ReasoningConfig.families):
 
-  lookup   k-hop lookup in a random permutation of `n_symbols` letters, listed in the document:
-               c>h a>f f>j ... j>b
-               a3=j h1:-d-d f2:-jb-b ...
-           `a3=j` asks for f(f(f(a))); the worked `f2:-jb-b` writes f(f) = j, then f(j) = b, then the answer.
-           Difficulty: hops (1 .. max_hops).
+  lookup   k-hop lookup in a random map of `n_symbols` letters to themselves, listed in the document (as
+           `a>f c>h ...`, or packed: one character per pair, the default), then queries:
+               a3=j h1:-hd-d f2:-fjb-b ...
+           `a3=j` asks for f(f(f(a))); the worked `f2:-fjb-b` writes the queried f, its image j, j's image b,
+           then the answer. Difficulty: hops (1 .. max_hops).
   state    running state tracking: the sum mod 10 of a digit string, the running sums written out when worked:
                4712=4 93:-92-2 ...
            (4, 4+7=1, 1+1=2, 2+2=4). Difficulty: the number of digits (min_digits .. max_digits).
 
-The answer position is unambiguous: `=` is always followed by the answer, `:` always by a chain. The
-evaluation split draws from a different seed stream and, where a draw repeats a training map or problem,
-draws again, so no evaluation map (lookup) or digit string (state) was seen in training. Documents are a
-deterministic function of (seed, split, index).
+The answer position is unambiguous: `=` is always followed by the answer, `:` always by a chain. A fixed
+share of all maps (lookup) and digit strings (state) belongs to the evaluation split, chosen by a stable hash
+with the seed, so no evaluation map or problem can appear in training. Documents are a deterministic
+function of (seed, split, index).
+
+Why packed maps: with `a>f`, one lookup is two attention hops (find the source, read the image two tokens
+on), and a small model learns that circuit only after a long plateau; with one character per pair it is one
+hop, which a 1-layer model learns in a few hundred steps, while composing two lookups inside one position
+stays out of its reach. That is the gap a thought can close: one hop per thought token.
 """
 
 from __future__ import annotations
 
 import random
 import string
+import zlib
 from dataclasses import dataclass, field
-from typing import Iterable, List, NamedTuple, Optional, Sequence
+from typing import List, NamedTuple, Sequence
 
 import torch
 
 FAMILIES = ("lookup", "state")
+# one character per (symbol, image) pair for map_style=packed: printable ASCII that no other part of a
+# document uses (not a-z, digits, space, or = : > and the default chain delimiter -)
+PAIR_CHARS = "".join(c for c in map(chr, range(33, 127)) if not (c.isdigit() or c.islower() or c in "=:>-"))
 
 
 @dataclass
@@ -42,7 +51,7 @@ class ReasoningConfig:
 
     families: List[str] = field(default_factory=lambda: ["lookup"])
     """Which puzzle families the documents are drawn from (round robin): lookup | state."""
-    n_symbols: int = 10  # lookup: letters in the permutation (2 .. 26)
+    n_symbols: int = 7  # lookup: letters in the map (2 .. 26; at most 7 when packed)
     max_hops: int = 3  # lookup: queries ask for 1 .. max_hops hops
     min_digits: int = 2  # state: shortest digit string
     max_digits: int = 4  # state: longest digit string
@@ -51,12 +60,18 @@ class ReasoningConfig:
     chain_delimiter: str = "-"
     """Opens and closes a worked chain. The thought embeddings start at thought.init_token; when both are
     the same token, a thought begins where the model has learned a chain begins."""
-    map_separator: str = ">"
-    """lookup: written between a symbol and its image in the map (`a>f`); "" writes the pairs as `af`."""
+    map_style: str = "packed"
+    """lookup: how the map is written. arrow: `a>f c>b ...` (a lookup is two attention hops: find the source,
+    read the image two tokens on); packed: each pair (x, f(x)) is one character of PAIR_CHARS, so one attention
+    hop reads an image (a 1-layer model can learn a lookup, and cannot compose two in one position)."""
+    map_kind: str = "permutation"
+    """lookup: permutation (of the n_symbols letters) | function (any map of the letters to themselves: far
+    more distinct maps for few symbols, so the held-out split can still use maps never seen)."""
     chain_from_query: bool = True
     """lookup: a worked chain starts with the queried symbol (`a3:-afjb-b`), so every chain step looks up the
     token before it; False: the chain holds the looked-up symbols only (`a3:-fjb-b`)."""
     eval_docs: int = 256  # documents in the held-out evaluation split
+    eval_share: float = 0.2  # share of all maps / digit strings reserved for the evaluation split
 
     def __post_init__(self):
         bad = [f for f in self.families if f not in FAMILIES]
@@ -76,10 +91,18 @@ class ReasoningConfig:
         if len(self.chain_delimiter) != 1 or self.chain_delimiter.isalnum() or self.chain_delimiter in " =:>\n":
             raise ValueError(f"data.reasoning.chain_delimiter must be one punctuation character other than "
                              f"'=', ':', '>', got {self.chain_delimiter!r}")
-        sep = self.map_separator
-        if sep and (len(sep) > 1 or sep.isalnum() or sep in " =:\n" or sep == self.chain_delimiter):
-            raise ValueError(f"data.reasoning.map_separator must be empty or one punctuation character other than "
-                             f"'=', ':' and the chain delimiter, got {sep!r}")
+        if self.map_style not in ("arrow", "packed"):
+            raise ValueError(f"data.reasoning.map_style must be arrow or packed, got {self.map_style!r}")
+        if self.map_kind not in ("permutation", "function"):
+            raise ValueError(f"data.reasoning.map_kind must be permutation or function, got {self.map_kind!r}")
+        if self.map_style == "packed" and self.n_symbols ** 2 > len(PAIR_CHARS):
+            raise ValueError(f"data.reasoning.map_style=packed holds at most {int(len(PAIR_CHARS) ** 0.5)} symbols "
+                             f"(one character per pair), got n_symbols={self.n_symbols}")
+        if not 0.0 < self.eval_share < 1.0:
+            raise ValueError(f"data.reasoning.eval_share must be in (0, 1), got {self.eval_share}")
+        if self.map_style == "packed" and self.chain_delimiter in PAIR_CHARS:
+            raise ValueError(f"data.reasoning.chain_delimiter {self.chain_delimiter!r} is a pair character of "
+                             f"map_style=packed; use '-'")
         if self.eval_docs < 1:
             raise ValueError(f"data.reasoning.eval_docs must be >= 1, got {self.eval_docs}")
 
@@ -104,23 +127,44 @@ class Document:
 # the families
 
 
-def _draw_unseen(draw, avoid: frozenset, what: str, knob: str, tries: int = 1000):
-    """draw() until the result is not in `avoid` (the training split's maps or problems)."""
-    for _ in range(tries):
-        x = draw()
-        if x not in avoid:
-            return x
-    raise ValueError(f"reasoning corpus: no {what} unseen in training after {tries} draws; the training split "
-                     f"covers (nearly) all of them: raise data.reasoning.{knob} or lower data.synthetic_docs")
+def held_out(key, seed: int, share: float) -> bool:
+    """Whether a map or problem belongs to the evaluation split: a fixed share of the whole space of them,
+    chosen by a stable hash with the seed, so that no training document can ever contain one."""
+    return zlib.crc32(f"{seed}:{key}".encode()) % 10_000 < share * 10_000
 
 
-def _lookup(r: random.Random, cfg: ReasoningConfig, avoid: frozenset) -> Document:
+class _Split(NamedTuple):
+    seed: int
+    share: float
+    evaluation: bool
+
+    def draw(self, make, what: str, tries: int = 10_000):
+        """make() until the result belongs to this split."""
+        for _ in range(tries):
+            key = make()
+            if held_out(key, self.seed, self.share) == self.evaluation:
+                return key
+        raise ValueError(f"reasoning corpus: no {what} of the {'evaluation' if self.evaluation else 'training'} "
+                         f"split after {tries} draws: the space is too small; raise data.reasoning.n_symbols / "
+                         f"max_digits or move data.reasoning.eval_share away from 0 and 1")
+
+
+def _lookup(r: random.Random, cfg: ReasoningConfig, split: _Split) -> Document:
     letters = list(string.ascii_lowercase[:cfg.n_symbols])
-    image = _draw_unseen(lambda: tuple(r.sample(letters, len(letters))), avoid, "map", "n_symbols")
+    if cfg.map_kind == "permutation":
+        draw = lambda: tuple(r.sample(letters, len(letters)))
+    else:
+        draw = lambda: tuple(r.choice(letters) for _ in letters)
+    image = split.draw(draw, "map")
     f = dict(zip(letters, image))
     listing = letters[:]
     r.shuffle(listing)
-    segs = [Segment(" ".join(f"{a}{cfg.map_separator}{f[a]}" for a in listing) + "\n")]
+    if cfg.map_style == "packed":
+        n = cfg.n_symbols
+        pair = lambda a: PAIR_CHARS[letters.index(a) * n + letters.index(f[a])]
+        segs = [Segment("".join(pair(a) for a in listing) + "\n")]
+    else:
+        segs = [Segment(" ".join(f"{a}>{f[a]}" for a in listing) + "\n")]
     d = cfg.chain_delimiter
     for q in range(cfg.n_queries):
         a, hops = r.choice(letters), r.randint(1, cfg.max_hops)
@@ -137,14 +181,13 @@ def _lookup(r: random.Random, cfg: ReasoningConfig, avoid: frozenset) -> Documen
     return Document("lookup", segs, tuple(image))
 
 
-def _state(r: random.Random, cfg: ReasoningConfig, avoid: frozenset) -> Document:
+def _state(r: random.Random, cfg: ReasoningConfig, split: _Split) -> Document:
     segs: List[Segment] = []
     keys = []
     d = cfg.chain_delimiter
     for q in range(cfg.n_queries):
-        digits = _draw_unseen(lambda: "".join(r.choice(string.digits)
-                                              for _ in range(r.randint(cfg.min_digits, cfg.max_digits))),
-                              avoid, "digit string", "max_digits")
+        digits = split.draw(lambda: "".join(r.choice(string.digits)
+                                            for _ in range(r.randint(cfg.min_digits, cfg.max_digits))), "digit string")
         keys.append(digits)
         running, total = [], 0
         for c in digits:
@@ -162,37 +205,28 @@ def _state(r: random.Random, cfg: ReasoningConfig, avoid: frozenset) -> Document
 _MAKERS = {"lookup": _lookup, "state": _state}
 
 
-def _avoid_set(docs: Iterable[Document], family: str) -> frozenset:
-    keys = set()
-    for doc in docs:
-        if doc.family == family:
-            keys.update([doc.key] if family == "lookup" else doc.key)
-    return frozenset(keys)
-
-
-def make_documents(cfg: ReasoningConfig, n_docs: int, seed: int, split: str = "train",
-                   avoid: Sequence[Document] = ()) -> List[Document]:
-    """`n_docs` documents, a deterministic function of (seed, split, index); none reuses a map or problem of
-    `avoid` (the training documents, when making the evaluation split)."""
-    avoid_by_family = {f: _avoid_set(avoid, f) for f in cfg.families}
+def make_documents(cfg: ReasoningConfig, n_docs: int, seed: int, split: str = "train") -> List[Document]:
+    """`n_docs` documents of one split ("train" or "eval"), a deterministic function of (seed, split, index):
+    document i does not depend on n_docs, and no map or problem of one split ever appears in the other."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be train or eval, got {split!r}")
+    which = _Split(seed, cfg.eval_share, split == "eval")
     docs = []
     for i in range(n_docs):
         family = cfg.families[i % len(cfg.families)]
-        r = random.Random(f"reasoning-{split}-{seed}-{i}")
-        docs.append(_MAKERS[family](r, cfg, avoid_by_family[family]))
+        docs.append(_MAKERS[family](random.Random(f"reasoning-{split}-{seed}-{i}"), cfg, which))
     return docs
 
 
 def train_and_eval_documents(cfg: ReasoningConfig, n_train: int, seed: int):
     """(training documents, held-out evaluation documents) for one seed."""
-    train = make_documents(cfg, n_train, seed, "train")
-    return train, make_documents(cfg, cfg.eval_docs, seed, "eval", avoid=train)
+    return make_documents(cfg, n_train, seed, "train"), make_documents(cfg, cfg.eval_docs, seed, "eval")
 
 
 def max_document_chars(cfg: ReasoningConfig) -> int:
     """An upper bound on a document's length in characters (so data.seq_len can hold a whole one)."""
     per_query = {"lookup": 1 + 2 + 2 * cfg.max_hops + 4, "state": 1 + 2 * cfg.max_digits + 4}
-    header = {"lookup": 4 * cfg.n_symbols, "state": 0}
+    header = {"lookup": (1 if cfg.map_style == "packed" else 4) * cfg.n_symbols, "state": 0}
     return max(header[f] + cfg.n_queries * per_query[f] + 1 for f in cfg.families)
 
 

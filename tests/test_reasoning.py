@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from quietstar.data import ByteTokenizer
-from quietstar.reasoning import (AnswerScores, Document, ReasoningConfig, Segment, encode_document,
+from quietstar.reasoning import (PAIR_CHARS, AnswerScores, Document, ReasoningConfig, Segment, encode_document,
                                  make_documents, max_document_chars, score_answers, train_and_eval_documents)
+from quietstar.reasoning import held_out as held_out_key
 
 BOTH = ReasoningConfig(families=["lookup", "state"])
 
@@ -21,32 +22,41 @@ def test_documents_are_a_function_of_the_seed():
     assert a[:5] == [d.text for d in make_documents(BOTH, 5, seed=3)]  # document i does not depend on n_docs
 
 
-def test_the_evaluation_split_never_repeats_a_training_map_or_problem():
-    cfg = ReasoningConfig(families=["lookup", "state"], n_symbols=4, min_digits=3, max_digits=3, eval_docs=40)
-    train, held_out = train_and_eval_documents(cfg, 30, seed=0)  # 24 maps, 1000 digit strings: collisions forced
-    seen_maps = {d.key for d in train if d.family == "lookup"}
-    seen_problems = {k for d in train if d.family == "state" for k in d.key}
-    assert all(d.key not in seen_maps for d in held_out if d.family == "lookup")
-    assert all(not set(d.key) & seen_problems for d in held_out if d.family == "state")
-    train, held_out = train_and_eval_documents(ReasoningConfig(eval_docs=50), 500, seed=1)
-    assert {d.text for d in train}.isdisjoint(d.text for d in held_out)
+def test_the_evaluation_split_never_shares_a_map_or_problem_with_training():
+    cfg = ReasoningConfig(families=["lookup", "state"], n_symbols=4, min_digits=2, max_digits=2, eval_docs=40)
+    train, held_out = train_and_eval_documents(cfg, 400, seed=0)  # 24 maps, 100 digit pairs: small spaces
+    maps = lambda docs: {d.key for d in docs if d.family == "lookup"}
+    problems = lambda docs: {k for d in docs if d.family == "state" for k in d.key}
+    assert maps(held_out) and not maps(train) & maps(held_out)
+    assert problems(held_out) and not problems(train) & problems(held_out)
+    assert all(held_out_key(d.key, 0, cfg.eval_share) for d in held_out if d.family == "lookup")
+    # the seed decides which maps are held out
+    assert maps(make_documents(cfg, 40, seed=1, split="eval")) != maps(held_out)
 
 
 def test_an_exhausted_space_is_a_clear_error():
-    with pytest.raises(ValueError, match="unseen in training.*n_symbols"):
-        train_and_eval_documents(ReasoningConfig(n_symbols=3, eval_docs=5), 60, seed=0)  # 3! = 6 maps, all seen
+    with pytest.raises(ValueError, match="evaluation split.*too small"):
+        make_documents(ReasoningConfig(n_symbols=2, eval_share=0.01), 5, seed=0, split="eval")  # 2 maps in all
 
 
-def _permutation(text: str) -> dict:
-    return dict(pair.split(">") for pair in text.split("\n")[0].split())
+def _map(text: str, cfg: ReasoningConfig) -> dict:
+    line = text.split("\n")[0]
+    if cfg.map_style == "arrow":
+        return dict(pair.split(">") for pair in line.split())
+    letters = "abcdefghijklmnopqrstuvwxyz"[:cfg.n_symbols]
+    return {letters[PAIR_CHARS.index(c) // cfg.n_symbols]: letters[PAIR_CHARS.index(c) % cfg.n_symbols] for c in line}
 
 
-def test_lookup_answers_and_worked_chains_are_correct():
-    cfg = ReasoningConfig(worked_share=0.5, n_queries=12)
+@pytest.mark.parametrize("style,kind", [("packed", "permutation"), ("arrow", "permutation"), ("packed", "function")])
+def test_lookup_answers_and_worked_chains_are_correct(style, kind):
+    cfg = ReasoningConfig(map_style=style, map_kind=kind, n_symbols=7, worked_share=0.5, n_queries=12)
+    letters = sorted("abcdefg")
     for doc in make_documents(cfg, 30, seed=5):
-        f = _permutation(doc.text)
-        assert sorted(f) == sorted(f.values()) == list("abcdefghij")  # a permutation of the 10 symbols
-        for a, hops, sep, rest in re.findall(r"([a-j])(\d)([=:])(\S+)", doc.text.split("\n")[1]):
+        f = _map(doc.text, cfg)
+        assert sorted(f) == letters
+        if kind == "permutation":
+            assert sorted(f.values()) == letters
+        for a, hops, sep, rest in re.findall(r"([a-g])(\d)([=:])(\S+)", doc.text.split("\n")[1]):
             x = a
             chain = [a]
             for _ in range(int(hops)):
@@ -70,11 +80,14 @@ def test_state_answers_are_running_sums_mod_10():
 
 
 def test_documents_fit_the_bound_and_the_config_checks_its_fields():
+    cfg = ReasoningConfig(families=["lookup", "state"], map_style="arrow", n_symbols=10)
+    assert max(len(d.text) for d in make_documents(cfg, 300, seed=0)) <= max_document_chars(cfg)
     cfg = ReasoningConfig(families=["lookup", "state"])
     assert max(len(d.text) for d in make_documents(cfg, 300, seed=0)) <= max_document_chars(cfg)
-    for bad in [dict(families=[]), dict(families=["maze"]), dict(n_symbols=27), dict(max_hops=0),
+    for bad in [dict(families=[]), dict(families=["maze"]), dict(n_symbols=27), dict(n_symbols=8), dict(max_hops=0),
                 dict(min_digits=3, max_digits=2), dict(worked_share=1.5), dict(chain_delimiter="="),
-                dict(chain_delimiter="ab"), dict(eval_docs=0)]:
+                dict(chain_delimiter="ab"), dict(chain_delimiter="#"), dict(eval_docs=0), dict(eval_share=0.0),
+                dict(map_style="grid"), dict(map_kind="graph")]:
         with pytest.raises(ValueError, match="data.reasoning"):
             ReasoningConfig(**bad)
 

@@ -1,0 +1,110 @@
+"""The learn_to_think recipe end to end at toy size (its plumbing, not its result), the compute matching,
+and the plain-LM stage."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+
+import train as train_script
+from quietstar.config import register_configs
+from quietstar.data import ByteTokenizer
+from quietstar.flops import step_flops
+from quietstar.model import ModelConfig, Transformer
+from quietstar.plain import PlainLM
+from quietstar.recipes.learn_to_think import baseline_steps, median_over_seeds, micro_step_flops
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY = ["experiment=learn_to_think", "logger=none", "train.progress=false", "train.device=cpu", "train.max_steps=2",
+       "learn_to_think.pretrain_steps=3", "learn_to_think.eval_batch_size=8", "data.reasoning.eval_docs=6",
+       "data.synthetic_docs=40", "data.batch_size=2", "model.dim=32", "model.intermediate_size=64",
+       "model.n_heads=2", "model.n_kv_heads=2"]
+
+
+def toy_cfg(out_dir, *overrides):
+    GlobalHydra.instance().clear()
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        node = compose(config_name="train", overrides=[*TOY, *overrides])
+    GlobalHydra.instance().clear()
+    node.output_dir = str(out_dir)
+    return OmegaConf.to_object(node)
+
+
+def test_the_recipe_runs_its_stages_and_writes_results_and_curves(tmp_path, capsys):
+    from quietstar.recipes import run_recipe
+
+    cfg = toy_cfg(tmp_path)
+    run_recipe(cfg, train_script.train)
+    res = json.loads((tmp_path / "results.json").read_text())
+    for metric in ("answer_nll", "answer_acc"):
+        for model in ("thought", "no_thought", "baseline"):
+            assert {"all", "1", "2", "3"} <= set(res[metric][model]), (metric, model)
+    assert res["compute"]["baseline_steps"] == baseline_steps(cfg) > cfg.train.max_steps
+    assert res["examples"]["before"] and res["examples"]["after"]
+    for stage in ("pretrain", "quietstar", "baseline"):
+        assert (tmp_path / stage / "metrics.jsonl").is_file() and (tmp_path / stage / "curves.png").is_file()
+    assert (tmp_path / "learning_curves.png").stat().st_size > 10_000
+    assert "held-out direct answers" in capsys.readouterr().out
+    # the same command again reuses every finished stage and only re-evaluates
+    calls = []
+    run_recipe(cfg, lambda c: calls.append(c))
+    assert calls == []
+
+
+def test_the_baseline_gets_the_quietstar_stage_s_flops(tmp_path):
+    cfg = toy_cfg(tmp_path, "train.max_steps=10")
+    ratio = micro_step_flops(cfg, plain=False) / micro_step_flops(cfg, plain=True)
+    assert ratio > 5  # a thinking step costs many plain steps
+    assert baseline_steps(cfg) == round(10 * ratio)
+    assert baseline_steps(toy_cfg(tmp_path, "learn_to_think.baseline_compute=steps")) == 2
+    m = cfg.model.architecture()
+    assert step_flops(m, "plain", 2, 16, 5, 1, 2) == pytest.approx(2 * step_flops(m, "plain", 1, 16, 5, 1, 2))
+
+
+def test_the_recipe_refuses_another_data_source(tmp_path):
+    from quietstar.recipes import run_recipe
+
+    with pytest.raises(ValueError, match="data=reasoning"):
+        run_recipe(toy_cfg(tmp_path, "data=synthetic"), train_script.train)
+
+
+def test_the_plain_lm_stage_is_next_token_cross_entropy_with_padding_and_documents():
+    torch.manual_seed(0)
+    base = Transformer(ModelConfig.from_preset("tiny")).double()
+    lm = PlainLM(base, ByteTokenizer()).double()
+    ids = torch.randint(3, 256, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, 7:] = 0
+    out = lm(ids, mask)
+    ce = F.cross_entropy(base(ids, attention_mask=mask)[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+    ok = mask[:, 1:].double()
+    assert float(out.loss.detach()) == pytest.approx(float((ce * ok).sum() / ok.sum()), rel=1e-12)
+    out.loss.backward()
+    g = base.layers[0].attention.wq.weight.grad.clone()
+    base.zero_grad()
+    ((ce * ok).sum() / ok.sum()).backward()
+    assert torch.allclose(g, base.layers[0].attention.wq.weight.grad, rtol=1e-9, atol=1e-12)
+    # packed: two documents per row, each causal within itself, no target across the boundary
+    doc = torch.tensor([[0] * 5 + [1] * 5] * 2)
+    packed = lm(ids, None, doc_ids=doc)
+    ce1 = F.cross_entropy(base(ids[:, :5])[:, :-1].transpose(1, 2), ids[:, 1:5], reduction="sum")
+    ce2 = F.cross_entropy(base(ids[:, 5:])[:, :-1].transpose(1, 2), ids[:, 6:], reduction="sum")
+    assert float(packed.loss) == pytest.approx(float((ce1 + ce2) / 16), rel=1e-12)
+
+
+def test_median_over_seeds(tmp_path):
+    files = []
+    for i, v in enumerate([0.3, 0.1, 0.2]):
+        f = tmp_path / f"r{i}.json"
+        f.write_text(json.dumps({"answer_nll": {"thought": {"all": v, "3": 2 * v}},
+                                 "answer_acc": {"thought": {"all": 1 - v, "3": 0.5}}}))
+        files.append(f)
+    med = median_over_seeds(files)
+    assert med["answer_nll"]["thought"] == {"all": 0.2, "3": 0.4}
+    assert med["answer_acc"]["thought"]["all"] == pytest.approx(0.8)
