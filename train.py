@@ -12,21 +12,18 @@ Hydra composes configs/train.yaml and the command line into a typed `TrainConfig
 `train(cfg)` below is plain Python and never imports Hydra, so tests and notebooks call it directly.
 Everything a run writes goes to its output dir (Hydra's): config.yaml, metrics.jsonl, checkpoints/,
 wandb/. Each step is: rollout of thoughts (no grad) + one learning pass over the thought grid
-(quietstar/thinker.py), `optim.grad_accum` micro-batches per optimizer step.
-
-Environment: QUIETSTAR_SIGKILL_AFTER_STEP=k kills the process with SIGKILL right after step k (after its
-logging and checkpoint), to test exact resumption.
+(quietstar/thinker.py), `optim.grad_accum` micro-batches per optimizer step. The step's metrics stay
+0-dim tensors on the device and become numbers once per `train.log_every` steps; the only other host sync
+per step is the finiteness check that decides whether the optimizer steps.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -77,12 +74,13 @@ def config_yaml(cfg: TrainConfig) -> str:
 
 
 def micro_step(model, batch: Batch, generator, precision: str, accum: int):
-    """One micro-batch: forward (rollout + learning pass), scaled backward. -> (ThoughtOutput, finite)."""
+    """One micro-batch: forward (rollout + learning pass), scaled backward. -> (ThoughtOutput, finite as a
+    0-dim bool tensor)."""
     with autocast_context(batch.input_ids.device, precision):
         out = model(batch.input_ids, attention_mask=batch.attention_mask, generator=generator,
                     doc_ids=batch.doc_ids)
     (out.loss / accum).backward()  # even when non-finite: under DDP every rank must join the all-reduce
-    return out, bool(torch.isfinite(out.loss.detach()))
+    return out, torch.isfinite(out.loss.detach())
 
 
 def sample_thought(qs: QuietStar, tok, batch: Batch, out, position: int) -> dict:
@@ -96,7 +94,31 @@ def sample_thought(qs: QuietStar, tok, batch: Batch, out, position: int) -> dict
             "next": tok.decode(ids[i + 1:i + 4])}
 
 
-def train(cfg: TrainConfig) -> TrainResult:
+@dataclass
+class Session:
+    """Everything one training run holds: built once by `start_session`, used by the step functions."""
+
+    cfg: TrainConfig
+    dist: DistInfo
+    device: torch.device
+    precision: str
+    out_dir: Path
+    qs: QuietStar
+    tok: object
+    model: torch.nn.Module  # qs, or its DDP wrapper
+    generator: torch.Generator
+    stream: object
+    skipped: dict
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    params: list
+    start_step: int = 0
+    wandb_id: Optional[str] = None
+    tokens_seen: int = 0
+
+
+def start_session(cfg: TrainConfig) -> Session:
+    """Dist, device, seed, precision, output dir, model, data, optimizer and schedule, and the resume."""
     # ---------------------------------------------------------------- setup: dist, device, seed, precision
     dist: DistInfo = setup(cfg.dist, cfg.train.device)
     device = dist.device
@@ -123,89 +145,158 @@ def train(cfg: TrainConfig) -> TrainResult:
     # ---------------------------------------------------------------- optimizer + schedule
     optimizer, scheduler = build_optimizer(qs, cfg.optim, cfg.train.max_steps)
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    s = Session(cfg, dist, device, precision, out_dir, qs, tok, model, generator, stream, skipped, optimizer,
+                scheduler, params)
+    resume(s)
+    return s
 
+
+def resume(s: Session) -> None:
+    """Continue from cfg.resume's newest checkpoint: weights, optimizer, schedule, RNG and data position."""
+    cfg, dist = s.cfg, s.dist
     # ---------------------------------------------------------------- resume
-    start_step, wandb_id, tokens_seen = 0, None, 0
     if cfg.resume:
-        state = load_checkpoint(cfg.resume, qs, optimizer, scheduler, generator, dist,
+        state = load_checkpoint(cfg.resume, s.qs, s.optimizer, s.scheduler, s.generator, dist,
                                 cfg.checkpoint.verify_hashes)
-        start_step, wandb_id = int(state["step"]), state.get("wandb_id")
-        tokens_seen = int(state.get("extra", {}).get("tokens_seen", 0))
-        stream.load_state_dict(state["data"])
+        s.start_step, s.wandb_id = int(state["step"]), state.get("wandb_id")
+        s.tokens_seen = int(state.get("extra", {}).get("tokens_seen", 0))
+        s.stream.load_state_dict(state["data"])
         if dist.is_main:
-            print(f"resumed from {find_checkpoint(cfg.resume)} at step {start_step}", flush=True)
+            print(f"resumed from {find_checkpoint(cfg.resume)} at step {s.start_step}", flush=True)
 
-    # ---------------------------------------------------------------- logging
-    run = start_run(cfg.logger, out_dir, config=config_to_dict(cfg), rank=dist.rank, resume_id=wandb_id)
-    progress = Progress(cfg.train.max_steps, start_step, cfg.train.progress and dist.is_main)
-    ckpt_root = out_dir / "checkpoints"
-    kill_after = int(os.environ.get("QUIETSTAR_SIGKILL_AFTER_STEP", "0") or 0)
-    result = TrainResult("done", start_step, output_dir=out_dir)
 
-    def checkpoint(step: int) -> Path:
-        return save_checkpoint(ckpt_root, step, qs, optimizer, scheduler, data_state=stream.state_dict(),
-                               generator=generator, config_yaml=config_yaml(cfg), tokenizer=tok, dist=dist,
-                               wandb_id=run.id if dist.is_main else None, keep_last=cfg.checkpoint.keep_last,
-                               save_optimizer=cfg.checkpoint.save_optimizer,
-                               verify_hashes=cfg.checkpoint.verify_hashes, extra={"tokens_seen": tokens_seen})
+def checkpoint(s: Session, run, step: int) -> Path:
+    cfg = s.cfg
+    return save_checkpoint(s.out_dir / "checkpoints", step, s.qs, s.optimizer, s.scheduler,
+                           data_state=s.stream.state_dict(), generator=s.generator, config_yaml=config_yaml(cfg),
+                           tokenizer=s.tok, dist=s.dist, wandb_id=run.id if s.dist.is_main else None,
+                           keep_last=cfg.checkpoint.keep_last, save_optimizer=cfg.checkpoint.save_optimizer,
+                           verify_hashes=cfg.checkpoint.verify_hashes, extra={"tokens_seen": s.tokens_seen})
 
-    # ---------------------------------------------------------------- loop
-    model.train()
-    accum = cfg.optim.grad_accum
+
+@dataclass
+class StepResult:
+    metrics: dict  # name -> 0-dim tensor (mean over the micro-batches), on the device
+    loss: torch.Tensor  # 0-dim
+    finite: bool  # loss and gradient finite on every rank
+    finite_loss: bool
+    n_tokens: int
+    batch: Batch
+    out: object  # the last micro-batch's ThoughtOutput
+
+
+def accumulate(s: Session) -> tuple[dict, torch.Tensor, int, Batch, object]:
+    """Forward and backward of `optim.grad_accum` micro-batches. -> (mean metrics as 0-dim tensors,
+    finite-loss flag as a 0-dim tensor, tokens, last batch, last output); no host sync."""
+    accum = s.cfg.optim.grad_accum
+    sums: dict = {}
+    n_tokens, finite = 0, torch.ones((), dtype=torch.bool, device=s.device)
     batch = out = None
-    for step in range(start_step + 1, cfg.train.max_steps + 1):
-        t0 = time.perf_counter()
-        sums: dict = {}
-        n_tokens, finite = 0, True
-        for micro in range(accum):
-            batch = stream.next_batch().to(device)
-            with no_sync(model, dist, sync=micro == accum - 1):
-                out, ok = micro_step(model, batch, generator, precision, accum)
-            finite &= ok
-            n_tokens += batch.n_tokens
-            for k, v in out.metrics.items():
-                sums[k] = sums.get(k, 0.0) + v / accum
-        grad_norm = float(clip_grad_norm(params, cfg.optim.grad_clip))  # the same on every rank
-        if dist.any(not finite) or not math.isfinite(grad_norm):  # stop cleanly: no update, no checkpoint
-            optimizer.zero_grad(set_to_none=True)
-            result.status = "diverged"
-            if dist.is_main:
-                print(f"\nnon-finite {'loss' if not finite else 'gradient'} at step {step}: stopping; the last "
-                      f"good checkpoint is kept ({result.checkpoint or 'none written by this run'})", flush=True)
-            break
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+    for micro in range(accum):
+        batch = s.stream.next_batch().to(s.device)
+        with no_sync(s.model, s.dist, sync=micro == accum - 1):
+            out, ok = micro_step(s.model, batch, s.generator, s.precision, accum)
+        finite = finite & ok
+        n_tokens += batch.n_tokens
+        for k, v in out.metrics.items():
+            sums[k] = sums[k] + v / accum if k in sums else v / accum
+    return sums, finite, n_tokens, batch, out
 
-        metrics = dist.mean(sums)
+
+def train_step(s: Session) -> StepResult:
+    """One optimizer step; no update when the loss or the gradient is non-finite on any rank. One host
+    sync (the finiteness check the skip needs); the metrics stay on the device."""
+    sums, finite_loss, n_tokens, batch, out = accumulate(s)
+    grad_norm = clip_grad_norm(s.params, s.cfg.optim.grad_clip)  # the same on every rank
+    finite = bool(finite_loss & torch.isfinite(grad_norm).to(finite_loss.device))
+    finite = not s.dist.any(not finite)
+    if finite:
+        s.optimizer.step()
+        s.scheduler.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    sums["train/grad_norm"] = grad_norm.detach()
+    return StepResult(sums, sums["train/loss"], finite, finite or bool(finite_loss), n_tokens, batch, out)
+
+
+def to_numbers(s: Session, pending: list) -> list[dict]:
+    """The pending steps' 0-dim metric tensors as floats, in one device-to-host copy, averaged over ranks."""
+    keys = [sorted(m) for m in pending]
+    flat = torch.stack([torch.as_tensor(m[k]).detach().float().reshape(()).to(s.device) for m, ks in zip(pending, keys) for k in ks])
+    values, i, out = flat.tolist(), 0, []
+    for ks in keys:
+        out.append(s.dist.mean(dict(zip(ks, values[i:i + len(ks)]))))
+        i += len(ks)
+    return out
+
+
+def train(cfg: TrainConfig, on_step: Optional[Callable[[int, TrainResult], None]] = None) -> TrainResult:
+    """Train per `cfg`. on_step(step, result), if given, runs after each step's logging and checkpoint."""
+    s = start_session(cfg)
+    # ---------------------------------------------------------------- logging
+    run = start_run(cfg.logger, s.out_dir, config=config_to_dict(cfg), rank=s.dist.rank, resume_id=s.wandb_id)
+    progress = Progress(cfg.train.max_steps, s.start_step, cfg.train.progress and s.dist.is_main)
+    result = TrainResult("done", s.start_step, output_dir=s.out_dir)
+    # ---------------------------------------------------------------- loop
+    s.model.train()
+    pending, last = [], None  # metrics of the steps not yet logged (0-dim tensors)
+    for step in range(s.start_step + 1, cfg.train.max_steps + 1):
+        t0 = time.perf_counter()
+        r = train_step(s)
+        last = r
+        if not r.finite:  # stop cleanly: no update, no checkpoint
+            result.status = "diverged"
+            if s.dist.is_main:
+                print(f"\nnon-finite {'loss' if not r.finite_loss else 'gradient'} at step {step}: stopping; the "
+                      f"last good checkpoint is kept ({result.checkpoint or 'none written by this run'})", flush=True)
+            break
         dt = time.perf_counter() - t0
-        tokens_seen += n_tokens * dist.world_size
-        metrics.update({"train/lr": scheduler.get_last_lr()[0],
-                        "train/grad_norm": grad_norm,
-                        "perf/step_time_s": dt, "perf/tok_per_s": n_tokens * dist.world_size / dt,
-                        "perf/tokens_seen": tokens_seen, "data/epoch": stream.epoch})
-        result.losses.append(metrics["train/loss"])
-        result.step, result.metrics = step, metrics
+        s.tokens_seen += r.n_tokens * s.dist.world_size
+        pending.append((step, r.metrics, {"train/lr": s.scheduler.get_last_lr()[0], "perf/step_time_s": dt,
+                                          "perf/tok_per_s": r.n_tokens * s.dist.world_size / dt,
+                                          "perf/tokens_seen": s.tokens_seen, "data/epoch": s.stream.epoch}))
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-            run.log(metrics, step=step)
-        progress.update(step, metrics["train/loss"], metrics.get("train/nll", math.nan),
-                        metrics.get("thought/reward_mean", math.nan),
-                        metrics.get("thought/mix_weight_mean", math.nan), metrics["perf/tok_per_s"])
+            log_pending(pending, s, run, result)
+        progress.update(step, *progress_numbers(result.metrics, pending))
         every = cfg.checkpoint.every
         if (every and step % every == 0) or (step == cfg.train.max_steps and cfg.checkpoint.save_final):
-            result.checkpoint = checkpoint(step)
-        if step == kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)
+            result.checkpoint = checkpoint(s, run, step)
+        if on_step is not None:
+            on_step(step, result)
+    log_pending(pending, s, run, result, write=False)  # steps after the last log (a break): numbers only
     progress.close()
-
-    # ---------------------------------------------------------------- summary
-    if batch is not None and out is not None and dist.is_main:
-        result.sample = sample_thought(qs, tok, batch.to("cpu"), out, cfg.train.sample_position)
-        run.summary({"final/loss": result.losses[-1] if result.losses else math.nan, "final/step": result.step})
-        print_summary(cfg, result, run, skipped)
-    run.finish(exit_code=0 if result.status == "done" else 1)
-    teardown(dist)
+    finish(s, run, result, last)
     return result
+
+
+def log_pending(pending: list, s: Session, run, result: TrainResult, write: bool = True) -> None:
+    """Turn the pending steps' metrics into numbers (one sync), write the newest, record every loss."""
+    if not pending:
+        return
+    numbers = to_numbers(s, [m for _, m, _ in pending])
+    for (step, _, host), metrics in zip(pending, numbers):
+        metrics.update(host)
+        result.losses.append(metrics["train/loss"])
+        result.step, result.metrics = step, metrics
+    if write:
+        run.log(result.metrics, step=result.step)
+    pending.clear()
+
+
+def progress_numbers(metrics: dict, pending: list) -> tuple:
+    """(loss, nll, reward, mix, tok/s) for the progress line: the last logged step's numbers."""
+    tok_s = pending[-1][2]["perf/tok_per_s"] if pending else metrics.get("perf/tok_per_s", math.nan)
+    return (metrics.get("train/loss", math.nan), metrics.get("train/nll", math.nan),
+            metrics.get("thought/reward_mean", math.nan), metrics.get("thought/mix_weight_mean", math.nan), tok_s)
+
+
+def finish(s: Session, run, result: TrainResult, last: Optional[StepResult]) -> None:
+    # ---------------------------------------------------------------- summary
+    if last is not None and s.dist.is_main:
+        result.sample = sample_thought(s.qs, s.tok, last.batch.to("cpu"), last.out, s.cfg.train.sample_position)
+        run.summary({"final/loss": result.losses[-1] if result.losses else math.nan, "final/step": result.step})
+        print_summary(s.cfg, result, run, s.skipped)
+    run.finish(exit_code=0 if result.status == "done" else 1)
+    teardown(s.dist)
 
 
 def print_summary(cfg: TrainConfig, result: TrainResult, run, skipped: dict) -> None:
