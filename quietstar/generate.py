@@ -17,6 +17,7 @@ CLI:  python -m quietstar.generate [ckpt=DIR] prompt="..." [max_new_tokens=64 te
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass
@@ -65,7 +66,6 @@ def generate_stream(qs: QuietStar, input_ids: torch.Tensor, attention_mask: Opti
     if bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("prompts must be left-padded: the last column of attention_mask has a 0")
     T = cfg.n_ahead
-    thought_temperature = cfg.gumbel_temperature if thought_temperature is None else thought_temperature
     dtype = model.tok_embeddings.weight.dtype
     cache = KVCache(model.cfg, B, P + max_new_tokens + T, dtype=dtype, device=dev)
     cache.key_valid[:, :P] = attention_mask.bool()
@@ -83,19 +83,8 @@ def generate_stream(qs: QuietStar, input_ids: torch.Tensor, attention_mask: Opti
         thought, w = None, None
         if think:
             text_len = cache.seen
-            sampled = []
-            token = torch.full((B,), qs.start_token_id, dtype=torch.long, device=dev)
-            for s in range(1, T):  # steps 1..T-1: <start>, t_1..t_{T-3}, <end>
-                h_s = one(token, last_pos + s)
-                if s <= T - 3:
-                    token = sample_categorical(model.head(h_s).float(), thought_temperature, generator)
-                    sampled.append(token)
-                elif s == T - 2:
-                    token = torch.full((B,), qs.end_token_id, dtype=torch.long, device=dev)
-            h_mix, w = qs.mix(h_last, h_s)  # h_s: the <end> step
-            logits = model.head(h_mix)
+            logits, w, thought = qs.think(one, h_last, last_pos, generator, thought_temperature)
             cache.truncate(text_len)  # the thought is not part of the text
-            thought = torch.stack(sampled, -1) if sampled else torch.zeros(B, 0, dtype=torch.long, device=dev)
         else:
             logits = model.head(h_last)
         nxt = sample_token(logits, temperature, top_p, generator)
@@ -174,19 +163,25 @@ def parse_kv(argv: Sequence[str], defaults: dict) -> dict:
     return args
 
 
-def load_for_inference(ckpt: Optional[str], device: str = "cpu", dtype: Optional[torch.dtype] = None,
-                       model: str = "smollm2-135m"):
-    """(QuietStar, tokenizer) from a checkpoint or export dir, or the base model with fresh thought parameters."""
+def load_for_inference(ckpt: Optional[str] = None, device: str = "cpu", dtype: Optional[torch.dtype] = None,
+                       model: str = "smollm2-135m", n_ahead: Optional[int] = None):
+    """(QuietStar, tokenizer) in eval mode, from a training checkpoint (step dir, checkpoints/ dir or run dir)
+    or an export dir, or else the pretrained base model `model` with fresh thought parameters (talk head at
+    its zero init: the mixed prediction is exactly the base one). n_ahead overrides T."""
     if ckpt:
         from quietstar.export import load_thinker
 
         qs = load_thinker(ckpt, device=device)
-        return qs, qs.tokenizer
-    from quietstar.loading import load_pretrained
-    from quietstar.thinker import ThoughtConfig
+        tok = qs.tokenizer
+    else:
+        from quietstar.loading import load_pretrained
+        from quietstar.thinker import ThoughtConfig
 
-    base, tok = load_pretrained(model, dtype=dtype, device=device)
-    return QuietStar(base, tok, ThoughtConfig()).to(device), tok
+        base, tok = load_pretrained(model, dtype=dtype, device=device)
+        qs = QuietStar(base, tok, ThoughtConfig())
+    if n_ahead is not None:
+        qs.cfg = dataclasses.replace(qs.cfg, n_ahead=n_ahead)
+    return qs.to(device).eval(), tok
 
 
 def main(argv=None):
