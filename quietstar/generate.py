@@ -105,6 +105,17 @@ class Generation:
     tokens_per_s: float
 
 
+def encode_prompt(tokenizer, text: str, max_len: Optional[int] = None) -> list[int]:
+    """Token ids of `text` as training reads a document (data.py): BOS (when the tokenizer has one), then
+    the text's tokens; with max_len, BOS and the text's last max_len - 1 tokens. Generation and every
+    evaluation encode their inputs with this, so a model is evaluated the way it was trained."""
+    ids = tokenizer.encode(text, add_bos=False)
+    bos = [] if getattr(tokenizer, "bos_id", None) is None else [tokenizer.bos_id]
+    if max_len is not None:
+        ids = ids[max(0, len(ids) - (max_len - len(bos))):]
+    return bos + ids
+
+
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device=None):
     P = max(len(s) for s in seqs)
     ids = torch.tensor([[pad_id] * (P - len(s)) + list(s) for s in seqs], device=device)
@@ -118,7 +129,7 @@ def generate(qs: QuietStar, tokenizer, prompts: Sequence[str], max_new_tokens: i
              on_step=None) -> Generation:
     """Generate continuations of text prompts (batched, left-padded). on_step(Step) streams."""
     dev = qs.model.tok_embeddings.weight.device
-    ids, mask = left_pad([tokenizer.encode(p) for p in prompts], tokenizer.pad_id, dev)
+    ids, mask = left_pad([encode_prompt(tokenizer, p) for p in prompts], tokenizer.pad_id, dev)
     stop_ids = [tokenizer.eos_id] if stop_ids is None else stop_ids
     out = [[] for _ in prompts]
     thoughts = [[] for _ in prompts]

@@ -24,7 +24,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from quietstar.eval.common import Progress
-from quietstar.generate import generate_stream, left_pad
+from quietstar.generate import encode_prompt, generate_stream, left_pad
 from quietstar.thinker import QuietStar
 
 COT_PROMPT = "\nA: Let's think step by step."
@@ -67,7 +67,7 @@ def _continue(qs: QuietStar, tok, texts: Sequence[str], max_new: int, temperatur
               generator, stop_ids, check_text: bool) -> list[str]:
     """Continue each text; returns the full texts (prompt + continuation), cut by the stop rules."""
     dev = qs.model.tok_embeddings.weight.device
-    prompts = [tok.encode(t) for t in texts]
+    prompts = [encode_prompt(tok, t) for t in texts]  # BOS first, as in training
     ids, mask = left_pad(prompts, tok.pad_id, dev)
     gen = [[] for _ in texts]
     done = [False] * len(texts)
