@@ -1,4 +1,4 @@
-"""Generation with thoughts (REFERENCE §8.4, "ideal"): the text's K/V is cached, and for each new token
+"""Generation with thoughts (docs/thought-grid.md, "Generation and evaluation"): the text's K/V is cached, and for each new token
 only the last position thinks.
 
 Per generated token, with T = n_ahead:

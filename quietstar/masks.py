@@ -1,6 +1,6 @@
 """The thought-grid attention predicate, and the dense boolean mask built from it (the test oracle).
 
-Text x_0..x_{L-1}. Every position i grows a private branch, one token per grid step s (DESIGN §3):
+Text x_0..x_{L-1}. Every position i grows a private branch, one token per grid step s (docs/thought-grid.md):
 step 0 is the text itself, steps 1..S-1 are <start>, the thought, <end> and the teacher-forced
 continuation. A query at (step s, position i) may attend the key at (step r, position j) iff
 

@@ -3,14 +3,14 @@
 S dependent model calls, one grid step each, keeping gradients through a K/V cache that grows by a
 `torch.cat` every step; a dense boolean mask over all cached keys; GQA heads repeated; the base
 pass repeated for every one of the n copies; thought tokens sampled inside the same loop
-(REFERENCE §2.3-§2.6). It also does the official code's per-step vocabulary work (REFERENCE §7
-"Inefficiencies" 4): inputs built as one-hot x embedding matmuls, two full vocabulary projections
+(docs/official.md). It also does the official code's per-step vocabulary work: inputs built as one-hot x embedding matmuls, two full vocabulary projections
 per step kept for backward (the sampling logits and the mixed logits), a log-softmax and CE at every
 step and the talk head at the thought steps. That work is dead in the official code (multiplied by 0
 or NaN'd out of the loss); here it enters the loss with weight exactly 0, so values and gradients are
-those of the grid pass while time and memory follow the reference's cost model (REFERENCE §8.1).
+those of the grid pass while time and memory follow the official code's cost model.
 
-It is the baseline of bench/bench_train_step.py and a second test oracle.
+It is the baseline of bench/bench_train_step.py and a second test oracle. It plugs in as a learning pass
+(`SequentialDensePass`, registered for `thought.impl=sequential_dense`); thinker.py does not import it.
 """
 
 from __future__ import annotations

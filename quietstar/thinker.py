@@ -1,30 +1,21 @@
 """Quiet-STaR: a layer around an unchanged base model that thinks before every token.
 
 Zelikman et al. 2024, "Quiet-STaR: Language Models Can Teach Themselves to Think Before Speaking"
-(arXiv 2403.09629); the official code is described line by line in docs REFERENCE.md.
+(arXiv 2403.09629). docs/architecture.md describes the layer, docs/official.md the official code and every
+deliberate difference from it.
 
-One training step has two phases (DESIGN §3):
+One training step has two phases (docs/thought-grid.md; the layout is masks.ThoughtGrid):
 
 1. rollout (no grad): the text's K/V once per unique sequence, then T - 3 decode-like grid steps that
-   sample a thought token at every position for each of the n copies (Gumbel-max = exact sampling);
-2. learning pass (with grad): one teacher-forced forward over the whole thought grid
-   (S = T + K - 1 rows; masks.py) under the grid predicate, then the talk head, mixing, NLL and
-   REINFORCE on the sampled tokens.
+   sample a thought token at every position for each of the n copies (inverse-CDF sampling);
+2. learning pass (with grad): one teacher-forced forward over the whole thought grid under the grid
+   predicate (GridPass; `thought.impl` may name another registered pass, e.g. sequential.py's), then
+   the objective in three stages: score (the fused LM-head sums), objective (objective.py: NLL weights,
+   rewards, advantages, policy weights) and metrics (0-dim tensors).
 
-Grid step s of position i (T = n_ahead, K = n_ahead_talk):
-
-    step s:   0      1        2 .. T-2          T-1     T .. T+K-2
-    token:    x_i    <start>  t_1 .. t_{T-3}    <end>   x_{i+1} .. x_{i+K-1}
-    predicts: x_{i+1} t_1      t_2 .. (unused)   x_{i+1} x_{i+2} .. x_{i+K}       position id i + s
-
-Mixing (REFERENCE §1.3): w = talk_head([h_base(i+k); h_talk_k(i)]) with a zero-initialised last layer,
+Mixing: w = talk_head([h_base(i+k); h_talk_k(i)]) with a zero-initialised last layer,
 h_mix = (1 - w) h_base(i+k) + w h_talk_k(i), logits = lm_head(h_mix). Note the code's w weights the
 thought, the opposite of the paper's convention.
-
-Losses (REFERENCE §4): nll = base_loss_weight * CE_base + (1 - base_loss_weight) * mean_k CE_talk_k;
-reward R(i) = sum_k [CE_base(x_{i+k+1}) - CE_talk_k(i)] (base detached); advantage
-A = max(0, R - mean over the n copies) (detached); policy loss = -A * log pi(t_m) averaged over the
-sampled tokens m = 1..T-3 and the scorable positions; loss = nll + policy_weight * policy_loss.
 
 Shape legend: B unique sequences, n thoughts per position, S grid rows per copy, R = 1 + n (S - 1)
 rows in the grid layout, L positions, d model dim, V vocab, H / G query / kv heads, D head dim.
@@ -50,7 +41,7 @@ from quietstar.objective import metrics as objective_metrics
 @dataclass
 class ThoughtConfig:
     """The Quiet-STaR settings. Defaults are faithful to the official code except for its outright bugs;
-    `ThoughtConfig.reference()` reproduces every official quirk (REFERENCE §4-§5, §7)."""
+    `ThoughtConfig.reference()` reproduces every official quirk (docs/official.md)."""
 
     n_ahead: int = 8
     """T: grid steps before the talk steps, counting the base step. A thought is T - 1 tokens
@@ -133,7 +124,7 @@ class ThoughtConfig:
 
     @classmethod
     def reference(cls, **overrides) -> "ThoughtConfig":
-        """The official training settings (REFERENCE §5), every quirk included."""
+        """The official training settings, every quirk included (docs/official.md)."""
         ref = dict(n_ahead=12, n_ahead_talk=4, n_thoughts=2, gumbel_temperature=1.0, base_loss_weight=0.5,
                    policy_weight=1e6, policy_temperature=3.0, policy_mean_over_padding=True,
                    reward_drop_last_position=True, clamp_negative_advantage=True, mix_sigmoid=False,

@@ -4,7 +4,7 @@ bar, and the json record.
 The one computation here is `next_token_logits_at`: the paper's evaluation prediction (K = 1, the mixed
 logits at the <end> step) for a few chosen positions of a batch, without thinking at every other
 position. A position's thought only sees the text up to that position and its own branch (the grid
-predicate, DESIGN §3), so the text's K/V is computed once and each chosen position's branch
+predicate, docs/thought-grid.md), so the text's K/V is computed once and each chosen position's branch
 <start>, t_1..t_{T-3}, <end> is decoded on top of it with the later text keys masked out.
 `QuietStar.next_token_logits` given the same thoughts gives the same logits (tests/test_eval.py).
 """
