@@ -193,11 +193,12 @@ def accumulate(s: Session) -> tuple[dict, torch.Tensor, int, Batch, object]:
     n_tokens, finite = 0, torch.ones((), dtype=torch.bool, device=s.device)
     batch = out = None
     for micro in range(accum):
-        batch = s.stream.next_batch().to(s.device)
+        batch = s.stream.next_batch()
+        n_tokens += batch.n_tokens  # counted on the host copy: no device sync
+        batch = batch.to(s.device)
         with no_sync(s.model, s.dist, sync=micro == accum - 1):
             out, ok = micro_step(s.model, batch, s.generator, s.precision, accum)
         finite = finite & ok
-        n_tokens += batch.n_tokens
         for k, v in out.metrics.items():
             sums[k] = sums[k] + v / accum if k in sums else v / accum
     return sums, finite, n_tokens, batch, out

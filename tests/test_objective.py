@@ -199,15 +199,32 @@ def test_inverse_cdf_sampling_is_exact_to_float64_at_a_large_vocabulary():
 
 
 def test_sampled_distribution_total_variation_is_below_1e7():
-    """The distribution sample_categorical inverts, against the float64 softmax (the docstring's number)."""
-    from quietstar.thinker import categorical_cdf
+    """The distribution sample_categorical inverts (block mass x share in the block), against the float64
+    softmax; a float32 cumulative sum over the vocabulary is far off."""
+    from quietstar.thinker import _BLOCK, categorical_blocks
 
-    for V in (32000, 49152):
+    for V in (32000, 49152, 1000):
         logits = torch.randn(8, V, generator=torch.Generator().manual_seed(V)) * 3
-        cdf = categorical_cdf(logits)
-        implied = torch.diff(cdf, dim=-1, prepend=torch.zeros(8, 1, dtype=torch.float64)) / cdf[:, -1:]
-        tv = 0.5 * (implied - torch.softmax(logits.double(), -1)).abs().sum(-1).max().item()
+        w, block_cdf = categorical_blocks(logits)
+        mass = torch.diff(block_cdf, dim=-1, prepend=torch.zeros(8, 1, dtype=torch.float64))
+        wd = w.double()
+        implied = (wd / wd.sum(-1, keepdim=True) * (mass / block_cdf[:, -1:])[..., None]).view(8, -1)[:, :V]
+        exact = torch.softmax(logits.double(), -1)
+        tv = 0.5 * (implied - exact).abs().sum(-1).max().item()
         assert tv < 1e-7, (V, tv)
+        c32 = w.view(8, -1)[:, :V].cumsum(-1).double()
+        f32 = torch.diff(c32, dim=-1, prepend=torch.zeros(8, 1, dtype=torch.float64)) / c32[:, -1:]
+        if V > 10000:
+            assert 0.5 * (f32 - exact).abs().sum(-1).max().item() > 1e-5  # the float32 cumulative sum
+
+
+def test_sampling_frequencies_follow_the_distribution():
+    logits = torch.tensor([[2.0, 0.0, -1.0] + [-30.0] * 500 + [1.0]])
+    draws = sample_categorical(logits.expand(200_000, -1), generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=logits.shape[1]).double() / draws.numel()
+    p = torch.softmax(logits.double(), -1)[0]
+    assert (freq - p).abs().max().item() < 5 * (p * (1 - p) / draws.numel()).sqrt().max().item()
+    assert draws.max().item() < logits.shape[1]
 
 
 def test_training_evaluation_and_generation_all_start_with_bos(tmp_path):
