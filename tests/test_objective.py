@@ -201,7 +201,7 @@ def test_inverse_cdf_sampling_is_exact_to_float64_at_a_large_vocabulary():
 def test_sampled_distribution_total_variation_is_below_1e7():
     """The distribution sample_categorical inverts (block mass x share in the block), against the float64
     softmax; a float32 cumulative sum over the vocabulary is far off."""
-    from quietstar.thinker import _BLOCK, categorical_blocks
+    from quietstar.thinker import categorical_blocks
 
     for V in (32000, 49152, 1000):
         logits = torch.randn(8, V, generator=torch.Generator().manual_seed(V)) * 3
