@@ -12,21 +12,19 @@ Hydra composes configs/train.yaml and the command line into a typed `TrainConfig
 `train(cfg)` below is plain Python and never imports Hydra, so tests and notebooks call it directly.
 Everything a run writes goes to its output dir (Hydra's): config.yaml, metrics.jsonl, checkpoints/,
 wandb/. Each step is: rollout of thoughts (no grad) + one learning pass over the thought grid
-(quietstar/thinker.py), `optim.grad_accum` micro-batches per optimizer step.
-
-Environment: QUIETSTAR_SIGKILL_AFTER_STEP=k kills the process with SIGKILL right after step k (after its
-logging and checkpoint), to test exact resumption.
+(quietstar/thinker.py), `optim.grad_accum` micro-batches per optimizer step. The step's metrics stay
+0-dim tensors on the device and become numbers once per `train.log_every` steps; the only other host sync
+per step is the finiteness check that decides whether the optimizer steps.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -87,12 +85,13 @@ def config_yaml(cfg: TrainConfig) -> str:
 
 
 def micro_step(model, batch: Batch, generator, precision: str, accum: int):
-    """One micro-batch: forward (rollout + learning pass), scaled backward. -> (ThoughtOutput, finite)."""
+    """One micro-batch: forward (rollout + learning pass), scaled backward. -> (ThoughtOutput, finite as a
+    0-dim bool tensor)."""
     with autocast_context(batch.input_ids.device, precision):
         out = model(batch.input_ids, attention_mask=batch.attention_mask, generator=generator,
                     doc_ids=batch.doc_ids)
     (out.loss / accum).backward()  # even when non-finite: under DDP every rank must join the all-reduce
-    return out, bool(torch.isfinite(out.loss.detach()))
+    return out, torch.isfinite(out.loss.detach())
 
 
 def sample_thought(qs: QuietStar, tok, batch: Batch, out, position: int) -> dict:
@@ -106,7 +105,33 @@ def sample_thought(qs: QuietStar, tok, batch: Batch, out, position: int) -> dict
             "next": tok.decode(ids[i + 1:i + 4])}
 
 
-def train(cfg: TrainConfig) -> TrainResult:
+@dataclass
+class Session:
+    """Everything one training run holds: built once by `start_session`, used by the step functions."""
+
+    cfg: TrainConfig
+    dist: DistInfo
+    device: torch.device
+    precision: str
+    out_dir: Path
+    qs: QuietStar
+    tok: object
+    model: torch.nn.Module  # qs, or its DDP wrapper
+    generator: torch.Generator
+    stream: object
+    skipped: dict
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    params: list
+    lock: RunLock  # held on the run dir until the run ends
+    watch: RunWatch  # divergence beyond NaN; which checkpoints are healthy
+    start_step: int = 0
+    wandb_id: Optional[str] = None
+    tokens_seen: int = 0
+
+
+def start_session(cfg: TrainConfig) -> Session:
+    """Dist, device, seed, precision, output dir, model, data, optimizer and schedule, and the resume."""
     # ---------------------------------------------------------------- setup: dist, device, seed, precision
     dist: DistInfo = setup(cfg.dist, cfg.train.device)
     device = dist.device
@@ -137,105 +162,174 @@ def train(cfg: TrainConfig) -> TrainResult:
     # ---------------------------------------------------------------- optimizer + schedule
     optimizer, scheduler = build_optimizer(qs, cfg.optim, cfg.train.max_steps)
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    s = Session(cfg, dist, device, precision, out_dir, qs, tok, model, generator, stream, skipped, optimizer,
+                scheduler, params, lock, RunWatch(cfg.health, dist.is_main))
+    resume(s)
+    return s
 
+
+def resume(s: Session) -> None:
+    """Continue from cfg.resume's newest checkpoint: weights, optimizer, schedule, RNG and data position."""
+    cfg, dist = s.cfg, s.dist
     # ---------------------------------------------------------------- resume
-    start_step, wandb_id, tokens_seen = 0, None, 0
     if cfg.resume:
-        state = load_checkpoint(cfg.resume, qs, optimizer, scheduler, generator, dist,
+        state = load_checkpoint(cfg.resume, s.qs, s.optimizer, s.scheduler, s.generator, dist,
                                 cfg.checkpoint.verify_hashes)
-        start_step, wandb_id = int(state["step"]), state.get("wandb_id")
-        tokens_seen = int(state.get("extra", {}).get("tokens_seen", 0))
-        stream.load_state_dict(state["data"])
-        if start_step >= cfg.train.max_steps:
-            raise ConfigError(f"resume: {find_checkpoint(cfg.resume)} is at step {start_step}, and train.max_steps="
+        s.start_step, s.wandb_id = int(state["step"]), state.get("wandb_id")
+        s.tokens_seen = int(state.get("extra", {}).get("tokens_seen", 0))
+        s.stream.load_state_dict(state["data"])
+        where = find_checkpoint(cfg.resume)
+        if s.start_step >= cfg.train.max_steps:
+            raise ConfigError(f"resume: {where} is at step {s.start_step}, and train.max_steps="
                               f"{cfg.train.max_steps}: nothing to train; raise train.max_steps")
         if dist.is_main:
-            print(f"resumed from {find_checkpoint(cfg.resume)} at step {start_step}", flush=True)
-            if find_checkpoint(cfg.resume).parent.resolve() == (out_dir / "checkpoints").resolve():
-                aside = set_aside_later(out_dir / "checkpoints", start_step, out_dir / "metrics.jsonl")
+            print(f"resumed from {where} at step {s.start_step}", flush=True)
+            if where.parent.resolve() == (s.out_dir / "checkpoints").resolve():  # an earlier step of this run
+                aside = set_aside_later(s.out_dir / "checkpoints", s.start_step, s.out_dir / "metrics.jsonl")
                 if aside:
                     print(f"later checkpoints and metrics of this run moved to {aside}", flush=True)
 
-    # ---------------------------------------------------------------- logging
-    run = start_run(cfg.logger, out_dir, config=config_to_dict(cfg), rank=dist.rank, resume_id=wandb_id)
-    progress = Progress(cfg.train.max_steps, start_step, cfg.train.progress and dist.is_main)
-    ckpt_root = out_dir / "checkpoints"
-    kill_after = int(os.environ.get("QUIETSTAR_SIGKILL_AFTER_STEP", "0") or 0)
-    result = TrainResult("done", start_step, output_dir=out_dir)
-    watch = RunWatch(cfg.health, dist.is_main)  # divergence beyond NaN; which checkpoints are healthy
 
-    def checkpoint(step: int) -> Path:
-        return save_checkpoint(ckpt_root, step, qs, optimizer, scheduler, data_state=stream.state_dict(),
-                               generator=generator, config_yaml=config_yaml(cfg), tokenizer=tok, dist=dist,
-                               wandb_id=run.id if dist.is_main else None, keep_last=cfg.checkpoint.keep_last,
-                               save_optimizer=cfg.checkpoint.save_optimizer,
-                               verify_hashes=cfg.checkpoint.verify_hashes, extra={"tokens_seen": tokens_seen},
-                               protect=watch.protected)
+def checkpoint(s: Session, run, step: int) -> Path:
+    cfg = s.cfg
+    return save_checkpoint(s.out_dir / "checkpoints", step, s.qs, s.optimizer, s.scheduler,
+                           data_state=s.stream.state_dict(), generator=s.generator, config_yaml=config_yaml(cfg),
+                           tokenizer=s.tok, dist=s.dist, wandb_id=run.id if s.dist.is_main else None,
+                           keep_last=cfg.checkpoint.keep_last, save_optimizer=cfg.checkpoint.save_optimizer,
+                           verify_hashes=cfg.checkpoint.verify_hashes, extra={"tokens_seen": s.tokens_seen},
+                           protect=s.watch.protected)
 
-    # ---------------------------------------------------------------- loop
-    model.train()
-    accum = cfg.optim.grad_accum
+
+@dataclass
+class StepResult:
+    metrics: dict  # name -> 0-dim tensor (mean over the micro-batches), on the device
+    loss: torch.Tensor  # 0-dim
+    finite: bool  # loss and gradient finite on every rank
+    finite_loss: bool
+    n_tokens: int
+    batch: Batch
+    out: object  # the last micro-batch's ThoughtOutput
+
+
+def accumulate(s: Session) -> tuple[dict, torch.Tensor, int, Batch, object]:
+    """Forward and backward of `optim.grad_accum` micro-batches. -> (mean metrics as 0-dim tensors,
+    finite-loss flag as a 0-dim tensor, tokens, last batch, last output); no host sync."""
+    accum = s.cfg.optim.grad_accum
+    sums: dict = {}
+    n_tokens, finite = 0, torch.ones((), dtype=torch.bool, device=s.device)
     batch = out = None
-    for step in range(start_step + 1, cfg.train.max_steps + 1):
-        t0 = time.perf_counter()
-        sums: dict = {}
-        n_tokens, finite = 0, True
-        for micro in range(accum):
-            batch = stream.next_batch().to(device)
-            with no_sync(model, dist, sync=micro == accum - 1):
-                out, ok = micro_step(model, batch, generator, precision, accum)
-            finite &= ok
-            n_tokens += batch.n_tokens
-            for k, v in out.metrics.items():
-                sums[k] = sums.get(k, 0.0) + v / accum
-        grad_norm = float(clip_grad_norm(params, cfg.optim.grad_clip))  # the same on every rank
-        if dist.any(not finite) or not math.isfinite(grad_norm):  # stop cleanly: no update, no checkpoint
-            optimizer.zero_grad(set_to_none=True)
-            result.status = "diverged"
-            result.checkpoint = watch.stop(step, f"non-finite {'loss' if not finite else 'gradient'}")
-            break
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+    for micro in range(accum):
+        batch = s.stream.next_batch()
+        n_tokens += batch.n_tokens  # counted on the host copy: no device sync
+        batch = batch.to(s.device)
+        with no_sync(s.model, s.dist, sync=micro == accum - 1):
+            out, ok = micro_step(s.model, batch, s.generator, s.precision, accum)
+        finite = finite & ok
+        for k, v in out.metrics.items():
+            sums[k] = sums[k] + v / accum if k in sums else v / accum
+    return sums, finite, n_tokens, batch, out
 
-        metrics = dist.mean(sums)
+
+def train_step(s: Session) -> StepResult:
+    """One optimizer step; no update when the loss or the gradient is non-finite on any rank. One host
+    sync (the finiteness check the skip needs); the metrics stay on the device."""
+    sums, finite_loss, n_tokens, batch, out = accumulate(s)
+    grad_norm = clip_grad_norm(s.params, s.cfg.optim.grad_clip)  # the same on every rank
+    finite = bool(finite_loss & torch.isfinite(grad_norm).to(finite_loss.device))
+    finite = not s.dist.any(not finite)
+    if finite:
+        s.optimizer.step()
+        s.scheduler.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    sums["train/grad_norm"] = grad_norm.detach()
+    return StepResult(sums, sums["train/loss"], finite, finite or bool(finite_loss), n_tokens, batch, out)
+
+
+def to_numbers(s: Session, pending: list) -> list[dict]:
+    """The pending steps' 0-dim metric tensors as floats, in one device-to-host copy, averaged over ranks."""
+    keys = [sorted(m) for m in pending]
+    flat = torch.stack([torch.as_tensor(m[k]).detach().float().reshape(()).to(s.device) for m, ks in zip(pending, keys) for k in ks])
+    values, i, out = flat.tolist(), 0, []
+    for ks in keys:
+        out.append(s.dist.mean(dict(zip(ks, values[i:i + len(ks)]))))
+        i += len(ks)
+    return out
+
+
+def train(cfg: TrainConfig, on_step: Optional[Callable[[int, TrainResult], None]] = None) -> TrainResult:
+    """Train per `cfg`. on_step(step, result), if given, runs after each step's logging and checkpoint."""
+    s = start_session(cfg)
+    # ---------------------------------------------------------------- logging
+    run = start_run(cfg.logger, s.out_dir, config=config_to_dict(cfg), rank=s.dist.rank, resume_id=s.wandb_id)
+    progress = Progress(cfg.train.max_steps, s.start_step, cfg.train.progress and s.dist.is_main)
+    result = TrainResult("done", s.start_step, output_dir=s.out_dir)
+    # ---------------------------------------------------------------- loop
+    s.model.train()
+    pending, last = [], None  # metrics of the steps not yet logged (0-dim tensors)
+    for step in range(s.start_step + 1, cfg.train.max_steps + 1):
+        t0 = time.perf_counter()
+        r = train_step(s)
+        last = r
+        if not r.finite:  # stop cleanly: no update, no checkpoint
+            log_pending(pending, s, run, result)
+            result.status = "diverged"
+            result.checkpoint = s.watch.stop(step, f"non-finite {'loss' if not r.finite_loss else 'gradient'}")
+            break
         dt = time.perf_counter() - t0
-        tokens_seen += n_tokens * dist.world_size
-        metrics.update({"train/lr": scheduler.get_last_lr()[0],
-                        "train/grad_norm": grad_norm,
-                        "perf/step_time_s": dt, "perf/tok_per_s": n_tokens * dist.world_size / dt,
-                        "perf/tokens_seen": tokens_seen, "data/epoch": stream.epoch})
+        s.tokens_seen += r.n_tokens * s.dist.world_size
+        pending.append((step, r.metrics, {"train/lr": s.scheduler.get_last_lr()[0], "perf/step_time_s": dt,
+                                          "perf/tok_per_s": r.n_tokens * s.dist.world_size / dt,
+                                          "perf/tokens_seen": s.tokens_seen, "data/epoch": s.stream.epoch}))
+        every = cfg.checkpoint.every
+        save = (every and step % every == 0) or (step == cfg.train.max_steps and cfg.checkpoint.save_final)
+        if (step % cfg.train.log_every == 0 or step == cfg.train.max_steps or save) and \
+                log_pending(pending, s, run, result):  # the divergence watch reads the numbers
+            result.status, result.checkpoint = "diverged", s.watch.last_healthy
+            break
+        progress.update(step, {**result.metrics, **pending[-1][2]} if pending else result.metrics)
+        if save and s.watch.may_checkpoint(step):
+            try:
+                result.checkpoint = checkpoint(s, run, step)
+                s.watch.saved(result.checkpoint)
+            except NonFiniteStateError as e:
+                result.status, result.checkpoint = "diverged", s.watch.stop(step, str(e))
+                break
+        if on_step is not None:
+            on_step(step, result)
+    log_pending(pending, s, run, result, write=False)  # steps after the last log (a break): numbers only
+    progress.close()
+    finish(s, run, result, last)
+    return result
+
+
+def log_pending(pending: list, s: Session, run, result: TrainResult, write: bool = True) -> bool:
+    """Turn the pending steps' metrics into numbers (one sync), feed them to the divergence watch, write the
+    newest, record every loss. -> whether the watch saw the run go bad."""
+    if not pending:
+        return False
+    numbers = to_numbers(s, [m for _, m, _ in pending])
+    bad = False
+    for (step, _, host), metrics in zip(pending, numbers):
+        metrics.update(host)
         result.losses.append(metrics["train/loss"])
         result.step, result.metrics = step, metrics
-        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-            run.log(metrics, step=step)
-        progress.update(step, metrics)
-        if watch.after_step(step, metrics.get("train/nll", metrics["train/loss"]), grad_norm):
-            result.status, result.checkpoint = "diverged", watch.last_healthy
-            break
-        every = cfg.checkpoint.every
-        if ((every and step % every == 0) or (step == cfg.train.max_steps and cfg.checkpoint.save_final)) \
-                and watch.may_checkpoint(step):
-            try:
-                result.checkpoint = checkpoint(step)
-                watch.saved(result.checkpoint)
-            except NonFiniteStateError as e:
-                result.status, result.checkpoint = "diverged", watch.stop(step, str(e))
-                break
-        if step == kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)
-    progress.close()
+        bad = bad or s.watch.after_step(step, metrics.get("train/nll", metrics["train/loss"]),
+                                        metrics["train/grad_norm"])
+    if write:
+        run.log(result.metrics, step=result.step)
+    pending.clear()
+    return bad
 
-    # ---------------------------------------------------------------- summary
-    if batch is not None and out is not None and dist.is_main:
-        result.sample = sample_thought(qs, tok, batch.to("cpu"), out, cfg.train.sample_position)
+
+def finish(s: Session, run, result: TrainResult, last: Optional[StepResult]) -> None:
+    if last is not None and s.dist.is_main:
+        result.sample = sample_thought(s.qs, s.tok, last.batch.to("cpu"), last.out, s.cfg.train.sample_position)
         run.summary({"final/loss": result.losses[-1] if result.losses else math.nan, "final/step": result.step})
-        result.curves = write_curves(out_dir)
-        print_summary(cfg, result, run, skipped)
+        result.curves = write_curves(s.out_dir)
+        print_summary(s.cfg, result, run, s.skipped)
     run.finish(exit_code=0 if result.status == "done" else 1)
-    lock.release()
-    teardown(dist)
-    return result
+    s.lock.release()
+    teardown(s.dist)
 
 
 def write_curves(out_dir: Path) -> Optional[Path]:

@@ -4,7 +4,7 @@
                                    [batches=1,8] [thought_lengths=4,8,12] [out=bench/results/generate_cpu.json]
 
 Thought length = the tokens a thought feeds through the model: <start>, the sampled tokens, <end>; that
-is T - 1 with T = n_ahead (REFERENCE §2.1), so lengths 4 / 8 / 12 are n_ahead 5 / 9 / 13 with 2 / 6 / 10
+is T - 1 with T = n_ahead (docs/thought-grid.md), so lengths 4 / 8 / 12 are n_ahead 5 / 9 / 13 with 2 / 6 / 10
 sampled tokens. Each generated token then costs thought length + 1 single-token forwards (the thought,
 then the token itself), so the ideal ratio of tok/s with thoughts to plain decoding is 1 / (length + 1);
 the goal is 0.8 of that.

@@ -5,7 +5,7 @@ Each case runs in a fresh process (CPU: its peak RSS, the Python and PyTorch run
 CUDA: torch.cuda.max_memory_allocated). Ratios, not absolute times, are the result: everything is
 measured in one run on one machine.
 
-    python bench/bench_train_step.py                       # the issue's table (bench_small + smollm2)
+    python bench/bench_train_step.py                       # the README's table (bench_small + smollm2)
     python bench/bench_train_step.py --scaling             # time/memory vs L and vs T, + a PNG if matplotlib
     python bench/bench_train_step.py --case model=bench_small L=256 mode=grid   # one case, JSON on stdout
 
@@ -182,7 +182,7 @@ def table(rows: list[dict]) -> str:
 
 
 def goals(rows: list[dict]) -> dict:
-    """The issue's ratios, per model and L: our step / plain passes over the grid's tokens (time), and the
+    """The goal ratios, per model and L: our step / plain passes over the grid's tokens (time), and the
     reference-cost mode / our step (time and peak memory), for our step without and with checkpointing."""
     out = {}
     ok = [r for r in rows if "error" not in r]

@@ -1,4 +1,4 @@
-"""Time and peak memory of the thought-grid attention backends: dense, split, flex, triton (DESIGN §6).
+"""Time and peak memory of the thought-grid attention backends: dense, split, flex, triton (docs/backends.md).
 
 For each case (L positions, S grid steps, head dim D; B sequences, H query heads, G kv heads, n copies,
 R = 1 + n (S - 1) grid rows) and backend: forward time (no grad), forward+backward time, and the peak

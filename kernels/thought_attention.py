@@ -11,14 +11,16 @@ References
 - E. Zelikman et al., "Quiet-STaR", arXiv:2403.09629 (2024): the thought attention pattern.
 - The predicate and the grid layout: quietstar/masks.py; the PyTorch reference: kernels/reference.py.
 
-The problem (DESIGN §3)
+The problem (docs/backends.md)
 -----------------------
 q (B, H, R, L, D); k, v (B, G, R, L, D), G dividing H (GQA, q head h reads kv head h // (H/G));
 R = 1 + n (S - 1) grid rows: row 0 is the text, row 1 + p (S - 1) + (s - 1) is step s of copy p.
 
     query (step s, copy p, pos i) sees   key (row 0, pos j)              iff j <= i
                                          key (step r, copy p, pos i)     iff 1 <= r <= s
-    and never a key at a padding position j >= lengths[b].
+    and never a key at a padding position j >= lengths[b]; with packed documents (doc_ids), a text key
+    only from the query's own document (documents are contiguous runs, so that is j >= start of i's
+    document; the loops over text key tiles then start at the tile's earliest document start, all masked).
 
         keys ->   row 0 (text)          row 1 (s=1,p=0)  row 2 (s=2,p=0)      (n = 1, S = 3, L = 3)
     query s0 i2   1 1 1                 . . .            . . .
@@ -103,9 +105,11 @@ def _text_key_range(p0, length, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _fwd_text(acc, l_i, m_i, q, K0, V0, s_kl, pos, lo, hi, qk_scale,
-              D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
-    """Online softmax over row-0 key tiles [lo, hi) for all M queries of the program (log2 units)."""
+def _fwd_text(acc, l_i, m_i, q, K0, V0, s_kl, pos, dstart, lo, hi, qk_scale,
+              D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr,
+              DOCS: tl.constexpr):
+    """Online softmax over row-0 key tiles [lo, hi) for all M queries of the program (log2 units).
+    With DOCS, a query sees only keys from its document's first position dstart (M,) on."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     for start_n in range(lo, hi, BLOCK_N):
@@ -117,7 +121,10 @@ def _fwd_text(acc, l_i, m_i, q, K0, V0, s_kl, pos, lo, hi, qk_scale,
             k = tl.load(K0 + kv_off)
         qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # (M, BLOCK_N)
         if MASKED:
-            qk = tl.where((cols[None, :] <= pos[:, None]) & (cols[None, :] < hi), qk, float("-inf"))
+            seen = (cols[None, :] <= pos[:, None]) & (cols[None, :] < hi)
+            if DOCS:
+                seen = seen & (cols[None, :] >= dstart[:, None])
+            qk = tl.where(seen, qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # a query with no key yet
         else:
@@ -135,8 +142,9 @@ def _fwd_text(acc, l_i, m_i, q, K0, V0, s_kl, pos, lo, hi, qk_scale,
 
 
 @triton.jit
-def _bwd_dq_text(dq, q, do, lse2, delta, K0, V0, s_kl, pos, lo, hi, qk_scale,
-                 D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
+def _bwd_dq_text(dq, q, do, lse2, delta, K0, V0, s_kl, pos, dstart, lo, hi, qk_scale,
+                 D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr,
+                 DOCS: tl.constexpr):
     """dq += dS K over row-0 key tiles [lo, hi) (dS = P * (dP - delta), P recomputed from the lse)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
@@ -151,7 +159,10 @@ def _bwd_dq_text(dq, q, do, lse2, delta, K0, V0, s_kl, pos, lo, hi, qk_scale,
             v = tl.load(V0 + kv_off)
         p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale - lse2[:, None])
         if MASKED:
-            p = tl.where((cols[None, :] <= pos[:, None]) & (cols[None, :] < hi), p, 0.0)
+            seen = (cols[None, :] <= pos[:, None]) & (cols[None, :] < hi)
+            if DOCS:
+                seen = seen & (cols[None, :] >= dstart[:, None])
+            p = tl.where(seen, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
@@ -159,10 +170,11 @@ def _bwd_dq_text(dq, q, do, lse2, delta, K0, V0, s_kl, pos, lo, hi, qk_scale,
 
 
 @triton.jit
-def _bwd_dkdv_text(dk, dv, k, v, Qh, dOh, Lh, Dh, s_qr, s_ql, cols, length, r0, lo, hi, R, L, qk_scale,
+def _bwd_dkdv_text(dk, dv, k, v, Qh, dOh, Lh, Dh, s_qr, s_ql, cols, dend, length, r0, lo, hi, R, L, qk_scale,
                    D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
-                   MASKED: tl.constexpr, PREC: tl.constexpr):
-    """dk, dv of one row-0 key tile from the queries of rows [r0, r0 + BLOCK_R), positions [lo, hi)."""
+                   MASKED: tl.constexpr, PREC: tl.constexpr, DOCS: tl.constexpr):
+    """dk, dv of one row-0 key tile from the queries of rows [r0, r0 + BLOCK_R), positions [lo, hi).
+    With DOCS, a key is seen only by queries before its document's end dend (BLOCK_N,)."""
     offs_d = tl.arange(0, D)
     offs_m = tl.arange(0, BLOCK_R * BLOCK_P)
     row = r0 + offs_m // BLOCK_P  # every row sees row 0 alike: only positions change along the loop
@@ -176,7 +188,10 @@ def _bwd_dkdv_text(dk, dv, k, v, Qh, dOh, Lh, Dh, s_qr, s_ql, cols, length, r0, 
         delta = tl.load(Dh + row * L + pos, mask=in_grid, other=0.0)
         pT = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale - lse2[None, :])  # (BLOCK_N, M)
         if MASKED:
-            pT = tl.where((cols[:, None] <= pos[None, :]) & (cols[:, None] < length), pT, 0.0)
+            seen = (cols[:, None] <= pos[None, :]) & (cols[:, None] < length)
+            if DOCS:
+                seen = seen & (pos[None, :] < dend[:, None])
+            pT = tl.where(seen, pT, 0.0)
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
         dsT = pT * (tl.dot(v, tl.trans(do), input_precision=PREC) - delta[None, :])
         dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PREC)
@@ -188,11 +203,11 @@ def _bwd_dkdv_text(dk, dv, k, v, Qh, dOh, Lh, Dh, s_qr, s_ql, cols, length, r0, 
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, Out, Lse2, Lengths,
+def _attn_fwd(Q, K, V, Out, Lse2, Lengths, DocStart,
               s_qb, s_qh, s_qr, s_ql, s_kb, s_kh, s_kr, s_kl,
               H, R, L, S, GROUP, sm_scale,
               D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-              PREC: tl.constexpr):
+              PREC: tl.constexpr, DOCS: tl.constexpr):
     pid_r = tl.program_id(0)  # fastest: the row tiles of one position tile share row-0 K/V in L2
     pid_p = tl.program_id(1)
     pid_bh = tl.program_id(2)
@@ -215,10 +230,15 @@ def _attn_fwd(Q, K, V, Out, Lse2, Lengths,
     acc = tl.zeros([BLOCK_R * BLOCK_P, D], tl.float32)
     # row 0: causal over L text keys, shared by every grid row of the tile
     lo, hi = _text_key_range(p0, length, BLOCK_P, BLOCK_N)
-    acc, l_i, m_i = _fwd_text(acc, l_i, m_i, q, Kbg, Vbg, s_kl, pos, 0, lo, qk_scale,
-                              D, BLOCK_N, False, PREC)
-    acc, l_i, m_i = _fwd_text(acc, l_i, m_i, q, Kbg, Vbg, s_kl, pos, lo, hi, qk_scale,
-                              D, BLOCK_N, True, PREC)
+    if DOCS:  # packed documents: every tile from the earliest document start of the tile on is masked
+        dstart = tl.load(DocStart + b.to(tl.int64) * L + pos, mask=in_grid, other=0)
+        lo = (tl.min(tl.where(in_grid, dstart, L), axis=0) // BLOCK_N) * BLOCK_N
+    else:
+        dstart = pos
+        acc, l_i, m_i = _fwd_text(acc, l_i, m_i, q, Kbg, Vbg, s_kl, pos, dstart, 0, lo, qk_scale,
+                                  D, BLOCK_N, False, PREC, False)
+    acc, l_i, m_i = _fwd_text(acc, l_i, m_i, q, Kbg, Vbg, s_kl, pos, dstart, lo, hi, qk_scale,
+                              D, BLOCK_N, True, PREC, DOCS)
     # own branch: key step t of the query's copy sits in row (row - step + t), at the same position
     key_ok = in_grid & (pos < length)
     t_hi = tl.max(tl.where(in_grid, step, 0), axis=0)
@@ -257,11 +277,11 @@ def _attn_bwd_delta(O, dO, Delta, N_ROWS, D: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, dO, dQ, Lse2, Delta, Lengths,
+def _attn_bwd_dq(Q, K, V, dO, dQ, Lse2, Delta, Lengths, DocStart,
                  s_qb, s_qh, s_qr, s_ql, s_kb, s_kh, s_kr, s_kl,
                  H, R, L, S, GROUP, sm_scale,
                  D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-                 PREC: tl.constexpr):
+                 PREC: tl.constexpr, DOCS: tl.constexpr):
     pid_r = tl.program_id(0)
     pid_p = tl.program_id(1)
     pid_bh = tl.program_id(2)
@@ -286,8 +306,15 @@ def _attn_bwd_dq(Q, K, V, dO, dQ, Lse2, Delta, Lengths,
 
     dq = tl.zeros([BLOCK_R * BLOCK_P, D], tl.float32)
     lo, hi = _text_key_range(p0, length, BLOCK_P, BLOCK_N)
-    dq = _bwd_dq_text(dq, q, do, lse2, delta, Kbg, Vbg, s_kl, pos, 0, lo, qk_scale, D, BLOCK_N, False, PREC)
-    dq = _bwd_dq_text(dq, q, do, lse2, delta, Kbg, Vbg, s_kl, pos, lo, hi, qk_scale, D, BLOCK_N, True, PREC)
+    if DOCS:
+        dstart = tl.load(DocStart + b.to(tl.int64) * L + pos, mask=in_grid, other=0)
+        lo = (tl.min(tl.where(in_grid, dstart, L), axis=0) // BLOCK_N) * BLOCK_N
+    else:
+        dstart = pos
+        dq = _bwd_dq_text(dq, q, do, lse2, delta, Kbg, Vbg, s_kl, pos, dstart, 0, lo, qk_scale, D, BLOCK_N,
+                          False, PREC, False)
+    dq = _bwd_dq_text(dq, q, do, lse2, delta, Kbg, Vbg, s_kl, pos, dstart, lo, hi, qk_scale, D, BLOCK_N,
+                      True, PREC, DOCS)
     key_ok = in_grid & (pos < length)
     t_hi = tl.max(tl.where(in_grid, step, 0), axis=0)
     for t in range(1, t_hi + 1):
@@ -304,11 +331,11 @@ def _attn_bwd_dq(Q, K, V, dO, dQ, Lse2, Delta, Lengths,
 
 
 @triton.jit
-def _attn_bwd_dkdv_text(Q, K, V, dO, dK, dV, PartK, PartV, Lse2, Delta, Lengths,
+def _attn_bwd_dkdv_text(Q, K, V, dO, dK, dV, PartK, PartV, Lse2, Delta, Lengths, DocEnd,
                         s_qb, s_qh, s_qr, s_ql, s_kb, s_kh, s_kr, s_kl,
                         B, H, R, L, S, GROUP, NSPLIT, sm_scale,
                         D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
-                        SPLIT: tl.constexpr, PREC: tl.constexpr):
+                        SPLIT: tl.constexpr, PREC: tl.constexpr, DOCS: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bg = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -330,6 +357,12 @@ def _attn_bwd_dkdv_text(Q, K, V, dO, dK, dV, PartK, PartV, Lse2, Delta, Lengths,
     p_mid = tl.cdiv(n0 + BLOCK_N - 1, BLOCK_P) * BLOCK_P
     p_mid = tl.where(n0 + BLOCK_N <= length, tl.minimum(p_mid, L), L)
     p_mid = tl.maximum(p_mid, p_lo)
+    if DOCS:  # packed documents: queries up to the latest document end of the tile, all masked
+        dend = tl.load(DocEnd + b.to(tl.int64) * L + cols, mask=cols < L, other=0)
+        p_hi = tl.max(tl.where(cols < length, dend, 0), axis=0)
+        p_mid = tl.maximum(p_hi, p_lo)
+    else:
+        dend = cols
     # this program's share of the (q head of the group, row tile) work items
     n_rt = tl.cdiv(R, BLOCK_R)
     n_items = GROUP * n_rt
@@ -343,11 +376,12 @@ def _attn_bwd_dkdv_text(Q, K, V, dO, dK, dV, PartK, PartV, Lse2, Delta, Lengths,
         q_base = b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh
         l_base = bh.to(tl.int64) * R * L
         dk, dv = _bwd_dkdv_text(dk, dv, k, v, Q + q_base, dO + q_base, Lse2 + l_base, Delta + l_base,
-                                s_qr, s_ql, cols, length, r0, p_lo, p_mid, R, L, qk_scale,
-                                D, BLOCK_R, BLOCK_P, True, PREC)
-        dk, dv = _bwd_dkdv_text(dk, dv, k, v, Q + q_base, dO + q_base, Lse2 + l_base, Delta + l_base,
-                                s_qr, s_ql, cols, length, r0, p_mid, L, R, L, qk_scale,
-                                D, BLOCK_R, BLOCK_P, False, PREC)
+                                s_qr, s_ql, cols, dend, length, r0, p_lo, p_mid, R, L, qk_scale,
+                                D, BLOCK_R, BLOCK_P, True, PREC, DOCS)
+        if not DOCS:
+            dk, dv = _bwd_dkdv_text(dk, dv, k, v, Q + q_base, dO + q_base, Lse2 + l_base, Delta + l_base,
+                                    s_qr, s_ql, cols, dend, length, r0, p_mid, L, R, L, qk_scale,
+                                    D, BLOCK_R, BLOCK_P, False, PREC, False)
     dk = dk * sm_scale
     if SPLIT:  # fp32 partial sums (NSPLIT, B, G, L, D), added on the host
         p_off = (((pid_s * B + b) * G + g).to(tl.int64) * L) * D + cols[:, None] * D + offs_d[None, :]
@@ -528,19 +562,19 @@ def _strides(q, k):
     return (*q.stride()[:4], *k.stride()[:4])
 
 
-def _forward(q, k, v, lens, S):
+def _forward(q, k, v, lens, S, docs):
     B, H, R, L, D = q.shape
     G = k.shape[1]
     o = torch.empty_like(q)
     lse2 = torch.empty(B, H, R, L, device=q.device, dtype=torch.float32)
     grid = lambda META: (triton.cdiv(R, META["BLOCK_R"]), triton.cdiv(L, META["BLOCK_P"]), B * H)
     _launch("fwd", _attn_fwd, _attn_fwd_tuned, grid,
-            q, k, v, o, lse2, lens, *_strides(q, k), H, R, L, S, H // G, D ** -0.5,
-            D=D, PREC=_dot_precision(q.dtype))
+            q, k, v, o, lse2, lens, lens if docs is None else docs[0], *_strides(q, k), H, R, L, S, H // G,
+            D ** -0.5, D=D, PREC=_dot_precision(q.dtype), DOCS=docs is not None)
     return o, lse2
 
 
-def _backward(q, k, v, o, lse2, do, lens, S):
+def _backward(q, k, v, o, lse2, do, lens, S, docs):
     B, H, R, L, D = q.shape
     G = k.shape[1]
     GROUP = H // G
@@ -554,7 +588,8 @@ def _backward(q, k, v, o, lse2, do, lens, S):
     dq = torch.empty_like(q)
     grid = lambda META: (triton.cdiv(R, META["BLOCK_R"]), triton.cdiv(L, META["BLOCK_P"]), B * H)
     _launch("dq", _attn_bwd_dq, _attn_bwd_dq_tuned, grid,
-            q, k, v, do, dq, lse2, delta, lens, *strides, H, R, L, S, GROUP, scale, D=D, PREC=prec)
+            q, k, v, do, dq, lse2, delta, lens, lens if docs is None else docs[0], *strides, H, R, L, S, GROUP,
+            scale, D=D, PREC=prec, DOCS=docs is not None)
 
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
@@ -566,8 +601,8 @@ def _backward(q, k, v, o, lse2, do, lens, S):
         part_k = part_v = lse2  # unused
     grid = lambda META: (triton.cdiv(L, META["BLOCK_N"]), B * G, nsplit)
     _launch("dkdv", _attn_bwd_dkdv_text, _attn_bwd_dkdv_text_tuned, grid,
-            q, k, v, do, dk, dv, part_k, part_v, lse2, delta, lens, *strides,
-            B, H, R, L, S, GROUP, nsplit, scale, D=D, SPLIT=nsplit > 1, PREC=prec)
+            q, k, v, do, dk, dv, part_k, part_v, lse2, delta, lens, lens if docs is None else docs[1], *strides,
+            B, H, R, L, S, GROUP, nsplit, scale, D=D, SPLIT=nsplit > 1, PREC=prec, DOCS=docs is not None)
     if nsplit > 1:
         dk[:, :, 0] = part_k.sum(0).to(dk.dtype)
         dv[:, :, 0] = part_v.sum(0).to(dv.dtype)
@@ -579,10 +614,11 @@ def _backward(q, k, v, o, lse2, do, lens, S):
 
 
 class ThoughtAttention(torch.autograd.Function):
-    """o, lse2 = ThoughtAttention.apply(q, k, v, n, lengths); lse2 (log2 units) is not differentiable."""
+    """o, lse2 = ThoughtAttention.apply(q, k, v, n, lengths, doc_ids); lse2 (log2 units) is not
+    differentiable."""
 
     @staticmethod
-    def forward(ctx, q, k, v, n, lengths):
+    def forward(ctx, q, k, v, n, lengths, doc_ids=None):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         B, H, R, L, D = q.shape
         S = grid_steps(R, n)
@@ -590,19 +626,33 @@ class ThoughtAttention(torch.autograd.Function):
             lens = torch.full((B,), L, device=q.device, dtype=torch.int32)
         else:
             lens = lengths.to(device=q.device, dtype=torch.int32).clamp(0, L).contiguous()
+        docs = None if doc_ids is None else document_bounds(doc_ids.to(q.device))
         with _on_device(q):
-            o, lse2 = _forward(q, k, v, lens, S)
-        ctx.save_for_backward(q, k, v, o, lse2, lens)
+            o, lse2 = _forward(q, k, v, lens, S, docs)
+        ctx.save_for_backward(q, k, v, o, lse2, lens, *(docs or ()))
         ctx.S = S
         ctx.mark_non_differentiable(lse2)
         return o, lse2
 
     @staticmethod
     def backward(ctx, do, _dlse2):
-        q, k, v, o, lse2, lens = ctx.saved_tensors
+        q, k, v, o, lse2, lens, *docs = ctx.saved_tensors
         with _on_device(q):
-            dq, dk, dv = _backward(q, k, v, o, lse2, do.contiguous(), lens, ctx.S)
-        return dq, dk, dv, None, None
+            dq, dk, dv = _backward(q, k, v, o, lse2, do.contiguous(), lens, ctx.S, docs or None)
+        return dq, dk, dv, None, None, None
+
+
+def document_bounds(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """doc_ids (B, L), documents as contiguous runs (as packing makes them) -> (start, end) (B, L) int32:
+    the first position of each position's document and the position just past its end."""
+    B, L = doc_ids.shape
+    pos = torch.arange(L, device=doc_ids.device).expand(B, L)
+    change = doc_ids[:, 1:] != doc_ids[:, :-1]
+    first = torch.cat([torch.ones_like(change[:, :1]), change], 1)
+    last = torch.cat([change, torch.ones_like(change[:, :1])], 1)
+    start = torch.where(first, pos, 0).cummax(-1).values
+    end = torch.where(last, pos + 1, L).flip(-1).cummin(-1).values.flip(-1)
+    return start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous()
 
 
 def _on_device(x):
@@ -614,11 +664,13 @@ def _on_device(x):
 
 
 def thought_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int,
-                      lengths: Optional[torch.Tensor] = None, return_lse: bool = False):
+                      lengths: Optional[torch.Tensor] = None, return_lse: bool = False,
+                      doc_ids: Optional[torch.Tensor] = None):
     """Attention over the thought grid (fused Triton, forward and backward).
 
     q (B, H, R, L, D); k, v (B, G, R, L, D) with H % G == 0 and R = 1 + n (S - 1); lengths (B,)
-    real tokens per sequence (right padding) or None. Inputs may be non-contiguous views (they are
+    real tokens per sequence (right padding) or None; doc_ids (B, L) the document of each position for
+    packed sequences (contiguous runs), or None. Inputs may be non-contiguous views (they are
     made contiguous). fp16/bf16/fp32 on CUDA, fp32 on CPU under TRITON_INTERPRET=1.
     Returns o (B, H, R, L, D) in q's dtype, and with return_lse also lse (B, H, R, L) fp32
     (natural log, -inf for a query with no visible key; not differentiable).
@@ -637,5 +689,5 @@ def thought_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int,
     if q.device.type != "cuda" and not INTERPRET:
         raise RuntimeError("thought_attention needs CUDA, or TRITON_INTERPRET=1 set before triton is imported")
     grid_steps(R, n)  # validates R against n
-    o, lse2 = ThoughtAttention.apply(q, k, v, n, lengths)
+    o, lse2 = ThoughtAttention.apply(q, k, v, n, lengths, doc_ids)
     return (o, lse2 * LN2) if return_lse else o

@@ -80,9 +80,9 @@ def grid_attention(q, k, v, n: int, lengths: Optional[torch.Tensor] = None,
                    doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention over the whole thought grid. q (B, H, R, L, D); k, v (B, G, R, L, D) -> (B, H, R, L, D)."""
     backend = resolve_backend(q.device)
-    if backend == "triton" and doc_ids is None:  # packed documents: the kernel has no doc mask, use split
+    if backend == "triton":
         from kernels.thought_attention import thought_attention
-        return thought_attention(q, k, v, n, lengths)
+        return thought_attention(q, k, v, n, lengths, doc_ids=doc_ids)
     if backend == "flex":
         from quietstar.flex import flex_grid_attention
         return flex_grid_attention(q, k, v, n, lengths, doc_ids)

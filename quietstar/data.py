@@ -15,7 +15,7 @@ skipped and counted, with a warning naming the file and line; a file with no usa
 naming the file.
 
 Sequences (DataConfig.mode), L = seq_len:
-  crop  as the official code (REFERENCE §5): BOS + the document's tokens; a longer document gets a random
+  crop  as the official code (docs/official.md): BOS + the document's tokens; a longer document gets a random
         L-token window, a shorter one is right-padded with the pad id. attention_mask marks real tokens.
   pack  documents (BOS + tokens each) concatenated and cut into L-token rows; doc_ids (B, L) number the
         documents inside a row so that attention stays within a document; no padding.

@@ -1,4 +1,4 @@
-"""The `flex` attention backend: FlexAttention over the flattened thought grid (DESIGN §3, STYLE P11).
+"""The `flex` attention backend: FlexAttention over the flattened thought grid (docs/backends.md).
 
 The grid (R = 1 + n (S - 1) rows of L positions, layout in masks.py) is flattened to R * L tokens and the
 predicate becomes the `mask_mod` of masks.flex_mask_mod; FlexAttention skips the key blocks the mask

@@ -1,4 +1,4 @@
-"""Generation with thoughts (REFERENCE §8.4, "ideal"): the text's K/V is cached, and for each new token
+"""Generation with thoughts (docs/thought-grid.md, "Generation and evaluation"): the text's K/V is cached, and for each new token
 only the last position thinks.
 
 Per generated token, with T = n_ahead:
@@ -17,6 +17,7 @@ CLI:  python -m quietstar.generate [ckpt=DIR] prompt="..." [max_new_tokens=64 te
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass
@@ -67,7 +68,6 @@ def generate_stream(qs: QuietStar, input_ids: torch.Tensor, attention_mask: Opti
     if bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("prompts must be left-padded: the last column of attention_mask has a 0")
     T = cfg.n_ahead
-    thought_temperature = cfg.gumbel_temperature if thought_temperature is None else thought_temperature
     dtype = model.tok_embeddings.weight.dtype
     cache = KVCache(model.cfg, B, P + max_new_tokens + T, dtype=dtype, device=dev)
     cache.key_valid[:, :P] = attention_mask.bool()
@@ -85,19 +85,8 @@ def generate_stream(qs: QuietStar, input_ids: torch.Tensor, attention_mask: Opti
         thought, w = None, None
         if think:
             text_len = cache.seen
-            sampled = []
-            token = torch.full((B,), qs.start_token_id, dtype=torch.long, device=dev)
-            for s in range(1, T):  # steps 1..T-1: <start>, t_1..t_{T-3}, <end>
-                h_s = one(token, last_pos + s)
-                if s <= T - 3:
-                    token = sample_categorical(model.head(h_s).float(), thought_temperature, generator)
-                    sampled.append(token)
-                elif s == T - 2:
-                    token = torch.full((B,), qs.end_token_id, dtype=torch.long, device=dev)
-            h_mix, w = qs.mix(h_last, h_s)  # h_s: the <end> step
-            logits = model.head(h_mix)
+            logits, w, thought = qs.think(one, h_last, last_pos, generator, thought_temperature)
             cache.truncate(text_len)  # the thought is not part of the text
-            thought = torch.stack(sampled, -1) if sampled else torch.zeros(B, 0, dtype=torch.long, device=dev)
         else:
             logits = model.head(h_last)
         nxt = sample_token(logits, temperature, top_p, generator)
@@ -118,6 +107,17 @@ class Generation:
     tokens_per_s: float
 
 
+def encode_prompt(tokenizer, text: str, max_len: Optional[int] = None) -> list[int]:
+    """Token ids of `text` as training reads a document (data.py): BOS (when the tokenizer has one), then
+    the text's tokens; with max_len, BOS and the text's last max_len - 1 tokens. Generation and every
+    evaluation encode their inputs with this, so a model is evaluated the way it was trained."""
+    ids = tokenizer.encode(text, add_bos=False)
+    bos = [] if getattr(tokenizer, "bos_id", None) is None else [tokenizer.bos_id]
+    if max_len is not None:
+        ids = ids[max(0, len(ids) - (max_len - len(bos))):]
+    return bos + ids
+
+
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device=None):
     P = max(len(s) for s in seqs)
     ids = torch.tensor([[pad_id] * (P - len(s)) + list(s) for s in seqs], device=device)
@@ -133,16 +133,15 @@ def fit_prompt(tokenizer, prompt: str, room: int) -> list[int]:
     if room < 1:
         raise UserError(f"max_new_tokens: too large: with the thought's n_ahead it leaves no room for a prompt "
                         f"in the model's max_seq_len ({room} positions)")
-    ids = tokenizer.encode(prompt)
-    if not ids:
-        bos = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
-        if bos is None:
+    ids = encode_prompt(tokenizer, prompt)
+    if not ids:  # no BOS to start from: EOS, or an error
+        if tokenizer.eos_id is None:
             raise UserError("prompt: empty, and this tokenizer has no BOS token to start from")
-        ids = [bos]
+        ids = [tokenizer.eos_id]
     if len(ids) > room:
         warnings.warn(f"prompt: {len(ids)} tokens, more than the {room} the model's max_seq_len leaves beside "
                       f"max_new_tokens; keeping its last {room} tokens")
-        ids = ids[-room:]
+        ids = encode_prompt(tokenizer, prompt, room)
     return ids
 
 
@@ -177,19 +176,25 @@ def generate(qs: QuietStar, tokenizer, prompts: Sequence[str], max_new_tokens: i
 # CLI
 
 
-def load_for_inference(ckpt: Optional[str], device: str = "cpu", dtype: Optional[torch.dtype] = None,
-                       model: str = "smollm2-135m"):
-    """(QuietStar, tokenizer) from a checkpoint or export dir, or the base model with fresh thought parameters."""
+def load_for_inference(ckpt: Optional[str] = None, device: str = "cpu", dtype: Optional[torch.dtype] = None,
+                       model: str = "smollm2-135m", n_ahead: Optional[int] = None):
+    """(QuietStar, tokenizer) in eval mode, from a training checkpoint (step dir, checkpoints/ dir or run dir)
+    or an export dir, or else the pretrained base model `model` with fresh thought parameters (talk head at
+    its zero init: the mixed prediction is exactly the base one). n_ahead overrides T."""
     if ckpt:
         from quietstar.export import load_thinker
 
         qs = load_thinker(ckpt, device=device)
-        return qs, qs.tokenizer
-    from quietstar.loading import load_pretrained
-    from quietstar.thinker import ThoughtConfig
+        tok = qs.tokenizer
+    else:
+        from quietstar.loading import load_pretrained
+        from quietstar.thinker import ThoughtConfig
 
-    base, tok = load_pretrained(model, dtype=dtype, device=device)
-    return QuietStar(base, tok, ThoughtConfig()).to(device), tok
+        base, tok = load_pretrained(model, dtype=dtype, device=device)
+        qs = QuietStar(base, tok, ThoughtConfig())
+    if n_ahead is not None:
+        qs.cfg = dataclasses.replace(qs.cfg, n_ahead=n_ahead)
+    return qs.to(device).eval(), tok
 
 
 RULES = {"max_new_tokens": AT_LEAST_1, "temperature": NON_NEGATIVE, "top_p": UNIT_OPEN_LEFT, "seed": NON_NEGATIVE}

@@ -1,6 +1,6 @@
 """The thought-grid attention predicate, and the dense boolean mask built from it (the test oracle).
 
-Text x_0..x_{L-1}. Every position i grows a private branch, one token per grid step s (DESIGN §3):
+Text x_0..x_{L-1}. Every position i grows a private branch, one token per grid step s (docs/thought-grid.md):
 step 0 is the text itself, steps 1..S-1 are <start>, the thought, <end> and the teacher-forced
 continuation. A query at (step s, position i) may attend the key at (step r, position j) iff
 
@@ -29,18 +29,28 @@ All backends in attention.py take q, k, v in this layout, as (B, heads, R, L, D)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 
 def grid_rows(n: int, S: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(step, copy) of each of the R = 1 + n (S - 1) grid rows; row 0 has step 0 and copy -1."""
     if n < 1 or S < 1:
         raise ValueError(f"grid needs n >= 1 and S >= 1, got n={n}, S={S}")
-    step = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(1, S).repeat(n)])
-    copy = torch.cat([torch.full((1,), -1, dtype=torch.long), torch.arange(n).repeat_interleave(S - 1)])
+    row = torch.arange(n_grid_rows(n, S))
+    step, copy = decode_rows(row, S)
     return step.to(device), copy.to(device)
+
+
+def decode_rows(row: torch.Tensor, S: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(step, copy) of grid row indices (any integer tensor); the inverse of `ThoughtGrid.row`."""
+    Sm1 = max(S - 1, 1)
+    step = torch.where(row == 0, 0, (row - 1) % Sm1 + 1)
+    copy = torch.where(row == 0, -1, (row - 1) // Sm1)
+    return step, copy
 
 
 def n_grid_rows(n: int, S: int) -> int:
@@ -52,6 +62,132 @@ def grid_steps(R: int, n: int) -> int:
     if R < 1 or (R - 1) % n:
         raise ValueError(f"{R} grid rows do not form 1 + n (S - 1) rows for n={n}")
     return 1 + (R - 1) // n
+
+
+@dataclass(frozen=True)
+class ThoughtGrid:
+    """The layout of the thought grid for T = n_ahead, K = n_ahead_talk and n copies: which token sits at
+    grid step s of position i, its position id, which step predicts what, and how targets line up.
+
+        step s:   0        1        2 .. T-2          T-1       T .. T+K-2
+        input:    x_i      <start>  t_1 .. t_{T-3}    <end>     x_{i+1} .. x_{i+K-1}
+        predicts: x_{i+1}  t_1      t_2 .. (unused)   x_{i+1}   x_{i+2} .. x_{i+K}       position id i + s
+
+    Every consumer (the rollout, the learning pass, the losses, the official-way pass, generation and
+    evaluation) takes its indices from here; `thought_predicate` above says who sees whom.
+    """
+
+    T: int
+    K: int
+    n: int = 1
+
+    START_STEP = 1  # the step whose input is <start>
+
+    @property
+    def S(self) -> int:
+        """Grid steps per copy, counting the text step 0."""
+        return self.T + self.K - 1
+
+    @property
+    def R(self) -> int:
+        """Rows of the grid layout: the shared text row and S - 1 rows per copy."""
+        return n_grid_rows(self.n, self.S)
+
+    @property
+    def n_sampled(self) -> int:
+        """Sampled thought tokens t_1..t_{T-3}; t_m is predicted at step m and fed at step m + 1."""
+        return self.T - 3
+
+    @property
+    def end_step(self) -> int:
+        """The step whose input is <end>; its output is the first talk prediction (of x_{i+1})."""
+        return self.T - 1
+
+    def talk_step(self, k: int) -> int:
+        """The step whose output predicts x_{i+k+1} after the thought (talk step k = 0..K-1)."""
+        return self.T - 1 + k
+
+    def row(self, step: int, copy: int) -> int:
+        """Row index of (step >= 1, copy) in the grid layout (step 0 is row 0, shared)."""
+        return 0 if step == 0 else 1 + copy * (self.S - 1) + step - 1
+
+    def rows(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        return grid_rows(self.n, self.S, device)
+
+    # ---- tokens and positions
+
+    def tokens(self, input_ids: torch.Tensor, thoughts: torch.Tensor, start_id: int, end_id: int,
+               pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text (B, L) and thoughts (B, n, L, T-3) -> ids (B, R, L) and position ids (B, R, L) of the grid."""
+        B, L = input_ids.shape
+        n, K = self.n, self.K
+        start = input_ids.new_full((B, n, 1, L), start_id)
+        end = input_ids.new_full((B, n, 1, L), end_id)
+        future = torch.stack([self.target(input_ids, k - 1, pad_id) for k in range(1, K)], 1) if K > 1 \
+            else input_ids[:, :0, None]  # x_{i+1}..x_{i+K-1}
+        future = future.view(B, 1, K - 1, L).expand(B, n, K - 1, L)
+        branch = torch.cat([start, thoughts.permute(0, 1, 3, 2), end, future], dim=2)  # (B, n, S-1, L)
+        ids = torch.cat([input_ids[:, None], branch.reshape(B, -1, L)], dim=1)
+        step, _ = self.rows(input_ids.device)
+        return ids, self.position_ids(step[:, None], torch.arange(L, device=input_ids.device)).expand(B, -1, -1)
+
+    @staticmethod
+    def position_ids(step, position):
+        """The position id of the token at grid step `step` of position `position` (broadcasting)."""
+        return step + position
+
+    # ---- hidden states in the grid layout
+
+    def branch(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, R, L, ...) -> the copies' rows (B, n, S-1, L, ...); index s - 1 is step s."""
+        return h[:, 1:].reshape(h.shape[0], self.n, self.S - 1, *h.shape[2:])
+
+    def at_step(self, h: torch.Tensor, step: int) -> torch.Tensor:
+        """(B, R, L, ...) -> step `step` >= 1 of every copy (B, n, L, ...)."""
+        return self.branch(h)[:, :, step - 1]
+
+    def sampled_rows(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, R, L, d) -> the states predicting t_1..t_{T-3}, (B, n, L, T-3, d)."""
+        return self.branch(h)[:, :, :self.n_sampled].transpose(2, 3)
+
+    def per_copy(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, R, L, ...) -> (B, n, S, L, ...): each copy with its own view of the shared text row."""
+        B = h.shape[0]
+        text = h[:, None, :1].expand(B, self.n, 1, *h.shape[2:])
+        return torch.cat([text, self.branch(h)], dim=2)
+
+    def from_per_copy(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, n, S, L, ...) with identical text rows -> the grid layout (B, R, L, ...)."""
+        B = h.shape[0]
+        return torch.cat([h[:, 0, :1], h[:, :, 1:].reshape(B, -1, *h.shape[3:])], dim=1)
+
+    # ---- targets and shifts along the positions
+
+    @staticmethod
+    def ahead(x: torch.Tensor, k: int, dim: int = 1) -> torch.Tensor:
+        """x at position i + k, for every position i (the last position repeated past the end): h_base(i+k),
+        CE_base(i+k)."""
+        if k == 0:
+            return x
+        L = x.shape[dim]
+        last = x.narrow(dim, L - 1, 1)
+        return torch.cat([x.narrow(dim, k, L - k), last.expand(*x.shape[:dim], k, *x.shape[dim + 1:])], dim)
+
+    @staticmethod
+    def target(input_ids: torch.Tensor, k: int, pad_id: int = 0) -> torch.Tensor:
+        """x_{i+k+1} for every position i (B, L): the token talk step k predicts (pad past the end)."""
+        L = input_ids.shape[1]
+        return F.pad(input_ids, (0, k + 1), value=pad_id)[:, k + 1:k + 1 + L]
+
+    @staticmethod
+    def target_ok(L: int, k: int, lengths: Optional[torch.Tensor], doc_ids: Optional[torch.Tensor],
+                  device=None) -> torch.Tensor:
+        """Whether x_{i+k+1} is a real token of position i's own document, (B or 1, L) bool."""
+        pos = torch.arange(L, device=device)
+        ok = (pos + k + 1)[None, :] < (L if lengths is None else lengths[:, None])
+        if doc_ids is not None:
+            ok = ok & (ThoughtGrid.ahead(doc_ids, k + 1) == doc_ids)
+        return ok
 
 
 def thought_predicate(q_step, q_copy, q_pos, k_step, k_copy, k_pos):
@@ -88,12 +224,10 @@ def dense_grid_mask(L: int, n: int, S: int, lengths: Optional[torch.Tensor] = No
 def flex_mask_mod(L: int, n: int, S: int, lengths: Optional[torch.Tensor] = None,
                   doc_ids: Optional[torch.Tensor] = None):
     """The same predicate as a FlexAttention `mask_mod(b, h, q_idx, kv_idx)` over the flattened grid."""
-    Sm1 = max(S - 1, 1)
 
     def decode(idx):
         row, pos = idx // L, idx % L
-        step = torch.where(row == 0, 0, (row - 1) % Sm1 + 1)
-        copy = torch.where(row == 0, -1, (row - 1) // Sm1)
+        step, copy = decode_rows(row, S)
         return step, copy, pos
 
     def mask_mod(b, h, q_idx, kv_idx):

@@ -12,7 +12,7 @@ Schedule: linear warmup from 0 over `warmup_steps`, then constant, cosine or lin
 round-trips through a checkpoint.
 
 Precision: on GPU, fp32 master weights under bf16 autocast (`precision=auto|bf16`); on CPU, fp32
-(the official code ran pure bf16 weights, which freezes most of the model at lr 1e-6: REFERENCE §5).
+(the official code ran pure bf16 weights, which freezes most of the model at lr 1e-6; docs/official.md).
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ class PlainLM(QuietStar):
         nll = -weighted
         zero = nll.new_zeros(())
         empty = torch.zeros(B, 1, L, 0, dtype=torch.long, device=input_ids.device)
-        v = float(nll.detach())
+        v = nll.detach()  # 0-dim tensors: train.py turns them into numbers once per log_every
         metrics = {"train/loss": v, "train/nll": v, "train/nll_base": v}
         return ThoughtOutput(loss=nll, nll=nll.detach(), policy_loss=zero, reward=zero, mix_weight=zero,
                              thoughts=empty, metrics=metrics)

@@ -3,14 +3,14 @@
 S dependent model calls, one grid step each, keeping gradients through a K/V cache that grows by a
 `torch.cat` every step; a dense boolean mask over all cached keys; GQA heads repeated; the base
 pass repeated for every one of the n copies; thought tokens sampled inside the same loop
-(REFERENCE §2.3-§2.6). It also does the official code's per-step vocabulary work (REFERENCE §7
-"Inefficiencies" 4): inputs built as one-hot x embedding matmuls, two full vocabulary projections
+(docs/official.md). It also does the official code's per-step vocabulary work: inputs built as one-hot x embedding matmuls, two full vocabulary projections
 per step kept for backward (the sampling logits and the mixed logits), a log-softmax and CE at every
 step and the talk head at the thought steps. That work is dead in the official code (multiplied by 0
 or NaN'd out of the loss); here it enters the loss with weight exactly 0, so values and gradients are
-those of the grid pass while time and memory follow the reference's cost model (REFERENCE §8.1).
+those of the grid pass while time and memory follow the official code's cost model.
 
-It is the baseline of bench/bench_train_step.py and a second test oracle.
+It is the baseline of bench/bench_train_step.py and a second test oracle. It plugs in as a learning pass
+(`SequentialDensePass`, registered for `thought.impl=sequential_dense`); thinker.py does not import it.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from quietstar.masks import dense_grid_mask
+from quietstar.thinker import PassResult, register_learning_pass, sample_categorical
 
 
 class _GrowingCache:
@@ -50,53 +51,66 @@ def sequential_dense_pass(qs, input_ids, thoughts: Optional[torch.Tensor] = None
     """-> (hidden (B, R, L, d) in the grid layout of masks.py, thoughts (B, n, L, T-3), dead-work term (0-valued)).
 
     With `thoughts=None` the thought tokens are sampled inside the loop, as the official code does."""
-    cfg = qs.cfg
+    cfg, model = qs.cfg, qs.model
     B, L = input_ids.shape
-    n, T, K = cfg.n_thoughts if thoughts is None else thoughts.shape[1], cfg.n_ahead, cfg.n_ahead_talk
-    S = T + K - 1
-    model = qs.model
-    V = model.cfg.vocab_size
-    dev = input_ids.device
-    if thoughts is None:
-        thoughts = torch.zeros(B, n, L, T - 3, dtype=torch.long, device=dev)
-        sample = True
-    else:
-        sample = False
+    grid = qs.grid(cfg.n_thoughts if thoughts is None else thoughts.shape[1])
+    n, S = grid.n, grid.S
+    sample = thoughts is None
+    if sample:
+        thoughts = input_ids.new_zeros(B, n, L, grid.n_sampled)
     ids, pos = qs.grid_tokens(input_ids, thoughts)  # (B, R, L); thought rows are overwritten when sampling
-
-    def per_copy(t):  # (B, R, L) -> (B*n, S, L): each copy gets its own copy of the text row
-        branch = t[:, 1:].view(B, n, S - 1, L)
-        return torch.cat([t[:, None, :1].expand(B, n, 1, L), branch], dim=2).reshape(B * n, S, L)
-
+    per_copy = lambda t: grid.per_copy(t).reshape(B * n, S, L)  # each copy gets its own copy of the text row
     ids_c, pos_c = per_copy(ids).clone(), per_copy(pos)
     rep = lambda t: None if t is None else t.repeat_interleave(n, dim=0)
-    mask = dense_grid_mask(L, 1, S, rep(lengths), rep(doc_ids), device=dev).expand(B * n, -1, -1)
+    mask = dense_grid_mask(L, 1, S, rep(lengths), rep(doc_ids), device=input_ids.device).expand(B * n, -1, -1)
     cache = _GrowingCache(model.cfg.n_layers, mask, L)
-    # every input row of the official code is one_hot(token) @ [E; start; end]
-    scale = cfg.embedding_scale
-    table = torch.cat([model.tok_embeddings.weight, scale * qs.start_embedding[None].to(model.tok_embeddings.weight.dtype),
-                       scale * qs.end_embedding[None].to(model.tok_embeddings.weight.dtype)])
-    from quietstar.thinker import sample_categorical
-
     hs, dead = [], input_ids.new_zeros((), dtype=torch.float32)
     for s in range(S):
         cache.step = s
-        x = F.one_hot(ids_c[:, s], V + 2).to(table.dtype) @ table  # (B*n, L, d)
-        h = model(inputs_embeds=x, position_ids=pos_c[:, s], attn=cache, return_hidden=True)  # (B*n, L, d)
+        h = model(inputs_embeds=_one_hot_embed(qs, ids_c[:, s]), position_ids=pos_c[:, s], attn=cache,
+                  return_hidden=True)  # (B*n, L, d)
         hs.append(h)
         rm_logits = model.head(h).float()  # (B*n, L, V), kept for backward as in the official code
         dead = dead + torch.log_softmax(rm_logits, -1).sum()
-        if s >= 1:  # the official code mixes and scores at every step, thought steps included
-            k = max(0, s - (T - 1))
-            h_base = torch.cat([hs[0][:, k:], hs[0][:, -1:].expand(-1, k, -1)], dim=1)
-            h_mix, _ = qs.mix(h_base, h)
-            z_mix = model.head(h_mix).float()
-            dead = dead + F.cross_entropy(z_mix.flatten(0, 1), ids_c[:, 0].roll(-1 - k, 1).flatten(), reduction="sum")
-        if sample and 1 <= s <= T - 3:
+        if s >= 1:
+            dead = dead + _dead_talk_ce(qs, grid, hs[0], h, ids_c[:, 0], s)
+        if sample and 1 <= s <= grid.n_sampled:  # step s predicts t_s, fed at step s + 1
             t = sample_categorical(rm_logits.detach(), cfg.gumbel_temperature, generator)  # (B*n, L)
             thoughts[..., s - 1] = t.view(B, n, L)
             ids_c[:, s + 1] = t
-    d = hs[0].shape[-1]
-    h0 = hs[0].view(B, n, L, d)[:, :1]  # the copies' base passes are identical; the grid keeps one
-    branch = torch.stack(hs[1:], dim=1).view(B, n * (S - 1), L, d) if S > 1 else h0[:, :0]
-    return torch.cat([h0, branch], dim=1), thoughts, dead
+    hidden = grid.from_per_copy(torch.stack(hs, dim=1).view(B, n, S, L, -1))  # the copies' base passes agree
+    return hidden, thoughts, dead
+
+
+def _one_hot_embed(qs, ids: torch.Tensor) -> torch.Tensor:
+    """The official code's input rows: one_hot(token) @ [E; start; end]."""
+    E = qs.model.tok_embeddings.weight
+    scale = qs.cfg.embedding_scale
+    table = torch.cat([E, scale * qs.start_embedding[None].to(E.dtype), scale * qs.end_embedding[None].to(E.dtype)])
+    return F.one_hot(ids, E.shape[0] + 2).to(table.dtype) @ table
+
+
+def _dead_talk_ce(qs, grid, h0, h, text_ids, s: int) -> torch.Tensor:
+    """The official code mixes and scores at every step >= 1, thought steps included (work that never
+    reaches the loss there)."""
+    k = max(0, s - grid.talk_step(0))
+    h_mix, _ = qs.mix(grid.ahead(h0, k), h)
+    z_mix = qs.model.head(h_mix).float()
+    return F.cross_entropy(z_mix.flatten(0, 1), text_ids.roll(-1 - k, 1).flatten(), reduction="sum")
+
+
+class SequentialDensePass:
+    """cfg.impl = "sequential_dense": the learning pass the official code's way, thoughts sampled inside it;
+    the dead work enters the loss with weight exactly 0 (same values and gradients as the grid pass)."""
+
+    @staticmethod
+    def hidden(qs, input_ids, thoughts, lengths, doc_ids) -> torch.Tensor:
+        return sequential_dense_pass(qs, input_ids, thoughts, lengths, doc_ids)[0]
+
+    @staticmethod
+    def run(qs, input_ids, lengths, doc_ids, generator, thoughts) -> PassResult:
+        hidden, thoughts, dead = sequential_dense_pass(qs, input_ids, thoughts, lengths, doc_ids, generator)
+        return PassResult(hidden, thoughts, 0.0 * dead, {})
+
+
+register_learning_pass("sequential_dense", SequentialDensePass)

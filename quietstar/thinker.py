@@ -1,30 +1,21 @@
 """Quiet-STaR: a layer around an unchanged base model that thinks before every token.
 
 Zelikman et al. 2024, "Quiet-STaR: Language Models Can Teach Themselves to Think Before Speaking"
-(arXiv 2403.09629); the official code is described line by line in docs REFERENCE.md.
+(arXiv 2403.09629). docs/architecture.md describes the layer, docs/official.md the official code and every
+deliberate difference from it.
 
-One training step has two phases (DESIGN §3):
+One training step has two phases (docs/thought-grid.md; the layout is masks.ThoughtGrid):
 
 1. rollout (no grad): the text's K/V once per unique sequence, then T - 3 decode-like grid steps that
-   sample a thought token at every position for each of the n copies (Gumbel-max = exact sampling);
-2. learning pass (with grad): one teacher-forced forward over the whole thought grid
-   (S = T + K - 1 rows; masks.py) under the grid predicate, then the talk head, mixing, NLL and
-   REINFORCE on the sampled tokens.
+   sample a thought token at every position for each of the n copies (inverse-CDF sampling);
+2. learning pass (with grad): one teacher-forced forward over the whole thought grid under the grid
+   predicate (GridPass; `thought.impl` may name another registered pass, e.g. sequential.py's), then
+   the objective in three stages: score (the fused LM-head sums), objective (objective.py: NLL weights,
+   rewards, advantages, policy weights) and metrics (0-dim tensors).
 
-Grid step s of position i (T = n_ahead, K = n_ahead_talk):
-
-    step s:   0      1        2 .. T-2          T-1     T .. T+K-2
-    token:    x_i    <start>  t_1 .. t_{T-3}    <end>   x_{i+1} .. x_{i+K-1}
-    predicts: x_{i+1} t_1      t_2 .. (unused)   x_{i+1} x_{i+2} .. x_{i+K}       position id i + s
-
-Mixing (REFERENCE §1.3): w = talk_head([h_base(i+k); h_talk_k(i)]) with a zero-initialised last layer,
+Mixing: w = talk_head([h_base(i+k); h_talk_k(i)]) with a zero-initialised last layer,
 h_mix = (1 - w) h_base(i+k) + w h_talk_k(i), logits = lm_head(h_mix). Note the code's w weights the
 thought, the opposite of the paper's convention.
-
-Losses (REFERENCE §4): nll = base_loss_weight * CE_base + (1 - base_loss_weight) * mean_k CE_talk_k;
-reward R(i) = sum_k [CE_base(x_{i+k+1}) - CE_talk_k(i)] (base detached); advantage
-A = max(0, R - mean over the n copies) (detached); policy loss = -A * log pi(t_m) averaged over the
-sampled tokens m = 1..T-3 and the scorable positions; loss = nll + policy_weight * policy_loss.
 
 Shape legend: B unique sequences, n thoughts per position, S grid rows per copy, R = 1 + n (S - 1)
 rows in the grid layout, L positions, d model dim, V vocab, H / G query / kv heads, D head dim.
@@ -42,12 +33,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from quietstar.linear_ce import CHUNK_BYTES, linear_logprob_sum
+from quietstar.masks import ThoughtGrid
+from quietstar.objective import OBJECTIVES, get_objective
+from quietstar.objective import metrics as objective_metrics
 
 
 @dataclass
 class ThoughtConfig:
     """The Quiet-STaR settings. Defaults are faithful to the official code except for its outright bugs;
-    `ThoughtConfig.reference()` reproduces every official quirk (REFERENCE §4-§5, §7)."""
+    `ThoughtConfig.reference()` reproduces every official quirk (docs/official.md)."""
 
     n_ahead: int = 8
     """T: grid steps before the talk steps, counting the base step. A thought is T - 1 tokens
@@ -58,8 +52,8 @@ class ThoughtConfig:
     """n: independent thoughts sampled per position (the official n_passes); the REINFORCE baseline is
     their mean reward."""
     gumbel_temperature: float = 1.0
-    """Temperature of thought sampling (Gumbel-max, an exact categorical sample). The official code's
-    hard Gumbel-softmax samples at 1.0 whatever its tau (REFERENCE §2.2), so 1.0 reproduces it."""
+    """Temperature of thought sampling (an inverse-CDF categorical sample, `sample_categorical`). The
+    official code's hard Gumbel-softmax samples at 1.0 whatever its tau, so 1.0 reproduces it."""
     base_loss_weight: float = 0.5
     """Weight of the no-thought LM loss in the NLL; the talk losses share 1 - this (official: 0.5)."""
     policy_weight: float = 1e6
@@ -68,10 +62,13 @@ class ThoughtConfig:
     """tau of the log-probability in the policy loss (official: 3, although thoughts are sampled at 1;
     set 1.0 for the true score function)."""
     policy_mean_over_padding: bool = False
-    """Official: True, the policy loss is a plain mean over every row and position, pads included.
-    Default: a mean over scorable (non-pad) positions only."""
+    """Official: True, the policy loss is a plain mean over every row and position of the window
+    i <= L-2-K, pads included. Default: a mean over the scorable positions that have a real target."""
     reward_drop_last_position: bool = False
-    """Official: True, the last fully scorable position L-1-K gets no reward (an off-by-one)."""
+    """Official: True, rewards come from the window i <= L-2-K of the padded length: the last fully
+    scorable position L-1-K gets none (an off-by-one), and a position with only some of its K targets
+    real (near padding or a document end) is rewarded with those. Default (False): a position is
+    scorable only when all K of its targets are real, so those partial positions get no reward."""
     clamp_negative_advantage: bool = True
     """Drop negative advantages (official and paper: True, "led to more stable training")."""
     mix_sigmoid: bool = False
@@ -94,9 +91,21 @@ class ThoughtConfig:
     `sequential_dense` (the official code's way: S dependent steps with gradients through a growing
     K/V cache, a dense mask and the base pass repeated per copy; a baseline and a test oracle)."""
 
+    objective: str = "official"
+    """The loss built from the scored log-probabilities: a name registered in objective.OBJECTIVES
+    (`official`: the paper's NLL + REINFORCE with the official code's weights; see objective.py)."""
+    scoring: str = "fused"
+    """How log-probabilities are scored: `fused` (the LM head, log-softmax and weighted sum with its
+    gradient in one chunked pass, linear_ce.py) or `plain` (full logits and autograd: the same values
+    and gradients, more memory; a reference to prototype a new objective against)."""
+
     def __post_init__(self):
-        if self.impl not in ("grid", "sequential_dense"):
-            raise ValueError(f"ThoughtConfig.impl must be 'grid' or 'sequential_dense', got {self.impl!r}")
+        if self.impl not in LEARNING_PASSES:
+            raise ValueError(f"ThoughtConfig.impl must be one of {sorted(LEARNING_PASSES)}, got {self.impl!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"ThoughtConfig.objective must be one of {sorted(OBJECTIVES)}, got {self.objective!r}")
+        if self.scoring not in ("fused", "plain"):
+            raise ValueError(f"ThoughtConfig.scoring must be 'fused' or 'plain', got {self.scoring!r}")
         if self.n_ahead < 3:
             raise ValueError(f"ThoughtConfig.n_ahead must be >= 3 (<start>, <end> and the base step), got {self.n_ahead}")
         if self.n_ahead_talk < 1:
@@ -119,7 +128,7 @@ class ThoughtConfig:
 
     @classmethod
     def reference(cls, **overrides) -> "ThoughtConfig":
-        """The official training settings (REFERENCE §5), every quirk included."""
+        """The official training settings, every quirk included (docs/official.md)."""
         ref = dict(n_ahead=12, n_ahead_talk=4, n_thoughts=2, gumbel_temperature=1.0, base_loss_weight=0.5,
                    policy_weight=1e6, policy_temperature=3.0, policy_mean_over_padding=True,
                    reward_drop_last_position=True, clamp_negative_advantage=True, mix_sigmoid=False,
@@ -151,10 +160,6 @@ class TalkHead(nn.Module):
         return self.net(torch.cat([h_base, h_thought], dim=-1)).squeeze(-1)
 
 
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp_min(1)
-
-
 @dataclass
 class ThoughtOutput:
     loss: torch.Tensor  # scalar: nll + policy_weight * policy_loss (with grad)
@@ -163,7 +168,7 @@ class ThoughtOutput:
     reward: torch.Tensor  # scalar: mean over scorable positions of R = sum_k (CE_base - CE_talk_k)
     mix_weight: torch.Tensor  # scalar: mean w over scorable talk predictions
     thoughts: torch.Tensor  # (B, n, L, T-3) the sampled thought tokens
-    metrics: dict = field(default_factory=dict)  # diagnostics, python floats
+    metrics: dict = field(default_factory=dict)  # diagnostics, 0-dim tensors (numbers only in train.py, per log_every)
     # per-position detail (detached), for tests and analysis
     ce_base: Optional[torch.Tensor] = None  # (B, L) CE of x_{i+1} without a thought
     ce_talk: Optional[torch.Tensor] = None  # (B, n, K, L) CE of x_{i+k+1} from the mixed talk prediction
@@ -171,6 +176,50 @@ class ThoughtOutput:
     rewards: Optional[torch.Tensor] = None  # (B, n, L) R(i) (0 where not scorable)
     advantages: Optional[torch.Tensor] = None  # (B, n, L) A(i) as used by the policy loss
     thought_logprobs: Optional[torch.Tensor] = None  # (B, n, L, T-3) tempered log pi of each sampled token
+
+
+class TalkScores(NamedTuple):
+    nll: torch.Tensor  # 0-dim, with grad
+    ce_base: torch.Tensor  # (B, L) CE of x_{i+1} without a thought, detached
+    ce_talk: torch.Tensor  # (K, B, n, L) CE of x_{i+k+1} after the thought, detached
+    mix_weight: torch.Tensor  # (K, B, n, L) w of each talk prediction
+
+
+class PassResult(NamedTuple):
+    hidden: torch.Tensor  # (B, R, L, d) final-norm hidden states in the grid layout
+    thoughts: torch.Tensor  # (B, n, L, T-3)
+    extra_loss: Optional[torch.Tensor]  # added to the loss (None: nothing)
+    metrics: dict  # 0-dim tensors
+
+
+class GridPass:
+    """The learning pass (cfg.impl = "grid"): the rollout on a branch K/V buffer, then one teacher-forced
+    forward over the whole grid under the grid predicate. Other passes (sequential.py) register beside it."""
+
+    @staticmethod
+    def hidden(qs: "QuietStar", input_ids, thoughts, lengths, doc_ids) -> torch.Tensor:
+        ids, pos = qs.grid_tokens(input_ids, thoughts)
+        B, R, L = ids.shape
+        h = qs.model(inputs_embeds=qs.embed(ids).view(B, R * L, -1), position_ids=pos.reshape(B, R * L),
+                     attn=_GridAttention(R, L, thoughts.shape[1], lengths, doc_ids), return_hidden=True)
+        return h.view(B, R, L, -1)
+
+    @classmethod
+    def run(cls, qs: "QuietStar", input_ids, lengths, doc_ids, generator, thoughts) -> PassResult:
+        metrics = {}
+        if thoughts is None:
+            with torch.no_grad():
+                thoughts, entropy = qs._rollout_lengths(input_ids, lengths, generator, doc_ids)
+            metrics["thought/entropy_first_token"] = entropy
+        return PassResult(cls.hidden(qs, input_ids, thoughts, lengths, doc_ids), thoughts, None, metrics)
+
+
+LEARNING_PASSES: dict = {"grid": GridPass}
+
+
+def register_learning_pass(name: str, learning_pass) -> None:
+    """Make `learning_pass` (an object with `hidden` and `run` as on GridPass) selectable as cfg.impl = name."""
+    LEARNING_PASSES[name] = learning_pass
 
 
 class NextTokenLogits(NamedTuple):
@@ -231,18 +280,44 @@ class _RolloutAttention:
 
 def sample_categorical(logits: torch.Tensor, temperature: float = 1.0,
                        generator: Optional[torch.Generator] = None, u: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """An exact sample from softmax(logits / temperature) over the last dim. logits (..., V) -> (...,).
+    """A sample from softmax(logits / temperature) over the last dim, by inverse CDF. logits (..., V) -> (...,).
 
-    The official code's hard Gumbel-softmax draws from the same distribution (at temperature 1,
-    whatever its tau); inverse-CDF sampling needs one uniform number per row instead of V. `u`
-    (rows, 1) float64 gives those numbers (to sample a batch in chunks); by default they are drawn here."""
+    A two-level search (`categorical_blocks`): the weights exp(z - max z) (float32) are summed in blocks of
+    256 tokens (float32, pairwise), the block sums accumulated in float64 pick a block, and the float64 cumulative sum of that
+    block's weights picks the token. The distribution sampled differs from the float64 softmax by a total
+    variation of about 5e-8 at V = 32k-49k (measured: tests/test_objective.py), where a float32 cumulative
+    sum over the whole vocabulary (the previous method) is off by 3-4e-4 and misdraws unlikely tokens; and
+    it costs less than that cumulative sum. The official code's hard Gumbel-softmax draws from the same
+    distribution (at temperature 1, whatever its tau); inverse-CDF sampling needs one uniform number per
+    row instead of V. `u` (rows, 1) float64 gives those numbers (to sample a batch in chunks); by default
+    they are drawn here."""
+    w, block_cdf = categorical_blocks(logits, temperature)  # (rows, nb, BLOCK) float32, (rows, nb) float64
+    rows, V = w.shape[0], logits.shape[-1]
+    if u is None:
+        u = torch.rand(rows, 1, generator=generator, device=w.device, dtype=torch.float64)
+    x = u * block_cdf[:, -1:]  # (rows, 1)
+    b = torch.searchsorted(block_cdf, x).clamp_(max=block_cdf.shape[1] - 1)  # the block holding the draw
+    lo = torch.where(b > 0, block_cdf.gather(-1, (b - 1).clamp(min=0)), 0.0)
+    frac = ((x - lo) / (block_cdf.gather(-1, b) - lo)).nan_to_num_(0.0)  # where in the block, in [0, 1]
+    inner = w.gather(1, b[:, :, None].expand(rows, 1, _BLOCK))[:, 0].double().cumsum_(-1)  # (rows, BLOCK)
+    j = torch.searchsorted(inner, frac * inner[:, -1:]).clamp_(max=_BLOCK - 1)
+    return (b * _BLOCK + j).clamp_(max=V - 1).view(logits.shape[:-1])
+
+
+_BLOCK = 256  # tokens per block of the two-level inverse CDF
+
+
+def categorical_blocks(logits: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (the unnormalised probabilities that `sample_categorical` draws from, float32, in blocks of 256
+    tokens (rows, ceil(V / 256), 256), zero past V; the cumulative sums of the blocks (rows, ceil(V / 256))
+    float64)."""
     z = logits.float().reshape(-1, logits.shape[-1])  # (rows, V)
     z = z - z.amax(-1, keepdim=True)
-    cdf = torch.exp_(z if temperature == 1.0 else z.div_(temperature)).cumsum_(-1)  # unnormalised CDF
-    if u is None:
-        u = torch.rand(z.shape[0], 1, generator=generator, device=z.device, dtype=torch.float64)
-    idx = torch.searchsorted(cdf, (u * cdf[:, -1:].double()).float())
-    return idx.clamp_(max=z.shape[-1] - 1).view(logits.shape[:-1])
+    w = torch.exp_(z if temperature == 1.0 else z.div_(temperature))
+    if w.shape[1] % _BLOCK:
+        w = F.pad(w, (0, _BLOCK - w.shape[1] % _BLOCK))
+    w = w.view(w.shape[0], -1, _BLOCK)
+    return w, w.sum(-1).double().cumsum_(-1)
 
 
 def categorical_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -321,29 +396,22 @@ class QuietStar(nn.Module):
             raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
                              f"{tuple(input_ids.shape)}")
         lengths = attention_mask.long().sum(-1)
-        if bool((lengths < 1).any()):
-            raise ValueError("every sequence needs at least one real token (attention_mask row of zeros)")
+        msg = "every sequence needs at least one real token (attention_mask row of zeros)"
+        if lengths.device.type == "cpu":
+            if bool((lengths < 1).any()):
+                raise ValueError(msg)
+        else:  # checked on the device: no host sync per step
+            torch._assert_async((lengths >= 1).all(), msg)
         return lengths
 
-    def grid_tokens(self, input_ids: torch.Tensor, thoughts: torch.Tensor):
-        """-> ids (B, R, L) and position ids (B, R, L) of the grid layout (masks.py), R = 1 + n (S - 1).
+    def grid(self, n: Optional[int] = None) -> ThoughtGrid:
+        """The grid layout for the current config (n copies; default cfg.n_thoughts)."""
+        return ThoughtGrid(self.cfg.n_ahead, self.cfg.n_ahead_talk, self.cfg.n_thoughts if n is None else n)
 
-        Rows of copy p: <start>, t_1..t_{T-3}, <end>, x_{i+1}..x_{i+K-1} (pad past the end)."""
-        B, L = input_ids.shape
-        T, K = self.cfg.n_ahead, self.cfg.n_ahead_talk
-        n = thoughts.shape[1]
-        dev = input_ids.device
-        start = torch.full((B, n, 1, L), self.start_token_id, dtype=torch.long, device=dev)
-        end = torch.full((B, n, 1, L), self.end_token_id, dtype=torch.long, device=dev)
-        padded = F.pad(input_ids, (0, K), value=self.pad_token_id)  # (B, L + K)
-        future = torch.stack([padded[:, k:k + L] for k in range(1, K)], dim=1) if K > 1 else input_ids[:, :0, None]
-        future = future.view(B, 1, K - 1, L).expand(B, n, K - 1, L)
-        branch = torch.cat([start, thoughts.permute(0, 1, 3, 2), end, future], dim=2)  # (B, n, S-1, L)
-        ids = torch.cat([input_ids[:, None], branch.reshape(B, -1, L)], dim=1)  # (B, R, L)
-        S = T + K - 1
-        step = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(1, S).repeat(n)]).to(dev)  # (R,)
-        pos = (step[:, None] + torch.arange(L, device=dev)[None, :]).expand(B, -1, -1)
-        return ids, pos
+    def grid_tokens(self, input_ids: torch.Tensor, thoughts: torch.Tensor):
+        """-> ids (B, R, L) and position ids (B, R, L) of the grid layout (masks.ThoughtGrid)."""
+        return self.grid(thoughts.shape[1]).tokens(input_ids, thoughts, self.start_token_id, self.end_token_id,
+                                                   self.pad_token_id)
 
     # ---- phase 1: rollout ----
 
@@ -354,9 +422,13 @@ class QuietStar(nn.Module):
 
     @torch.no_grad()
     def _rollout(self, input_ids, attention_mask=None, generator=None, doc_ids=None):
-        lengths = self._check_input(input_ids, attention_mask)
+        return self._rollout_lengths(input_ids, self._check_input(input_ids, attention_mask), generator, doc_ids)
+
+    def _rollout_lengths(self, input_ids, lengths, generator=None, doc_ids=None):
+        """The rollout for checked inputs (lengths (B,) or None). -> (thoughts, first-step entropy)."""
         B, L = input_ids.shape
-        n, n_sampled = self.cfg.n_thoughts, self.cfg.n_ahead - 3
+        grid = self.grid()
+        n, n_sampled = grid.n, grid.n_sampled
         thoughts = torch.zeros(B, n, L, n_sampled, dtype=torch.long, device=input_ids.device)
         entropy = torch.zeros((), device=input_ids.device)
         if n_sampled == 0:
@@ -368,10 +440,10 @@ class QuietStar(nn.Module):
         pos = torch.arange(L, device=input_ids.device)
         model(inputs_embeds=x0, position_ids=pos.expand(B, L), attn=attn, return_hidden=True)
         tokens = torch.full((B, n * L), self.start_token_id, dtype=torch.long, device=input_ids.device)
-        for s in range(1, n_sampled + 1):
+        for s in range(grid.START_STEP, n_sampled + 1):  # step s is fed t_{s-1} (<start> at s = 1), predicts t_s
             attn.step = s
-            h = model(inputs_embeds=self.embed(tokens), position_ids=(pos + s).repeat(n).expand(B, n * L),
-                      attn=attn, return_hidden=True)  # (B, n*L, d)
+            h = model(inputs_embeds=self.embed(tokens), attn=attn, return_hidden=True,
+                      position_ids=grid.position_ids(s, pos).repeat(n).expand(B, n * L))  # (B, n*L, d)
             tokens = self._sample(h.view(B * n * L, -1), generator, entropy if s == 1 else None).view(B, n * L)
             thoughts[..., s - 1] = tokens.view(B, n, L)
         return thoughts, entropy
@@ -393,46 +465,31 @@ class QuietStar(nn.Module):
 
     # ---- phase 2: the learning pass ----
 
+    @property
+    def learning_pass(self):
+        """The strategy that runs phase 2 (and the rollout it needs), chosen by cfg.impl."""
+        return LEARNING_PASSES[self.cfg.impl]
+
     def grid_hidden(self, input_ids, thoughts, attention_mask=None, doc_ids=None) -> torch.Tensor:
         """One teacher-forced forward over the whole grid. -> final-norm hidden states (B, R, L, d)."""
         lengths = self._check_input(input_ids, attention_mask)
-        if self.cfg.impl == "sequential_dense":
-            from quietstar.sequential import sequential_dense_pass
-
-            return sequential_dense_pass(self, input_ids, thoughts, lengths, doc_ids)[0]
-        ids, pos = self.grid_tokens(input_ids, thoughts)
-        B, R, L = ids.shape
-        h = self.model(inputs_embeds=self.embed(ids).view(B, R * L, -1), position_ids=pos.reshape(B, R * L),
-                       attn=_GridAttention(R, L, thoughts.shape[1], lengths, doc_ids), return_hidden=True)
-        return h.view(B, R, L, -1)
+        return self.learning_pass.hidden(self, input_ids, thoughts, lengths, doc_ids)
 
     def grid_logits(self, input_ids, thoughts, attention_mask=None, doc_ids=None) -> torch.Tensor:
         """Raw (unmixed) logits of every grid cell, for tests and analysis. -> (B, n, S, L, V);
         step 0 is the base prediction (the same for every copy)."""
         h = self.grid_hidden(input_ids, thoughts, attention_mask, doc_ids)
-        B, R, L, d = h.shape
-        n = thoughts.shape[1]
-        rows = torch.cat([h[:, :1].expand(B, n, L, d)[:, :, None], h[:, 1:].view(B, n, -1, L, d)], dim=2)
-        return self.model.head(rows)
+        return self.model.head(self.grid(thoughts.shape[1]).per_copy(h))
 
     def forward(self, input_ids, attention_mask=None, generator=None, doc_ids=None,
                 thoughts: Optional[torch.Tensor] = None) -> ThoughtOutput:
         """One Quiet-STaR step: rollout (unless `thoughts` are given), learning pass, losses."""
-        entropy = None
-        if self.cfg.impl == "sequential_dense":  # the official code's way: sampling inside the S-step loop
-            from quietstar.sequential import sequential_dense_pass
-
-            lengths = self._check_input(input_ids, attention_mask)
-            hidden, thoughts, dead = sequential_dense_pass(self, input_ids, thoughts, lengths, doc_ids, generator)
-            out = self.losses(hidden, input_ids, thoughts, attention_mask)
-            out.loss = out.loss + 0.0 * dead  # the official code's dead work: same value, same gradients
-            return out
-        if thoughts is None:
-            thoughts, entropy = self._rollout(input_ids, attention_mask, generator, doc_ids)
-        hidden = self.grid_hidden(input_ids, thoughts, attention_mask, doc_ids)
-        out = self.losses(hidden, input_ids, thoughts, attention_mask)
-        if entropy is not None:
-            out.metrics["thought/entropy_first_token"] = float(entropy)
+        lengths = self._check_input(input_ids, attention_mask)
+        p = self.learning_pass.run(self, input_ids, lengths, doc_ids, generator, thoughts)
+        out = self.losses(p.hidden, input_ids, p.thoughts, attention_mask, doc_ids)
+        if p.extra_loss is not None:
+            out.loss = out.loss + p.extra_loss
+        out.metrics.update(p.metrics)
         return out
 
     def mix(self, h_base: torch.Tensor, h_thought: torch.Tensor):
@@ -442,100 +499,69 @@ class QuietStar(nn.Module):
             w = torch.sigmoid(w)
         return (1 - w[..., None]) * h_base + w[..., None] * h_thought, w
 
-    def losses(self, hidden, input_ids, thoughts, attention_mask=None) -> ThoughtOutput:
-        """NLL + REINFORCE from the grid's hidden states (B, R, L, d). See the module docstring."""
-        cfg = self.cfg
+    # ---- the objective: score -> objective (objective.py) -> metrics ----
+
+    def losses(self, hidden, input_ids, thoughts, attention_mask=None, doc_ids=None) -> ThoughtOutput:
+        """NLL + REINFORCE from the grid's hidden states (B, R, L, d). The objective's pure functions
+        (objective.py, chosen by cfg.objective) give the weights; `score_*` apply them (cfg.scoring)."""
+        cfg, obj = self.cfg, get_objective(self.cfg.objective)
         B, R, L, d = hidden.shape
-        T, K, n = cfg.n_ahead, cfg.n_ahead_talk, thoughts.shape[1]
-        W = self.model.lm_head_weight
-        dev = hidden.device
-        lengths = (attention_mask.long().sum(-1) if attention_mask is not None
-                   else torch.full((B,), L, device=dev))
-        pos = torch.arange(L, device=dev)
+        grid = self.grid(thoughts.shape[1])
+        lengths = None if attention_mask is None else attention_mask.long().sum(-1)
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        scope = obj.scope(grid, B, L, lengths, doc_ids, cfg, hidden.device)
+        coef_base, coef_talk = obj.nll_coefficients(scope, grid.n, cfg, acc)
+        talk = self.score_talk(hidden, input_ids, grid, coef_base, coef_talk)
+        reward = obj.rewards(talk.ce_base, talk.ce_talk, scope, cfg)
+        adv = obj.advantages(reward, scope, cfg)
+        if grid.n_sampled > 0:
+            policy_loss, logp = self.score_thoughts(hidden, thoughts, grid,
+                                                    obj.policy_coefficients(adv, scope, cfg, grid.n_sampled))
+        else:
+            policy_loss, logp = hidden.new_zeros(()), None
+        loss = talk.nll + cfg.policy_weight * policy_loss
+        thought_ok = grid.target_ok(L, -1, lengths, None, hidden.device)[:, None].expand(B, grid.n, L)  # real positions
+        m = objective_metrics(loss, talk.nll, policy_loss, talk.ce_base, talk.ce_talk, reward, adv, talk.mix_weight,
+                              scope, cfg, thoughts, thought_ok, self.model.cfg.vocab_size)
+        return ThoughtOutput(loss=loss, nll=talk.nll.detach(), policy_loss=policy_loss.detach(),
+                             reward=m["thought/reward_mean"], mix_weight=m["thought/mix_weight_mean"],
+                             thoughts=thoughts, metrics=m, ce_base=talk.ce_base,
+                             ce_talk=talk.ce_talk.permute(1, 2, 0, 3), mix_weights=talk.mix_weight.permute(1, 2, 0, 3),
+                             rewards=reward, advantages=adv, thought_logprobs=logp)
+
+    def score_talk(self, hidden, input_ids, grid: ThoughtGrid, coef_base, coef_talk) -> "TalkScores":
+        """The no-thought prediction of x_{i+1} and the K mixed talk predictions of x_{i+k+1} (talk step k),
+        all in one LM-head pass: -nll = sum coef * log p. coef_base (B, L), coef_talk (K, B, n, L)."""
+        B, R, L, d = hidden.shape
+        K, n = grid.K, grid.n
         h0 = hidden[:, 0]  # (B, L, d)
-        hb = hidden[:, 1:].view(B, n, -1, L, d)  # (B, n, S-1, L, d); grid step s is index s - 1
-        padded = F.pad(input_ids, (0, K + 1), value=0)
-
-        def target(k):  # x_{i+k+1} and whether it is a real token: (B, L), (B, L)
-            return padded[:, k + 1:k + 1 + L], (pos + k + 1)[None, :] < lengths[:, None]
-
-        # NLL: the no-thought prediction of x_{i+1} and the K mixed talk predictions of x_{i+k+1}
-        # (talk step k is grid step T-1+k), all in one fused LM-head pass (linear_ce.py)
-        targets, oks, h_mix, ws = [], [], [], []
+        h_mix, ws = [], []
         for k in range(K):
-            tgt, ok = target(k)
-            targets.append(tgt)
-            oks.append(ok)
-            h_base = torch.cat([h0[:, k:], h0[:, -1:].expand(B, k, d)], dim=1)  # h_base(i+k), (B, L, d)
-            hm, w = self.mix(h_base[:, None].expand(B, n, L, d), hb[:, :, T - 2 + k])
+            hm, w = self.mix(grid.ahead(h0, k)[:, None].expand(B, n, L, d), grid.at_step(hidden, grid.talk_step(k)))
             h_mix.append(hm)
             ws.append(w)
-        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        ok = torch.stack(oks)[:, :, None].expand(K, B, n, L).to(acc)  # (K, B, n, L)
-        ok0 = ok[0, :, 0]  # (B, L)
-        talk_coef = (1 - cfg.base_loss_weight) / K * ok / ok.sum((1, 2, 3), keepdim=True).clamp_min(1)
-        coef = torch.cat([cfg.base_loss_weight * ok0.flatten() / ok0.sum().clamp_min(1), talk_coef.flatten()])
-        tgt = torch.cat([targets[0].flatten(), torch.stack(targets)[:, :, None].expand(K, B, n, L).flatten()])
+        targets = torch.stack([grid.target(input_ids, k) for k in range(K)])  # (K, B, L)
+        tgt = torch.cat([targets[0].flatten(), targets[:, :, None].expand(K, B, n, L).flatten()])
         h_all = torch.cat([h0.reshape(-1, d), torch.stack(h_mix).view(-1, d)])
-        weighted, logp_all = linear_logprob_sum(h_all, W, tgt, coef)
-        nll = -weighted  # = base_loss_weight * CE_base + (1 - base_loss_weight) * mean_k CE_talk_k
-        ce0 = -logp_all[:B * L].view(B, L)
-        talk_ce = -logp_all[B * L:].view(K, B, n, L)  # (K, B, n, L), no grad: the NLL's gradient is in `nll`
-        nll_base = _masked_mean(ce0, ok0)
-        nll_talk = torch.stack([_masked_mean(c, o) for c, o in zip(talk_ce, ok)]).mean()
+        weighted, logp = self._logprob_sum(h_all, tgt, torch.cat([coef_base.flatten(), coef_talk.flatten()]))
+        return TalkScores(-weighted, -logp[:B * L].view(B, L), -logp[B * L:].view(K, B, n, L), torch.stack(ws))
 
-        # reward R(i) = sum_k r_k(i), on scorable positions (all K targets real)
-        if cfg.reward_drop_last_position:  # official: i <= L-2-K whatever the padding; pad targets give r_k = 0
-            scorable = (pos <= L - 2 - K)[None, None].expand(B, n, L)
-        else:
-            scorable = ((pos + K)[None, :] <= lengths[:, None] - 1)[:, None].expand(B, n, L)
-        base_ce = torch.stack([torch.cat([ce0[:, k:], ce0[:, -1:].expand(B, k)], 1) for k in range(K)])  # CE_base(i+k)
-        reward = ((base_ce[:, :, None] - talk_ce) * ok).sum(0) * scorable  # (B, n, L)
-        adv = reward - reward.mean(dim=1, keepdim=True) if n > 1 else reward
-        if cfg.clamp_negative_advantage:
-            adv = adv.clamp_min(0)
-        adv = adv * scorable
+    def score_thoughts(self, hidden, thoughts, grid: ThoughtGrid, coef) -> tuple[torch.Tensor, torch.Tensor]:
+        """-policy = sum coef * tempered log pi(t_m), t_m predicted at step m. -> (policy loss, log pi
+        (B, n, L, T-3), detached)."""
+        weighted, logp = self._logprob_sum(grid.sampled_rows(hidden), thoughts, coef, self.cfg.policy_temperature)
+        return -weighted, logp
 
-        # REINFORCE on the sampled tokens: t_m is predicted at grid step m (index m - 1);
-        # policy loss = mean over scorable positions of -A(i) * mean_m log pi(t_m)
-        n_sampled = T - 3
-        if n_sampled > 0:
-            h_pol = hb[:, :, :n_sampled].permute(0, 1, 3, 2, 4)  # (B, n, L, T-3, d)
-            if cfg.policy_mean_over_padding:  # official: plain mean over the (B, n, L-1-K) window
-                count = B * n * max(L - 1 - K, 1)
-            else:
-                count = scorable.sum().clamp_min(1)
-            coef = (adv / (n_sampled * count))[..., None].expand(B, n, L, n_sampled)
-            weighted, logp = linear_logprob_sum(h_pol, W, thoughts, coef, cfg.policy_temperature)  # (B, n, L, T-3)
-            policy_loss = -weighted
-        else:
-            logp = None
-            policy_loss = hidden.new_zeros(())
-        loss = nll + cfg.policy_weight * policy_loss
-
-        with torch.no_grad():
-            sc = scorable.float()
-            w_all = torch.stack(ws)  # (K, B, n, L)
-            w_mean = _masked_mean(w_all, sc.expand_as(w_all))
-            metrics = {
-                "train/loss": float(loss), "train/nll": float(nll), "train/nll_base": float(nll_base),
-                "train/nll_talk": float(nll_talk), "thought/policy_loss": float(policy_loss),
-                "thought/policy_term": float(cfg.policy_weight * policy_loss),
-                "thought/reward_mean": float(_masked_mean(reward, sc)),
-                "thought/reward_max": float(reward.masked_fill(~scorable, float("-inf")).max())
-                if bool(scorable.any()) else 0.0,
-                "thought/advantage_pos_frac": float(_masked_mean((adv > 0).float(), sc)),
-                "thought/mix_weight_mean": float(w_mean),
-                "thought/mix_weight_abs_mean": float(_masked_mean(w_all.abs(), sc.expand_as(w_all))),
-            }
-            if n_sampled > 0:
-                valid_t = thoughts[((pos[None, :] < lengths[:, None])[:, None].expand(B, n, L))]
-                metrics["thought/distinct_token_ratio"] = (float(valid_t.unique().numel() / max(1, valid_t.numel())))
-        return ThoughtOutput(loss=loss, nll=nll.detach(), policy_loss=policy_loss.detach(),
-                             reward=_masked_mean(reward, scorable.float()).detach(), mix_weight=w_mean,
-                             thoughts=thoughts, metrics=metrics, ce_base=ce0.detach(),
-                             ce_talk=talk_ce.permute(1, 2, 0, 3), mix_weights=torch.stack(ws, dim=2).detach(),
-                             rewards=reward, advantages=adv, thought_logprobs=logp)
+    def _logprob_sum(self, h, targets, coef, temperature: float = 1.0):
+        """(sum coef * log softmax(h W^T / temperature)[targets], log-probs detached): the fused kernel, or
+        (cfg.scoring = "plain") full logits and autograd, to prototype against."""
+        W = self.model.lm_head_weight
+        if self.cfg.scoring == "fused":
+            return linear_logprob_sum(h, W, targets, coef, temperature)
+        acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+        z = F.linear(h, W).to(acc) / temperature
+        logp = torch.log_softmax(z, -1).gather(-1, targets[..., None]).squeeze(-1)
+        return (coef.to(acc) * logp).sum(), logp.detach()
 
     @contextlib.contextmanager
     def overridden(self, **changes):
@@ -557,11 +583,36 @@ class QuietStar(nn.Module):
             if thoughts is None:
                 thoughts = self.rollout(input_ids, attention_mask, generator)
             h = self.grid_hidden(input_ids, thoughts, attention_mask)
-            B, R, L, d = h.shape
-            h0 = h[:, 0]
-            h_end = h[:, 1:].view(B, n_thoughts, -1, L, d)[:, :, self.cfg.n_ahead - 2]  # grid step T-1
+            grid = self.grid(n_thoughts)
+            h0, h_end = h[:, 0], grid.at_step(h, grid.talk_step(0))
             h_mix, w = self.mix(h0[:, None].expand_as(h_end), h_end)
             return NextTokenLogits(self.model.head(h0), self.model.head(h_mix), w, thoughts)
+
+    @torch.no_grad()
+    def think(self, feed, h_base: torch.Tensor, position: torch.Tensor, generator=None,
+              temperature: Optional[float] = None, thoughts: Optional[torch.Tensor] = None):
+        """Think at the last position of a cached text, for P rows at once (generation and evaluation).
+
+        feed(tokens (P,), position_ids (P,)) -> hidden (P, d) runs one single-token step on a K/V cache that
+        holds the text up to each row's thinking position `position` (P,); h_base (P, d) is the text's hidden
+        state there. Feeds <start>, t_1..t_{T-3} (sampled at `temperature`, default the training one, or
+        taken from `thoughts` (P, T-3)) and <end> at grid steps 1..T-1 (positions position + s), then mixes.
+        -> (mixed logits (P, V), mix weight (P,), the thought (P, T-3)). The caller drops the thought's K/V."""
+        grid = ThoughtGrid(self.cfg.n_ahead, 1)
+        temperature = self.cfg.gumbel_temperature if temperature is None else temperature
+        token = torch.full_like(position, self.start_token_id)
+        sampled = []
+        for s in range(grid.START_STEP, grid.end_step + 1):
+            h = feed(token, grid.position_ids(s, position))
+            if s <= grid.n_sampled:  # step s predicts t_s
+                token = thoughts[:, s - 1].to(position.device) if thoughts is not None else \
+                    sample_categorical(self.model.head(h).float(), temperature, generator)
+                sampled.append(token)
+            else:
+                token = torch.full_like(position, self.end_token_id)
+        h_mix, w = self.mix(h_base, h)  # h: the <end> step's output
+        th = torch.stack(sampled, -1) if sampled else position.new_zeros(position.shape[0], 0)
+        return self.model.head(h_mix), w, th
 
     def decode_thought(self, thoughts: torch.Tensor, b: int, copy: int, position: int) -> str:
         """The thought sampled after position `position` of sequence b, copy `copy`, as text."""

@@ -9,7 +9,7 @@ from quietstar.masks import dense_grid_mask, flex_mask_mod, grid_rows, n_grid_ro
 
 
 def reference_mask(L, S, length):
-    """The official construction (REFERENCE §2.3): M_0 causal with pad keys blocked, then
+    """The official construction (docs/official.md): M_0 causal with pad keys blocked, then
     M_s = cat(M_{s-1}, D) with D the diagonal restricted to what M_0 allows. Step-major keys."""
     valid = torch.arange(L) < length
     m0 = torch.tril(torch.ones(L, L, dtype=torch.bool)) & valid[None, :]
@@ -95,7 +95,7 @@ def test_split_equals_dense_with_documents(tile):
 
 @pytest.mark.parametrize("padded", [False, True])
 def test_split_fp32_error_is_that_of_fp32_pytorch(padded):
-    """fp32 out and grads against fp64, within a small factor of dense fp32 PyTorch's own error (STYLE P10)."""
+    """fp32 out and grads against fp64, within a small factor of dense fp32 PyTorch's own error (docs/testing.md)."""
     q, k, v = _qkv(2, 4, 2, 2, 5, 33, 16, dtype=torch.float32, seed=2)
     lengths = torch.tensor([33, 20]) if padded else None
     grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(0))

@@ -21,6 +21,7 @@ from quietstar.eval.report import _builtin_bars, token_pieces, write_report
 from quietstar.eval.soft import answer_start, answer_token_sets, soft_accuracy
 from quietstar.model import ModelConfig, Transformer
 from quietstar.thinker import QuietStar, ThoughtConfig, sample_categorical
+from quietstar.generate import encode_prompt
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -66,8 +67,8 @@ def hand_soft(logits_BLV, seqs, sets):
     for b, ids in enumerate(seqs):
         text = bytes(ids).decode()
         start = text.rfind("\nA:") + 3  # bytes = characters here
-        numeric = text[start:].strip()[0] in "-0123456789"
-        valid = sets.numeric if numeric else sets.letter
+        answer = text[start:].strip()
+        valid = sets.negative if answer[0] == "-" else sets.numeric if answer[0] in "0123456789" else sets.letter
         prob = 1.0
         for t in range(start, len(ids)):
             if ids[t] not in valid:
@@ -83,7 +84,8 @@ def hand_soft(logits_BLV, seqs, sets):
 def test_token_sets_and_answer_start_bytes():
     tok = ByteTokenizer()
     sets = answer_token_sets(tok)
-    assert sets.numeric == [ord(c) for c in "0123456789\n-"] and sets.minus == [ord("-")]
+    assert sets.numeric == [ord(c) for c in "0123456789\n"] and sets.minus == [ord("-")]
+    assert sets.negative == [ord(c) for c in "0123456789\n-"]
     assert sets.letter == [ord(c) for c in "ABCDE\n"]
     ids = tok.encode("Q: x\nA: y\nA: 72\n")
     assert answer_start(tok, ids) == len("Q: x\nA: y\nA:")
@@ -96,7 +98,7 @@ def test_soft_accuracy_equals_hand_computation(method):
     assert [e.numeric for e in examples] == [True, True, False]  # "-5" is numeric: the quirk is fixed
     res = soft_accuracy(qs, tok, examples, think=True, method=method, batch_size=3,
                         generator=torch.Generator().manual_seed(0))
-    seqs = [tok.encode(e.text) for e in examples]
+    seqs = [encode_prompt(tok, e.text) for e in examples]
     L = max(map(len, seqs))
     x = torch.tensor([s + [0] * (L - len(s)) for s in seqs])
     mask = (torch.arange(L) < torch.tensor([len(s) for s in seqs])[:, None]).long()
@@ -124,7 +126,7 @@ def _cached_thoughts(qs, tok, examples, seqs, x):
     sets = answer_token_sets(tok)
     rows, positions = [], []
     for r, (e, ids) in enumerate(zip(examples, seqs)):
-        valid = set(sets.numeric if e.numeric else sets.letter)
+        valid = set(sets.for_example(e))
         for t in range(answer_start(tok, ids), len(ids)):
             if ids[t] in valid:
                 rows.append(r)
@@ -183,13 +185,13 @@ def test_smollm2_tokenizer_sets_and_coverage():
 
     tok = load_tokenizer("smollm2-135m")
     sets = answer_token_sets(tok)
-    assert [tok.decode([i]) for i in sets.numeric] == list("0123456789") + ["\n"] + sorted(
-        ["-", " -"], key=lambda s: tok.encode(s)[0])
+    assert [tok.decode([i]) for i in sets.numeric] == list("0123456789") + ["\n"]
+    assert [tok.decode([i]) for i in sets.negative[11:]] == sorted(["-", " -"], key=lambda s: tok.encode(s)[0])
     assert [tok.decode([i]) for i in sets.letter] == [" A", " B", " C", " D", " E", "\n"]
     for p in TWO_ITEMS + [Problem("q", "#### 1,250", " 1,250", 3)]:
         e = gsm_example(p)
         ids = tok.encode(e.text)
-        tg = scored_targets(tok, ids, set(sets.numeric))
+        tg = scored_targets(tok, ids, set(sets.for_example(e)))
         assert covered(tok, ids, tg, e.answer, sets.newline), e.text
     e = csqa_example(_csqa_q())
     ids = tok.encode(e.text)

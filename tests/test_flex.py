@@ -3,7 +3,7 @@
 At torch 2.13 FlexAttention has no CPU backward and its CPU forward is compiled by inductor's C++
 backend (tens of seconds); so on CPU the uncompiled FlexAttention path checks the block mask, the
 layout and GQA, and the compiled forward runs only with QUIETSTAR_FLEX_CPU=1. With CUDA everything
-runs compiled, gradients included. Tolerances as in test_kernels.py (STYLE P10).
+runs compiled, gradients included. Tolerances as in test_kernels.py (docs/testing.md).
 """
 
 import os

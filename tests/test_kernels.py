@@ -1,7 +1,7 @@
 """The fused thought-grid attention kernel (kernels/thought_attention.py) against its references.
 
 Oracles: kernels/reference.py (dense masked softmax from the grid predicate) and the `dense` backend of
-quietstar/attention.py, both in fp64. Tolerances follow STYLE P10: the kernel's error against the fp64
+quietstar/attention.py, both in fp64. Tolerances (docs/testing.md): the kernel's error against the fp64
 oracle may be at most twice the error of the same computation done by PyTorch at the kernel's dtype
 (plus two units in the last place of max|oracle|), for out, lse, dq, dk and dv.
 
@@ -39,7 +39,7 @@ def _fwd_bwd(fn, q, k, v, do, dtype):
 
 
 def assert_within_baseline(name, got, base, oracle, dtype):
-    """max|got - oracle| <= 2 max|base - oracle| + 2 eps(dtype) max|oracle|  (STYLE P10).
+    """max|got - oracle| <= 2 max|base - oracle| + 2 eps(dtype) max|oracle|  (docs/testing.md).
 
     The second term is two units in the last place of the largest oracle value: it only matters where
     PyTorch happens to be exact to rounding on an element where the kernel's different summation order
@@ -54,18 +54,23 @@ def assert_within_baseline(name, got, base, oracle, dtype):
                                        f"> bound {bound:.3e}; PyTorch {dtype} max abs diff {err_base:.3e}")
 
 
-def check_kernel(B, H, G, n, S, L, D, lengths=None, dtype=torch.float32, seed=0):
+def check_kernel(B, H, G, n, S, L, D, lengths=None, dtype=torch.float32, seed=0, doc_ids=None):
     q, k, v, do = _inputs(B, H, G, n, S, L, D, seed)
     if lengths is not None:
         lengths = torch.as_tensor(lengths, device=DEVICE)
+    if doc_ids is not None:
+        doc_ids = torch.as_tensor(doc_ids, device=DEVICE)
     # the fp64 oracles: the reference and the dense backend agree to rounding
-    ref = _fwd_bwd(lambda q, k, v: thought_attention_ref(q, k, v, n, lengths), q, k, v, do, torch.float64)
-    dense = _fwd_bwd(lambda q, k, v: (dense_attention(q, k, v, n, lengths), None), q, k, v, do, torch.float64)
+    ref = _fwd_bwd(lambda q, k, v: thought_attention_ref(q, k, v, n, lengths, doc_ids=doc_ids), q, k, v, do,
+                   torch.float64)
+    dense = _fwd_bwd(lambda q, k, v: (dense_attention(q, k, v, n, lengths, doc_ids), None), q, k, v, do,
+                     torch.float64)
     for name, a, b in zip(("out", "dq", "dk", "dv"), ref[:1] + ref[2:], dense[:1] + dense[2:]):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=f"reference vs dense oracle: {name}")
-    base = _fwd_bwd(lambda q, k, v: thought_attention_ref(q, k, v, n, lengths, compute_dtype=dtype),
+    base = _fwd_bwd(lambda q, k, v: thought_attention_ref(q, k, v, n, lengths, compute_dtype=dtype, doc_ids=doc_ids),
                     q, k, v, do, dtype)
-    got = _fwd_bwd(lambda q, k, v: ta.thought_attention(q, k, v, n, lengths, return_lse=True), q, k, v, do, dtype)
+    got = _fwd_bwd(lambda q, k, v: ta.thought_attention(q, k, v, n, lengths, return_lse=True, doc_ids=doc_ids),
+                   q, k, v, do, dtype)
     for name, g_, b_, r_ in zip(("out", "lse", "dq", "dk", "dv"), got, base, ref):
         assert_within_baseline(name, g_, b_, r_, dtype)
 
@@ -96,6 +101,32 @@ def test_kernel_matches_reference_fp32(B, H, G, n, S, L, D, lengths):
 def test_kernel_other_tilings(tiles):
     with ta.fixed_tiles(**tiles):
         check_kernel(2, 2, 1, 2, 4, 37, 16, lengths=[37, 21], seed=1)
+
+
+def _docs(L, starts):
+    """doc_ids (L,) with documents starting at `starts` (after 0)."""
+    return [sum(j >= s for s in starts) for j in range(L)]
+
+
+@pytest.mark.parametrize("B,H,G,n,S,L,D,lengths,starts", [
+    (2, 2, 1, 2, 4, 37, 16, None, ([5, 6, 20, 33], [17])),  # one-token and tile-crossing documents
+    (1, 4, 2, 1, 3, 40, 16, [35], ([16, 31],)),  # boundaries on tile edges, padding after the last one
+])
+def test_kernel_packed_documents_match_the_dense_oracle(B, H, G, n, S, L, D, lengths, starts):
+    """Packed documents in the kernel: out, lse and all gradients against the fp64 dense oracle with doc_ids."""
+    check_kernel(B, H, G, n, S, L, D, lengths, doc_ids=[_docs(L, s) for s in starts], seed=6)
+
+
+def test_kernel_packed_documents_other_tilings():
+    tiles = dict(fwd=dict(BLOCK_R=1, BLOCK_P=16, BLOCK_N=32), dq=dict(BLOCK_R=2, BLOCK_P=16, BLOCK_N=32),
+                 dkdv=dict(BLOCK_N=32, BLOCK_R=1, BLOCK_P=16, nsplit=3), branch=dict(BLOCK_P=32))
+    with ta.fixed_tiles(**tiles):
+        check_kernel(2, 2, 1, 2, 3, 37, 16, [37, 30], doc_ids=[_docs(37, [9, 30]), _docs(37, [1, 2, 18])], seed=7)
+
+
+def test_document_bounds():
+    start, end = ta.document_bounds(torch.tensor([[0, 0, 1, 2, 2, 2]]))
+    assert start.tolist() == [[0, 0, 2, 3, 3, 3]] and end.tolist() == [[2, 2, 3, 6, 6, 6]]
 
 
 def test_empty_sequence_gives_zero_output_and_gradients():

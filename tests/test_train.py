@@ -53,6 +53,24 @@ def run_cli(args, env=None, check=True):
     return proc
 
 
+KILL_DRIVER = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+from omegaconf import OmegaConf
+from tests.test_train import compose_node
+import train
+node = compose_node(sys.argv[2:])
+train.train(OmegaConf.to_object(node),
+            on_step=lambda step, result: os.kill(os.getpid(), signal.SIGKILL) if step == int(sys.argv[1]) else None)
+"""
+
+
+def run_killed_after(step, overrides):
+    """A training process that SIGKILLs itself right after `step` (its logging and checkpoint done)."""
+    return subprocess.run([sys.executable, "-c", KILL_DRIVER.format(root=str(ROOT)), str(step), *overrides],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+
+
 def test_tiny_run_writes_checkpoints_metrics_and_an_offline_wandb_run(tmp_path):
     cfg = tiny_cfg(tmp_path, "logger=wandb", "train.max_steps=3", "checkpoint.every=1", "checkpoint.keep_last=2")
     result = train_script.train(cfg)
@@ -83,8 +101,7 @@ def test_multirun_sweep(tmp_path):
 def test_sigkill_and_resume_gives_a_bitwise_identical_loss_curve(tmp_path):
     args = [*TINY, "train.max_steps=5", "checkpoint.every=2", "optim.schedule=cosine", "data.mode=pack"]
     run_cli([*args, f"hydra.run.dir={tmp_path / 'full'}"])
-    killed = run_cli([*args, f"hydra.run.dir={tmp_path / 'killed'}"], env={"QUIETSTAR_SIGKILL_AFTER_STEP": "3"},
-                     check=False)
+    killed = run_killed_after(3, [*args, f"output_dir={tmp_path / 'killed'}"])
     assert killed.returncode == -9
     assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()) == ["step_0000002"]
     run_cli([f"resume={tmp_path / 'killed'}", f"hydra.run.dir={tmp_path / 'resumed'}"])
@@ -180,3 +197,18 @@ def test_the_default_config_trains_two_steps(tmp_path, smollm2):
     result = train_script.train(cfg)
     assert result.status == "done" and result.step == 2 and all(torch.isfinite(torch.tensor(result.losses)))
     assert (tmp_path / "checkpoints" / "step_0000002" / "tokenizer.json").is_file()
+
+
+def test_metrics_become_numbers_once_per_log_every_and_every_loss_is_kept(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    to_numbers = train_script.to_numbers
+
+    def counted(s, pending):
+        calls["n"] += 1
+        return to_numbers(s, pending)
+
+    monkeypatch.setattr(train_script, "to_numbers", counted)
+    result = train_script.train(tiny_cfg(tmp_path, "train.max_steps=5", "train.log_every=2"))
+    assert [r["step"] for r in records(tmp_path)] == [2, 4, 5]
+    assert calls["n"] == 3 and len(result.losses) == 5 and all(isinstance(x, float) for x in result.losses)
+    assert [r["loss"] for r in records(tmp_path)] == [result.losses[1], result.losses[3], result.losses[4]]

@@ -4,14 +4,13 @@ bar, and the json record.
 The one computation here is `next_token_logits_at`: the paper's evaluation prediction (K = 1, the mixed
 logits at the <end> step) for a few chosen positions of a batch, without thinking at every other
 position. A position's thought only sees the text up to that position and its own branch (the grid
-predicate, DESIGN §3), so the text's K/V is computed once and each chosen position's branch
+predicate, docs/thought-grid.md), so the text's K/V is computed once and each chosen position's branch
 <start>, t_1..t_{T-3}, <end> is decoded on top of it with the later text keys masked out.
 `QuietStar.next_token_logits` given the same thoughts gives the same logits (tests/test_eval.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import platform
@@ -24,7 +23,7 @@ import torch
 
 from quietstar.errors import UserError
 from quietstar.model import KVCache
-from quietstar.thinker import QuietStar, ThoughtConfig, sample_categorical
+from quietstar.thinker import QuietStar
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -103,28 +102,12 @@ def field(path, lineno: int, rec: dict, name: str, kind=str):
 
 def load_model(ckpt: Optional[str] = None, model: str = "smollm2-135m", device: str = "cpu",
                n_ahead: Optional[int] = None):
-    """(QuietStar, tokenizer, description) for evaluation, in eval mode.
+    """(QuietStar, tokenizer, description) for evaluation: generate.load_for_inference in fp32."""
+    from quietstar.generate import load_for_inference
 
-    ckpt: a training checkpoint (step dir, checkpoints/ dir or run dir) or an export directory
-    (quietstar.export.load_thinker); none: the pretrained base model with fresh thought parameters (talk
-    head at its zero init, so the mixed prediction is exactly the base one). n_ahead overrides T (the thought
-    is T - 1 tokens).
-    """
-    if ckpt:
-        from quietstar.export import load_thinker
-
-        qs = load_thinker(ckpt, device=device)
-        tok = qs.tokenizer
-        desc = f"checkpoint {ckpt}"
-    else:
-        from quietstar.loading import load_pretrained
-
-        base, tok = load_pretrained(model, dtype=torch.float32, device=device)
-        qs = QuietStar(base, tok, ThoughtConfig())
-        desc = f"{model} base model, fresh thought parameters"
-    if n_ahead is not None:
-        qs.cfg = dataclasses.replace(qs.cfg, n_ahead=n_ahead)
-    return qs.to(device).eval(), tok, desc
+    qs, tok = load_for_inference(ckpt, device, torch.float32, model, n_ahead)
+    desc = f"checkpoint {ckpt}" if ckpt else f"{model} base model, fresh thought parameters"
+    return qs, tok, desc
 
 
 def talk_head_is_zero(qs: QuietStar) -> bool:
@@ -196,22 +179,13 @@ def next_token_logits_at(qs: QuietStar, ids: torch.Tensor, rows: Sequence[int], 
     cache.v[:, :, :, :L] = text.v[:, row]
     cache.key_valid[:, :L] = torch.arange(L, device=dev)[None, :] <= pos[:, None]  # sees x_0..x_j only
     cache.seen = L
-    sampled = []
-    token = torch.full((P,), qs.start_token_id, dtype=torch.long, device=dev)
-    for s in range(1, T):  # grid steps 1..T-1: <start>, t_1..t_{T-3}, <end> at positions j + s
-        h_s = model(inputs_embeds=qs.embed(token[:, None]), position_ids=(pos + s)[:, None], attn=cache,
-                    return_hidden=True)[:, 0]  # (P, d)
-        if s <= T - 3:
-            if thoughts is not None:
-                token = thoughts[:, s - 1].to(dev)
-            else:
-                token = sample_categorical(model.head(h_s).float(), qs.cfg.gumbel_temperature, generator)
-            sampled.append(token)
-        elif s == T - 2:
-            token = torch.full((P,), qs.end_token_id, dtype=torch.long, device=dev)
-    h_mix, w = qs.mix(h_base, h_s)  # h_s: the <end> step
-    th = torch.stack(sampled, -1) if sampled else torch.zeros(P, 0, dtype=torch.long, device=dev)
-    return PositionLogits(model.head(h_base), model.head(h_mix), w, th)
+
+    def feed(token, position):  # one single-token step for every branch -> (P, d)
+        return model(inputs_embeds=qs.embed(token[:, None]), position_ids=position[:, None], attn=cache,
+                     return_hidden=True)[:, 0]
+
+    mixed, w, th = qs.think(feed, h_base, pos, generator, thoughts=thoughts)
+    return PositionLogits(model.head(h_base), mixed, w, th)
 
 
 @torch.no_grad()

@@ -1,11 +1,11 @@
 """Exact match from generation with thoughts: zero-shot chain of thought with a majority vote
-(REFERENCE §6.2, the official zero-shotcot-eval.py; Kojima et al. 2022 for the two-stage prompt).
+(docs/official.md; the official zero-shot CoT script; Kojima et al. 2022 for the two-stage prompt).
 
 Stage 1: "Q: <question>\\nA: Let's think step by step." is continued by sampling (temperature 0.9 in
 the official run) with thoughts (generate.generate_stream: the last position thinks before each token).
 A row stops at EOS / BOS / pad (and the model's other end-of-text tokens), or once "Q:" or "\\n\\n\\n"
 appears twice in the text, which is then cut before the last occurrence (the official code meant
-`end_str.join(parts[:-1])`; it passed a list to the tokenizer instead, REFERENCE §7.9), or after
+`end_str.join(parts[:-1])`; it passed a list to the tokenizer instead), or after
 max_cot_tokens (the official 384; smaller here to fit a CPU budget, recorded in the json).
 Stage 2: "\\nTherefore, the answer (arabic numerals) is" is appended to the right-stripped text and at most
 answer_tokens (12) more tokens are generated. The answer is the first integer after that phrase
@@ -24,7 +24,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from quietstar.eval.common import Progress
-from quietstar.generate import generate_stream, left_pad
+from quietstar.generate import encode_prompt, generate_stream, left_pad
 from quietstar.thinker import QuietStar
 
 COT_PROMPT = "\nA: Let's think step by step."
@@ -67,7 +67,7 @@ def _continue(qs: QuietStar, tok, texts: Sequence[str], max_new: int, temperatur
               generator, stop_ids, check_text: bool) -> list[str]:
     """Continue each text; returns the full texts (prompt + continuation), cut by the stop rules."""
     dev = qs.model.tok_embeddings.weight.device
-    prompts = [tok.encode(t) for t in texts]
+    prompts = [encode_prompt(tok, t) for t in texts]  # BOS first, as in training
     ids, mask = left_pad(prompts, tok.pad_id, dev)
     gen = [[] for _ in texts]
     done = [False] * len(texts)

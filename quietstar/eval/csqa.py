@@ -6,7 +6,7 @@ Two layouts load:
       {"question": "...", "choices": {"label": ["A", ..], "text": [..]}, "answerKey": "A"}
   original (dev_rand_split.jsonl from the CommonsenseQA site):
       {"question": {"stem": "...", "choices": [{"label": "A", "text": ".."}, ..]}, "answerKey": "A"}
-Soft accuracy prompt (REFERENCE §6.1): "Q: " + q + "\\n" + "(A) c1\\n(B) c2 ...\\n(E) c5" + "\\nA: " + key + "\\n".
+Soft accuracy prompt (the official one; docs/official.md): "Q: " + q + "\\n" + "(A) c1\\n(B) c2 ...\\n(E) c5" + "\\nA: " + key + "\\n".
 """
 
 from __future__ import annotations

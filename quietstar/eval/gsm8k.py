@@ -1,7 +1,7 @@
 """GSM8K (Cobbe et al. 2021): the paper's teacher-forced soft accuracy and zero-shot-CoT exact match.
 
 Data: jsonl with "question" and "answer", the answer ending in "#### <number>" (../shared/data/gsm8k).
-Soft accuracy prompt (REFERENCE §6.1): "Q: " + question + "\\nA:" + answer.split("####")[-1] + "\\n",
+Soft accuracy prompt (the official one; docs/official.md): "Q: " + question + "\\nA:" + answer.split("####")[-1] + "\\n",
 i.e. "Q: ...\\nA: 72\\n"; scored by soft.py. Exact match: cot.py.
 """
 

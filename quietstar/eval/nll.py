@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from quietstar.eval.common import DataError, Progress, field, read_jsonl
+from quietstar.generate import encode_prompt
 from quietstar.thinker import QuietStar
 
 
@@ -60,7 +61,7 @@ def score_tokens(qs: QuietStar, tok, texts: Sequence[str], seq_len: int = 128, b
     exact when the talk head is zero). names[k] says where text k came from, for error messages."""
     dev = qs.model.tok_embeddings.weight.device
     T = qs.cfg.n_ahead
-    encoded = [tok.encode(t)[:seq_len] for t in texts]
+    encoded = [encode_prompt(tok, t)[:seq_len] for t in texts]  # BOS first, as in training
     for k, ids in enumerate(encoded):
         if len(ids) < 2:
             where = names[k] if names is not None else f"text {k}"

@@ -1,4 +1,4 @@
-"""The paper's teacher-forced "soft accuracy" (REFERENCE §6.1, the official eval_helpers.compute_metrics).
+"""The paper's teacher-forced "soft accuracy" (the official eval_helpers.compute_metrics; docs/official.md).
 
 Each example is one string, question + "\\nA:" + answer + "\\n". The model reads it teacher-forced; for
 every answer token (the tokens after the last "\\nA:") that lies in a restricted set, the probability of
@@ -7,8 +7,8 @@ probabilities. The metric is the mean score: the expected exact-match probabilit
 renormalised distribution, not an argmax accuracy.
 
 Restricted sets, worked out from the tokenizer instead of Mistral's ids:
-  numeric answers: the ten digit tokens, the newline token, and the minus-sign tokens ("-" and " -",
-    whichever exist as single tokens);
+  numeric answers: the ten digit tokens and the newline token, as in the official code; for a negative
+    answer also the minus-sign tokens ("-" and " -", whichever exist as single tokens);
   letter answers: the tokens of " A" .. " E" (the last token of each when the space is separate), and
     the newline token.
 Answer tokens outside the set (the space before a number, a thousands comma) are skipped, as in the
@@ -37,6 +37,7 @@ from typing import Optional, Sequence
 import torch
 
 from quietstar.eval.common import Progress, base_logits_at, next_token_logits_at
+from quietstar.generate import encode_prompt
 from quietstar.thinker import QuietStar
 
 ANSWER_MARKER = "\nA:"
@@ -49,13 +50,25 @@ class SoftExample:
     answer: str  # the answer text (stripped), for the coverage check
     numeric: bool  # score over the numeric set (else the letter set)
 
+    @property
+    def negative(self) -> bool:
+        return self.numeric and self.answer.lstrip().startswith("-")
+
 
 @dataclass
 class TokenSets:
-    numeric: list  # digit tokens + newline + minus tokens
+    numeric: list  # digit tokens + newline (the official set)
     letter: list  # " A" .. " E" tokens + newline
     newline: int
     minus: list
+
+    @property
+    def negative(self) -> list:
+        """The set of a negative numeric answer: the official numeric set + the minus tokens."""
+        return self.numeric + self.minus
+
+    def for_example(self, ex: "SoftExample") -> list:
+        return self.negative if ex.negative else self.numeric if ex.numeric else self.letter
 
 
 def _single(tok, text: str) -> Optional[int]:
@@ -79,7 +92,7 @@ def answer_token_sets(tok) -> TokenSets:
         if not ids or tok.decode(ids[-1:]).strip() != c:
             raise ValueError(f"cannot find the answer-letter token for ' {c}' (encodes to {ids})")
         letters.append(ids[-1])
-    return TokenSets(numeric=digits + [newline] + minus, letter=letters + [newline], newline=newline, minus=minus)
+    return TokenSets(numeric=digits + [newline], letter=letters + [newline], newline=newline, minus=minus)
 
 
 def answer_start(tok, ids: Sequence[int], marker: str = ANSWER_MARKER) -> int:
@@ -121,46 +134,24 @@ def soft_accuracy(qs: QuietStar, tok, examples: Sequence[SoftExample], think: bo
                   generator: Optional[torch.Generator] = None, desc: str = "soft") -> dict:
     """-> {"soft_acc_base", "soft_acc_thought", "items": [...]} (see the module docstring).
 
-    think=False scores the base prediction only (soft_acc_thought is then None)."""
+    think=False scores the base prediction only (soft_acc_thought is then None). Each example is read as
+    training reads a document: BOS first (generate.encode_prompt), then its last max_len - 1 tokens."""
     if method not in ("cached", "grid"):
         raise ValueError(f"method must be 'cached' or 'grid', got {method!r}")
     sets = answer_token_sets(tok)
-    dev = qs.model.tok_embeddings.weight.device
     items = []
     bar = Progress(len(examples), desc)
     for b0 in range(0, len(examples), batch_size):
         batch = examples[b0:b0 + batch_size]
-        seqs, rows, positions, targets, owners, valids = [], [], [], [], [], []
-        for r, ex in enumerate(batch):
-            ids = tok.encode(ex.text)[-max_len:]
-            valid = sets.numeric if ex.numeric else sets.letter
-            tg = scored_targets(tok, ids, set(valid))
-            seqs.append(ids)
-            items.append({"n_scored": len(tg), "numeric": ex.numeric, "answer": ex.answer,
-                          "covered": covered(tok, ids, tg, ex.answer, sets.newline)})
-            for t in tg:
-                rows.append(r)
-                positions.append(t - 1)  # position t-1 predicts token t
-                targets.append(ids[t])
-                owners.append(len(items) - 1)
-                valids.append(valid)
-        L = max(len(s) for s in seqs)
-        x = torch.tensor([s + [tok.pad_id] * (L - len(s)) for s in seqs], device=dev)
-        tgt = torch.tensor(targets, dtype=torch.long, device=dev)
-        if think and method == "cached":
-            out = next_token_logits_at(qs, x, rows, positions, generator)
-            base, mixed = out.base, out.mixed
-        elif think:  # the official way: every position thinks
-            mask = (torch.arange(L)[None, :] < torch.tensor([len(s) for s in seqs])[:, None]).long().to(dev)
-            out = qs.next_token_logits(x, mask, generator, n_thoughts=1)
-            base, mixed = out.base[rows, positions], out.mixed[rows, 0, positions]
-        else:
-            base, mixed = base_logits_at(qs, x, rows, positions), None
+        seqs, scored = _scored_batch(tok, batch, sets, max_len, items)
+        base, mixed = _predictions(qs, tok, seqs, scored, think, method, generator)
+        tgt = torch.tensor([t for _, _, t, _, _ in scored], dtype=torch.long, device=base.device)
+        valids = [v for _, _, _, _, v in scored]
         p_base = _restricted_by_set(base, tgt, valids)
         p_thought = None if mixed is None else _restricted_by_set(mixed, tgt, valids)
         for it in items[-len(batch):]:
             it["p_base"], it["p_thought"] = 1.0, (1.0 if think else None)
-        for k, owner in enumerate(owners):
+        for k, (_, _, _, owner, _) in enumerate(scored):
             items[owner]["p_base"] *= float(p_base[k])
             if p_thought is not None:
                 items[owner]["p_thought"] *= float(p_thought[k])
@@ -168,12 +159,47 @@ def soft_accuracy(qs: QuietStar, tok, examples: Sequence[SoftExample], think: bo
         bar.update(len(batch), f"base {acc:.4f}" + (f" thought {sum(i['p_thought'] for i in items) / len(items):.4f}"
                                                      if think else ""))
     bar.close()
+    return _summary(tok, items, sets, think, method)
+
+
+def _scored_batch(tok, batch: Sequence[SoftExample], sets: TokenSets, max_len: int, items: list):
+    """Encode a batch; append one item per example to `items`. -> (token lists, scored answer tokens as
+    (row, predicting position, target id, item index, restricted set))."""
+    seqs, scored = [], []
+    for r, ex in enumerate(batch):
+        ids = encode_prompt(tok, ex.text, max_len)
+        valid = sets.for_example(ex)
+        tg = scored_targets(tok, ids, set(valid))
+        seqs.append(ids)
+        items.append({"n_scored": len(tg), "numeric": ex.numeric, "answer": ex.answer,
+                      "covered": covered(tok, ids, tg, ex.answer, sets.newline)})
+        scored += [(r, t - 1, ids[t], len(items) - 1, valid) for t in tg]  # position t-1 predicts token t
+    return seqs, scored
+
+
+def _predictions(qs: QuietStar, tok, seqs, scored, think: bool, method: str, generator):
+    """(base logits (P, V), mixed logits (P, V) or None) at the scored positions of a right-padded batch."""
+    dev = qs.model.tok_embeddings.weight.device
+    L = max(len(s) for s in seqs)
+    x = torch.tensor([s + [tok.pad_id] * (L - len(s)) for s in seqs], device=dev)
+    rows, positions = [r for r, *_ in scored], [p for _, p, *_ in scored]
+    if think and method == "cached":
+        out = next_token_logits_at(qs, x, rows, positions, generator)
+        return out.base, out.mixed
+    if think:  # the official way: every position thinks
+        mask = (torch.arange(L)[None, :] < torch.tensor([len(s) for s in seqs])[:, None]).long().to(dev)
+        out = qs.next_token_logits(x, mask, generator, n_thoughts=1)
+        return out.base[rows, positions], out.mixed[rows, 0, positions]
+    return base_logits_at(qs, x, rows, positions), None
+
+
+def _summary(tok, items: list, sets: TokenSets, think: bool, method: str) -> dict:
     n = len(items)
     return {"soft_acc_base": sum(i["p_base"] for i in items) / n,
             "soft_acc_thought": sum(i["p_thought"] for i in items) / n if think else None,
             "n": n, "n_uncovered": sum(not i["covered"] for i in items),
             "n_numeric": sum(i["numeric"] for i in items), "method": method if think else "base only",
-            "token_sets": {"numeric": sets.numeric, "letter": sets.letter,
+            "token_sets": {"numeric": sets.numeric, "negative": sets.negative, "letter": sets.letter,
                            "numeric_text": [tok.decode([i]) for i in sets.numeric],
                            "letter_text": [tok.decode([i]) for i in sets.letter]},
             "items": items}

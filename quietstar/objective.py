@@ -1,0 +1,155 @@
+"""The Quiet-STaR objective as pure functions of per-token cross-entropies and masks: no model, no LM head.
+
+One training step's loss is built in three stages (docs/architecture.md, "The objective"):
+
+1. score (thinker.py): the hidden states of the grid become per-token log-probabilities, summed with
+   weights that this module computes. The weights are known before the LM head runs, so the fused kernel
+   (linear_ce.py) computes each sum and its gradient in one pass;
+2. objective (here): from the masks and the config, the NLL coefficients; from the scored CEs, the
+   rewards, the advantages and the policy coefficients;
+3. metrics (here): 0-dim tensors; train.py turns them into numbers once per `train.log_every` steps.
+
+The official objective (the default, `thought.objective=official`):
+
+    nll    = base_loss_weight * mean CE_base + (1 - base_loss_weight) * mean_k mean CE_talk_k
+    R(i)   = sum_k [CE_base(x_{i+k+1}) - CE_talk_k(i)]                  (on scorable positions)
+    A(i)   = max(0, R(i) - mean over the n copies of R(i))             (detached)
+    policy = mean over counted positions of -A(i) * mean_m log pi(t_m)  (t_m sampled, tempered log pi)
+    loss   = nll + policy_weight * policy
+
+A new objective (a different baseline, a normalised advantage, an entropy bonus) replaces one of the
+functions of `Objective` and is registered under a name, which `ThoughtConfig.objective` then selects:
+
+    OBJECTIVES["normalised"] = dataclasses.replace(OFFICIAL, advantages=my_normalised_advantages)
+
+Shapes: K talk steps, B sequences, n thoughts per position, L positions, T-3 sampled thought tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Optional
+
+import torch
+
+from quietstar.masks import ThoughtGrid
+
+
+class Scope(NamedTuple):
+    """Which targets and positions the objective may use."""
+
+    ok: torch.Tensor  # (K, B, L) bool: x_{i+k+1} is a real token of position i's document
+    scorable: torch.Tensor  # (B, L) bool: the positions that get a reward
+    policy_count: torch.Tensor  # 0-dim: the policy mean's denominator (over B, n and positions)
+
+
+def scope(grid: ThoughtGrid, B: int, L: int, lengths: Optional[torch.Tensor], doc_ids: Optional[torch.Tensor],
+          cfg, device=None) -> Scope:
+    """Targets stop at padding and at the end of the document (packed rows). A position is scorable when all
+    K of its targets are real; positions with only some of them are dropped (the official code instead
+    rewards them with the targets that are real: `reward_drop_last_position`, below)."""
+    K, n = grid.K, grid.n
+    ok = torch.stack([grid.target_ok(L, k, lengths, doc_ids, device) for k in range(K)]).expand(K, B, L)
+    if cfg.reward_drop_last_position:  # the official window i <= L-2-K of the padded length, partial targets kept
+        scorable = (torch.arange(L, device=device) <= L - 2 - K)[None].expand(B, L)
+    else:
+        scorable = ok[K - 1]  # x_{i+K} is in i's document, so are x_{i+1}..x_{i+K-1}
+    if cfg.policy_mean_over_padding:  # official: a plain mean over every row and position of the window
+        count = torch.tensor(B * n * max(L - 1 - K, 1), device=device)
+    else:  # a mean over the scorable positions that have a real target
+        count = (scorable & ok[0]).sum().clamp_min(1) * n
+    return Scope(ok, scorable, count)
+
+
+def nll_coefficients(scope: Scope, n: int, cfg, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight of each target's log-probability in -nll: (base (B, L), talk (K, B, n, L))."""
+    K, B, L = scope.ok.shape
+    ok = scope.ok[:, :, None].expand(K, B, n, L).to(dtype)
+    ok0 = ok[0, :, 0]
+    talk = (1 - cfg.base_loss_weight) / K * ok / ok.sum((1, 2, 3), keepdim=True).clamp_min(1)
+    base = cfg.base_loss_weight * ok0 / ok0.sum().clamp_min(1)
+    return base, talk
+
+
+def rewards(ce_base: torch.Tensor, ce_talk: torch.Tensor, scope: Scope, cfg) -> torch.Tensor:
+    """R(i) = sum_k [CE_base(x_{i+k+1}) - CE_talk_k(i)] over the real targets, on scorable positions.
+    ce_base (B, L) (no thought, at each position), ce_talk (K, B, n, L) -> (B, n, L)."""
+    K = ce_talk.shape[0]
+    base = torch.stack([ThoughtGrid.ahead(ce_base, k) for k in range(K)])  # CE_base(i+k): (K, B, L)
+    ok = scope.ok[:, :, None]
+    return ((base[:, :, None] - ce_talk) * ok).sum(0) * scope.scorable[:, None]
+
+
+def advantages(reward: torch.Tensor, scope: Scope, cfg) -> torch.Tensor:
+    """A = R minus the mean over the n copies (when n > 1), negative values dropped per the config."""
+    adv = reward - reward.mean(dim=1, keepdim=True) if reward.shape[1] > 1 else reward
+    if cfg.clamp_negative_advantage:
+        adv = adv.clamp_min(0)
+    return adv * scope.scorable[:, None]
+
+
+def policy_coefficients(adv: torch.Tensor, scope: Scope, cfg, n_sampled: int) -> torch.Tensor:
+    """The weight of each sampled token's log pi in -policy: (B, n, L, T-3)."""
+    B, n, L = adv.shape
+    return (adv / (n_sampled * scope.policy_count))[..., None].expand(B, n, L, n_sampled)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The swappable stages of the objective; replace any of them (dataclasses.replace) and register."""
+
+    scope: Callable = scope
+    nll_coefficients: Callable = nll_coefficients
+    rewards: Callable = rewards
+    advantages: Callable = advantages
+    policy_coefficients: Callable = policy_coefficients
+
+
+OFFICIAL = Objective()
+OBJECTIVES: dict[str, Objective] = {"official": OFFICIAL}
+
+
+def register_objective(name: str, objective: Objective) -> None:
+    OBJECTIVES[name] = objective
+
+
+def get_objective(name: str) -> Objective:
+    if name not in OBJECTIVES:
+        raise ValueError(f"ThoughtConfig.objective must be one of {sorted(OBJECTIVES)}, got {name!r}")
+    return OBJECTIVES[name]
+
+
+# --------------------------------------------------------------------------------------------------
+# metrics: 0-dim tensors, no host sync
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp_min(1)
+
+
+def metrics(loss, nll, policy_loss, ce_base, ce_talk, reward, adv, mix_weight, scope: Scope, cfg,
+            thoughts: Optional[torch.Tensor] = None, thought_ok: Optional[torch.Tensor] = None,
+            vocab: int = 0) -> dict:
+    """Diagnostics as 0-dim tensors. ce_talk, mix_weight (K, B, n, L); reward, adv (B, n, L)."""
+    ok = scope.ok.to(ce_talk.dtype)
+    sc = scope.scorable[:, None].expand_as(reward).float()
+    w_mask = sc.expand_as(mix_weight)
+    reward_max = reward.masked_fill(sc == 0, float("-inf")).amax()
+    m = {"train/loss": loss, "train/nll": nll, "train/nll_base": masked_mean(ce_base, ok[0]),
+         "train/nll_talk": torch.stack([masked_mean(c, o[:, None].expand_as(c)) for c, o in zip(ce_talk, ok)]).mean(),
+         "thought/policy_loss": policy_loss, "thought/policy_term": cfg.policy_weight * policy_loss,
+         "thought/reward_mean": masked_mean(reward, sc),
+         "thought/reward_max": torch.where(sc.any(), reward_max, reward_max.new_zeros(())),
+         "thought/advantage_pos_frac": masked_mean((adv > 0).float(), sc),
+         "thought/mix_weight_mean": masked_mean(mix_weight, w_mask),
+         "thought/mix_weight_abs_mean": masked_mean(mix_weight.abs(), w_mask)}
+    if thoughts is not None and thoughts.shape[-1] > 0:
+        m["thought/distinct_token_ratio"] = distinct_ratio(thoughts, thought_ok, vocab)
+    return {k: v.detach() for k, v in m.items()}
+
+
+def distinct_ratio(thoughts: torch.Tensor, ok: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Distinct sampled tokens / sampled tokens, over the positions where `ok` (B, n, L); no host sync."""
+    mask = ok[..., None].expand_as(thoughts)
+    seen = torch.zeros(vocab, device=thoughts.device).index_add_(0, thoughts.flatten(), mask.flatten().float())
+    return (seen > 0).sum() / mask.sum().clamp_min(1)
