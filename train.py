@@ -30,7 +30,7 @@ import torch
 
 from quietstar import attention
 from quietstar.checkpoint import (NonFiniteStateError, RunLock, find_checkpoint, init_weights, load_checkpoint,
-                                  read_config_node, recover_checkpoints, recover_run, save_checkpoint,
+                                  read_config_node, read_train_config, recover_checkpoints, recover_run, save_checkpoint,
                                   set_aside_later)
 from quietstar.config import TrainConfig, build_config, check_device_dtype, config_to_dict
 from quietstar.data import Batch, ByteTokenizer, build_stream
@@ -40,7 +40,7 @@ from quietstar.health import RunWatch
 from quietstar.logging import Progress, start_run
 from quietstar.model import Transformer
 from quietstar.optim import autocast_context, build_optimizer, clip_grad_norm, maybe_compile, resolve_precision
-from quietstar.plain import PlainLM
+from quietstar.plain import PlainLM, reset_thought_embeddings
 from quietstar.thinker import QuietStar
 
 
@@ -74,7 +74,9 @@ def build_thinker(cfg: TrainConfig, device: torch.device):
     cls = QuietStar if cfg.thought.enabled else PlainLM
     qs = cls(base, tok, cfg.thought)
     if cfg.init_from:
-        init_weights(qs, cfg.init_from)
+        source = init_weights(qs, cfg.init_from)
+        if cfg.thought.enabled and not read_train_config(source).thought.enabled:  # from a plain-LM stage
+            reset_thought_embeddings(qs)
     return qs.to(device), tok
 
 

@@ -43,3 +43,14 @@ class PlainLM(QuietStar):
         metrics = {"train/loss": v, "train/nll": v, "train/nll_base": v}
         return ThoughtOutput(loss=nll, nll=nll.detach(), policy_loss=zero, reward=zero, mix_weight=zero,
                              thoughts=empty, metrics=metrics)
+
+
+@torch.no_grad()
+def reset_thought_embeddings(qs: QuietStar) -> None:
+    """Set <start> and <end> to the current embedding of thought.init_token. A plain-LM stage never trains
+    them, so a Quiet-STaR run that starts from its checkpoint would otherwise begin with the embedding that
+    token had at random init, which the trained model no longer reads as the chain marker."""
+    ids = qs.tokenizer.encode(qs.cfg.init_token, add_bos=False) if qs.tokenizer is not None else [0]
+    e = qs.model.tok_embeddings.weight[ids[0]].float() / qs.cfg.embedding_scale
+    qs.start_embedding.copy_(e.to(qs.start_embedding.dtype))
+    qs.end_embedding.copy_(e.to(qs.end_embedding.dtype))

@@ -108,3 +108,13 @@ def test_median_over_seeds(tmp_path):
     med = median_over_seeds(files)
     assert med["answer_nll"]["thought"] == {"all": 0.2, "3": 0.4}
     assert med["answer_acc"]["thought"]["all"] == pytest.approx(0.8)
+
+
+def test_quietstar_from_a_plain_lm_checkpoint_starts_its_thoughts_at_the_trained_init_token(tmp_path):
+    pre = toy_cfg(tmp_path / "pre", "thought.enabled=false", "train.max_steps=3", "optim.lr=1e-2")
+    ckpt = train_script.train(pre).checkpoint
+    qs, tok = train_script.build_thinker(toy_cfg(tmp_path / "qs", f"init_from={ckpt}"), torch.device("cpu"))
+    marker = qs.model.tok_embeddings.weight[tok.encode(qs.cfg.init_token)[0]] / qs.cfg.embedding_scale
+    assert torch.equal(qs.start_embedding, marker) and torch.equal(qs.end_embedding, marker)
+    plain, _ = train_script.build_thinker(pre, torch.device("cpu"))  # the plain stage's untrained copy
+    assert not torch.equal(plain.start_embedding, qs.start_embedding)
