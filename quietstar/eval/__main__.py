@@ -61,80 +61,90 @@ def main(argv=None) -> dict:
     if args["threads"]:
         torch.set_num_threads(args["threads"])
     path = common.default_data_path(DATA[task], args["data.path"])
-    limit = args["limit"] or None
     out = Path(args["out"] or (f"eval_{task}.json" if task != "report" else "report.html"))
     check_outputs(task, out, args)  # before the work: a bad out path must not cost a whole evaluation
     t0 = time.perf_counter()
-
-    # data first, so that a bad file fails before the model loads
-    if task == "gsm8k":
-        from quietstar.eval.gsm8k import load_gsm8k
-
-        data = load_gsm8k(path, args["data.start"], limit)
-    elif task == "csqa":
-        from quietstar.eval.csqa import load_csqa
-
-        data = load_csqa(path, args["data.start"], limit)
-    else:
-        from quietstar.eval.nll import load_texts
-
-        data = load_texts(path, args["data.start"], limit)
-
+    data = load_data(task, path, args)  # data first, so that a bad file fails before the model loads
     qs, tok, desc = common.load_model(args["ckpt"] or None, args["model"], args["device"], args["n_ahead"] or None)
     think = common.resolve_think(qs, args["thoughts"])
     g = torch.Generator(device=args["device"]).manual_seed(args["seed"])
     record = {"task": task, "model": desc, "data": str(path), "data_start": args["data.start"], "n": len(data)}
-    detail = {}
-
     if task in ("gsm8k", "csqa"):
-        from quietstar.eval import csqa, gsm8k
-
-        mod = gsm8k if task == "gsm8k" else csqa
-        if args["metric"] not in ("soft", "em", "both"):
-            raise SystemExit(f"metric must be soft, em or both, got {args['metric']!r}")
-        if args["metric"] in ("soft", "both"):
-            res = mod.evaluate_soft(qs, tok, data, think, method=args["method"], batch_size=args["batch_size"],
-                                    max_len=args["max_len"], generator=g)
-            record.update(soft_acc_base=res["soft_acc_base"], soft_acc_thought=res["soft_acc_thought"])
-            detail["soft"] = res
-        if args["metric"] in ("em", "both"):
-            res = mod.evaluate_em(qs, tok, data, think, k=args["k"], generator=g, temperature=args["temperature"],
-                                  max_cot_tokens=args["max_cot_tokens"], answer_tokens=args["answer_tokens"],
-                                  batch_size=args["batch_size"])
-            record.update(em=res["em"], em_k=res["k"])
-            detail["cot"] = res
+        detail = score_questions(task, qs, tok, data, think, g, args, record)
     else:
-        from quietstar.eval import nll
-
-        scores = nll.score_tokens(qs, tok, [t for _, t in data], seq_len=args["seq_len"],
-                                  batch_size=args["batch_size"], think=think, generator=g, desc=task,
-                                  names=[f"{path}:{ln}" for ln, _ in data])
-        if task == "nll":
-            summary = nll.summarize(scores, args["n_buckets"])
-            npz = Path(args["npz"] or out.with_suffix(".npz"))
-            nll.save_npz(npz, scores, args["n_buckets"])
-            record.update({k: summary[k] for k in ("nll_base", "nll_thought", "gain", "ppl_base", "ppl_thought",
-                                                   "tokens", "frac_improved")})
-            detail = {"buckets": summary["buckets"], "mix_weight_mean": summary["mix_weight_mean"],
-                      "npz": str(npz), "seq_len": args["seq_len"], "lines": [ln for ln, _ in data]}
-            if args["report"]:  # the per-token page from the same scores, first report_records records
-                from quietstar.eval.report import write_report
-
-                sub = f"{desc}; {path} lines {data[0][0]}..{data[-1][0]}, first {args['seq_len']} tokens"
-                info = write_report(args["report"], tok, scores, args["n_buckets"], subtitle=sub,
-                                    max_records=args["report_records"])
-                detail.update(report_html=info["html"], report_png=info["png"], png_writer=info["png_writer"])
-        else:
-            from quietstar.eval.report import write_report
-
-            sub = f"{desc}; {path} records from {args['data.start']} ({len(data)}), first {args['seq_len']} tokens"
-            summary = write_report(out, tok, scores, args["n_buckets"], subtitle=sub)
-            record.update({k: summary[k] for k in ("nll_base", "nll_thought", "gain", "tokens")})
-            detail = {"html": summary["html"], "png": summary["png"], "png_writer": summary["png_writer"],
-                      "buckets": summary["buckets"]}
-            out = out.with_suffix(".json")
+        detail, out = score_text(task, qs, tok, data, think, g, args, record, desc, path, out)
     record.update(seconds=round(time.perf_counter() - t0, 1), thought=common.thought_info(qs, think),
                   settings=args, machine=common.machine_info(), **detail)
+    write_record(task, record, out)
+    return record
+
+
+def load_data(task: str, path, args: dict):
+    limit = args["limit"] or None
+    if task == "gsm8k":
+        from quietstar.eval.gsm8k import load_gsm8k
+
+        return load_gsm8k(path, args["data.start"], limit)
+    if task == "csqa":
+        from quietstar.eval.csqa import load_csqa
+
+        return load_csqa(path, args["data.start"], limit)
+    from quietstar.eval.nll import load_texts
+
+    return load_texts(path, args["data.start"], limit)
+
+
+def score_questions(task: str, qs, tok, data, think, g, args: dict, record: dict) -> dict:
+    """GSM8K / CommonsenseQA: soft accuracy and / or exact match; fills `record`, returns the detail."""
+    from quietstar.eval import csqa, gsm8k
+
+    mod = gsm8k if task == "gsm8k" else csqa
+    if args["metric"] not in ("soft", "em", "both"):
+        raise UserError(f"metric must be soft, em or both, got {args['metric']!r}")
+    detail = {}
+    if args["metric"] in ("soft", "both"):
+        res = mod.evaluate_soft(qs, tok, data, think, method=args["method"], batch_size=args["batch_size"],
+                                max_len=args["max_len"], generator=g)
+        record.update(soft_acc_base=res["soft_acc_base"], soft_acc_thought=res["soft_acc_thought"])
+        detail["soft"] = res
+    if args["metric"] in ("em", "both"):
+        res = mod.evaluate_em(qs, tok, data, think, k=args["k"], generator=g, temperature=args["temperature"],
+                              max_cot_tokens=args["max_cot_tokens"], answer_tokens=args["answer_tokens"],
+                              batch_size=args["batch_size"])
+        record.update(em=res["em"], em_k=res["k"])
+        detail["cot"] = res
+    return detail
+
+
+def score_text(task: str, qs, tok, data, think, g, args: dict, record: dict, desc: str, path, out: Path):
+    """Held-out NLL (task nll) or the per-token report; fills `record`. -> (detail, the JSON's path)."""
+    from quietstar.eval import nll
+    from quietstar.eval.report import write_report
+
+    scores = nll.score_tokens(qs, tok, [t for _, t in data], seq_len=args["seq_len"], batch_size=args["batch_size"],
+                              think=think, generator=g, desc=task, names=[f"{path}:{ln}" for ln, _ in data])
+    if task != "nll":
+        sub = f"{desc}; {path} records from {args['data.start']} ({len(data)}), first {args['seq_len']} tokens"
+        summary = write_report(out, tok, scores, args["n_buckets"], subtitle=sub)
+        record.update({k: summary[k] for k in ("nll_base", "nll_thought", "gain", "tokens")})
+        return ({"html": summary["html"], "png": summary["png"], "png_writer": summary["png_writer"],
+                 "buckets": summary["buckets"]}, out.with_suffix(".json"))
+    summary = nll.summarize(scores, args["n_buckets"])
+    npz = Path(args["npz"] or out.with_suffix(".npz"))
+    nll.save_npz(npz, scores, args["n_buckets"])
+    record.update({k: summary[k] for k in ("nll_base", "nll_thought", "gain", "ppl_base", "ppl_thought", "tokens",
+                                           "frac_improved")})
+    detail = {"buckets": summary["buckets"], "mix_weight_mean": summary["mix_weight_mean"], "npz": str(npz),
+              "seq_len": args["seq_len"], "lines": [ln for ln, _ in data]}
+    if args["report"]:  # the per-token page from the same scores, first report_records records
+        sub = f"{desc}; {path} lines {data[0][0]}..{data[-1][0]}, first {args['seq_len']} tokens"
+        info = write_report(args["report"], tok, scores, args["n_buckets"], subtitle=sub,
+                            max_records=args["report_records"])
+        detail.update(report_html=info["html"], report_png=info["png"], png_writer=info["png_writer"])
+    return detail, out
+
+
+def write_record(task: str, record: dict, out: Path) -> None:
     headline = {k: v for k, v in record.items() if k in ("soft_acc_base", "soft_acc_thought", "em", "nll_base",
                                                          "nll_thought", "gain", "n", "tokens", "seconds")}
     try:
@@ -143,7 +153,6 @@ def main(argv=None) -> dict:
         print(json.dumps(record, indent=1, default=common._jsonable))
         raise UserError(f"out={out}: cannot write the results ({e.strerror or e}); they are printed above") from e
     print(f"{task}: {headline} -> {out}")
-    return record
 
 
 def check_outputs(task: str, out: Path, args: dict) -> None:
