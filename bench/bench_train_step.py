@@ -52,6 +52,7 @@ def run_case(model: str, L: int, mode: str, T: int = 12, K: int = 4, n: int = 2,
     import torch
 
     from quietstar import attention
+    from quietstar.flops import step_flops
     from quietstar.model import ModelConfig, Transformer
     from quietstar.thinker import QuietStar, ThoughtConfig
 
@@ -106,8 +107,6 @@ def run_case(model: str, L: int, mode: str, T: int = 12, K: int = 4, n: int = 2,
                backend=attention.resolve_backend(torch.device(device)) if mode in ("grid",) else None,
                step_s=min(times), step_s_all=times, tokens=rows * L, grid_tokens=B * R * L,
                checkpointing=checkpointing)
-    from quietstar.flops import step_flops
-
     out["model_tflop"] = step_flops(base.cfg, mode, B, L, T, K, n) / 1e12
     if device == "cuda":
         out["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20

@@ -11,7 +11,17 @@ import torch
 import torch.nn.functional as F
 
 from quietstar.linear_ce import linear_logprob_sum
+from quietstar.masks import dense_grid_mask
 from quietstar.thinker import QuietStar, ThoughtOutput
+
+
+def _in_document(L: int, lengths, doc_ids, device):
+    """Attention for packed rows: the grid predicate's text row (causal, padding, same document)."""
+    allowed = dense_grid_mask(L, 1, 1, lengths, doc_ids, device)[:, None]  # (B, 1, L, L)
+
+    def attn(i, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=q.shape[1] != k.shape[1])
+    return attn
 
 
 class PlainLM(QuietStar):
@@ -19,15 +29,7 @@ class PlainLM(QuietStar):
         lengths = self._check_input(input_ids, attention_mask)
         B, L = input_ids.shape
         pos = torch.arange(L, device=input_ids.device)
-        attn = None
-        if doc_ids is not None:  # packed rows: causal within each document
-            allowed = (pos[:, None] >= pos[None, :]) & (doc_ids[:, :, None] == doc_ids[:, None, :])  # (B, L, L)
-            if lengths is not None:
-                allowed = allowed & (pos < lengths[:, None])[:, None, :]
-            allowed = allowed[:, None]
-
-            def attn(i, q, k, v):
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
+        attn = None if doc_ids is None else _in_document(L, lengths, doc_ids, input_ids.device)
         h = self.model(input_ids, attention_mask=attention_mask, attn=attn, return_hidden=True)  # (B, L, d)
         ok = (pos[None, :] + 1 < (lengths[:, None] if lengths is not None else L)).expand(B, L)
         if doc_ids is not None:  # the last token of a document predicts nothing

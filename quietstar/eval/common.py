@@ -15,7 +15,6 @@ import json
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple, Optional, Sequence
 
@@ -200,40 +199,21 @@ def base_logits_at(qs: QuietStar, ids: torch.Tensor, rows: Sequence[int], positi
 
 
 class Progress:
-    """A small stderr progress bar: `desc  12/200 [00:13<03:20  0.90 it/s] extra`."""
+    """The evaluation progress bar (tqdm, on stderr): `update(n, extra)` advances it and shows `extra`."""
 
     def __init__(self, total: int, desc: str = "", stream=None, min_interval: float = 0.5):
-        self.total, self.desc, self.n = total, desc, 0
-        self.stream = stream or sys.stderr
-        self.t0 = self.last = time.perf_counter()
-        self.min_interval, self.extra = min_interval, ""
-        self._draw()
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, file=stream or sys.stderr, mininterval=min_interval, unit="it",
+                        dynamic_ncols=True)
 
     def update(self, n: int = 1, extra: Optional[str] = None):
-        self.n += n
         if extra is not None:
-            self.extra = extra
-        now = time.perf_counter()
-        if now - self.last >= self.min_interval or self.n >= self.total:
-            self.last = now
-            self._draw()
-
-    def _draw(self):
-        dt = time.perf_counter() - self.t0
-        rate = self.n / dt if dt > 0 else 0.0
-        eta = (self.total - self.n) / rate if rate > 0 else 0.0
-        fmt = lambda s: f"{int(s) // 60:02d}:{int(s) % 60:02d}"
-        width = 24
-        done = int(width * self.n / max(self.total, 1))
-        bar = "#" * done + "." * (width - done)
-        self.stream.write(f"\r{self.desc} [{bar}] {self.n}/{self.total} [{fmt(dt)}<{fmt(eta)} "
-                          f"{rate:.2f} it/s] {self.extra}   ")
-        self.stream.flush()
+            self.bar.set_postfix_str(extra, refresh=False)
+        self.bar.update(n)
 
     def close(self):
-        self._draw()
-        self.stream.write("\n")
-        self.stream.flush()
+        self.bar.close()
 
 
 def progress(items: Iterable, total: int, desc: str = "") -> Iterator:

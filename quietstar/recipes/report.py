@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from quietstar.checkpoint import load_thinker_checkpoint
-from quietstar.plots import read_metrics, save_figure
+from quietstar.plots import PANELS, read_metrics, save_figure
 from quietstar.reasoning import score_answers, train_and_eval_documents
 
 
@@ -56,11 +56,11 @@ def plot_learning_curves(qs_metrics: Path, baseline_metrics: Path, out: Path, re
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
     frac = lambda rows: [r["step"] / max(1, rows[-1]["step"]) for r in rows] if rows else []
     x = frac(qs)
-    panels = [("thought/reward_mean", "reward (mean over positions)"),
-              ("thought/advantage_pos_frac", "advantage > 0 fraction"),
-              ("thought/mix_weight_mean", "mixing weight w"),
-              ("thought/entropy_first_token", "thought entropy (first token, nats)")]
-    for ax, (key, title) in zip(axes.flat, panels):
+    titles = {keys[0]: title for keys, title in PANELS}
+    panels = ["thought/reward_mean", "thought/advantage_pos_frac", "thought/mix_weight_mean",
+              "thought/entropy_first_token"]
+    for ax, key in zip(axes.flat, panels):
+        title = titles[key]
         ax.plot(x, [r.get(key, float("nan")) for r in qs])
         ax.set_title(title, fontsize=10)
     ax = axes.flat[4]
