@@ -355,10 +355,15 @@ def default_output_dir() -> Path:
 
 def print_summary(cfg: TrainConfig, result: TrainResult, run, skipped: dict) -> None:
     m = result.metrics
-    print(f"\n{result.status}: {result.step}/{cfg.train.max_steps} steps"
-          + (f", final loss {m['train/loss']:.4f} (nll {m.get('train/nll', math.nan):.4f}: without thoughts "
-             f"{m.get('train/nll_base', math.nan):.4f}, talk after thoughts {m.get('train/nll_talk', math.nan):.4f}; "
-             f"reward {m.get('thought/reward_mean', math.nan):+.4f})" if m else ""))
+    if not m:
+        last = ""
+    elif not cfg.thought.enabled:  # a plain LM
+        last = f", final loss {m['train/loss']:.4f} (plain LM: nll {m.get('train/nll', math.nan):.4f})"
+    else:
+        last = (f", final loss {m['train/loss']:.4f} (nll {m.get('train/nll', math.nan):.4f}: without thoughts "
+                f"{m.get('train/nll_base', math.nan):.4f}, talk after thoughts {m.get('train/nll_talk', math.nan):.4f}; "
+                f"reward {m.get('thought/reward_mean', math.nan):+.4f})")
+    print(f"\n{result.status}: {result.step}/{cfg.train.max_steps} steps{last}")
     print(f"  outputs:    {result.output_dir}")
     print(f"  metrics:    {result.output_dir / 'metrics.jsonl'}")
     if result.checkpoint:
@@ -370,7 +375,7 @@ def print_summary(cfg: TrainConfig, result: TrainResult, run, skipped: dict) -> 
     if any(skipped.values()):
         print(f"  data:       skipped {sum(skipped.values())} bad record(s): {skipped}")
     s = result.sample
-    if s:
+    if s and cfg.thought.enabled:
         print(f"  a sampled thought after position {s['position']}:")
         print(f"    text:    ...{s['context']!r}")
         print(f"    thought: {s['thought']!r}")

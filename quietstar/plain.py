@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from quietstar.linear_ce import linear_logprob_sum
 from quietstar.masks import dense_grid_mask
-from quietstar.thinker import QuietStar, ThoughtOutput
+from quietstar.thinker import QuietStar, ThoughtOutput, thought_init_ids
 
 
 def _in_document(L: int, lengths, doc_ids, device):
@@ -49,10 +49,9 @@ class PlainLM(QuietStar):
 
 @torch.no_grad()
 def reset_thought_embeddings(qs: QuietStar) -> None:
-    """Set <start> and <end> to the current embedding of thought.init_token. A plain-LM stage never trains
-    them, so a Quiet-STaR run that starts from its checkpoint would otherwise begin with the embedding that
-    token had at random init, which the trained model no longer reads as the chain marker."""
-    ids = qs.tokenizer.encode(qs.cfg.init_token, add_bos=False) if qs.tokenizer is not None else [0]
-    e = qs.model.tok_embeddings.weight[ids[0]].float() / qs.cfg.embedding_scale
-    qs.start_embedding.copy_(e.to(qs.start_embedding.dtype))
-    qs.end_embedding.copy_(e.to(qs.end_embedding.dtype))
+    """Set <start> and <end> to the current embeddings of thought.init_token / end_init_token. A plain-LM
+    stage never trains them, so a Quiet-STaR run that starts from its checkpoint would otherwise begin with
+    the embeddings those tokens had at random init, which the trained model no longer reads as chain marks."""
+    w = qs.model.tok_embeddings.weight
+    for param, i in zip((qs.start_embedding, qs.end_embedding), thought_init_ids(qs.cfg, qs.tokenizer)):
+        param.copy_((w[i].float() / qs.cfg.embedding_scale).to(param.dtype))

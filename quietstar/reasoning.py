@@ -1,27 +1,38 @@
 """A reasoning corpus where a thought must help: answers that need serial steps, worked and unworked.
 
-Each document is a small, self-contained puzzle world, written as plain text, followed by queries. Some
-queries are *worked*: their chain of intermediate steps is written out between two chain delimiters
-(`-` by default) before the answer, as real text contains worked steps. The others are *direct*: the
-answer follows `=` at once. A small model learns from the worked ones to do one step per token; it cannot
-do all the steps inside the single position before a direct answer. A thought inserted there can: if it
-writes the chain, the answer becomes a copy. The direct answers are the scored tokens.
+Each document is a small, self-contained puzzle world, written as plain text, followed by queries `q=`.
+Some queries are *worked*: after `=` their chain of intermediate steps is written out between the chain's
+opening and closing marks (`-` and `.`), then the answer, as real text contains worked steps. The others
+are *direct*: the answer follows `=` at once. A small model learns from the worked ones to do one step per
+token; it cannot do all the steps inside the single position before a direct answer. A thought inserted
+there can: if it writes the chain, the answer becomes a copy. The direct answers are the scored tokens.
 
 Families (ReasoningConfig.families):
 
   lookup   k-hop lookup in a random map of `n_symbols` letters to themselves, listed in the document (as
            `a>f c>h ...`, or packed: one character per pair, the default), then queries:
-               a3=j h1:-hd-d f2:-fjb-b ...
-           `a3=j` asks for f(f(f(a))); the worked `f2:-fjb-b` writes the queried f, its image j, j's image b,
+                a3=j h1=-hd.d f2=-fjb.b ...
+           `a3=j` asks for f(f(f(a))); the worked `f2=-fjb.b` writes the queried f, its image j, j's image b,
            then the answer. Difficulty: hops (1 .. max_hops).
   state    running state tracking: the sum mod 10 of a digit string, the running sums written out when worked:
-               4712=4 93:-92-2 ...
+                4712=4 93=-92.2 ...
            (4, 4+7=1, 1+1=2, 2+2=4). Difficulty: the number of digits (min_digits .. max_digits).
 
-The answer position is unambiguous: `=` is always followed by the answer, `:` always by a chain. A fixed
-share of all maps (lookup) and digit strings (state) belongs to the evaluation split, chosen by a stable hash
-with the seed, so no evaluation map or problem can appear in training. Documents are a deterministic
-function of (seed, split, index).
+Where a thought starts. A direct and a worked query read the same up to `=`, so a thought after `=` whose
+<start> is the opening mark (thought.init_token) sees exactly the text of a worked query, and the model
+continues it as it has learned to continue a chain; its <end>, the closing mark (thought.end_init_token),
+is followed by what follows a chain: the answer. Any sign before `=` that tells worked from direct queries
+would make that context one the model never saw: a 1-layer model then reads the sign and drops the chain
+(measured: 1-14% of such thoughts are correct chains, against 100% without a sign).
+
+The price is that the answer position is shared with the opening mark: in the text, `=` is followed by `-`
+as often as worked_share. So the scores (AnswerScores) are of the answer *given that no chain follows*: the
+answer's probability renormalised without the opening mark, the same for every prediction compared; the raw
+next-token NLL, with its floor of -ln(1 - worked_share), is reported beside it.
+
+A fixed share of all maps (lookup) and digit strings (state) belongs to the evaluation split, chosen by a
+stable hash with the seed, so no evaluation map or problem can appear in training. Documents are a
+deterministic function of (seed, split, index).
 
 Why packed maps: with `a>f`, one lookup is two attention hops (find the source, read the image two tokens
 on), and a small model learns that circuit only after a long plateau; with one character per pair it is one
@@ -42,7 +53,7 @@ import torch
 FAMILIES = ("lookup", "state")
 # one character per (symbol, image) pair for map_style=packed: printable ASCII that no other part of a
 # document uses (not a-z, digits, space, or = : > and the default chain delimiter -)
-PAIR_CHARS = "".join(c for c in map(chr, range(33, 127)) if not (c.isdigit() or c.islower() or c in "=:>-"))
+PAIR_CHARS = "".join(c for c in map(chr, range(33, 127)) if not (c.isdigit() or c.islower() or c in "=>-."))
 
 
 @dataclass
@@ -57,9 +68,15 @@ class ReasoningConfig:
     max_digits: int = 4  # state: longest digit string
     n_queries: int = 8  # queries per document
     worked_share: float = 0.5  # share of queries whose chain is written out
-    chain_delimiter: str = "-"
-    """Opens and closes a worked chain. The thought embeddings start at thought.init_token; when both are
-    the same token, a thought begins where the model has learned a chain begins."""
+    decoy_share: float = 0.0
+    """Share of the worked queries whose written steps are a decoy (the first step repeated: `a3=-aaaa.d`):
+    the model then learns two habits after the opening mark, only one of which helps, and REINFORCE has a
+    choice to make between thoughts that both look like text."""
+    chain_open: str = "-"
+    """Opens a worked chain. <start> is initialised from thought.init_token: when both are this token, a
+    thought begins where the model has learned that a chain begins."""
+    chain_close: str = "."
+    """Closes a worked chain, before its answer (thought.end_init_token: the same token for <end>)."""
     map_style: str = "packed"
     """lookup: how the map is written. arrow: `a>f c>b ...` (a lookup is two attention hops: find the source,
     read the image two tokens on); packed: each pair (x, f(x)) is one character of PAIR_CHARS, so one attention
@@ -68,8 +85,8 @@ class ReasoningConfig:
     """lookup: permutation (of the n_symbols letters) | function (any map of the letters to themselves: far
     more distinct maps for few symbols, so the held-out split can still use maps never seen)."""
     chain_from_query: bool = True
-    """lookup: a worked chain starts with the queried symbol (`a3:-afjb-b`), so every chain step looks up the
-    token before it; False: the chain holds the looked-up symbols only (`a3:-fjb-b`)."""
+    """lookup: a worked chain starts with the queried symbol (`a3=-afjb.b`), so every chain step looks up the
+    token before it; False: the chain holds the looked-up symbols only (`a3=-fjb.b`)."""
     eval_docs: int = 256  # documents in the held-out evaluation split
     eval_share: float = 0.2  # share of all maps / digit strings reserved for the evaluation split
 
@@ -86,11 +103,17 @@ class ReasoningConfig:
                              f"{self.max_digits}")
         if self.n_queries < 1:
             raise ValueError(f"data.reasoning.n_queries must be >= 1, got {self.n_queries}")
-        if not 0.0 <= self.worked_share <= 1.0:
-            raise ValueError(f"data.reasoning.worked_share must be in [0, 1], got {self.worked_share}")
-        if len(self.chain_delimiter) != 1 or self.chain_delimiter.isalnum() or self.chain_delimiter in " =:>\n":
-            raise ValueError(f"data.reasoning.chain_delimiter must be one punctuation character other than "
-                             f"'=', ':', '>', got {self.chain_delimiter!r}")
+        for name in ("worked_share", "decoy_share"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"data.reasoning.{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("chain_open", "chain_close"):
+            c = getattr(self, name)
+            if len(c) != 1 or c.isalnum() or c in " =>\n":
+                raise ValueError(f"data.reasoning.{name} must be one punctuation character other than '=', '>', "
+                                 f"got {c!r}")
+        marks = (self.chain_open, self.chain_close)
+        if self.chain_open == self.chain_close:
+            raise ValueError(f"data.reasoning.chain_open and chain_close must differ, both are {self.chain_open!r}")
         if self.map_style not in ("arrow", "packed"):
             raise ValueError(f"data.reasoning.map_style must be arrow or packed, got {self.map_style!r}")
         if self.map_kind not in ("permutation", "function"):
@@ -100,9 +123,9 @@ class ReasoningConfig:
                              f"(one character per pair), got n_symbols={self.n_symbols}")
         if not 0.0 < self.eval_share < 1.0:
             raise ValueError(f"data.reasoning.eval_share must be in (0, 1), got {self.eval_share}")
-        if self.map_style == "packed" and self.chain_delimiter in PAIR_CHARS:
-            raise ValueError(f"data.reasoning.chain_delimiter {self.chain_delimiter!r} is a pair character of "
-                             f"map_style=packed; use '-'")
+        if self.map_style == "packed" and set(marks) & set(PAIR_CHARS):
+            raise ValueError(f"data.reasoning.chain_open and chain_close must not be pair characters of "
+                             f"map_style=packed; use '-' and '.'")
         if self.eval_docs < 1:
             raise ValueError(f"data.reasoning.eval_docs must be >= 1, got {self.eval_docs}")
 
@@ -149,6 +172,11 @@ class _Split(NamedTuple):
                          f"max_digits or move data.reasoning.eval_share away from 0 and 1")
 
 
+def _decoy(r: random.Random, cfg: ReasoningConfig, steps: list) -> list:
+    """The steps as written: themselves, or (decoy_share of the time) the first one repeated."""
+    return [steps[0]] * len(steps) if cfg.decoy_share and r.random() < cfg.decoy_share else steps
+
+
 def _lookup(r: random.Random, cfg: ReasoningConfig, split: _Split) -> Document:
     letters = list(string.ascii_lowercase[:cfg.n_symbols])
     if cfg.map_kind == "permutation":
@@ -165,16 +193,16 @@ def _lookup(r: random.Random, cfg: ReasoningConfig, split: _Split) -> Document:
         segs = [Segment("".join(pair(a) for a in listing) + "\n")]
     else:
         segs = [Segment(" ".join(f"{a}>{f[a]}" for a in listing) + "\n")]
-    d = cfg.chain_delimiter
+    o, c = cfg.chain_open, cfg.chain_close
     for q in range(cfg.n_queries):
+        sep = " " if q else ""
         a, hops = r.choice(letters), r.randint(1, cfg.max_hops)
         chain = [a]
         for _ in range(hops):
             chain.append(f[chain[-1]])
-        sep = " " if q else ""
         if r.random() < cfg.worked_share:
-            written = chain if cfg.chain_from_query else chain[1:]
-            segs.append(Segment(f"{sep}{a}{hops}:{d}{''.join(written)}{d}{chain[-1]}"))
+            written = _decoy(r, cfg, chain if cfg.chain_from_query else chain[1:])
+            segs.append(Segment(f"{sep}{a}{hops}={o}{''.join(written)}{c}{chain[-1]}"))
         else:
             segs += [Segment(f"{sep}{a}{hops}="), Segment(chain[-1], hops)]
     segs.append(Segment("\n"))
@@ -184,18 +212,18 @@ def _lookup(r: random.Random, cfg: ReasoningConfig, split: _Split) -> Document:
 def _state(r: random.Random, cfg: ReasoningConfig, split: _Split) -> Document:
     segs: List[Segment] = []
     keys = []
-    d = cfg.chain_delimiter
+    o, c = cfg.chain_open, cfg.chain_close
     for q in range(cfg.n_queries):
+        sep = " " if q else ""
         digits = split.draw(lambda: "".join(r.choice(string.digits)
                                             for _ in range(r.randint(cfg.min_digits, cfg.max_digits))), "digit string")
         keys.append(digits)
         running, total = [], 0
-        for c in digits:
-            total = (total + int(c)) % 10
+        for ch in digits:
+            total = (total + int(ch)) % 10
             running.append(str(total))
-        sep = " " if q else ""
         if r.random() < cfg.worked_share:
-            segs.append(Segment(f"{sep}{digits}:{d}{''.join(running)}{d}{running[-1]}"))
+            segs.append(Segment(f"{sep}{digits}={o}{''.join(_decoy(r, cfg, running))}{c}{running[-1]}"))
         else:
             segs += [Segment(f"{sep}{digits}="), Segment(running[-1], len(digits))]
     segs.append(Segment("\n"))
@@ -261,34 +289,51 @@ def batches(docs: Sequence[Document], tokenizer, batch_size: int, pad_id: int = 
         yield ids, mask, diff, chunk
 
 
-class AnswerScores:
-    """Sums of answer-token CE and correct top-1 predictions, by difficulty."""
+def chain_open_ids(cfg: ReasoningConfig, tokenizer) -> list:
+    """The token(s) that open a worked chain: what competes with a direct answer at its position."""
+    return tokenizer.encode(cfg.chain_open, add_bos=False)[:1]
 
-    def __init__(self):
+
+class AnswerScores:
+    """Sums of answer-token CE and correct top-1 predictions, by difficulty, of the answer given that no chain
+    follows (the answer's probability renormalised without the `without` tokens), and the raw CE."""
+
+    def __init__(self, without=()):
+        self.without = list(without)
         self.nll: dict = {}
+        self.nll_raw: dict = {}
         self.correct: dict = {}
         self.count: dict = {}
 
     def add(self, logits: torch.Tensor, ids: torch.Tensor, diff: torch.Tensor) -> None:
         """logits (B, L, V) predict ids[:, 1:] from positions :-1; only tokens with diff > 0 count."""
-        logp = torch.log_softmax(logits[:, :-1].float(), -1)
+        logits = logits[:, :-1].float()
         tgt, dd = ids[:, 1:], diff[:, 1:]
+        raw = -torch.log_softmax(logits, -1).gather(-1, tgt[..., None]).squeeze(-1)
+        if self.without:
+            logits = logits.clone()
+            logits[..., self.without] = float("-inf")
+        logp = torch.log_softmax(logits, -1)
         ce = -logp.gather(-1, tgt[..., None]).squeeze(-1)
         hit = logp.argmax(-1) == tgt
         for k in dd[dd > 0].unique().tolist():
             sel = dd == k
             self.nll[k] = self.nll.get(k, 0.0) + float(ce[sel].sum())
+            self.nll_raw[k] = self.nll_raw.get(k, 0.0) + float(raw[sel].sum())
             self.correct[k] = self.correct.get(k, 0) + int(hit[sel].sum())
             self.count[k] = self.count.get(k, 0) + int(sel.sum())
 
     def summary(self) -> dict:
-        """{"nll": {"all": .., "1": .., ...}, "acc": {...}, "count": {...}} (difficulty keys as strings)."""
+        """{"nll": {"all": .., "1": .., ...}, "nll_raw": {...}, "acc": {...}, "count": {...}} (difficulty keys
+        as strings)."""
         keys = sorted(self.count)
         total = max(1, sum(self.count.values()))
-        out = {"nll": {"all": sum(self.nll.values()) / total}, "acc": {"all": sum(self.correct.values()) / total},
-               "count": {"all": sum(self.count.values())}}
+        out = {name: {"all": sum(getattr(self, name).values()) / total} for name in ("nll", "nll_raw")}
+        out["acc"] = {"all": sum(self.correct.values()) / total}
+        out["count"] = {"all": sum(self.count.values())}
         for k in keys:
             out["nll"][str(k)] = self.nll[k] / self.count[k]
+            out["nll_raw"][str(k)] = self.nll_raw[k] / self.count[k]
             out["acc"][str(k)] = self.correct[k] / self.count[k]
             out["count"][str(k)] = self.count[k]
         return out
@@ -296,14 +341,16 @@ class AnswerScores:
 
 @torch.no_grad()
 def score_answers(qs, docs: Sequence[Document], tokenizer, batch_size: int = 32, seed: int = 0,
-                  thoughts: bool = True, n_examples: int = 0, device="cpu") -> dict:
+                  thoughts: bool = True, n_examples: int = 0, device="cpu", without=()) -> dict:
     """Answer-token NLL and top-1 accuracy on `docs`, by difficulty: `no_thought` (the base prediction) and,
     with `thoughts`, `thought` (the talk-head-mixed prediction after one sampled thought, as the paper
-    evaluates). `examples`: the first `n_examples` decoded thoughts before an answer of the hardest level."""
+    evaluates). `without`: tokens left out of the answer's distribution (chain_open_ids: the scores are then of
+the answer given that no chain follows). `examples`: the first `n_examples` decoded thoughts before an
+answer of the hardest level."""
     was_training = qs.training
     qs.eval()
     g = torch.Generator(device=device).manual_seed(seed)
-    base, mixed = AnswerScores(), AnswerScores()
+    base, mixed = AnswerScores(without), AnswerScores(without)
     examples: list = []
     top = max(max(s.difficulty for s in d.segments) for d in docs)
     for ids, mask, diff, chunk in batches(docs, tokenizer, batch_size, getattr(tokenizer, "pad_id", 0) or 0):

@@ -79,6 +79,8 @@ class ThoughtConfig:
     effective LR multiplier of this size under Adam (official: 100)."""
     init_token: str = "---"
     """The start/end thought embeddings are initialised, once, from this text's first token embedding."""
+    end_init_token: Optional[str] = None
+    """<end> is initialised from this text's first token instead (None: init_token, as in the official code)."""
     talk_head_hidden: Optional[int] = None
     """Width of the talk head's hidden layers (None = d, as in the official code)."""
 
@@ -332,6 +334,20 @@ def categorical_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch
 # the layer
 
 
+def thought_init_ids(cfg: ThoughtConfig, tokenizer) -> tuple[int, int]:
+    """The token ids whose embeddings <start> and <end> start from (0, 0 without a tokenizer)."""
+    if tokenizer is None:
+        return 0, 0
+    end = cfg.init_token if cfg.end_init_token is None else cfg.end_init_token
+    ids = []
+    for name, text in (("init_token", cfg.init_token), ("end_init_token", end)):
+        enc = tokenizer.encode(text, add_bos=False)
+        if not enc:
+            raise ValueError(f"thought.{name}={text!r} encodes to no token")
+        ids.append(enc[0])
+    return ids[0], ids[1]
+
+
 class QuietStar(nn.Module):
     """Quiet-STaR around an unchanged base `Transformer` (model.py).
 
@@ -356,18 +372,16 @@ class QuietStar(nn.Module):
             if (tokenizer.start_thought_id, tokenizer.end_thought_id) != (V, V + 1):
                 raise ValueError(f"tokenizer thought ids {(tokenizer.start_thought_id, tokenizer.end_thought_id)} "
                                  f"must be (V, V+1) = {(V, V + 1)} for this model")
-            init_ids = tokenizer.encode(cfg.init_token, add_bos=False)
-            if not init_ids:
-                raise ValueError(f"ThoughtConfig.init_token={cfg.init_token!r} encodes to no token")
-            init_id = init_ids[0]
             self.pad_token_id = tokenizer.pad_id
         else:  # bare model (tests): initialise from token 0
-            init_id, self.pad_token_id = 0, 0
+            self.pad_token_id = 0
         self.tokenizer = tokenizer
-        # Initialised once, here; a loaded state dict overwrites them and nothing re-initialises them.
-        e = model.tok_embeddings.weight[init_id].detach().float() / cfg.embedding_scale
-        self.start_embedding = nn.Parameter(e.clone().to(model.tok_embeddings.weight.dtype))
-        self.end_embedding = nn.Parameter(e.clone().to(model.tok_embeddings.weight.dtype))
+        # Initialised once, here; a loaded state dict overwrites them and nothing re-initialises them
+        # (but quietstar.plain.reset_thought_embeddings, for a start from a plain-LM checkpoint).
+        start, end = thought_init_ids(cfg, tokenizer)
+        w = model.tok_embeddings.weight.detach()
+        self.start_embedding = nn.Parameter((w[start].float() / cfg.embedding_scale).to(w.dtype))
+        self.end_embedding = nn.Parameter((w[end].float() / cfg.embedding_scale).to(w.dtype))
         self.talk_head = TalkHead(d, cfg.talk_head_hidden).to(model.tok_embeddings.weight.dtype)
 
     # ---- embeddings and the grid layout ----

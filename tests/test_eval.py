@@ -294,6 +294,14 @@ def test_nll_scores_are_finite_and_buckets_partition_tokens():
         assert (scores.ce_base[sel] >= b["base_ce_range"][0]).all() and (scores.ce_base[sel] <= b["base_ce_range"][1]).all()
     assert s["gain"] == pytest.approx(s["nll_base"] - s["nll_thought"])
     assert all(math.isfinite(s[k]) for k in ("nll_base", "nll_thought", "ppl_base", "ppl_thought"))
+    # the entropy of the base prediction, and its buckets
+    p = torch.softmax(logits, -1)
+    np.testing.assert_allclose(scores.entropy_base[scores.record == 1], -(p * p.log()).sum(-1).numpy(), rtol=1e-4,
+                               atol=1e-5)
+    assert sum(b["tokens"] for b in s["entropy_buckets"]) == n_tok
+    bucket, _ = difficulty_buckets(scores.entropy_base, 4)
+    for k, b in enumerate(s["entropy_buckets"]):
+        assert b["gain"] == pytest.approx(float(scores.gain[bucket == k].mean()))
 
 
 def test_nll_without_thinking_is_the_base():

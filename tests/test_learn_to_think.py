@@ -55,6 +55,12 @@ def test_the_recipe_runs_its_stages_and_writes_results_and_curves(tmp_path, caps
     calls = []
     run_recipe(cfg, lambda c: calls.append(c))
     assert calls == []
+    # ... but not a finished stage that was run with other settings
+    from quietstar.errors import UserError
+
+    with pytest.raises(UserError, match=r"quietstar stage run with other settings \(thought.policy_weight\)"):
+        run_recipe(toy_cfg(tmp_path, "thought.policy_weight=2"), lambda c: calls.append(c))
+    assert calls == []
 
 
 def test_the_baseline_gets_the_quietstar_stage_s_flops(tmp_path):
@@ -114,7 +120,22 @@ def test_quietstar_from_a_plain_lm_checkpoint_starts_its_thoughts_at_the_trained
     pre = toy_cfg(tmp_path / "pre", "thought.enabled=false", "train.max_steps=3", "optim.lr=1e-2")
     ckpt = train_script.train(pre).checkpoint
     qs, tok = train_script.build_thinker(toy_cfg(tmp_path / "qs", f"init_from={ckpt}"), torch.device("cpu"))
-    marker = qs.model.tok_embeddings.weight[tok.encode(qs.cfg.init_token)[0]] / qs.cfg.embedding_scale
-    assert torch.equal(qs.start_embedding, marker) and torch.equal(qs.end_embedding, marker)
+    emb = lambda text: qs.model.tok_embeddings.weight[tok.encode(text)[0]] / qs.cfg.embedding_scale
+    assert (qs.cfg.init_token, qs.cfg.end_init_token) == ("-", ".")  # the chain's opening and closing marks
+    assert torch.equal(qs.start_embedding, emb("-")) and torch.equal(qs.end_embedding, emb("."))
     plain, _ = train_script.build_thinker(pre, torch.device("cpu"))  # the plain stage's untrained copy
     assert not torch.equal(plain.start_embedding, qs.start_embedding)
+
+
+def test_end_init_token_starts_end_elsewhere_and_an_empty_one_is_refused():
+    from quietstar.thinker import QuietStar, ThoughtConfig
+
+    tok = ByteTokenizer()
+    base = Transformer(ModelConfig.from_preset("tiny"))
+    emb = lambda text: base.tok_embeddings.weight[tok.encode(text)[0]]
+    qs = QuietStar(base, tok, ThoughtConfig(init_token="-", end_init_token=".", embedding_scale=1.0))
+    assert torch.equal(qs.start_embedding, emb("-")) and torch.equal(qs.end_embedding, emb("."))
+    same = QuietStar(base, tok, ThoughtConfig(init_token="-", embedding_scale=1.0))  # None: as init_token
+    assert torch.equal(same.end_embedding, emb("-"))
+    with pytest.raises(ValueError, match="thought.end_init_token=''"):
+        QuietStar(base, tok, ThoughtConfig(end_init_token=""))

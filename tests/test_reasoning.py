@@ -56,13 +56,15 @@ def test_lookup_answers_and_worked_chains_are_correct(style, kind):
         assert sorted(f) == letters
         if kind == "permutation":
             assert sorted(f.values()) == letters
-        for a, hops, sep, rest in re.findall(r"([a-g])(\d)([=:])(\S+)", doc.text.split("\n")[1]):
+        queries = re.findall(r"([a-g])(\d)=(\S+)", doc.text.split("\n")[1])
+        assert len(queries) == cfg.n_queries
+        for a, hops, rest in queries:
             x = a
             chain = [a]
             for _ in range(int(hops)):
                 x = f[x]
                 chain.append(x)
-            assert rest == (x if sep == "=" else f"-{''.join(chain)}-{x}")
+            assert rest in (x, f"-{''.join(chain)}.{x}")
         scored = [s for s in doc.segments if s.difficulty]
         assert scored and all(len(s.text) == 1 and 1 <= s.difficulty <= 3 for s in scored)
 
@@ -70,12 +72,12 @@ def test_lookup_answers_and_worked_chains_are_correct(style, kind):
 def test_state_answers_are_running_sums_mod_10():
     cfg = ReasoningConfig(families=["state"], min_digits=2, max_digits=5)
     for doc in make_documents(cfg, 20, seed=2):
-        for digits, sep, rest in re.findall(r"(\d+)([=:])(\S+)", doc.text):
+        for digits, rest in re.findall(r"(\d+)=(\S+)", doc.text):
             sums, t = [], 0
             for c in digits:
                 t = (t + int(c)) % 10
                 sums.append(str(t))
-            assert rest == (sums[-1] if sep == "=" else f"-{''.join(sums)}-{sums[-1]}")
+            assert rest in (sums[-1], f"-{''.join(sums)}.{sums[-1]}")
         assert {s.difficulty for s in doc.segments if s.difficulty} <= {2, 3, 4, 5}
 
 
@@ -85,15 +87,16 @@ def test_documents_fit_the_bound_and_the_config_checks_its_fields():
     cfg = ReasoningConfig(families=["lookup", "state"])
     assert max(len(d.text) for d in make_documents(cfg, 300, seed=0)) <= max_document_chars(cfg)
     for bad in [dict(families=[]), dict(families=["maze"]), dict(n_symbols=27), dict(n_symbols=8), dict(max_hops=0),
-                dict(min_digits=3, max_digits=2), dict(worked_share=1.5), dict(chain_delimiter="="),
-                dict(chain_delimiter="ab"), dict(chain_delimiter="#"), dict(eval_docs=0), dict(eval_share=0.0),
+                dict(min_digits=3, max_digits=2), dict(worked_share=1.5), dict(chain_open="="),
+                dict(chain_open="ab"), dict(chain_open="#"), dict(chain_close="-"), dict(chain_close="a"),
+                dict(decoy_share=-0.1), dict(eval_docs=0), dict(eval_share=0.0),
                 dict(map_style="grid"), dict(map_kind="graph")]:
         with pytest.raises(ValueError, match="data.reasoning"):
             ReasoningConfig(**bad)
 
 
 def test_answer_tokens_are_marked_in_the_encoding():
-    doc = Document("lookup", [Segment("a>b b>a\n"), Segment("a1="), Segment("b", 1), Segment(" b2:-bab-b"),
+    doc = Document("lookup", [Segment("a>b b>a\n"), Segment("a1="), Segment("b", 1), Segment(" b2=-bab.b"),
                               Segment(" a2="), Segment("a", 2), Segment("\n")], ())
     ids, diff = encode_document(doc, ByteTokenizer())
     assert ids[0] == ByteTokenizer.bos_id and ByteTokenizer().decode(ids) == doc.text
@@ -105,17 +108,26 @@ def test_answer_scoring_matches_a_hand_computation():
     V = 4
     logits = torch.full((1, 4, V), -1e4)
     logits[0, 1] = torch.tensor([0.0, math.log(3.0), 0.0, 0.0])  # p(target 1) = 3/6
-    logits[0, 2] = torch.tensor([math.log(2.0), 0.0, 0.0, 0.0])  # p(target 3) = 1/5, argmax 0 (wrong)
+    logits[0, 2] = torch.tensor([math.log(4.0), 0.0, 0.0, math.log(2.0)])  # p(target 3) = 2/8, argmax 0 (wrong)
     ids = torch.tensor([[0, 0, 1, 3]])
     diff = torch.tensor([[0, 0, 1, 2]])
     s = AnswerScores()
     s.add(logits, ids, diff)
     out = s.summary()
     assert out["nll"]["1"] == pytest.approx(math.log(2.0), rel=1e-5)
-    assert out["nll"]["2"] == pytest.approx(math.log(5.0), rel=1e-5)
-    assert out["nll"]["all"] == pytest.approx((math.log(2.0) + math.log(5.0)) / 2, rel=1e-5)
+    assert out["nll"]["2"] == pytest.approx(math.log(4.0), rel=1e-5)
+    assert out["nll"]["all"] == pytest.approx((math.log(2.0) + math.log(4.0)) / 2, rel=1e-5)
     assert out["acc"] == {"all": 0.5, "1": 1.0, "2": 0.0}
     assert out["count"] == {"all": 2, "1": 1, "2": 1}
+    assert out["nll_raw"] == out["nll"]
+    # without token 0 (a chain's opening mark at the answer position): p(1) = 3/5 and p(3) = 2/4, now the argmax
+    s = AnswerScores(without=[0])
+    s.add(logits, ids, diff)
+    out = s.summary()
+    assert out["nll"]["1"] == pytest.approx(math.log(5 / 3), rel=1e-5)
+    assert out["nll"]["2"] == pytest.approx(math.log(2.0), rel=1e-5)
+    assert out["nll_raw"]["2"] == pytest.approx(math.log(4.0), rel=1e-5)
+    assert out["acc"] == {"all": 1.0, "1": 1.0, "2": 1.0}
 
 
 def test_score_answers_on_a_tiny_model_is_consistent():
@@ -134,3 +146,22 @@ def test_score_answers_on_a_tiny_model_is_consistent():
     n_answers = sum(1 for d in docs for s in d.segments if s.difficulty)
     assert res["thought"]["count"]["all"] == n_answers
     assert len(res["examples"]) == 2 and all(len(e["answer"]) == 1 for e in res["examples"])
+
+
+def test_decoys_repeat_the_first_step_and_leave_the_answers_alone():
+    plain = make_documents(ReasoningConfig(n_queries=12), 10, seed=1)
+    same = make_documents(ReasoningConfig(n_queries=12, decoy_share=0.0), 10, seed=1)
+    assert [d.text for d in same] == [d.text for d in plain]
+    n_worked = 0
+    for doc in make_documents(ReasoningConfig(n_queries=12, decoy_share=1.0), 10, seed=1):
+        f = _map(doc.text, ReasoningConfig())
+        for a, hops, rest in re.findall(r"([a-g])(\d)=(\S+)", doc.text.split("\n")[1]):
+            x = a
+            for _ in range(int(hops)):
+                x = f[x]
+            if rest.startswith("-"):  # a decoy: the queried symbol repeated, then the true answer
+                n_worked += 1
+                assert rest == f"-{a * (int(hops) + 1)}.{x}"
+            else:
+                assert rest == x
+    assert n_worked > 20

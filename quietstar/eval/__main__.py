@@ -134,7 +134,8 @@ def score_text(task: str, qs, tok, data, think, g, args: dict, record: dict, des
     nll.save_npz(npz, scores, args["n_buckets"])
     record.update({k: summary[k] for k in ("nll_base", "nll_thought", "gain", "ppl_base", "ppl_thought", "tokens",
                                            "frac_improved")})
-    detail = {"buckets": summary["buckets"], "mix_weight_mean": summary["mix_weight_mean"], "npz": str(npz),
+    detail = {"buckets": summary["buckets"], "entropy_buckets": summary["entropy_buckets"],
+              "mix_weight_mean": summary["mix_weight_mean"], "npz": str(npz),
               "seq_len": args["seq_len"], "lines": [ln for ln, _ in data]}
     if args["report"]:  # the per-token page from the same scores, first report_records records
         sub = f"{desc}; {path} lines {data[0][0]}..{data[-1][0]}, first {args['seq_len']} tokens"

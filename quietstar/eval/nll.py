@@ -4,8 +4,10 @@ For every token x_{i+1} of every record (the first seq_len tokens of its `text`)
 `QuietStar.next_token_logits` (n = 1, K = 1): the base model's, and the paper's eval prediction after a
 thought sampled at position i (talk-head-mixed logits at the <end> step). The gain of a token is
 CE_base - CE_thought (nats; > 0: the thought helped). Difficulty buckets are the quantiles of the base
-model's per-token CE over all scored tokens (bucket 0 = easiest); every token is in exactly one bucket.
-The paper's claim to compare with: thoughts help most on the hard tokens.
+model's per-token CE over all scored tokens (bucket 0 = easiest); entropy buckets are the quantiles of the
+entropy of the base model's predictive distribution (bucket 0 = most confident: what a model can know
+before it sees the token, the signal for choosing where to think). Every token is in exactly one bucket of
+each. The paper's claim to compare with: thoughts help most on the hard tokens.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class TokenScores:
     target: np.ndarray  # x_{i+1}
     ce_base: np.ndarray
     ce_thought: np.ndarray
+    entropy_base: np.ndarray  # entropy of the base prediction (nats)
     mix_weight: np.ndarray
     thoughts: np.ndarray
     ids: list  # per record: its token ids
@@ -68,7 +71,8 @@ def score_tokens(qs: QuietStar, tok, texts: Sequence[str], seq_len: int = 128, b
             raise DataError(f"{where}: {len(ids)} token(s); at least 2 are needed to score one")
     # longest first so that batches pad little; results go back in record order
     order = sorted(range(len(encoded)), key=lambda k: -len(encoded[k]))
-    cols = {n: [] for n in ("record", "position", "target", "ce_base", "ce_thought", "mix_weight", "thoughts")}
+    cols = {n: [] for n in ("record", "position", "target", "ce_base", "ce_thought", "entropy_base", "mix_weight",
+                            "thoughts")}
     bar = Progress(len(encoded), desc)
     for b0 in range(0, len(order), batch_size):
         idx = order[b0:b0 + batch_size]
@@ -87,6 +91,8 @@ def score_tokens(qs: QuietStar, tok, texts: Sequence[str], seq_len: int = 128, b
             th = torch.zeros(x.shape[0], L - 1, T - 3, dtype=torch.long, device=dev)
         ce_b = F.cross_entropy(base.float().transpose(1, 2), tgt, reduction="none")  # (B, L-1)
         ce_t = ce_b if mixed is None else F.cross_entropy(mixed.float().transpose(1, 2), tgt, reduction="none")
+        logp = torch.log_softmax(base.float(), -1)
+        ent = -(logp.exp() * logp).sum(-1)
         for r, k in enumerate(idx):
             n = len(seqs[r]) - 1
             cols["record"].append(np.full(n, k))
@@ -94,6 +100,7 @@ def score_tokens(qs: QuietStar, tok, texts: Sequence[str], seq_len: int = 128, b
             cols["target"].append(tgt[r, :n].cpu().numpy())
             cols["ce_base"].append(ce_b[r, :n].cpu().numpy())
             cols["ce_thought"].append(ce_t[r, :n].cpu().numpy())
+            cols["entropy_base"].append(ent[r, :n].cpu().numpy())
             cols["mix_weight"].append(w[r, :n].float().cpu().numpy())
             cols["thoughts"].append(th[r, :n].cpu().numpy())
         bar.update(len(idx))
@@ -104,30 +111,39 @@ def score_tokens(qs: QuietStar, tok, texts: Sequence[str], seq_len: int = 128, b
     return TokenScores(ids=encoded, **cat)
 
 
-def difficulty_buckets(ce_base: np.ndarray, n_buckets: int = 5):
-    """-> (bucket index per token in 0..n_buckets-1, the n_buckets - 1 inner edges). Quantiles of the
-    base CE; a token equal to an edge goes to the upper bucket, so the buckets partition the tokens."""
-    edges = np.quantile(ce_base, np.arange(1, n_buckets) / n_buckets) if n_buckets > 1 else np.zeros(0)
-    return np.searchsorted(edges, ce_base, side="right"), edges
+def difficulty_buckets(values: np.ndarray, n_buckets: int = 5):
+    """-> (bucket index per token in 0..n_buckets-1, the n_buckets - 1 inner edges). Quantiles of `values`
+    (the base CE, or its entropy); a token equal to an edge goes to the upper bucket, so the buckets
+    partition the tokens."""
+    edges = np.quantile(values, np.arange(1, n_buckets) / n_buckets) if n_buckets > 1 else np.zeros(0)
+    return np.searchsorted(edges, values, side="right"), edges
+
+
+def bucket_table(scores: TokenScores, values: np.ndarray, n_buckets: int, range_name: str) -> list:
+    """Per quantile bucket of `values`: its range, token count, NLL with and without a thought, the gain."""
+    b, edges = difficulty_buckets(values, n_buckets)
+    gain = scores.gain
+    rows = []
+    for k in range(n_buckets):
+        sel = b == k
+        lo = float(edges[k - 1]) if k > 0 else float(values.min())
+        hi = float(edges[k]) if k < n_buckets - 1 else float(values.max())
+        rows.append({"bucket": k, range_name: [lo, hi], "tokens": int(sel.sum()),
+                     "nll_base": _mean(scores.ce_base[sel]), "nll_thought": _mean(scores.ce_thought[sel]),
+                     "gain": _mean(gain[sel]), "frac_improved": _mean((gain[sel] > 0).astype(float))})
+    return rows
 
 
 def summarize(scores: TokenScores, n_buckets: int = 5) -> dict:
-    """The headline numbers and the per-bucket table (token-weighted means, nats)."""
-    b, edges = difficulty_buckets(scores.ce_base, n_buckets)
+    """The headline numbers and the per-bucket tables, by base CE and by base entropy (token-weighted means,
+    nats)."""
     gain = scores.gain
-    buckets = []
-    for k in range(n_buckets):
-        sel = b == k
-        lo = float(edges[k - 1]) if k > 0 else float(scores.ce_base.min())
-        hi = float(edges[k]) if k < n_buckets - 1 else float(scores.ce_base.max())
-        buckets.append({"bucket": k, "base_ce_range": [lo, hi], "tokens": int(sel.sum()),
-                        "nll_base": _mean(scores.ce_base[sel]), "nll_thought": _mean(scores.ce_thought[sel]),
-                        "gain": _mean(gain[sel]), "frac_improved": _mean((gain[sel] > 0).astype(float))})
     nb, nt = float(scores.ce_base.mean()), float(scores.ce_thought.mean())
     return {"nll_base": nb, "nll_thought": nt, "gain": nb - nt, "ppl_base": float(np.exp(nb)),
             "ppl_thought": float(np.exp(nt)), "tokens": int(len(gain)), "records": len(scores.ids),
             "frac_improved": float((gain > 0).mean()), "mix_weight_mean": float(scores.mix_weight.mean()),
-            "n_buckets": n_buckets, "buckets": buckets}
+            "n_buckets": n_buckets, "buckets": bucket_table(scores, scores.ce_base, n_buckets, "base_ce_range"),
+            "entropy_buckets": bucket_table(scores, scores.entropy_base, n_buckets, "base_entropy_range")}
 
 
 def _mean(x: np.ndarray) -> Optional[float]:
@@ -140,4 +156,5 @@ def save_npz(path, scores: TokenScores, n_buckets: int = 5):
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(path, record=scores.record, position=scores.position, target=scores.target,
                         ce_base=scores.ce_base, ce_thought=scores.ce_thought, gain=scores.gain,
+                        entropy_base=scores.entropy_base,
                         mix_weight=scores.mix_weight, thoughts=scores.thoughts, bucket=b)

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from quietstar.checkpoint import read_train_config
+from quietstar.errors import UserError
 from quietstar.flops import step_flops
 
 
@@ -100,10 +102,43 @@ def _final_checkpoint(stage_cfg) -> Optional[Path]:
     return final if (final / "manifest.json").is_file() else None
 
 
+def changed_fields(saved, now) -> list:
+    """The settings that decide a stage's result (model, data, thought, optim, steps, seed, starting point)
+    on which two TrainConfigs differ, as dotted names (the thought settings only where one of them thinks)."""
+    out = []
+    plain = not saved.thought.enabled and not now.thought.enabled  # a plain LM reads no thought setting
+    for section in ("model", "data", "optim") if plain else ("model", "data", "thought", "optim"):
+        a, b = dataclasses.asdict(getattr(saved, section)), dataclasses.asdict(getattr(now, section))
+        out += [f"{section}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    for key in ("max_steps", "seed"):
+        if getattr(saved.train, key) != getattr(now.train, key):
+            out.append(f"train.{key}")
+    if _within_recipe(saved) != _within_recipe(now):
+        out.append("init_from")
+    return out
+
+
+def _within_recipe(cfg) -> Optional[str]:
+    """The stage's starting checkpoint, relative to the recipe's run dir when inside it (a run dir that was
+    moved or copied is still the same recipe)."""
+    if cfg.init_from is None:
+        return None
+    root = Path(cfg.output_dir).resolve().parent
+    try:
+        return str(Path(cfg.init_from).resolve().relative_to(root))
+    except ValueError:
+        return str(Path(cfg.init_from).resolve())
+
+
 def _run_stage(stage_cfg, train_fn, log: list) -> Path:
     done = _final_checkpoint(stage_cfg)
     name = Path(stage_cfg.output_dir).name
     if done is not None:
+        changed = changed_fields(read_train_config(done), stage_cfg)
+        if changed:
+            raise UserError(f"learn_to_think: {stage_cfg.output_dir} holds a finished {name} stage run with other "
+                            f"settings ({', '.join(changed[:6])}{', ...' if len(changed) > 6 else ''}); give the "
+                            f"recipe a new hydra.run.dir, or remove that stage dir to run it again")
         print(f"[learn_to_think] {name}: already done ({done})", flush=True)
         log.append({"stage": name, "steps": stage_cfg.train.max_steps, "wall_s": None, "reused": str(done)})
         return done
@@ -179,7 +214,9 @@ def median_over_seeds(result_files: list) -> dict:
     """Median, over several runs' results.json, of every answer_nll / answer_acc entry."""
     runs = [json.loads(Path(f).read_text()) for f in result_files]
     out: dict = {"runs": [str(f) for f in result_files]}
-    for metric in ("answer_nll", "answer_acc"):
+    for metric in ("answer_nll", "answer_acc", "answer_nll_raw"):
+        if metric not in runs[0]:
+            continue
         out[metric] = {}
         for model, by_diff in runs[0][metric].items():
             out[metric][model] = {k: _median([r[metric][model][k] for r in runs]) for k in by_diff}

@@ -8,7 +8,8 @@ import torch
 
 from quietstar.checkpoint import load_thinker_checkpoint
 from quietstar.plots import PANELS, read_metrics, save_figure
-from quietstar.reasoning import score_answers, train_and_eval_documents
+from quietstar.plain import reset_thought_embeddings
+from quietstar.reasoning import chain_open_ids, score_answers, train_and_eval_documents
 
 
 def _device(cfg) -> str:
@@ -26,17 +27,26 @@ def evaluate(cfg, pretrain_ckpt, quietstar_ckpt, baseline_ckpt) -> dict:
     r = cfg.learn_to_think
     seed = cfg.train.seed + 7919  # the evaluation's own thought-sampling stream
 
-    def score(path, thoughts: bool):
+    def score(path, thoughts: bool, plain_start: bool = False):
         qs = load_thinker_checkpoint(path, device=dev)
-        return score_answers(qs, docs, qs.tokenizer, r.eval_batch_size, seed, thoughts, r.n_examples, dev)
+        if plain_start:  # the pretrained model as the Quiet-STaR stage starts from it
+            qs.cfg = cfg.thought
+            reset_thought_embeddings(qs)
+        return score_answers(qs, docs, qs.tokenizer, r.eval_batch_size, seed, thoughts, r.n_examples, dev,
+                             without=chain_open_ids(data.reasoning, qs.tokenizer))
 
-    before, after = score(pretrain_ckpt, True), score(quietstar_ckpt, True)
+    before, after = score(pretrain_ckpt, True, plain_start=True), score(quietstar_ckpt, True)
     baseline = score(baseline_ckpt, False)
+    pick = lambda metric: {"thought": after["thought"][metric], "no_thought": after["no_thought"][metric],
+                           "baseline": baseline["no_thought"][metric], "pretrained": before["no_thought"][metric],
+                           "pretrained_thought": before["thought"][metric]}
     return {
-        "answer_nll": {"thought": after["thought"]["nll"], "no_thought": after["no_thought"]["nll"],
-                       "baseline": baseline["no_thought"]["nll"], "pretrained": before["no_thought"]["nll"]},
-        "answer_acc": {"thought": after["thought"]["acc"], "no_thought": after["no_thought"]["acc"],
-                       "baseline": baseline["no_thought"]["acc"], "pretrained": before["no_thought"]["acc"]},
+        "answer_nll": pick("nll"),
+        "answer_acc": pick("acc"),
+        "answer_nll_raw": pick("nll_raw"),
+        "scored": "direct answers of the held-out split; answer_nll / answer_acc: the answer given that no chain "
+                  "follows (its probability renormalised without the chain's opening mark, which shares the "
+                  "position); answer_nll_raw: the plain next-token NLL",
         "answer_count": after["thought"]["count"],
         "examples": {"before": before["examples"], "after": after["examples"]},
         "eval": {"docs": len(docs), "split": "held-out (maps never seen in training)",
