@@ -258,6 +258,16 @@ def to_numbers(s: Session, pending: list) -> list[dict]:
     return out
 
 
+def enter_curriculum_stage(s: Session, step: int, stage: Optional[int]) -> int:
+    """Set the thought and talk lengths of the curriculum stage that `step` belongs to (the same parameters
+    go on); say so when a stage begins. -> the stage."""
+    now, s.qs.cfg = s.cfg.thought.at_step(step)
+    if now != stage and s.dist.is_main:
+        print(f"[curriculum] stage {now + 1}/{len(s.cfg.thought.curriculum)} from step {step}: "
+              f"n_ahead={s.qs.cfg.n_ahead} n_ahead_talk={s.qs.cfg.n_ahead_talk}", flush=True)
+    return now
+
+
 def train(cfg: TrainConfig, on_step: Optional[Callable[[int, TrainResult], None]] = None) -> TrainResult:
     """Train per `cfg`. on_step(step, result), if given, runs after each step's logging and checkpoint."""
     s = start_session(cfg)
@@ -268,8 +278,11 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int, TrainResult], None]
     # ---------------------------------------------------------------- loop
     s.model.train()
     pending, last = [], None  # metrics of the steps not yet logged (0-dim tensors)
+    stage = None  # the thought-length curriculum's stage (thought.curriculum)
     for step in range(s.start_step + 1, cfg.train.max_steps + 1):
         t0 = time.perf_counter()
+        if cfg.thought.curriculum:
+            stage = enter_curriculum_stage(s, step, stage)
         r = train_step(s)
         last = r
         if not r.finite:  # stop cleanly: no update, no checkpoint
@@ -279,9 +292,13 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int, TrainResult], None]
             break
         dt = time.perf_counter() - t0
         s.tokens_seen += r.n_tokens * s.dist.world_size
-        pending.append((step, r.metrics, {"train/lr": s.scheduler.get_last_lr()[0], "perf/step_time_s": dt,
-                                          "perf/tok_per_s": r.n_tokens * s.dist.world_size / dt,
-                                          "perf/tokens_seen": s.tokens_seen, "data/epoch": s.stream.epoch}))
+        extra = {"train/lr": s.scheduler.get_last_lr()[0], "perf/step_time_s": dt,
+                 "perf/tok_per_s": r.n_tokens * s.dist.world_size / dt, "perf/tokens_seen": s.tokens_seen,
+                 "data/epoch": s.stream.epoch}
+        if stage is not None:
+            extra.update({"thought/curriculum_stage": stage, "thought/n_ahead": s.qs.cfg.n_ahead,
+                          "thought/n_ahead_talk": s.qs.cfg.n_ahead_talk})
+        pending.append((step, r.metrics, extra))
         every = cfg.checkpoint.every
         save = (every and step % every == 0) or (step == cfg.train.max_steps and cfg.checkpoint.save_final)
         if (step % cfg.train.log_every == 0 or step == cfg.train.max_steps or save) and \

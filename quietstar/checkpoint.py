@@ -598,7 +598,8 @@ def load_thinker_checkpoint(path, device=None, dtype=None):
     model_cfg = read_model_config(path)
     train_cfg = read_train_config(path)
     tok = load_tokenizer_from(path, model_cfg.vocab_size)
-    return build_thinker(model_cfg, tok, train_cfg.thought, read_model_state(path), dtype, device)
+    _, thought = train_cfg.thought.at_step(step_of(path))  # a curriculum's lengths at the saved step
+    return build_thinker(model_cfg, tok, thought, read_model_state(path), dtype, device)
 
 
 def init_weights(qs: nn.Module, path) -> Path:

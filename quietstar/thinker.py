@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass, field
-from typing import NamedTuple, Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -36,6 +36,15 @@ from quietstar.linear_ce import CHUNK_BYTES, linear_logprob_sum
 from quietstar.masks import ThoughtGrid
 from quietstar.objective import OBJECTIVES, get_objective
 from quietstar.objective import metrics as objective_metrics
+
+
+@dataclass
+class CurriculumStage:
+    """One stage of a thought-length curriculum: `steps` optimizer steps at these thought and talk lengths."""
+
+    n_ahead: int
+    n_ahead_talk: int
+    steps: int
 
 
 @dataclass
@@ -96,6 +105,12 @@ class ThoughtConfig:
     objective: str = "official"
     """The loss built from the scored log-probabilities: a name registered in objective.OBJECTIVES
     (`official`: the paper's NLL + REINFORCE with the official code's weights; see objective.py)."""
+    curriculum: List[CurriculumStage] = field(default_factory=list)
+    """Thought and talk lengths that change during training (Fast Quiet-STaR's 16-8 -> 12-4 -> 8-4): a list of
+    {n_ahead, n_ahead_talk, steps}, run in order on the same parameters; after the last stage's steps its
+    lengths stay. Empty (the default): n_ahead and n_ahead_talk throughout. The lengths follow from the step
+    alone, so a resumed run continues mid-stage exactly; a checkpoint is loaded for inference at the lengths
+    of the stage it was saved in."""
     scoring: str = "fused"
     """How log-probabilities are scored: `fused` (the LM head, log-softmax and weighted sum with its
     gradient in one chunked pass, linear_ce.py) or `plain` (full logits and autograd: the same values
@@ -122,6 +137,23 @@ class ThoughtConfig:
             raise ValueError(f"ThoughtConfig.base_loss_weight must be in [0, 1], got {self.base_loss_weight}")
         if not self.embedding_scale > 0:
             raise ValueError(f"ThoughtConfig.embedding_scale must be > 0, got {self.embedding_scale}")
+        self.curriculum = [CurriculumStage(**c) if isinstance(c, dict) else c for c in self.curriculum]
+        for k, c in enumerate(self.curriculum):
+            if c.n_ahead < 3 or c.n_ahead_talk < 1 or c.steps < 1:
+                raise ValueError(f"ThoughtConfig.curriculum[{k}] needs n_ahead >= 3, n_ahead_talk >= 1 and steps >= 1, "
+                                 f"got {c}")
+
+    def at_step(self, step: int) -> tuple[int, "ThoughtConfig"]:
+        """(curriculum stage, the config without a curriculum) in force at optimizer step `step` (1-based);
+        (0, self) when there is no curriculum."""
+        if not self.curriculum:
+            return 0, self
+        end = 0
+        for k, stage in enumerate(self.curriculum):
+            end += stage.steps
+            if step <= end:
+                break
+        return k, dataclasses.replace(self, n_ahead=stage.n_ahead, n_ahead_talk=stage.n_ahead_talk, curriculum=[])
 
     @property
     def n_grid_steps(self) -> int:

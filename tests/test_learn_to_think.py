@@ -78,6 +78,10 @@ def test_the_recipe_refuses_another_data_source(tmp_path):
 
     with pytest.raises(ValueError, match="data=reasoning"):
         run_recipe(toy_cfg(tmp_path, "data=synthetic"), train_script.train)
+    from quietstar.errors import UserError
+
+    with pytest.raises(UserError, match="thought.curriculum is not supported"):
+        run_recipe(toy_cfg(tmp_path, "thought.curriculum=[{n_ahead:5,n_ahead_talk:1,steps:1}]"), train_script.train)
 
 
 def test_the_plain_lm_stage_is_next_token_cross_entropy_with_padding_and_documents():

@@ -116,6 +116,40 @@ def test_sigkill_and_resume_gives_a_bitwise_identical_loss_curve(tmp_path):
     assert OmegaConf.load(tmp_path / "resumed" / "config.yaml").data.mode == "pack"
 
 
+def test_a_curriculum_sets_the_lengths_by_step_and_resumes_mid_stage_exactly(tmp_path):
+    from quietstar.checkpoint import load_thinker_checkpoint
+
+    curriculum = "thought.curriculum=[{n_ahead:6,n_ahead_talk:2,steps:2},{n_ahead:4,n_ahead_talk:1,steps:2}]"
+    args = [*TINY, "train.max_steps=5", "checkpoint.every=2", "checkpoint.keep_last=5", curriculum]
+    full = run_cli([*args, f"hydra.run.dir={tmp_path / 'full'}"])
+    assert "[curriculum] stage 2/2 from step 3: n_ahead=4 n_ahead_talk=1" in full.stdout
+    rows = records(tmp_path / "full")
+    assert [(r["thought/curriculum_stage"], r["thought/n_ahead"], r["thought/n_ahead_talk"]) for r in rows] == \
+        [(0, 6, 2), (0, 6, 2), (1, 4, 1), (1, 4, 1), (1, 4, 1)]  # the last stage's lengths stay
+    # killed mid-stage 2 (after step 3, checkpoint at 2): the resumed run redoes step 3 at stage 2's lengths
+    killed = run_killed_after(3, [*args, f"output_dir={tmp_path / 'killed'}"])
+    assert killed.returncode == -9
+    run_cli([f"resume={tmp_path / 'killed'}", f"hydra.run.dir={tmp_path / 'resumed'}"])
+    resumed = records(tmp_path / "killed")[:2] + records(tmp_path / "resumed")
+    assert [(r["step"], r["loss"], r["thought/n_ahead"]) for r in resumed] == \
+        [(r["step"], r["loss"], r["thought/n_ahead"]) for r in rows]  # exact float equality
+    # a checkpoint is loaded for inference at the lengths of the stage it was saved in
+    ckpts = tmp_path / "full" / "checkpoints"
+    assert load_thinker_checkpoint(ckpts / "step_0000002").cfg.n_ahead == 6
+    final = load_thinker_checkpoint(ckpts / "step_0000005").cfg
+    assert (final.n_ahead, final.n_ahead_talk, final.curriculum) == (4, 1, [])
+
+
+def test_a_bad_curriculum_stage_is_refused_by_name():
+    from quietstar.thinker import ThoughtConfig
+
+    with pytest.raises(ValueError, match=r"ThoughtConfig.curriculum\[1\] needs n_ahead >= 3"):
+        ThoughtConfig(curriculum=[dict(n_ahead=5, n_ahead_talk=1, steps=2), dict(n_ahead=2, n_ahead_talk=1, steps=2)])
+    with pytest.raises(ValueError, match=r"curriculum\[0\]"):
+        ThoughtConfig(curriculum=[dict(n_ahead=5, n_ahead_talk=1, steps=0)])
+    assert ThoughtConfig().at_step(7)[1] == ThoughtConfig()
+
+
 def test_resume_keeps_the_saved_config_and_applies_named_overrides(tmp_path):
     cfg = tiny_cfg(tmp_path / "a", "train.max_steps=1", "thought.n_ahead=5")
     train_script.train(cfg)

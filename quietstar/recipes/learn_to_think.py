@@ -161,6 +161,9 @@ def run(cfg, train_fn):
     if cfg.data.source != "reasoning":
         raise ValueError(f"learn_to_think needs data=reasoning (its held-out split is scored), got "
                          f"data.source={cfg.data.source!r}")
+    if cfg.thought.curriculum:
+        raise UserError("learn_to_think: thought.curriculum is not supported here (the baseline's FLOPs are "
+                        "matched to fixed thought lengths); set thought.n_ahead / n_ahead_talk instead")
     stages: list = []
     pre = _run_stage(pretrain_config(cfg), train_fn, stages)
     qs_cfg = _stage(cfg, "quietstar", init_from=str(pre))
