@@ -261,8 +261,10 @@ def to_numbers(s: Session, pending: list) -> list[dict]:
 def enter_curriculum_stage(s: Session, step: int, stage: Optional[int]) -> int:
     """Set the thought and talk lengths of the curriculum stage that `step` belongs to (the same parameters
     go on); say so when a stage begins. -> the stage."""
+    if s.cfg.thought.stage_at(step) == stage:
+        return stage
     now, s.qs.cfg = s.cfg.thought.at_step(step)
-    if now != stage and s.dist.is_main:
+    if s.dist.is_main:
         print(f"[curriculum] stage {now + 1}/{len(s.cfg.thought.curriculum)} from step {step}: "
               f"n_ahead={s.qs.cfg.n_ahead} n_ahead_talk={s.qs.cfg.n_ahead_talk}", flush=True)
     return now

@@ -131,6 +131,19 @@ def progress_text(metrics: dict) -> str:
     return " ".join(parts)
 
 
+def progress_bar(total: int, stream, desc: str = "", initial: int = 0, enabled: bool = True, unit: str = "it",
+                 min_interval: float = 0.5):
+    """A tqdm bar on `stream`: redrawn in place on a terminal; in a log file, about ten plain lines per run
+    (one per tenth of the total, and the last)."""
+    from tqdm import tqdm
+
+    tty = hasattr(stream, "isatty") and stream.isatty()
+    return tqdm(total=total, initial=initial, desc=desc or None, disable=not enabled,
+                file=stream if tty else _Lines(stream), unit=unit, dynamic_ncols=tty, ascii=not tty,
+                mininterval=min_interval if tty else 0.0, miniters=None if tty else max(1, (total - initial) // 10),
+                smoothing=0.1, maxinterval=10.0 if tty else float("inf"))
+
+
 class Progress:
     """The training progress bar (tqdm; rank 0 only): NLL with and without a thought, reward, mixing weight,
     throughput, then the whole objective. On a terminal it redraws in place; in a log file it writes about
@@ -139,16 +152,7 @@ class Progress:
     def __init__(self, total: int, start: int = 0, enabled: bool = True, stream=None):
         import sys
 
-        from tqdm import tqdm
-
-        stream = stream or sys.stdout
-        tty = hasattr(stream, "isatty") and stream.isatty()
-        if not tty:
-            stream = _Lines(stream)
-        self.bar = tqdm(total=total, initial=start, disable=not enabled, file=stream, unit="step",
-                        dynamic_ncols=tty, ascii=not tty, mininterval=0.5 if tty else 0.0,
-                        miniters=None if tty else max(1, (total - start) // 10), smoothing=0.1,
-                        maxinterval=10.0 if tty else float("inf"))
+        self.bar = progress_bar(total, stream or sys.stdout, initial=start, enabled=enabled, unit="step")
 
     def update(self, step: int, metrics: dict) -> None:
         if self.bar.disable:

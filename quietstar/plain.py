@@ -33,7 +33,7 @@ class PlainLM(QuietStar):
         h = self.model(input_ids, attention_mask=attention_mask, attn=attn, return_hidden=True)  # (B, L, d)
         ok = (pos[None, :] + 1 < (lengths[:, None] if lengths is not None else L)).expand(B, L)
         if doc_ids is not None:  # the last token of a document predicts nothing
-            ok = ok & torch.cat([doc_ids[:, 1:] == doc_ids[:, :-1], ok[:, -1:] & False], 1)
+            ok = ok & torch.cat([doc_ids[:, 1:] == doc_ids[:, :-1], torch.zeros_like(ok[:, -1:])], 1)
         ok = ok.to(h.dtype if h.dtype == torch.float64 else torch.float32)
         tgt = torch.cat([input_ids[:, 1:], input_ids[:, -1:]], 1)
         coef = ok / ok.sum().clamp_min(1)

@@ -143,16 +143,22 @@ class ThoughtConfig:
                 raise ValueError(f"ThoughtConfig.curriculum[{k}] needs n_ahead >= 3, n_ahead_talk >= 1 and steps >= 1, "
                                  f"got {c}")
 
+    def stage_at(self, step: int) -> int:
+        """The curriculum stage in force at optimizer step `step` (1-based); the last one after its steps."""
+        end = 0
+        for k, stage in enumerate(self.curriculum):
+            end += stage.steps
+            if step <= end:
+                return k
+        return max(0, len(self.curriculum) - 1)
+
     def at_step(self, step: int) -> tuple[int, "ThoughtConfig"]:
         """(curriculum stage, the config without a curriculum) in force at optimizer step `step` (1-based);
         (0, self) when there is no curriculum."""
         if not self.curriculum:
             return 0, self
-        end = 0
-        for k, stage in enumerate(self.curriculum):
-            end += stage.steps
-            if step <= end:
-                break
+        k = self.stage_at(step)
+        stage = self.curriculum[k]
         return k, dataclasses.replace(self, n_ahead=stage.n_ahead, n_ahead_talk=stage.n_ahead_talk, curriculum=[])
 
     @property

@@ -10,7 +10,7 @@ that hides the thought, thought embeddings that no longer start at the chain mar
 What it does not catch: at this scale the pretrained model already writes correct chains, so the gain is
 the talk head learning to use them, and 60 steps of REINFORCE at weight 1 move the thoughts too little to
 measure (a zeroed or sign-flipped policy term passes here). The policy term's sign and scale are pinned by
-the objective tests against the reference implementation (tests/test_objective.py, tests/test_equivalence*).
+the objective tests (tests/test_objective.py) and the gradients against the reference (tests/test_thinker.py).
 """
 
 import dataclasses
@@ -71,7 +71,7 @@ def pretrained():
         torch.set_num_threads(threads)
 
 
-def learn(pretrained, thought: ThoughtConfig, freeze_talk_head: bool = False):
+def learn(pretrained, thought: ThoughtConfig):
     """A short Quiet-STaR run from the pretrained model. -> (scores before, scores after) on the held-out split."""
     state, docs, held_out = pretrained
     torch.manual_seed(1)
@@ -79,8 +79,6 @@ def learn(pretrained, thought: ThoughtConfig, freeze_talk_head: bool = False):
     qs = QuietStar(Transformer(ModelConfig.from_preset("tiny", **MODEL)), tok, thought)
     qs.load_state_dict(state)
     reset_thought_embeddings(qs)  # as a Quiet-STaR run from a plain-LM checkpoint starts
-    if freeze_talk_head:
-        qs.talk_head.requires_grad_(False)
     score = lambda: score_answers(qs, held_out, tok, batch_size=48, seed=0, n_examples=400,
                                   without=chain_open_ids(CORPUS, tok))
     before = score()

@@ -199,13 +199,13 @@ def base_logits_at(qs: QuietStar, ids: torch.Tensor, rows: Sequence[int], positi
 
 
 class Progress:
-    """The evaluation progress bar (tqdm, on stderr): `update(n, extra)` advances it and shows `extra`."""
+    """The evaluation progress bar (quietstar.logging.progress_bar, on stderr): `update(n, extra)` advances it
+    and shows `extra`."""
 
     def __init__(self, total: int, desc: str = "", stream=None, min_interval: float = 0.5):
-        from tqdm import tqdm
+        from quietstar.logging import progress_bar
 
-        self.bar = tqdm(total=total, desc=desc, file=stream or sys.stderr, mininterval=min_interval, unit="it",
-                        dynamic_ncols=True)
+        self.bar = progress_bar(total, stream or sys.stderr, desc, min_interval=min_interval)
 
     def update(self, n: int = 1, extra: Optional[str] = None):
         if extra is not None:
