@@ -100,9 +100,13 @@ def sample_thought(qs: QuietStar, tok, batch: Batch, out, position: int) -> dict
     """The thought sampled at one position of the first sequence, with its context, as text."""
     length = int(batch.attention_mask[0].sum())
     i = position if 0 <= position < length - 1 else max(0, length // 2)
+    slot = i
+    if getattr(out, "selection", None) is not None:  # thought.where: the thinking position nearest to i
+        where = out.selection.positions[0].masked_fill(~out.selection.valid[0], 1 << 30)
+        slot = int((where - i).abs().argmin())
+        i = int(where[slot])
     ids = batch.input_ids[0].tolist()
-    thought = qs.decode_thought(out.thoughts, 0, 0, i) if hasattr(qs, "decode_thought") else \
-        tok.decode(out.thoughts[0, 0, i].tolist())
+    thought = tok.decode(out.thoughts[0, 0, slot].tolist())
     return {"position": i, "context": tok.decode(ids[max(0, i - 24):i + 1]), "thought": thought,
             "next": tok.decode(ids[i + 1:i + 4])}
 

@@ -60,10 +60,15 @@ def _check(name: str) -> None:
         raise ValueError(f"attention.backend must be one of {BACKENDS}, got {name!r}")
 
 
-def resolve_backend(device: torch.device) -> str:
+def resolve_backend(device: torch.device, subset: bool = False) -> str:
+    """The backend that runs on `device`; `subset`: for a subset grid (thought.where), which the Triton kernel
+    does not lay out (auto then takes flex on CUDA)."""
     name = _override or _configured
     if name == "auto":
-        return "triton" if device.type == "cuda" else "split"
+        return ("flex" if subset else "triton") if device.type == "cuda" else "split"
+    if name == "triton" and subset:
+        raise RuntimeError("attention.backend='triton' lays out the full thought grid only; a subset grid "
+                           "(thought.where != all) runs on 'flex', 'split' or 'dense' ('auto' picks flex on CUDA)")
     if name in ("triton", "flex") and device.type != "cuda":
         if name == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
             return name
@@ -89,6 +94,28 @@ def grid_attention(q, k, v, n: int, lengths: Optional[torch.Tensor] = None,
     if backend == "dense":
         return dense_attention(q, k, v, n, lengths, doc_ids)
     return split_attention(q, k, v, n, lengths, doc_ids)
+
+
+def subset_grid_attention(q, k, v, n: int, S: int, positions: torch.Tensor, lengths: Optional[torch.Tensor] = None,
+                          doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Attention over the subset grid of the thinking positions (B, P) (masks.grid_coords): the text row's L
+    tokens, then R - 1 branch rows of P tokens, flattened. q (B, H, N, D); k, v (B, G, N, D) -> (B, H, N, D).
+    A branch at position positions[b, p] sees the whole text prefix up to it and its own earlier steps."""
+    backend = resolve_backend(q.device, subset=True)
+    if backend == "flex":
+        from quietstar.flex import flex_grid_attention
+        return flex_grid_attention(q, k, v, n, lengths, doc_ids, positions=positions, S=S)
+    if backend == "dense":
+        mask = dense_grid_mask(k0_len(q, positions, n, S), n, S, lengths, doc_ids, q.device, positions)[:, None]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+    L = k0_len(q, positions, n, S)
+    return _SubsetSplitAttention.apply(q, k, v, n, S, positions, _key_ok(q.shape[0], L, lengths, q.device), doc_ids,
+                                       None)
+
+
+def k0_len(q, positions, n, S) -> int:
+    """L, the text row's length, from the flattened subset grid's N = L + n (S - 1) P tokens."""
+    return q.shape[2] - n * (S - 1) * positions.shape[1]
 
 
 def dense_attention(q, k, v, n, lengths=None, doc_ids=None):
@@ -142,18 +169,84 @@ class _SplitAttention(torch.autograd.Function):
         dq, dk0, dv0 = _prefix_backward(do, qg, k[:, :, 0], v[:, :, 0], o, lse, key_ok, doc_ids, ctx.tile)
         dk, dv = torch.zeros_like(k), torch.zeros_like(v)
         dk[:, :, 0], dv[:, :, 0] = dk0, dv0
-        if S > 1:  # own-branch part: P2 = exp(S2 - lse), recomputed; at most S - 1 keys per query
-            qb, kb, vb = _branch(qg, n, S, 3), _branch(k, n, S, 2), _branch(v, n, S, 2)
-            dob, ob, lse_b = _branch(do, n, S, 3), _branch(o, n, S, 3), _branch(lse, n, S, 3)
-            scale = D ** -0.5
-            s2 = _branch_scores(qb, kb, key_ok, steps_causal=True)
-            p2 = torch.exp(s2 - lse_b[..., None])  # (B, G, h, n, S-1, L, S-1)
-            delta = (_up(dob) * _up(ob)).sum(-1, keepdim=True)  # (..., L, 1)
-            ds = p2 * (torch.einsum("bghnsld,bgnrld->bghnslr", _up(dob), _up(vb)) - delta)
-            _branch(dq, n, S, 3).add_(torch.einsum("bghnslr,bgnrld->bghnsld", ds, _up(kb)) * scale)
-            _branch(dk, n, S, 2).copy_(torch.einsum("bghnslr,bghnsld->bgnrld", ds, _up(qb)) * scale)
-            _branch(dv, n, S, 2).copy_(torch.einsum("bghnslr,bghnsld->bgnrld", p2, _up(dob)))
+        if S > 1:
+            _own_branch_backward(*(_branch(t, n, S, 3) for t in (qg, do, o, lse, dq)),
+                                 *(_branch(t, n, S, 2) for t in (k, v, dk, dv)), key_ok)
         return dq.view(B, H, R, L, D).to(q.dtype), dk, dv, None, None, None, None
+
+
+def _own_branch_backward(qb, dob, ob, lse_b, dqb, kb, vb, dkb, dvb, key_ok):
+    """The own-branch part's gradients from the merged output and lse, P2 = exp(S2 - lse) recomputed (at most
+    S - 1 keys per query): adds to dqb, writes dkb, dvb. qb, dob, ob, dqb (B, G, h, n, S-1, P, D), lse_b
+    (B, G, h, n, S-1, P); kb, vb, dkb, dvb (B, G, n, S-1, P, D); key_ok (B, P) or None."""
+    scale = qb.shape[-1] ** -0.5
+    p2 = torch.exp(_branch_scores(qb, kb, key_ok, steps_causal=True) - lse_b[..., None])  # (B,G,h,n,S-1,P,S-1)
+    delta = (_up(dob) * _up(ob)).sum(-1, keepdim=True)  # (..., P, 1)
+    ds = p2 * (torch.einsum("bghnsld,bgnrld->bghnslr", _up(dob), _up(vb)) - delta)
+    dqb.add_(torch.einsum("bghnslr,bgnrld->bghnsld", ds, _up(kb)) * scale)
+    dkb.copy_(torch.einsum("bghnslr,bghnsld->bgnrld", ds, _up(qb)) * scale)
+    dvb.copy_(torch.einsum("bghnslr,bghnsld->bgnrld", p2, _up(dob)))
+
+
+class _SubsetSplitAttention(torch.autograd.Function):
+    """The split backend on the subset grid (flattened: the text row's L tokens, then R - 1 branch rows of P
+    tokens). The text row is plain causal attention; the branch rows attend the text prefix of their position
+    (the prefix part at query positions `positions`) and their own branch, LSE-merged as in _SplitAttention."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, n, S, positions, key_ok, doc_ids, tile):
+        B, H, N, D = q.shape
+        G, P = k.shape[1], positions.shape[1]
+        L = N - n * (S - 1) * P
+        text = lambda t, heads: t[:, :, :L].reshape(B, G, heads // G, 1, L, D)  # (B, G, h, 1, L, D)
+        rows = lambda t, heads: t[:, :, L:].reshape(B, G, heads // G, n * (S - 1), P, D)
+        o = q.new_empty(B, G, H // G, N, D, dtype=_up(q).dtype)
+        lse = q.new_empty(B, G, H // G, N, dtype=_up(q).dtype)
+        k0, v0 = k[:, :, :L], v[:, :, :L]
+        o_t, lse_t = _prefix_forward(text(q, H), k0, v0, key_ok, doc_ids, tile)
+        o[:, :, :, :L], lse[:, :, :, :L] = o_t[:, :, :, 0], lse_t[:, :, :, 0]
+        o_b, lse_b = _prefix_forward(rows(q, H), k0, v0, key_ok, doc_ids, tile, qpos=positions)
+        if S > 1:
+            key_ok_b = None if key_ok is None else key_ok.gather(1, positions)  # a branch at a padding position
+            qb = rows(q, H).unflatten(3, (n, S - 1))
+            kb, vb = (rows(t, G)[:, :, 0].unflatten(2, (n, S - 1)) for t in (k, v))
+            o2, lse2 = branch_attention(qb, kb, vb, key_ok_b, steps_causal=True)
+            ob1, lb1 = o_b.unflatten(3, (n, S - 1)), lse_b.unflatten(3, (n, S - 1))
+            lse_m = torch.logaddexp(lb1, lse2)
+            o_b = (torch.exp(lb1 - lse_m)[..., None] * ob1 + torch.exp(lse2 - lse_m)[..., None] * o2).flatten(3, 4)
+            lse_b = lse_m.flatten(3, 4)
+        o[:, :, :, L:], lse[:, :, :, L:] = o_b.flatten(3, 4), lse_b.flatten(3, 4)
+        ctx.save_for_backward(q, k, v, o, lse, positions, key_ok, doc_ids)
+        ctx.n, ctx.S, ctx.tile = n, S, tile
+        return o.view(B, H, N, D).to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, positions, key_ok, doc_ids = ctx.saved_tensors
+        n, S, tile = ctx.n, ctx.S, ctx.tile
+        B, H, N, D = q.shape
+        G, P = k.shape[1], positions.shape[1]
+        L = N - n * (S - 1) * P
+        h = H // G
+        do = do.contiguous().view(B, G, h, N, D)
+        qg = q.view(B, G, h, N, D)
+        text = lambda t: t[:, :, :, :L].unsqueeze(3)  # (B, G, h, 1, L, ...)
+        rows = lambda t: t[:, :, :, L:].unflatten(3, (n * (S - 1), P))
+        k0, v0 = k[:, :, :L], v[:, :, :L]
+        dq = torch.empty(qg.shape, dtype=_up(q).dtype, device=q.device)
+        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+        dq_t, dk0, dv0 = _prefix_backward(text(do), text(qg), k0, v0, text(o), text(lse), key_ok, doc_ids, tile)
+        dq_b, dk0_b, dv0_b = _prefix_backward(rows(do), rows(qg), k0, v0, rows(o), rows(lse), key_ok, doc_ids, tile,
+                                              qpos=positions)
+        dq[:, :, :, :L], dk[:, :, :L], dv[:, :, :L] = dq_t[:, :, :, 0], dk0 + dk0_b, dv0 + dv0_b
+        if S > 1:
+            key_ok_b = None if key_ok is None else key_ok.gather(1, positions)
+            per_step = lambda t: rows(t).unflatten(3, (n, S - 1))
+            kv_rows = lambda t: t[:, :, L:].unflatten(2, (n, S - 1, P))
+            _own_branch_backward(per_step(qg), per_step(do), per_step(o), per_step(lse), dq_b.unflatten(3, (n, S - 1)),
+                                 kv_rows(k), kv_rows(v), kv_rows(dk), kv_rows(dv), key_ok_b)
+        dq[:, :, :, L:] = dq_b.flatten(3, 4)
+        return dq.view(B, H, N, D).to(q.dtype), dk, dv, None, None, None, None, None, None
 
 
 def _branch(t: torch.Tensor, n: int, S: int, dim: int) -> torch.Tensor:
@@ -166,20 +259,22 @@ def _branch(t: torch.Tensor, n: int, S: int, dim: int) -> torch.Tensor:
 
 
 def decode_step_attention(q, k0, v0, kb, vb, lengths: Optional[torch.Tensor] = None,
-                          doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                          doc_ids: Optional[torch.Tensor] = None, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Queries of grid step s (all copies) against the text and their own branch so far.
 
-    q (B, H, n, L, D); k0, v0 (B, G, L, D) the text row; kb, vb (B, G, n, s, L, D) branch rows 1..s
-    (the last one being the queries' own). Every backend shares this PyTorch path: it is no-grad
-    rollout work whose cost is one causal pass over L keys per copy. -> (B, H, n, L, D)
+    q (B, H, n, P, D); k0, v0 (B, G, L, D) the text row; kb, vb (B, G, n, s, P, D) branch rows 1..s
+    (the last one being the queries' own); positions (B, P) the thinking positions (None: all, P = L).
+    Every backend shares this PyTorch path: it is no-grad rollout work whose cost is one causal pass over
+    L keys per copy and thinking position. -> (B, H, n, P, D)
     """
-    B, H, n, L, D = q.shape
-    G = k0.shape[1]
-    qg = q.view(B, G, H // G, n, L, D)
+    B, H, n, P, D = q.shape
+    G, L = k0.shape[1], k0.shape[2]
+    qg = q.view(B, G, H // G, n, P, D)
     key_ok = _key_ok(B, L, lengths, q.device)
-    o1, lse1 = prefix_attention(qg, k0, v0, key_ok, doc_ids)
-    o2, lse2 = branch_attention(qg.unsqueeze(4), kb, vb, key_ok, steps_causal=False)
-    return merge(o1, lse1, o2.squeeze(4), lse2.squeeze(4)).to(q.dtype).view(B, H, n, L, D)
+    o1, lse1 = prefix_attention(qg, k0, v0, key_ok, doc_ids, qpos=positions)
+    key_ok_b = key_ok if key_ok is None or positions is None else key_ok.gather(1, positions)
+    o2, lse2 = branch_attention(qg.unsqueeze(4), kb, vb, key_ok_b, steps_causal=False)
+    return merge(o1, lse1, o2.squeeze(4), lse2.squeeze(4)).to(q.dtype).view(B, H, n, P, D)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -208,24 +303,30 @@ def _safe_lse(scores: torch.Tensor):
     return p, lse
 
 
-def _prefix_allowed(L, i0, i1, key_ok, doc_ids, device):
-    """(B|1, i1 - i0, i1) bool: query positions [i0, i1) against keys [0, i1) of the text row."""
-    pos = torch.arange(L, device=device)
-    allowed = (pos[None, :i1] <= pos[i0:i1, None])[None]
+def _prefix_allowed(qpos, n_keys, key_ok, doc_ids):
+    """(B|1, queries, n_keys) bool: queries at text positions qpos (B|1, queries) against text keys [0, n_keys)."""
+    allowed = torch.arange(n_keys, device=qpos.device)[None, None, :] <= qpos[:, :, None]
     if key_ok is not None:
-        allowed = allowed & key_ok[:, None, :i1]
+        allowed = allowed & key_ok[:, None, :n_keys]
     if doc_ids is not None:
-        allowed = allowed & (doc_ids[:, i0:i1, None] == doc_ids[:, None, :i1])
+        q_doc = doc_ids.gather(1, qpos.expand(doc_ids.shape[0], -1))
+        allowed = allowed & (q_doc[:, :, None] == doc_ids[:, None, :n_keys])
     return allowed
 
 
-def _flash_cpu(q, key_ok, doc_ids):
-    """Whether PyTorch's fused CPU flash-attention kernels take the prefix part, and the additive mask they need."""
+def _query_positions(L, qpos, device):
+    """The text positions of the queries: qpos (B, P) for a subset, else 0..L-1 as (1, L)."""
+    return torch.arange(L, device=device)[None] if qpos is None else qpos
+
+
+def _flash_cpu(q, L, key_ok, doc_ids, qpos=None):
+    """Whether PyTorch's fused CPU flash-attention kernels take the prefix part, and the additive mask they need
+    (None: plain causal)."""
     if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.float64, torch.bfloat16):
         return False, None
-    if key_ok is None and doc_ids is None:
+    if key_ok is None and doc_ids is None and qpos is None:
         return True, None
-    allowed = _prefix_allowed(q.shape[-2], 0, q.shape[-2], key_ok, doc_ids, q.device)  # (B, L, L)
+    allowed = _prefix_allowed(_query_positions(L, qpos, q.device), L, key_ok, doc_ids)  # (B|1, Lq, L)
     mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
     return True, mask[:, None]
 
@@ -237,32 +338,42 @@ def _tiles(q, tile):
     return [(i0, min(L, i0 + tile)) for i0 in range(0, L, tile)]
 
 
-def _prefix_forward(q, k0, v0, key_ok=None, doc_ids=None, tile: Optional[int] = None):
+def _tile_keys(qpos, i0, i1, L):
+    """Text keys a query tile can see: up to its last position for the whole grid, all L for a subset."""
+    return i1 if qpos is None else L
+
+
+def _prefix_forward(q, k0, v0, key_ok=None, doc_ids=None, tile: Optional[int] = None, qpos=None):
     """Causal attention of every row's queries over the text row, no autograd.
-    q (B, G, h, R, L, D); k0, v0 (B, G, L, D) -> out (B, G, h, R, L, D) fp32 and lse (B, G, h, R, L) fp32."""
-    B, G, h, R, L, D = q.shape
-    flash, mask = _flash_cpu(q, key_ok, doc_ids)
+    q (B, G, h, R, Lq, D); k0, v0 (B, G, L, D); qpos (B, Lq) the queries' text positions (None: Lq = L, 0..L-1)
+    -> out (B, G, h, R, Lq, D) fp32 and lse (B, G, h, R, Lq) fp32."""
+    B, G, h, R, Lq, D = q.shape
+    L = k0.shape[2]
+    flash, mask = _flash_cpu(q, L, key_ok, doc_ids, qpos)
     if flash and tile is None:  # heads (g, h, r) in that order: query head j uses kv head j // (h R)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q.reshape(B, G * h * R, L, D), k0, v0, is_causal=mask is None, attn_mask=mask)
-        return _up(out).view(B, G, h, R, L, D), _up(lse).view(B, G, h, R, L)
+            q.reshape(B, G * h * R, Lq, D), k0, v0, is_causal=mask is None, attn_mask=mask)
+        return _up(out).view(B, G, h, R, Lq, D), _up(lse).view(B, G, h, R, Lq)
     scale = D ** -0.5
     out = q.new_empty(q.shape, dtype=_up(q).dtype)
     lse = q.new_empty(q.shape[:-1], dtype=_up(q).dtype)
+    qpos_all = _query_positions(L, qpos, q.device)
     for i0, i1 in _tiles(q, tile):
-        s = torch.einsum("bghrtd,bgjd->bghrtj", _up(q[..., i0:i1, :]), _up(k0[:, :, :i1])) * scale
-        s = s.masked_fill(~_prefix_allowed(L, i0, i1, key_ok, doc_ids, q.device)[:, None, None, None], float("-inf"))
+        nk = _tile_keys(qpos, i0, i1, L)
+        s = torch.einsum("bghrtd,bgjd->bghrtj", _up(q[..., i0:i1, :]), _up(k0[:, :, :nk])) * scale
+        s = s.masked_fill(~_prefix_allowed(qpos_all[:, i0:i1], nk, key_ok, doc_ids)[:, None, None, None], float("-inf"))
         p, lse[..., i0:i1] = _safe_lse(s)
-        out[..., i0:i1, :] = torch.einsum("bghrtj,bgjd->bghrtd", p, _up(v0[:, :, :i1]))
+        out[..., i0:i1, :] = torch.einsum("bghrtj,bgjd->bghrtd", p, _up(v0[:, :, :nk]))
     return out, lse
 
 
-def _prefix_backward(do, q, k0, v0, o, lse, key_ok=None, doc_ids=None, tile: Optional[int] = None):
+def _prefix_backward(do, q, k0, v0, o, lse, key_ok=None, doc_ids=None, tile: Optional[int] = None, qpos=None):
     """Gradients of the prefix part from the (merged) output o and lse: -> dq (like q, fp32), dk0, dv0."""
-    B, G, h, R, L, D = q.shape
-    flash, mask = _flash_cpu(q, key_ok, doc_ids)
+    B, G, h, R, Lq, D = q.shape
+    L = k0.shape[2]
+    flash, mask = _flash_cpu(q, L, key_ok, doc_ids, qpos)
     if flash and tile is None:
-        flat = lambda t: t.reshape(B, G * h * R, L, *t.shape[5:])
+        flat = lambda t: t.reshape(B, G * h * R, Lq, *t.shape[5:])
         dq, dk0, dv0 = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             flat(do), flat(q), k0, v0, flat(o.to(q.dtype)), flat(lse).to(_up(q).dtype), 0.0, mask is None,
             attn_mask=mask)
@@ -270,23 +381,26 @@ def _prefix_backward(do, q, k0, v0, o, lse, key_ok=None, doc_ids=None, tile: Opt
     scale = D ** -0.5
     dq = torch.empty(q.shape, dtype=_up(q).dtype, device=q.device)
     dk0, dv0 = torch.zeros_like(_up(k0)), torch.zeros_like(_up(v0))
-    delta = (_up(do) * _up(o)).sum(-1)  # (B, G, h, R, L)
+    delta = (_up(do) * _up(o)).sum(-1)  # (B, G, h, R, Lq)
+    qpos_all = _query_positions(L, qpos, q.device)
     for i0, i1 in _tiles(q, tile):
+        nk = _tile_keys(qpos, i0, i1, L)
         qt, dot = _up(q[..., i0:i1, :]), _up(do[..., i0:i1, :])
-        s = torch.einsum("bghrtd,bgjd->bghrtj", qt, _up(k0[:, :, :i1])) * scale
-        s = s.masked_fill(~_prefix_allowed(L, i0, i1, key_ok, doc_ids, q.device)[:, None, None, None], float("-inf"))
+        s = torch.einsum("bghrtd,bgjd->bghrtj", qt, _up(k0[:, :, :nk])) * scale
+        s = s.masked_fill(~_prefix_allowed(qpos_all[:, i0:i1], nk, key_ok, doc_ids)[:, None, None, None], float("-inf"))
         p = torch.exp(s - lse[..., i0:i1, None])
-        dv0[:, :, :i1] += torch.einsum("bghrtj,bghrtd->bgjd", p, dot)
-        ds = p * (torch.einsum("bghrtd,bgjd->bghrtj", dot, _up(v0[:, :, :i1])) - delta[..., i0:i1, None])
-        dq[..., i0:i1, :] = torch.einsum("bghrtj,bgjd->bghrtd", ds, _up(k0[:, :, :i1])) * scale
-        dk0[:, :, :i1] += torch.einsum("bghrtj,bghrtd->bgjd", ds, qt) * scale
+        dv0[:, :, :nk] += torch.einsum("bghrtj,bghrtd->bgjd", p, dot)
+        ds = p * (torch.einsum("bghrtd,bgjd->bghrtj", dot, _up(v0[:, :, :nk])) - delta[..., i0:i1, None])
+        dq[..., i0:i1, :] = torch.einsum("bghrtj,bgjd->bghrtd", ds, _up(k0[:, :, :nk])) * scale
+        dk0[:, :, :nk] += torch.einsum("bghrtj,bghrtd->bgjd", ds, qt) * scale
     return dq, dk0.to(k0.dtype), dv0.to(v0.dtype)
 
 
-def prefix_attention(q, k0, v0, key_ok=None, doc_ids=None):
+def prefix_attention(q, k0, v0, key_ok=None, doc_ids=None, qpos=None):
     """Causal attention of every row's queries over the text row (no gradient: the rollout).
-    q (B, G, h, R, L, D); k0, v0 (B, G, L, D) -> out (B, G, h, R, L, D) and lse (B, G, h, R, L), fp32."""
-    return _prefix_forward(q, k0, v0, key_ok, doc_ids)
+    q (B, G, h, R, Lq, D); k0, v0 (B, G, L, D); qpos (B, Lq) the queries' positions (None: 0..L-1)
+    -> out (B, G, h, R, Lq, D) and lse (B, G, h, R, Lq), fp32."""
+    return _prefix_forward(q, k0, v0, key_ok, doc_ids, qpos=qpos)
 
 
 def _branch_scores(q, kb, key_ok, steps_causal):

@@ -45,25 +45,28 @@ def _content_key(t: Optional[torch.Tensor]):
 
 
 def grid_block_mask(L: int, n: int, S: int, B: int, lengths: Optional[torch.Tensor] = None,
-                    doc_ids: Optional[torch.Tensor] = None, device=None) -> BlockMask:
-    """The BlockMask of the thought-grid predicate over R * L flattened tokens (cached).
+                    doc_ids: Optional[torch.Tensor] = None, device=None,
+                    positions: Optional[torch.Tensor] = None) -> BlockMask:
+    """The BlockMask of the thought-grid predicate over the flattened grid (cached): R * L tokens, or
+    L + (R - 1) P for the subset grid of the thinking positions (B, P) (masks.grid_coords).
 
     lengths (B,) real tokens per sequence (right padding); doc_ids (B, L) document per position.
-    Without either the mask does not depend on the sequence and is built once for every batch size.
+    Without any of them the mask does not depend on the sequence and is built once for every batch size.
     """
     device = torch.device(device if device is not None else "cpu")
-    key = (L, n, S, B if (lengths is not None or doc_ids is not None) else None, str(device),
-           _content_key(lengths), _content_key(doc_ids))
+    per_sequence = lengths is not None or doc_ids is not None or positions is not None
+    key = (L, n, S, B if per_sequence else None, str(device), _content_key(lengths), _content_key(doc_ids),
+           _content_key(positions))
     hit = _BLOCK_MASKS.get(key)
     if hit is not None:
         _BLOCK_MASKS.move_to_end(key)
         return hit
     # private copies on the device: the BlockMask keeps the mask_mod (and these tensors) for the kernel
-    lengths = None if lengths is None else lengths.to(device=device, dtype=torch.long).clone()
-    doc_ids = None if doc_ids is None else doc_ids.to(device=device, dtype=torch.long).clone()
-    N = (1 + n * (S - 1)) * L
+    own = lambda t: None if t is None else t.to(device=device, dtype=torch.long).clone()
+    lengths, doc_ids, positions = own(lengths), own(doc_ids), own(positions)
+    N = L + n * (S - 1) * (L if positions is None else positions.shape[1])
     build = _create_block_mask_compiled if device.type == "cuda" else create_block_mask
-    mask = build(flex_mask_mod(L, n, S, lengths, doc_ids), key[3], None, N, N, device=device)
+    mask = build(flex_mask_mod(L, n, S, lengths, doc_ids, positions), key[3], None, N, N, device=device)
     _BLOCK_MASKS[key] = mask
     if len(_BLOCK_MASKS) > _MAX_CACHED:
         _BLOCK_MASKS.popitem(last=False)
@@ -72,18 +75,23 @@ def grid_block_mask(L: int, n: int, S: int, B: int, lengths: Optional[torch.Tens
 
 def flex_grid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int,
                         lengths: Optional[torch.Tensor] = None, doc_ids: Optional[torch.Tensor] = None,
-                        compiled: bool = True) -> torch.Tensor:
+                        compiled: bool = True, positions: Optional[torch.Tensor] = None,
+                        S: Optional[int] = None) -> torch.Tensor:
     """Attention over the thought grid with FlexAttention.
 
-    q (B, H, R, L, D); k, v (B, G, R, L, D), H % G == 0; lengths (B,); doc_ids (B, L).
-    compiled=False runs FlexAttention's unfused reference path (materialises all scores: tests only).
-    Returns (B, H, R, L, D) in q's dtype.
+    Full grid: q (B, H, R, L, D); k, v (B, G, R, L, D), H % G == 0 -> (B, H, R, L, D). Subset grid of the
+    thinking positions (B, P): q (B, H, N, D), k, v (B, G, N, D) flattened as in masks.grid_coords, S given
+    -> (B, H, N, D). lengths (B,); doc_ids (B, L). compiled=False runs FlexAttention's unfused reference path
+    (materialises all scores: tests only). The output is in q's dtype.
     """
-    B, H, R, L, D = q.shape
-    G = k.shape[1]
-    S = grid_steps(R, n)
-    block_mask = grid_block_mask(L, n, S, B, lengths, doc_ids, q.device)
+    if positions is None:
+        B, H, R, L, D = q.shape
+        S = grid_steps(R, n)
+        q, k, v = (t.flatten(2, 3) for t in (q, k, v))
+    else:
+        B, H, N, D = q.shape
+        L = N - n * (S - 1) * positions.shape[1]
+    block_mask = grid_block_mask(L, n, S, B, lengths, doc_ids, q.device, positions)
     attend = _flex_attention_compiled if compiled else flex_attention
-    out = attend(q.reshape(B, H, R * L, D), k.reshape(B, G, R * L, D), v.reshape(B, G, R * L, D),
-                 block_mask=block_mask, scale=D ** -0.5, enable_gqa=H != G)  # (B, H, R*L, D)
-    return out.view(B, H, R, L, D)
+    out = attend(q, k, v, block_mask=block_mask, scale=D ** -0.5, enable_gqa=H != k.shape[1])  # (B, H, N, D)
+    return out if positions is not None else out.view(B, H, R, L, D)

@@ -10,6 +10,9 @@ Per generated token, with T = n_ahead:
   3. drop the thought's K/V (truncate the cache back to the text) and feed the new token.
 So a token costs T single-token forwards instead of the official code's full re-run of every
 position's thought over the whole sequence. `think=False` is plain KV-cached decoding of the same model.
+With thought.where = entropy or gate, a token is preceded by a thought only where the selector fires
+(where.fires: above thought.think_threshold, or else in the top think_fraction of the scores so far);
+the other tokens cost one forward.
 
 CLI:  python -m quietstar.generate [ckpt=DIR] prompt="..." [max_new_tokens=64 temperature=0.7
       top_p=0.95 think=true show_thoughts=true seed=0 device=cpu]
@@ -29,6 +32,7 @@ from quietstar.cli import AT_LEAST_1, NON_NEGATIVE, UNIT_OPEN_LEFT, parse_kv
 from quietstar.errors import UserError, run_main
 from quietstar.model import KVCache
 from quietstar.thinker import QuietStar, sample_categorical
+from quietstar.where import fires
 
 
 def sample_token(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
@@ -51,6 +55,7 @@ class Step:
     thoughts: Optional[torch.Tensor]  # (B, T-3) the thought behind it, None when not thinking
     mix_weight: Optional[torch.Tensor]  # (B,) the talk head's w for it
     finished: torch.Tensor  # (B,) bool, True once the row produced a stop token
+    thinking: Optional[torch.Tensor] = None  # (B,) bool: the rows whose token followed a thought (thought.where)
 
 
 @torch.no_grad()
@@ -81,18 +86,28 @@ def generate_stream(qs: QuietStar, input_ids: torch.Tensor, attention_mask: Opti
         return model(inputs_embeds=qs.embed(token[:, None]), position_ids=position[:, None], attn=cache,
                      return_hidden=True)[:, -1]
 
+    selective = think and cfg.where != "all"
+    if selective:  # thought.where: each row's scores so far, the prompt's included (where.fires)
+        history = qs.think_scores(h).masked_fill(~attention_mask.bool(), float("nan"))  # (B, P)
     for _ in range(max_new_tokens):
-        thought, w = None, None
-        if think:
+        thought, w, thinking = None, None, None
+        if selective:
+            score = qs.think_scores(h_last[:, None])[:, 0]
+            thinking = fires(score, history, cfg.think_fraction, cfg.think_threshold) & ~finished
+            history = torch.cat([history, score[:, None]], 1)
+        if think and (thinking is None or bool(thinking.any())):  # rows of a batch think together
             text_len = cache.seen
             logits, w, thought = qs.think(one, h_last, last_pos, generator, thought_temperature)
             cache.truncate(text_len)  # the thought is not part of the text
+            if thinking is not None:
+                logits = torch.where(thinking[:, None], logits, model.head(h_last))
+                w = torch.where(thinking, w, torch.zeros_like(w))
         else:
             logits = model.head(h_last)
         nxt = sample_token(logits, temperature, top_p, generator)
         nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
         finished = finished | torch.isin(nxt, stop)
-        yield Step(nxt, thought, w, finished.clone())
+        yield Step(nxt, thought, w, finished.clone(), thinking)
         if bool(finished.all()):
             return
         last_pos = last_pos + 1
@@ -165,7 +180,8 @@ def generate(qs: QuietStar, tokenizer, prompts: Sequence[str], max_new_tokens: i
             if len(out[b]) and out[b][-1] in stop_ids:
                 continue
             out[b].append(int(step.tokens[b]))
-            thoughts[b].append(step.thoughts[b].tolist() if step.thoughts is not None else [])
+            thought = step.thoughts is not None and (step.thinking is None or bool(step.thinking[b]))
+            thoughts[b].append(step.thoughts[b].tolist() if thought else [])
             n_tok += 1
     dt = time.perf_counter() - t0
     texts = [tokenizer.decode([t for t in o if t not in stop_ids]) for o in out]
@@ -211,7 +227,7 @@ def main(argv=None):
     print(args["prompt"], end="", flush=True)
 
     def show(step: Step):
-        if args["show_thoughts"] and step.thoughts is not None:
+        if args["show_thoughts"] and step.thoughts is not None and (step.thinking is None or bool(step.thinking[0])):
             print(f"\033[2m[{tok.decode(step.thoughts[0].tolist())}]\033[0m", end="")
         print(tok.decode([int(step.tokens[0])]), end="", flush=True)
 

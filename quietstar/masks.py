@@ -30,7 +30,7 @@ All backends in attention.py take q, k, v in this layout, as (B, heads, R, L, D)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -117,19 +117,25 @@ class ThoughtGrid:
     # ---- tokens and positions
 
     def tokens(self, input_ids: torch.Tensor, thoughts: torch.Tensor, start_id: int, end_id: int,
-               pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Text (B, L) and thoughts (B, n, L, T-3) -> ids (B, R, L) and position ids (B, R, L) of the grid."""
+               pad_id: int, positions: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text (B, L) and thoughts (B, n, P, T-3) -> ids and position ids of the grid: (B, R, L) each for the
+        full grid (P = L); for the subset grid of the thinking positions (B, P), flat (B, L + (R - 1) P) in
+        `grid_coords` order (the text row, then each branch row's P tokens)."""
         B, L = input_ids.shape
-        n, K = self.n, self.K
-        start = input_ids.new_full((B, n, 1, L), start_id)
-        end = input_ids.new_full((B, n, 1, L), end_id)
-        future = torch.stack([self.target(input_ids, k - 1, pad_id) for k in range(1, K)], 1) if K > 1 \
-            else input_ids[:, :0, None]  # x_{i+1}..x_{i+K-1}
-        future = future.view(B, 1, K - 1, L).expand(B, n, K - 1, L)
-        branch = torch.cat([start, thoughts.permute(0, 1, 3, 2), end, future], dim=2)  # (B, n, S-1, L)
-        ids = torch.cat([input_ids[:, None], branch.reshape(B, -1, L)], dim=1)
-        step, _ = self.rows(input_ids.device)
-        return ids, self.position_ids(step[:, None], torch.arange(L, device=input_ids.device)).expand(B, -1, -1)
+        n, K, P = self.n, self.K, thoughts.shape[2]
+        start = input_ids.new_full((B, n, 1, P), start_id)
+        end = input_ids.new_full((B, n, 1, P), end_id)
+        future = torch.stack([at_positions(self.target(input_ids, k - 1, pad_id), positions) for k in range(1, K)], 1) \
+            if K > 1 else input_ids[:, :0, None]  # x_{i+1}..x_{i+K-1}
+        future = future.view(B, 1, K - 1, P).expand(B, n, K - 1, P)
+        branch = torch.cat([start, thoughts.permute(0, 1, 3, 2), end, future], dim=2)  # (B, n, S-1, P)
+        if positions is None:
+            ids = torch.cat([input_ids[:, None], branch.reshape(B, -1, L)], dim=1)
+            step, _ = self.rows(input_ids.device)
+            return ids, self.position_ids(step[:, None], torch.arange(L, device=input_ids.device)).expand(B, -1, -1)
+        ids = torch.cat([input_ids, branch.reshape(B, -1)], dim=1)
+        f_step, _, f_pos = grid_coords(L, n, self.S, positions, input_ids.device)
+        return ids, self.position_ids(f_step, f_pos)
 
     @staticmethod
     def position_ids(step, position):
@@ -138,16 +144,22 @@ class ThoughtGrid:
 
     # ---- hidden states in the grid layout
 
-    def branch(self, h: torch.Tensor) -> torch.Tensor:
-        """(B, R, L, ...) -> the copies' rows (B, n, S-1, L, ...); index s - 1 is step s."""
-        return h[:, 1:].reshape(h.shape[0], self.n, self.S - 1, *h.shape[2:])
+    def states(self, h: torch.Tensor, L: int, positions: Optional[torch.Tensor] = None) -> "GridStates":
+        """The model's output over the flattened grid (B, N, ...) -> GridStates (views, no copy)."""
+        P = L if positions is None else positions.shape[1]
+        return GridStates(h[:, :L], h[:, L:].unflatten(1, (self.R - 1, P)), positions)
 
-    def at_step(self, h: torch.Tensor, step: int) -> torch.Tensor:
-        """(B, R, L, ...) -> step `step` >= 1 of every copy (B, n, L, ...)."""
+    def branch(self, h) -> torch.Tensor:
+        """(B, R, L, ...) or GridStates -> the copies' rows (B, n, S-1, P, ...); index s - 1 is step s."""
+        rows = h.rows if isinstance(h, GridStates) else h[:, 1:]
+        return rows.reshape(rows.shape[0], self.n, self.S - 1, *rows.shape[2:])
+
+    def at_step(self, h, step: int) -> torch.Tensor:
+        """(B, R, L, ...) or GridStates -> step `step` >= 1 of every copy (B, n, P, ...)."""
         return self.branch(h)[:, :, step - 1]
 
-    def sampled_rows(self, h: torch.Tensor) -> torch.Tensor:
-        """(B, R, L, d) -> the states predicting t_1..t_{T-3}, (B, n, L, T-3, d)."""
+    def sampled_rows(self, h) -> torch.Tensor:
+        """(B, R, L, d) or GridStates -> the states predicting t_1..t_{T-3}, (B, n, P, T-3, d)."""
         return self.branch(h)[:, :, :self.n_sampled].transpose(2, 3)
 
     def per_copy(self, h: torch.Tensor) -> torch.Tensor:
@@ -190,6 +202,22 @@ class ThoughtGrid:
         return ok
 
 
+class GridStates(NamedTuple):
+    """Hidden states (or anything per grid token) of one learning pass, by part of the grid."""
+
+    text: torch.Tensor  # (B, L, ...) row 0: the text itself, every position
+    rows: torch.Tensor  # (B, R - 1, P, ...) the copies' branch rows (P = L for the full grid)
+    positions: Optional[torch.Tensor]  # (B, P) the thinking positions; None: every position (the full grid)
+
+
+def at_positions(x: torch.Tensor, positions: Optional[torch.Tensor]) -> torch.Tensor:
+    """x (B, L, ...) at the thinking positions (B, P) -> (B, P, ...); x itself when every position thinks."""
+    if positions is None:
+        return x
+    idx = positions.reshape(*positions.shape, *(1,) * (x.dim() - 2)).expand(*positions.shape, *x.shape[2:])
+    return x.gather(1, idx)
+
+
 def thought_predicate(q_step, q_copy, q_pos, k_step, k_copy, k_pos):
     """The grid rule on broadcastable integer tensors: True where the query may attend the key."""
     prefix = (k_step == 0) & (k_pos <= q_pos)
@@ -197,42 +225,63 @@ def thought_predicate(q_step, q_copy, q_pos, k_step, k_copy, k_pos):
     return prefix | own_branch
 
 
+def grid_coords(L: int, n: int, S: int, positions: Optional[torch.Tensor] = None, device=None):
+    """(step (N,), copy (N,), text position (B|1, N)) of every token of the flattened grid.
+
+    Full grid (positions None): N = R L, row-major (row, then position). Subset grid (positions (B, P), the
+    thinking positions, distinct within a sequence): the text row's L tokens, then R - 1 branch rows of P
+    tokens each, the p-th token of a branch row sitting at text position positions[:, p]."""
+    step, copy = grid_rows(n, S, device)
+    R = step.numel()
+    pos = torch.arange(L, device=device)
+    if positions is None:
+        return step.repeat_interleave(L), copy.repeat_interleave(L), pos.repeat(R)[None]
+    P = positions.shape[1]
+    f_step = torch.cat([step[:1].expand(L), step[1:].repeat_interleave(P)])
+    f_copy = torch.cat([copy[:1].expand(L), copy[1:].repeat_interleave(P)])
+    f_pos = torch.cat([pos[None].expand(positions.shape[0], L), positions.to(device).repeat(1, R - 1)], 1)
+    return f_step, f_copy, f_pos
+
+
 def dense_grid_mask(L: int, n: int, S: int, lengths: Optional[torch.Tensor] = None,
-                    doc_ids: Optional[torch.Tensor] = None, device=None) -> torch.Tensor:
-    """The oracle: a boolean (B or 1, R*L, R*L) mask over the flattened grid (row-major: row, then position).
+                    doc_ids: Optional[torch.Tensor] = None, device=None,
+                    positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The oracle: a boolean (B or 1, N, N) mask over the flattened grid (`grid_coords`: N = R L, or
+    L + (R - 1) P for the subset grid of the thinking positions (B, P)).
 
     lengths (B,) = real tokens per sequence (right padding); doc_ids (B, L) = document index per
     position for packed sequences.
     """
-    step, copy = grid_rows(n, S, device)
-    R = step.numel()
-    pos = torch.arange(L, device=device)
-    f_step = step.repeat_interleave(L)  # (R*L,)
-    f_copy = copy.repeat_interleave(L)
-    f_pos = pos.repeat(R)
-    mask = thought_predicate(f_step[:, None], f_copy[:, None], f_pos[:, None],
-                             f_step[None, :], f_copy[None, :], f_pos[None, :])[None]  # (1, RL, RL)
+    f_step, f_copy, f_pos = grid_coords(L, n, S, positions, device)
+    mask = thought_predicate(f_step[:, None], f_copy[:, None], f_pos[:, :, None],
+                             f_step[None, :], f_copy[None, :], f_pos[:, None, :])  # (B|1, N, N)
     if lengths is not None:
-        key_ok = f_pos[None, :] < lengths.to(device)[:, None]  # (B, RL)
+        key_ok = f_pos < lengths.to(device)[:, None]  # (B, N)
         mask = mask & key_ok[:, None, :]
     if doc_ids is not None:
-        d = doc_ids.to(device)[:, f_pos]  # (B, RL)
+        d = doc_ids.to(device).gather(1, f_pos.expand(doc_ids.shape[0], -1))  # (B, N)
         mask = mask & (d[:, :, None] == d[:, None, :])
     return mask
 
 
 def flex_mask_mod(L: int, n: int, S: int, lengths: Optional[torch.Tensor] = None,
-                  doc_ids: Optional[torch.Tensor] = None):
-    """The same predicate as a FlexAttention `mask_mod(b, h, q_idx, kv_idx)` over the flattened grid."""
+                  doc_ids: Optional[torch.Tensor] = None, positions: Optional[torch.Tensor] = None):
+    """The same predicate as a FlexAttention `mask_mod(b, h, q_idx, kv_idx)` over the flattened grid (the
+    subset grid of `grid_coords` when the thinking positions (B, P) are given: its coordinates are looked up)."""
+    if positions is None:
+        def decode(b, idx):
+            row, pos = idx // L, idx % L
+            step, copy = decode_rows(row, S)
+            return step, copy, pos
+    else:
+        f_step, f_copy, f_pos = grid_coords(L, n, S, positions, positions.device)
 
-    def decode(idx):
-        row, pos = idx // L, idx % L
-        step, copy = decode_rows(row, S)
-        return step, copy, pos
+        def decode(b, idx):
+            return f_step[idx], f_copy[idx], f_pos[b, idx]
 
     def mask_mod(b, h, q_idx, kv_idx):
-        qs, qc, qp = decode(q_idx)
-        ks, kc, kp = decode(kv_idx)
+        qs, qc, qp = decode(b, q_idx)
+        ks, kc, kp = decode(b, kv_idx)
         ok = thought_predicate(qs, qc, qp, ks, kc, kp)
         if lengths is not None:
             ok = ok & (kp < lengths[b])
@@ -240,5 +289,5 @@ def flex_mask_mod(L: int, n: int, S: int, lengths: Optional[torch.Tensor] = None
             ok = ok & (doc_ids[b, qp] == doc_ids[b, kp])
         return ok
 
-    mask_mod.__name__ = f"thought_grid_L{L}_n{n}_S{S}"
+    mask_mod.__name__ = f"thought_grid_L{L}_n{n}_S{S}" + ("" if positions is None else f"_P{positions.shape[1]}")
     return mask_mod

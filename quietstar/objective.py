@@ -36,24 +36,41 @@ from quietstar.masks import ThoughtGrid
 
 
 class Scope(NamedTuple):
-    """Which targets and positions the objective may use."""
+    """Which targets and positions the objective may use. P = L when every position thinks; with
+    thought.where, P thinking positions per sequence (their talk predictions, rewards and policy terms are
+    indexed by slot p = 0..P-1, at text position positions[b, p]), and every position trains as plain NLL."""
 
-    ok: torch.Tensor  # (K, B, L) bool: x_{i+k+1} is a real token of position i's document
-    scorable: torch.Tensor  # (B, L) bool: the positions that get a reward
-    policy_count: torch.Tensor  # 0-dim: the policy mean's denominator (over B, n and positions)
+    ok: torch.Tensor  # (K, B, P) bool: x_{i+k+1} is a real token of thinking position i's document
+    scorable: torch.Tensor  # (B, P) bool: the thinking positions that get a reward
+    policy_count: torch.Tensor  # 0-dim: the policy mean's denominator (over B, n and thinking positions)
+    ok_text: Optional[torch.Tensor] = None  # (K, B, L) ok at every position (None: ok itself, P = L)
+    positions: Optional[torch.Tensor] = None  # (B, P) the thinking positions (None: all of them)
+    thinking: Optional[torch.Tensor] = None  # (B, L) bool: the position thinks (None: all)
+
+    @property
+    def text_ok(self) -> torch.Tensor:
+        """(K, B, L): the targets' validity at every text position."""
+        return self.ok if self.ok_text is None else self.ok_text
 
 
 def scope(grid: ThoughtGrid, B: int, L: int, lengths: Optional[torch.Tensor], doc_ids: Optional[torch.Tensor],
-          cfg, device=None) -> Scope:
+          cfg, device=None, positions: Optional[torch.Tensor] = None, valid: Optional[torch.Tensor] = None) -> Scope:
     """Targets stop at padding and at the end of the document (packed rows). A position is scorable when all
     K of its targets are real; positions with only some of them are dropped (the official code instead
-    rewards them with the targets that are real: `reward_drop_last_position`, below)."""
+    rewards them with the targets that are real: `reward_drop_last_position`, below). With thinking
+    positions (B, P) (thought.where), only those are scorable, and only their slots marked `valid` (B, P)."""
     K, n = grid.K, grid.n
     ok = torch.stack([grid.target_ok(L, k, lengths, doc_ids, device) for k in range(K)]).expand(K, B, L)
     if cfg.reward_drop_last_position:  # the official window i <= L-2-K of the padded length, partial targets kept
         scorable = (torch.arange(L, device=device) <= L - 2 - K)[None].expand(B, L)
     else:
         scorable = ok[K - 1]  # x_{i+K} is in i's document, so are x_{i+1}..x_{i+K-1}
+    if positions is not None:
+        ok_text = ok
+        ok = ok.gather(2, positions[None].expand(K, B, -1)) & valid[None]
+        scorable = scorable.gather(1, positions) & valid
+        thinking = torch.zeros(B, L, dtype=torch.bool, device=device).scatter_(1, positions, valid)
+        return Scope(ok, scorable, (scorable & ok[0]).sum().clamp_min(1) * n, ok_text, positions, thinking)
     if cfg.policy_mean_over_padding:  # official: a plain mean over every row and position of the window
         count = torch.tensor(B * n * max(L - 1 - K, 1), device=device)
     else:  # a mean over the scorable positions that have a real target
@@ -62,20 +79,32 @@ def scope(grid: ThoughtGrid, B: int, L: int, lengths: Optional[torch.Tensor], do
 
 
 def nll_coefficients(scope: Scope, n: int, cfg, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The weight of each target's log-probability in -nll: (base (B, L), talk (K, B, n, L))."""
-    K, B, L = scope.ok.shape
-    ok = scope.ok[:, :, None].expand(K, B, n, L).to(dtype)
-    ok0 = ok[0, :, 0]
-    talk = (1 - cfg.base_loss_weight) / K * ok / ok.sum((1, 2, 3), keepdim=True).clamp_min(1)
-    base = cfg.base_loss_weight * ok0 / ok0.sum().clamp_min(1)
+    """The weight of each target's log-probability in -nll: (base (B, L), talk (K, B, n, P)).
+
+    Every position thinks: base_loss_weight * mean CE_base + (1 - base_loss_weight) * mean_k mean CE_talk_k.
+    Some positions think: the same per-position mixture at those, plain CE_base at the others; the talk
+    terms keep the denominators of the all-positions objective, so the mean is over positions either way."""
+    K, B, P = scope.ok.shape
+    ok = scope.ok[:, :, None].expand(K, B, n, P).to(dtype)
+    if scope.positions is None:
+        ok0 = ok[0, :, 0]
+        talk = (1 - cfg.base_loss_weight) / K * ok / ok.sum((1, 2, 3), keepdim=True).clamp_min(1)
+        base = cfg.base_loss_weight * ok0 / ok0.sum().clamp_min(1)
+        return base, talk
+    ok_text = scope.ok_text.to(dtype)  # (K, B, L)
+    talk = (1 - cfg.base_loss_weight) / K * ok / (n * ok_text.sum((1, 2))).clamp_min(1)[:, None, None, None]
+    own = torch.where(scope.thinking, cfg.base_loss_weight, 1.0).to(dtype)
+    base = own * ok_text[0] / ok_text[0].sum().clamp_min(1)
     return base, talk
 
 
 def rewards(ce_base: torch.Tensor, ce_talk: torch.Tensor, scope: Scope, cfg) -> torch.Tensor:
     """R(i) = sum_k [CE_base(x_{i+k+1}) - CE_talk_k(i)] over the real targets, on scorable positions.
-    ce_base (B, L) (no thought, at each position), ce_talk (K, B, n, L) -> (B, n, L)."""
+    ce_base (B, L) (no thought, at each position), ce_talk (K, B, n, P) -> (B, n, P)."""
     K = ce_talk.shape[0]
     base = torch.stack([ThoughtGrid.ahead(ce_base, k) for k in range(K)])  # CE_base(i+k): (K, B, L)
+    if scope.positions is not None:
+        base = base.gather(2, scope.positions[None].expand(K, -1, -1))  # at the thinking positions (K, B, P)
     ok = scope.ok[:, :, None]
     return ((base[:, :, None] - ce_talk) * ok).sum(0) * scope.scorable[:, None]
 
@@ -89,7 +118,7 @@ def advantages(reward: torch.Tensor, scope: Scope, cfg) -> torch.Tensor:
 
 
 def policy_coefficients(adv: torch.Tensor, scope: Scope, cfg, n_sampled: int) -> torch.Tensor:
-    """The weight of each sampled token's log pi in -policy: (B, n, L, T-3)."""
+    """The weight of each sampled token's log pi in -policy: (B, n, P, T-3)."""
     B, n, L = adv.shape
     return (adv / (n_sampled * scope.policy_count))[..., None].expand(B, n, L, n_sampled)
 
@@ -130,12 +159,12 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def metrics(loss, nll, policy_loss, ce_base, ce_talk, reward, adv, mix_weight, scope: Scope, cfg,
             thoughts: Optional[torch.Tensor] = None, thought_ok: Optional[torch.Tensor] = None,
             vocab: int = 0) -> dict:
-    """Diagnostics as 0-dim tensors. ce_talk, mix_weight (K, B, n, L); reward, adv (B, n, L)."""
+    """Diagnostics as 0-dim tensors. ce_talk, mix_weight (K, B, n, P); reward, adv (B, n, P)."""
     ok = scope.ok.to(ce_talk.dtype)
     sc = scope.scorable[:, None].expand_as(reward).float()
     w_mask = sc.expand_as(mix_weight)
     reward_max = reward.masked_fill(sc == 0, float("-inf")).amax()
-    m = {"train/loss": loss, "train/nll": nll, "train/nll_base": masked_mean(ce_base, ok[0]),
+    m = {"train/loss": loss, "train/nll": nll, "train/nll_base": masked_mean(ce_base, scope.text_ok[0].to(ce_base.dtype)),
          "train/nll_talk": torch.stack([masked_mean(c, o[:, None].expand_as(c)) for c, o in zip(ce_talk, ok)]).mean(),
          "thought/policy_loss": policy_loss, "thought/policy_term": cfg.policy_weight * policy_loss,
          "thought/reward_mean": masked_mean(reward, sc),
@@ -143,6 +172,8 @@ def metrics(loss, nll, policy_loss, ce_base, ce_talk, reward, adv, mix_weight, s
          "thought/advantage_pos_frac": masked_mean((adv > 0).float(), sc),
          "thought/mix_weight_mean": masked_mean(mix_weight, w_mask),
          "thought/mix_weight_abs_mean": masked_mean(mix_weight.abs(), w_mask)}
+    if scope.thinking is not None:
+        m["thought/think_fraction"] = masked_mean(scope.thinking.float(), scope.text_ok[0].float())
     if thoughts is not None and thoughts.shape[-1] > 0:
         m["thought/distinct_token_ratio"] = distinct_ratio(thoughts, thought_ok, vocab)
     return {k: v.detach() for k, v in m.items()}

@@ -5,6 +5,7 @@ Parameter groups (each with its LR multiplier from OptimConfig, applied by the s
   no_decay    base-model norms and biases (no weight decay)                lr * base_lr_mult
   thought     <start>/<end> embeddings                                     lr * thought_embedding_lr_mult
   talk_head   the mixing head (matrices decayed, biases not)               lr * talk_head_lr_mult
+  gate        thought.where=gate's head (no weight decay)                  lr * talk_head_lr_mult
 A group whose multiplier is 0 is frozen (requires_grad off), not just given LR 0.
 
 Schedule: linear warmup from 0 over `warmup_steps`, then constant, cosine or linear decay to
@@ -47,7 +48,7 @@ class WarmupSchedule:
 
 
 def param_groups(qs: nn.Module, cfg) -> list[dict]:
-    """The four parameter groups of a QuietStar model (see the module docstring), with `lr_mult` set."""
+    """The parameter groups of a QuietStar model (see the module docstring), with `lr_mult` set."""
     groups = {
         "decay": dict(params=[], weight_decay=cfg.weight_decay, lr_mult=cfg.base_lr_mult),
         "no_decay": dict(params=[], weight_decay=0.0, lr_mult=cfg.base_lr_mult),
@@ -56,12 +57,15 @@ def param_groups(qs: nn.Module, cfg) -> list[dict]:
                         else cfg.thought_embedding_weight_decay),
         "talk_head": dict(params=[], weight_decay=cfg.weight_decay, lr_mult=cfg.talk_head_lr_mult),
         "talk_head_no_decay": dict(params=[], weight_decay=0.0, lr_mult=cfg.talk_head_lr_mult),
+        "gate": dict(params=[], weight_decay=0.0, lr_mult=cfg.talk_head_lr_mult),
     }
     for name, p in qs.named_parameters():
         if name in ("start_embedding", "end_embedding"):
             key = "thought"
         elif name.startswith("talk_head."):
             key = "talk_head" if p.dim() >= 2 else "talk_head_no_decay"
+        elif name.startswith("gate."):
+            key = "gate"
         else:
             key = "decay" if p.dim() >= 2 else "no_decay"
         groups[key]["params"].append(p)

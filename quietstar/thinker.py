@@ -33,9 +33,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from quietstar.linear_ce import CHUNK_BYTES, linear_logprob_sum
-from quietstar.masks import ThoughtGrid
+from quietstar.masks import GridStates, ThoughtGrid, at_positions
 from quietstar.objective import OBJECTIVES, get_objective
 from quietstar.objective import metrics as objective_metrics
+from quietstar.where import WHERE, Selection, ThinkGate, base_entropy, select
 
 
 @dataclass
@@ -111,6 +112,20 @@ class ThoughtConfig:
     lengths stay. Empty (the default): n_ahead and n_ahead_talk throughout. The lengths follow from the step
     alone, so a resumed run continues mid-stage exactly; a checkpoint is loaded for inference at the lengths
     of the stage it was saved in."""
+    where: str = "all"
+    """Which positions think (where.py): `all` (every position, the paper), `entropy` (the highest base
+    next-token entropy) or `gate` (a learned head predicting the thought's reward). Only the chosen positions
+    get grid rows, so the step's cost follows the fraction that thinks; the others train as plain NLL."""
+    think_fraction: float = 0.25
+    """With where = entropy or gate: the share of positions that think (the top scores of each sequence)."""
+    think_threshold: Optional[float] = None
+    """Instead of think_fraction: think where the score is above this (entropy in nats; gate: predicted
+    reward in nats). Generation uses it too; without it, generation thinks at the top think_fraction of the
+    scores seen so far in the sequence."""
+    gate_explore: float = 0.1
+    """where = gate: the share of the thinking slots given to positions drawn at random from the rest."""
+    gate_loss_weight: float = 1.0
+    """where = gate: weight of the gate's squared error against the observed mean reward in the loss."""
     scoring: str = "fused"
     """How log-probabilities are scored: `fused` (the LM head, log-softmax and weighted sum with its
     gradient in one chunked pass, linear_ce.py) or `plain` (full logits and autograd: the same values
@@ -137,6 +152,14 @@ class ThoughtConfig:
             raise ValueError(f"ThoughtConfig.base_loss_weight must be in [0, 1], got {self.base_loss_weight}")
         if not self.embedding_scale > 0:
             raise ValueError(f"ThoughtConfig.embedding_scale must be > 0, got {self.embedding_scale}")
+        if self.where not in WHERE:
+            raise ValueError(f"ThoughtConfig.where must be one of {WHERE}, got {self.where!r}")
+        if not 0.0 < self.think_fraction <= 1.0:
+            raise ValueError(f"ThoughtConfig.think_fraction must be in (0, 1], got {self.think_fraction}")
+        if not 0.0 <= self.gate_explore <= 1.0:
+            raise ValueError(f"ThoughtConfig.gate_explore must be in [0, 1], got {self.gate_explore}")
+        if self.where != "all" and self.impl != "grid":
+            raise ValueError(f"ThoughtConfig.where={self.where!r} needs impl='grid' (the subset grid), got {self.impl!r}")
         self.curriculum = [CurriculumStage(**c) if isinstance(c, dict) else c for c in self.curriculum]
         for k, c in enumerate(self.curriculum):
             if c.n_ahead < 3 or c.n_ahead_talk < 1 or c.steps < 1:
@@ -216,6 +239,7 @@ class ThoughtOutput:
     rewards: Optional[torch.Tensor] = None  # (B, n, L) R(i) (0 where not scorable)
     advantages: Optional[torch.Tensor] = None  # (B, n, L) A(i) as used by the policy loss
     thought_logprobs: Optional[torch.Tensor] = None  # (B, n, L, T-3) tempered log pi of each sampled token
+    selection: Optional[Selection] = None  # thought.where's thinking positions: the L above is then P of them
 
 
 class TalkScores(NamedTuple):
@@ -226,32 +250,48 @@ class TalkScores(NamedTuple):
 
 
 class PassResult(NamedTuple):
-    hidden: torch.Tensor  # (B, R, L, d) final-norm hidden states in the grid layout
-    thoughts: torch.Tensor  # (B, n, L, T-3)
+    hidden: torch.Tensor  # (B, R, L, d) final-norm hidden states in the grid layout, or GridStates (subset grid)
+    thoughts: torch.Tensor  # (B, n, P, T-3)
     extra_loss: Optional[torch.Tensor]  # added to the loss (None: nothing)
     metrics: dict  # 0-dim tensors
+    selection: Optional[Selection] = None  # the thinking positions (None: every position)
+
+
+class Rollout(NamedTuple):
+    thoughts: torch.Tensor  # (B, n, P, T-3) long
+    entropy: torch.Tensor  # 0-dim: mean entropy of the first thought token's distribution
+    selection: Optional[Selection]  # the thinking positions (None: every position, P = L)
 
 
 class GridPass:
     """The learning pass (cfg.impl = "grid"): the rollout on a branch K/V buffer, then one teacher-forced
-    forward over the whole grid under the grid predicate. Other passes (sequential.py) register beside it."""
+    forward over the whole grid (or the subset grid of the thinking positions) under the grid predicate.
+    Other passes (sequential.py) register beside it."""
 
     @staticmethod
-    def hidden(qs: "QuietStar", input_ids, thoughts, lengths, doc_ids) -> torch.Tensor:
-        ids, pos = qs.grid_tokens(input_ids, thoughts)
-        B, R, L = ids.shape
+    def hidden(qs: "QuietStar", input_ids, thoughts, lengths, doc_ids, positions=None):
+        """-> final-norm hidden states (B, R, L, d), or GridStates for the thinking positions (B, P)."""
+        ids, pos = qs.grid_tokens(input_ids, thoughts, positions)
+        B, L, n = input_ids.shape[0], input_ids.shape[1], thoughts.shape[1]
+        if positions is not None:
+            attn = _SubsetGridAttention(n, qs.cfg.n_grid_steps, positions, lengths, doc_ids)
+            h = qs.model(inputs_embeds=qs.embed(ids), position_ids=pos, attn=attn, return_hidden=True)
+            return qs.grid(n).states(h, L, positions)
+        R = ids.shape[1]
         h = qs.model(inputs_embeds=qs.embed(ids).view(B, R * L, -1), position_ids=pos.reshape(B, R * L),
-                     attn=_GridAttention(R, L, thoughts.shape[1], lengths, doc_ids), return_hidden=True)
+                     attn=_GridAttention(R, L, n, lengths, doc_ids), return_hidden=True)
         return h.view(B, R, L, -1)
 
     @classmethod
-    def run(cls, qs: "QuietStar", input_ids, lengths, doc_ids, generator, thoughts) -> PassResult:
+    def run(cls, qs: "QuietStar", input_ids, lengths, doc_ids, generator, thoughts, selection=None) -> PassResult:
         metrics = {}
         if thoughts is None:
             with torch.no_grad():
-                thoughts, entropy = qs._rollout_lengths(input_ids, lengths, generator, doc_ids)
+                thoughts, entropy, selection = qs._rollout_lengths(input_ids, lengths, generator, doc_ids, selection)
             metrics["thought/entropy_first_token"] = entropy
-        return PassResult(cls.hidden(qs, input_ids, thoughts, lengths, doc_ids), thoughts, None, metrics)
+        positions = None if selection is None else selection.positions
+        return PassResult(cls.hidden(qs, input_ids, thoughts, lengths, doc_ids, positions), thoughts, None, metrics,
+                          selection)
 
 
 LEARNING_PASSES: dict = {"grid": GridPass}
@@ -264,9 +304,10 @@ def register_learning_pass(name: str, learning_pass) -> None:
 
 class NextTokenLogits(NamedTuple):
     base: torch.Tensor  # (B, L, V) no-thought logits of x_{i+1}
-    mixed: torch.Tensor  # (B, n, L, V) talk-head-mixed logits after a thought
-    mix_weight: torch.Tensor  # (B, n, L)
-    thoughts: torch.Tensor  # (B, n, L, T-3)
+    mixed: torch.Tensor  # (B, n, P, V) talk-head-mixed logits after a thought (P = L: every position)
+    mix_weight: torch.Tensor  # (B, n, P)
+    thoughts: torch.Tensor  # (B, n, P, T-3)
+    selection: Optional[Selection] = None  # thought.where's P thinking positions (None: all L)
 
 
 class _GridAttention:
@@ -286,18 +327,41 @@ class _GridAttention:
         return out.reshape(B, H, self.R * self.L, D)
 
 
+class _SubsetGridAttention:
+    """Attention callable for the learning pass on the subset grid of the thinking positions (B, P): the
+    model's flattened (B, heads, L + (R - 1) P, D) tokens in masks.grid_coords order."""
+
+    def __init__(self, n: int, S: int, positions, lengths, doc_ids):
+        self.n, self.S, self.positions, self.lengths, self.doc_ids = n, S, positions, lengths, doc_ids
+
+    @torch.compiler.disable
+    def __call__(self, layer_idx, q, k, v):
+        from quietstar.attention import subset_grid_attention
+
+        return subset_grid_attention(q, k, v, self.n, self.S, self.positions, self.lengths, self.doc_ids)
+
+
 class _RolloutAttention:
-    """Attention callable for the rollout: the text row once, then one grid step of n*L tokens per call,
-    against a preallocated branch K/V buffer (B, G, n, steps, L, D) per layer."""
+    """Attention callable for the rollout: the text row once, then one grid step of n*P tokens per call
+    (P thinking positions, all L by default), against a preallocated branch K/V buffer (B, G, n, steps, P, D)
+    per layer."""
 
     def __init__(self, n_layers, B, G, n, steps, L, D, lengths, doc_ids, dtype, device):
         self.k0 = [None] * n_layers
         self.v0 = [None] * n_layers
-        shape = (n_layers, B, G, n, max(steps, 1), L, D)
-        self.kb = torch.empty(shape, dtype=dtype, device=device)
-        self.vb = torch.empty(shape, dtype=dtype, device=device)
+        self.shape = (n_layers, B, G, n, max(steps, 1), L, D)
+        self.kb = self.vb = None
         self.n, self.L, self.lengths, self.doc_ids = n, L, lengths, doc_ids
+        self.dtype, self.device = dtype, device
+        self.positions = None
         self.step = 0
+
+    def think_at(self, positions: Optional[torch.Tensor]) -> None:
+        """The branches grow at these positions (B, P) (None: every position); allocates their K/V buffer."""
+        self.positions = positions
+        shape = self.shape if positions is None else (*self.shape[:5], positions.shape[1], self.shape[6])
+        self.kb = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self.vb = torch.empty(shape, dtype=self.dtype, device=self.device)
 
     @torch.compiler.disable  # as above: `step` changes every call, which would recompile the blocks
     def __call__(self, i, q, k, v):
@@ -310,12 +374,12 @@ class _RolloutAttention:
             key_ok = None if self.lengths is None else torch.arange(self.L, device=q.device) < self.lengths[:, None]
             out, _ = prefix_attention(q.view(B, G, H // G, 1, self.L, D), k, v, key_ok, self.doc_ids)
             return out.to(q.dtype).view(B, H, self.L, D)
-        s = self.step
-        self.kb[i, :, :, :, s - 1] = k.view(B, G, self.n, self.L, D)
-        self.vb[i, :, :, :, s - 1] = v.view(B, G, self.n, self.L, D)
-        out = decode_step_attention(q.view(B, H, self.n, self.L, D), self.k0[i], self.v0[i],
-                                    self.kb[i, :, :, :, :s], self.vb[i, :, :, :, :s], self.lengths, self.doc_ids)
-        return out.reshape(B, H, self.n * self.L, D)
+        s, P = self.step, self.kb.shape[5]
+        self.kb[i, :, :, :, s - 1] = k.view(B, G, self.n, P, D)
+        self.vb[i, :, :, :, s - 1] = v.view(B, G, self.n, P, D)
+        out = decode_step_attention(q.view(B, H, self.n, P, D), self.k0[i], self.v0[i], self.kb[i, :, :, :, :s],
+                                    self.vb[i, :, :, :, :s], self.lengths, self.doc_ids, self.positions)
+        return out.reshape(B, H, self.n * P, D)
 
 
 def sample_categorical(logits: torch.Tensor, temperature: float = 1.0,
@@ -421,6 +485,8 @@ class QuietStar(nn.Module):
         self.start_embedding = nn.Parameter((w[start].float() / cfg.embedding_scale).to(w.dtype))
         self.end_embedding = nn.Parameter((w[end].float() / cfg.embedding_scale).to(w.dtype))
         self.talk_head = TalkHead(d, cfg.talk_head_hidden).to(model.tok_embeddings.weight.dtype)
+        # where = gate: the learned choice of the thinking positions (where.py); absent otherwise
+        self.gate = ThinkGate(d).to(model.tok_embeddings.weight.dtype) if cfg.where == "gate" else None
 
     # ---- embeddings and the grid layout ----
 
@@ -460,45 +526,80 @@ class QuietStar(nn.Module):
         """The grid layout for the current config (n copies; default cfg.n_thoughts)."""
         return ThoughtGrid(self.cfg.n_ahead, self.cfg.n_ahead_talk, self.cfg.n_thoughts if n is None else n)
 
-    def grid_tokens(self, input_ids: torch.Tensor, thoughts: torch.Tensor):
-        """-> ids (B, R, L) and position ids (B, R, L) of the grid layout (masks.ThoughtGrid)."""
+    def grid_tokens(self, input_ids: torch.Tensor, thoughts: torch.Tensor, positions: Optional[torch.Tensor] = None):
+        """-> ids (B, R, L) and position ids (B, R, L) of the grid layout (masks.ThoughtGrid); flat (B, N) for
+        the subset grid of the thinking positions (B, P)."""
         return self.grid(thoughts.shape[1]).tokens(input_ids, thoughts, self.start_token_id, self.end_token_id,
-                                                   self.pad_token_id)
+                                                   self.pad_token_id, positions)
+
+    # ---- where to think (where.py) ----
+
+    def think_scores(self, h_text: torch.Tensor) -> torch.Tensor:
+        """The selector's score of each position from the text's final hidden states (B, L, d) -> (B, L):
+        the base next-token entropy (where = entropy) or the gate's predicted reward (where = gate)."""
+        if self.cfg.where == "entropy":
+            chunk = max(1, CHUNK_BYTES.get(h_text.device.type, 1 << 25) // (4 * self.model.cfg.vocab_size))
+            return base_entropy(self.model.head, h_text, chunk)
+        if self.cfg.where == "gate":
+            return self.gate(h_text.detach())
+        raise ValueError(f"thought.where={self.cfg.where!r} scores no position")
+
+    def select(self, h_text: torch.Tensor, lengths=None, doc_ids=None, generator=None) -> Optional[Selection]:
+        """The thinking positions of a batch from its text hidden states (B, L, d); None when all think."""
+        cfg = self.cfg
+        if cfg.where == "all":
+            return None
+        eligible = ThoughtGrid.target_ok(h_text.shape[1], 0, lengths, doc_ids, h_text.device)  # has a next token
+        eligible = eligible.expand(h_text.shape[0], -1)
+        return select(self.think_scores(h_text), eligible, cfg.think_fraction, cfg.think_threshold,
+                      cfg.gate_explore if cfg.where == "gate" else 0.0, generator)
 
     # ---- phase 1: rollout ----
 
     @torch.no_grad()
-    def rollout(self, input_ids, attention_mask=None, generator=None, doc_ids=None) -> torch.Tensor:
-        """Sample n thoughts at every position. -> thoughts (B, n, L, T-3) long."""
-        return self._rollout(input_ids, attention_mask, generator, doc_ids)[0]
+    def rollout(self, input_ids, attention_mask=None, generator=None, doc_ids=None,
+                selection: Optional[Selection] = None) -> torch.Tensor:
+        """Sample n thoughts at every thinking position. -> thoughts (B, n, P, T-3) long (P = L unless
+        thought.where chooses positions: then at `selection`, or at the ones it chooses; see `rollout_at`)."""
+        return self._rollout(input_ids, attention_mask, generator, doc_ids, selection)[0]
 
     @torch.no_grad()
-    def _rollout(self, input_ids, attention_mask=None, generator=None, doc_ids=None):
-        return self._rollout_lengths(input_ids, self._check_input(input_ids, attention_mask), generator, doc_ids)
+    def _rollout(self, input_ids, attention_mask=None, generator=None, doc_ids=None, selection=None) -> Rollout:
+        return self._rollout_lengths(input_ids, self._check_input(input_ids, attention_mask), generator, doc_ids,
+                                     selection)
 
-    def _rollout_lengths(self, input_ids, lengths, generator=None, doc_ids=None):
-        """The rollout for checked inputs (lengths (B,) or None). -> (thoughts, first-step entropy)."""
+    def _rollout_lengths(self, input_ids, lengths, generator=None, doc_ids=None, selection=None) -> Rollout:
+        """The rollout for checked inputs (lengths (B,) or None): the text row, the choice of the thinking
+        positions (thought.where, unless `selection` is given), then the thought steps at those positions."""
         B, L = input_ids.shape
         grid = self.grid()
         n, n_sampled = grid.n, grid.n_sampled
-        thoughts = torch.zeros(B, n, L, n_sampled, dtype=torch.long, device=input_ids.device)
         entropy = torch.zeros((), device=input_ids.device)
-        if n_sampled == 0:
-            return thoughts, entropy
         mcfg, model = self.model.cfg, self.model
         x0 = self.embed(input_ids)
         attn = _RolloutAttention(mcfg.n_layers, B, mcfg.n_kv_heads, n, n_sampled, L, mcfg.head_dim, lengths,
                                  doc_ids, x0.dtype, x0.device)
         pos = torch.arange(L, device=input_ids.device)
-        model(inputs_embeds=x0, position_ids=pos.expand(B, L), attn=attn, return_hidden=True)
-        tokens = torch.full((B, n * L), self.start_token_id, dtype=torch.long, device=input_ids.device)
+        if n_sampled == 0 and self.cfg.where == "all":
+            return Rollout(torch.zeros(B, n, L, 0, dtype=torch.long, device=input_ids.device), entropy, None)
+        h_text = model(inputs_embeds=x0, position_ids=pos.expand(B, L), attn=attn, return_hidden=True)
+        if selection is None:
+            selection = self.select(h_text, lengths, doc_ids, generator)
+        positions = None if selection is None else selection.positions
+        where = pos.expand(B, L) if positions is None else positions  # (B, P)
+        P = where.shape[1]
+        thoughts = torch.zeros(B, n, P, n_sampled, dtype=torch.long, device=input_ids.device)
+        if n_sampled == 0:
+            return Rollout(thoughts, entropy, selection)
+        attn.think_at(positions)
+        tokens = torch.full((B, n * P), self.start_token_id, dtype=torch.long, device=input_ids.device)
         for s in range(grid.START_STEP, n_sampled + 1):  # step s is fed t_{s-1} (<start> at s = 1), predicts t_s
             attn.step = s
             h = model(inputs_embeds=self.embed(tokens), attn=attn, return_hidden=True,
-                      position_ids=grid.position_ids(s, pos).repeat(n).expand(B, n * L))  # (B, n*L, d)
-            tokens = self._sample(h.view(B * n * L, -1), generator, entropy if s == 1 else None).view(B, n * L)
-            thoughts[..., s - 1] = tokens.view(B, n, L)
-        return thoughts, entropy
+                      position_ids=grid.position_ids(s, where).repeat(1, n))  # (B, n*P, d)
+            tokens = self._sample(h.view(B * n * P, -1), generator, entropy if s == 1 else None).view(B, n * P)
+            thoughts[..., s - 1] = tokens.view(B, n, P)
+        return Rollout(thoughts, entropy, selection)
 
     def _sample(self, h: torch.Tensor, generator=None, entropy: Optional[torch.Tensor] = None) -> torch.Tensor:
         """One thought token per row of final hidden states h (rows, d), the LM head applied in chunks
@@ -522,10 +623,13 @@ class QuietStar(nn.Module):
         """The strategy that runs phase 2 (and the rollout it needs), chosen by cfg.impl."""
         return LEARNING_PASSES[self.cfg.impl]
 
-    def grid_hidden(self, input_ids, thoughts, attention_mask=None, doc_ids=None) -> torch.Tensor:
-        """One teacher-forced forward over the whole grid. -> final-norm hidden states (B, R, L, d)."""
+    def grid_hidden(self, input_ids, thoughts, attention_mask=None, doc_ids=None, positions=None):
+        """One teacher-forced forward over the whole grid. -> final-norm hidden states (B, R, L, d); GridStates
+        for the subset grid of the thinking positions (B, P) (thoughts (B, n, P, T-3))."""
         lengths = self._check_input(input_ids, attention_mask)
-        return self.learning_pass.hidden(self, input_ids, thoughts, lengths, doc_ids)
+        if positions is None:
+            return self.learning_pass.hidden(self, input_ids, thoughts, lengths, doc_ids)
+        return self.learning_pass.hidden(self, input_ids, thoughts, lengths, doc_ids, positions)
 
     def grid_logits(self, input_ids, thoughts, attention_mask=None, doc_ids=None) -> torch.Tensor:
         """Raw (unmixed) logits of every grid cell, for tests and analysis. -> (B, n, S, L, V);
@@ -534,11 +638,18 @@ class QuietStar(nn.Module):
         return self.model.head(self.grid(thoughts.shape[1]).per_copy(h))
 
     def forward(self, input_ids, attention_mask=None, generator=None, doc_ids=None,
-                thoughts: Optional[torch.Tensor] = None) -> ThoughtOutput:
-        """One Quiet-STaR step: rollout (unless `thoughts` are given), learning pass, losses."""
+                thoughts: Optional[torch.Tensor] = None, selection: Optional[Selection] = None) -> ThoughtOutput:
+        """One Quiet-STaR step: rollout (unless `thoughts` are given), learning pass, losses. With thought.where,
+        given thoughts (B, n, P, T-3) need the `selection` they were sampled at."""
         lengths = self._check_input(input_ids, attention_mask)
-        p = self.learning_pass.run(self, input_ids, lengths, doc_ids, generator, thoughts)
-        out = self.losses(p.hidden, input_ids, p.thoughts, attention_mask, doc_ids)
+        if self.cfg.where == "all":
+            p = self.learning_pass.run(self, input_ids, lengths, doc_ids, generator, thoughts)
+        else:
+            if thoughts is not None and selection is None:
+                raise ValueError(f"thought.where={self.cfg.where!r}: thoughts given without the selection they "
+                                 "were sampled at")
+            p = self.learning_pass.run(self, input_ids, lengths, doc_ids, generator, thoughts, selection)
+        out = self.losses(p.hidden, input_ids, p.thoughts, attention_mask, doc_ids, p.selection)
         if p.extra_loss is not None:
             out.loss = out.loss + p.extra_loss
         out.metrics.update(p.metrics)
@@ -553,54 +664,76 @@ class QuietStar(nn.Module):
 
     # ---- the objective: score -> objective (objective.py) -> metrics ----
 
-    def losses(self, hidden, input_ids, thoughts, attention_mask=None, doc_ids=None) -> ThoughtOutput:
-        """NLL + REINFORCE from the grid's hidden states (B, R, L, d). The objective's pure functions
-        (objective.py, chosen by cfg.objective) give the weights; `score_*` apply them (cfg.scoring)."""
+    def losses(self, hidden, input_ids, thoughts, attention_mask=None, doc_ids=None,
+               selection: Optional[Selection] = None) -> ThoughtOutput:
+        """NLL + REINFORCE from the grid's hidden states (B, R, L, d), or GridStates of the subset grid of
+        `selection`'s thinking positions. The objective's pure functions (objective.py, chosen by
+        cfg.objective) give the weights; `score_*` apply them (cfg.scoring)."""
         cfg, obj = self.cfg, get_objective(self.cfg.objective)
-        B, R, L, d = hidden.shape
+        states = hidden if isinstance(hidden, GridStates) else GridStates(hidden[:, 0], hidden[:, 1:], None)
+        positions = states.positions
+        B, L, d = states.text.shape
         grid = self.grid(thoughts.shape[1])
         lengths = None if attention_mask is None else attention_mask.long().sum(-1)
-        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        scope = obj.scope(grid, B, L, lengths, doc_ids, cfg, hidden.device)
+        acc = torch.float64 if states.text.dtype == torch.float64 else torch.float32
+        device = states.text.device
+        scope = obj.scope(grid, B, L, lengths, doc_ids, cfg, device) if positions is None else \
+            obj.scope(grid, B, L, lengths, doc_ids, cfg, device, positions, selection.valid)
         coef_base, coef_talk = obj.nll_coefficients(scope, grid.n, cfg, acc)
-        talk = self.score_talk(hidden, input_ids, grid, coef_base, coef_talk)
+        talk = self.score_talk(states, input_ids, grid, coef_base, coef_talk)
         reward = obj.rewards(talk.ce_base, talk.ce_talk, scope, cfg)
         adv = obj.advantages(reward, scope, cfg)
         if grid.n_sampled > 0:
-            policy_loss, logp = self.score_thoughts(hidden, thoughts, grid,
+            policy_loss, logp = self.score_thoughts(states, thoughts, grid,
                                                     obj.policy_coefficients(adv, scope, cfg, grid.n_sampled))
         else:
-            policy_loss, logp = hidden.new_zeros(()), None
+            policy_loss, logp = states.text.new_zeros(()), None
         loss = talk.nll + cfg.policy_weight * policy_loss
-        thought_ok = grid.target_ok(L, -1, lengths, None, hidden.device)[:, None].expand(B, grid.n, L)  # real positions
+        thought_ok = at_positions(grid.target_ok(L, -1, lengths, None, device).expand(B, L), positions)  # real positions
+        if positions is not None:
+            thought_ok = thought_ok & selection.valid
         m = objective_metrics(loss, talk.nll, policy_loss, talk.ce_base, talk.ce_talk, reward, adv, talk.mix_weight,
-                              scope, cfg, thoughts, thought_ok, self.model.cfg.vocab_size)
+                              scope, cfg, thoughts, thought_ok[:, None].expand(B, grid.n, -1), self.model.cfg.vocab_size)
+        if self.gate is not None and positions is not None:  # the gate learns the reward it predicts
+            gate_mse = self.gate_loss(states.text, positions, reward, scope.scorable)
+            loss = loss + cfg.gate_loss_weight * gate_mse
+            m["thought/gate_mse"] = gate_mse.detach()
         return ThoughtOutput(loss=loss, nll=talk.nll.detach(), policy_loss=policy_loss.detach(),
                              reward=m["thought/reward_mean"], mix_weight=m["thought/mix_weight_mean"],
                              thoughts=thoughts, metrics=m, ce_base=talk.ce_base,
                              ce_talk=talk.ce_talk.permute(1, 2, 0, 3), mix_weights=talk.mix_weight.permute(1, 2, 0, 3),
-                             rewards=reward, advantages=adv, thought_logprobs=logp)
+                             rewards=reward, advantages=adv, thought_logprobs=logp, selection=selection)
+
+    def gate_loss(self, h_text, positions, reward, scorable) -> torch.Tensor:
+        """Squared error of the gate's prediction at the thinking positions against the mean reward of the n
+        thoughts there, over the scorable ones. h_text (B, L, d) (detached: the gate does not train the
+        model), positions (B, P), reward (B, n, P), scorable (B, P)."""
+        pred = self.gate(at_positions(h_text.detach(), positions))  # (B, P)
+        err = (pred - reward.detach().mean(1).float()) ** 2
+        return (err * scorable).sum() / scorable.sum().clamp_min(1)
 
     def score_talk(self, hidden, input_ids, grid: ThoughtGrid, coef_base, coef_talk) -> "TalkScores":
-        """The no-thought prediction of x_{i+1} and the K mixed talk predictions of x_{i+k+1} (talk step k),
-        all in one LM-head pass: -nll = sum coef * log p. coef_base (B, L), coef_talk (K, B, n, L)."""
-        B, R, L, d = hidden.shape
-        K, n = grid.K, grid.n
-        h0 = hidden[:, 0]  # (B, L, d)
+        """The no-thought prediction of x_{i+1} at every position and the K mixed talk predictions of x_{i+k+1}
+        (talk step k) at the thinking positions, all in one LM-head pass: -nll = sum coef * log p.
+        hidden: GridStates; coef_base (B, L), coef_talk (K, B, n, P)."""
+        h0, positions = hidden.text, hidden.positions  # (B, L, d)
+        B, L, d = h0.shape
+        K, n, P = grid.K, grid.n, hidden.rows.shape[2]
         h_mix, ws = [], []
         for k in range(K):
-            hm, w = self.mix(grid.ahead(h0, k)[:, None].expand(B, n, L, d), grid.at_step(hidden, grid.talk_step(k)))
+            h_base = at_positions(grid.ahead(h0, k), positions)[:, None].expand(B, n, P, d)
+            hm, w = self.mix(h_base, grid.at_step(hidden, grid.talk_step(k)))
             h_mix.append(hm)
             ws.append(w)
-        targets = torch.stack([grid.target(input_ids, k) for k in range(K)])  # (K, B, L)
-        tgt = torch.cat([targets[0].flatten(), targets[:, :, None].expand(K, B, n, L).flatten()])
+        targets = torch.stack([at_positions(grid.target(input_ids, k), positions) for k in range(K)])  # (K, B, P)
+        tgt = torch.cat([grid.target(input_ids, 0).flatten(), targets[:, :, None].expand(K, B, n, P).flatten()])
         h_all = torch.cat([h0.reshape(-1, d), torch.stack(h_mix).view(-1, d)])
         weighted, logp = self._logprob_sum(h_all, tgt, torch.cat([coef_base.flatten(), coef_talk.flatten()]))
-        return TalkScores(-weighted, -logp[:B * L].view(B, L), -logp[B * L:].view(K, B, n, L), torch.stack(ws))
+        return TalkScores(-weighted, -logp[:B * L].view(B, L), -logp[B * L:].view(K, B, n, P), torch.stack(ws))
 
     def score_thoughts(self, hidden, thoughts, grid: ThoughtGrid, coef) -> tuple[torch.Tensor, torch.Tensor]:
         """-policy = sum coef * tempered log pi(t_m), t_m predicted at step m. -> (policy loss, log pi
-        (B, n, L, T-3), detached)."""
+        (B, n, P, T-3), detached)."""
         weighted, logp = self._logprob_sum(grid.sampled_rows(hidden), thoughts, coef, self.cfg.policy_temperature)
         return -weighted, logp
 
@@ -627,18 +760,26 @@ class QuietStar(nn.Module):
 
     @torch.no_grad()
     def next_token_logits(self, input_ids, attention_mask=None, generator=None, n_thoughts: int = 1,
-                          thoughts: Optional[torch.Tensor] = None) -> "NextTokenLogits":
+                          thoughts: Optional[torch.Tensor] = None,
+                          selection: Optional[Selection] = None) -> "NextTokenLogits":
         """The prediction of x_{i+1} at every position, with and without a thought (the paper's
         evaluation: K = 1, the mixed logits at the <end> step). -> NextTokenLogits with base (B, L, V),
-        mixed (B, n, L, V), mix_weight (B, n, L), thoughts (B, n, L, T-3)."""
+        mixed (B, n, P, V), mix_weight (B, n, P), thoughts (B, n, P, T-3) and, with thought.where, the
+        selection of the P thinking positions (chosen here unless given; P = L when every position thinks)."""
         with self.overridden(n_ahead_talk=1, n_thoughts=n_thoughts):
+            lengths = self._check_input(input_ids, attention_mask)
             if thoughts is None:
-                thoughts = self.rollout(input_ids, attention_mask, generator)
-            h = self.grid_hidden(input_ids, thoughts, attention_mask)
+                thoughts, _, selection = self._rollout_lengths(input_ids, lengths, generator, None, selection)
+            positions = None if selection is None else selection.positions
+            if positions is None:
+                h = self.learning_pass.hidden(self, input_ids, thoughts, lengths, None)
+                h = GridStates(h[:, 0], h[:, 1:], None)
+            else:
+                h = self.learning_pass.hidden(self, input_ids, thoughts, lengths, None, positions)
             grid = self.grid(n_thoughts)
-            h0, h_end = h[:, 0], grid.at_step(h, grid.talk_step(0))
-            h_mix, w = self.mix(h0[:, None].expand_as(h_end), h_end)
-            return NextTokenLogits(self.model.head(h0), self.model.head(h_mix), w, thoughts)
+            h0, h_end = h.text, grid.at_step(h, grid.talk_step(0))
+            h_mix, w = self.mix(at_positions(h0, positions)[:, None].expand_as(h_end), h_end)
+            return NextTokenLogits(self.model.head(h0), self.model.head(h_mix), w, thoughts, selection)
 
     @torch.no_grad()
     def think(self, feed, h_base: torch.Tensor, position: torch.Tensor, generator=None,

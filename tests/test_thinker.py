@@ -110,9 +110,9 @@ def test_rollout_sampling_in_chunks_is_the_same_sample(monkeypatch):
 
     qs = tiny_qs(n_ahead=6, n_ahead_talk=2, n_thoughts=2)
     x, mask = batch()
-    whole, ent = qs._rollout(x, mask, generator=torch.Generator().manual_seed(4))
+    whole, ent, _ = qs._rollout(x, mask, generator=torch.Generator().manual_seed(4))
     monkeypatch.setitem(linear_ce.CHUNK_BYTES, "cpu", 4 * 256 * 5)  # 5 rows of 256 logits per chunk
-    chunked, ent_chunked = qs._rollout(x, mask, generator=torch.Generator().manual_seed(4))
+    chunked, ent_chunked, _ = qs._rollout(x, mask, generator=torch.Generator().manual_seed(4))
     assert torch.equal(whole, chunked)
     assert ent_chunked.item() == pytest.approx(ent.item(), rel=1e-6) and ent.item() > 0
 
