@@ -608,7 +608,12 @@ def init_weights(qs: nn.Module, path) -> Path:
     verify_checkpoint(path)
     from quietstar.dist import DistInfo
 
-    _load_model_state(qs, read_model_state(path), path, DistInfo())
+    sd, own = read_model_state(path), qs.state_dict()
+    # thought.where=gate's head is the one part a new run may add or leave out: a run that starts one keeps
+    # its fresh init, a run without one drops the source's
+    sd = {k: v for k, v in sd.items() if not k.startswith("gate.") or k in own}
+    sd.update({k: v for k, v in own.items() if k.startswith("gate.") and k not in sd})
+    _load_model_state(qs, sd, path, DistInfo())
     return path
 
 

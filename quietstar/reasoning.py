@@ -358,7 +358,7 @@ answer of the hardest level."""
         if not thoughts:
             base.add(qs.model(ids, attention_mask=mask), ids, diff)
             continue
-        out = qs.next_token_logits(ids, mask, generator=g, n_thoughts=1)
+        out = qs.next_token_logits(ids, mask, generator=g, n_thoughts=1).full()  # base where none is thought
         base.add(out.base, ids, diff)
         mixed.add(out.mixed[:, 0], ids, diff)
         for b, p in (diff == top).nonzero().tolist():

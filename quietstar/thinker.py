@@ -309,6 +309,25 @@ class NextTokenLogits(NamedTuple):
     thoughts: torch.Tensor  # (B, n, P, T-3)
     selection: Optional[Selection] = None  # thought.where's P thinking positions (None: all L)
 
+    def full(self) -> "NextTokenLogits":
+        """The prediction used at every position (P = L): after a thought at the thinking positions, the base
+        prediction elsewhere (mix weight 0, thought ids 0 there)."""
+        if self.selection is None:
+            return self
+        B, n, P, V = self.mixed.shape
+        L = self.base.shape[1]
+        pos, valid = self.selection.positions, self.selection.valid[:, None]  # (B, P), (B, 1, P)
+
+        def spread(t, fill):  # (B, n, P, ...) at the thinking positions -> (B, n, L, ...), `fill` elsewhere
+            idx = pos.view(B, 1, P, *(1,) * (t.dim() - 3)).expand(t.shape)
+            ok = valid.view(B, 1, P, *(1,) * (t.dim() - 3))
+            return fill.scatter(2, idx, torch.where(ok, t, fill.gather(2, idx)))
+
+        th = self.thoughts
+        return NextTokenLogits(self.base, spread(self.mixed, self.base[:, None].expand(B, n, L, V).contiguous()),
+                               spread(self.mix_weight, self.mix_weight.new_zeros(B, n, L)),
+                               spread(th, th.new_zeros(B, n, L, th.shape[-1])), self.selection)
+
 
 class _GridAttention:
     """Attention callable for the learning pass: the model's (B, heads, R*L, D) -> the grid layout."""

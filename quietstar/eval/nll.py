@@ -83,7 +83,7 @@ def score_tokens(qs: QuietStar, tok, texts: Sequence[str], seq_len: int = 128, b
         mask = (torch.arange(L, device=dev)[None, :] < lengths[:, None]).long()
         tgt = x[:, 1:]
         if think:
-            out = qs.next_token_logits(x, mask, generator, n_thoughts=1)
+            out = qs.next_token_logits(x, mask, generator, n_thoughts=1).full()
             base, mixed, w, th = out.base[:, :-1], out.mixed[:, 0, :-1], out.mix_weight[:, 0, :-1], out.thoughts[:, 0, :-1]
         else:
             base = qs.model(x, attention_mask=mask)[:, :-1]

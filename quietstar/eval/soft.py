@@ -188,7 +188,7 @@ def _predictions(qs: QuietStar, tok, seqs, scored, think: bool, method: str, gen
         return out.base, out.mixed
     if think:  # the official way: every position thinks
         mask = (torch.arange(L)[None, :] < torch.tensor([len(s) for s in seqs])[:, None]).long().to(dev)
-        out = qs.next_token_logits(x, mask, generator, n_thoughts=1)
+        out = qs.next_token_logits(x, mask, generator, n_thoughts=1).full()
         return out.base[rows, positions], out.mixed[rows, 0, positions]
     return base_logits_at(qs, x, rows, positions), None
 

@@ -80,8 +80,9 @@ def pretrain_config(cfg):
 def micro_step_flops(cfg, plain: bool) -> float:
     """Model FLOPs of one micro-batch of this config, as a plain LM or as Quiet-STaR."""
     t = cfg.thought
+    q = 1.0 if t.where == "all" else t.think_fraction
     return step_flops(cfg.model.architecture(), "plain" if plain else "grid", cfg.data.batch_size,
-                      cfg.data.seq_len, t.n_ahead, t.n_ahead_talk, t.n_thoughts)
+                      cfg.data.seq_len, t.n_ahead, t.n_ahead_talk, t.n_thoughts, q)
 
 
 def baseline_steps(cfg) -> int:

@@ -10,6 +10,7 @@ from quietstar.checkpoint import load_thinker_checkpoint
 from quietstar.plots import PANELS, read_metrics, save_figure
 from quietstar.plain import reset_thought_embeddings
 from quietstar.reasoning import chain_open_ids, score_answers, train_and_eval_documents
+from quietstar.where import ThinkGate
 
 
 def _device(cfg) -> str:
@@ -32,6 +33,8 @@ def evaluate(cfg, pretrain_ckpt, quietstar_ckpt, baseline_ckpt) -> dict:
         if plain_start:  # the pretrained model as the Quiet-STaR stage starts from it
             qs.cfg = cfg.thought
             reset_thought_embeddings(qs)
+            if cfg.thought.where == "gate" and qs.gate is None:  # and with a fresh gate (thought.where=gate)
+                qs.gate = ThinkGate(qs.model.cfg.dim).to(dev)
         return score_answers(qs, docs, qs.tokenizer, r.eval_batch_size, seed, thoughts, r.n_examples, dev,
                              without=chain_open_ids(data.reasoning, qs.tokenizer))
 
