@@ -335,3 +335,27 @@ def test_where_config_errors_name_the_field():
     x, mask = batch()
     with pytest.raises(ValueError, match="without the selection"):
         qs(x, mask, thoughts=torch.zeros(2, 2, 13, 2, dtype=torch.long))
+
+
+def test_a_new_run_starts_or_drops_the_gate(tmp_path):
+    """init_from: a checkpoint without a gate into a where=gate run keeps the fresh gate (everything else
+    loaded); a gate checkpoint into a run without one drops it."""
+    from quietstar.checkpoint import init_weights, save_checkpoint
+    from quietstar.config import OptimConfig
+    from quietstar.optim import build_optimizer
+
+    def ckpt(qs, root):
+        opt, sched = build_optimizer(qs, OptimConfig(), max_steps=1)
+        return save_checkpoint(root, 1, qs, opt, sched, data_state={}, generator=None, config_yaml="{}\n",
+                               tokenizer=None, save_optimizer=False)
+
+    plain, gated = tiny_qs(seed=1), tiny_qs(seed=2, where="gate")
+    p_dir, g_dir = ckpt(plain, tmp_path / "a"), ckpt(gated, tmp_path / "b")
+    fresh = tiny_qs(seed=3, where="gate")
+    gate_before = {k: v.clone() for k, v in fresh.gate.state_dict().items()}
+    init_weights(fresh, p_dir)
+    assert all(torch.equal(v, gate_before[k]) for k, v in fresh.gate.state_dict().items())
+    assert torch.equal(fresh.model.tok_embeddings.weight, plain.model.tok_embeddings.weight)
+    no_gate = tiny_qs(seed=4)
+    init_weights(no_gate, g_dir)
+    assert no_gate.gate is None and torch.equal(no_gate.talk_head.net[4].weight, gated.talk_head.net[4].weight)
