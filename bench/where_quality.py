@@ -42,12 +42,13 @@ def per_token(run_dir: Path) -> dict:
     g = torch.Generator().manual_seed(cfg.train.seed + 7919)
     gains, ents, thinks, answer = [], [], [], []
     for ids, mask, diff, _ in batches(docs, qs.tokenizer, 32, qs.tokenizer.pad_id or 0):
-        out = qs.next_token_logits(ids, mask, generator=g, n_thoughts=1).full()
+        out = qs.next_token_logits(ids, mask, generator=g, n_thoughts=1)
+        thinking, out = out.thinking(), out.full()
         tgt, ok = ids[:, 1:], mask[:, 1:].bool()
         ce = lambda z: -torch.log_softmax(z[:, :-1].float(), -1).gather(-1, tgt[..., None]).squeeze(-1)
         gains.append((ce(out.base) - ce(out.mixed[:, 0]))[ok])
         ents.append(row_entropy(out.base[:, :-1])[ok])
-        thinks.append((out.mix_weight[:, 0, :-1] != 0)[ok] if out.selection is not None else torch.ones_like(ok)[ok])
+        thinks.append(thinking[:, :-1][ok])
         answer.append((diff[:, 1:] > 0)[ok])
     gain, ent, think, ans = (torch.cat(t) for t in (gains, ents, thinks, answer))
     edges = torch.quantile(ent, torch.linspace(0, 1, N_BUCKETS + 1))

@@ -309,6 +309,14 @@ class NextTokenLogits(NamedTuple):
     thoughts: torch.Tensor  # (B, n, P, T-3)
     selection: Optional[Selection] = None  # thought.where's P thinking positions (None: all L)
 
+    def thinking(self) -> torch.Tensor:
+        """(B, L) bool: the positions whose prediction follows a thought."""
+        B, L = self.base.shape[:2]
+        if self.selection is None:
+            return torch.ones(B, L, dtype=torch.bool, device=self.base.device)
+        return torch.zeros(B, L, dtype=torch.bool, device=self.base.device).scatter_(
+            1, self.selection.positions, self.selection.valid)
+
     def full(self) -> "NextTokenLogits":
         """The prediction used at every position (P = L): after a thought at the thinking positions, the base
         prediction elsewhere (mix weight 0, thought ids 0 there)."""
@@ -579,7 +587,8 @@ class QuietStar(nn.Module):
     def rollout(self, input_ids, attention_mask=None, generator=None, doc_ids=None,
                 selection: Optional[Selection] = None) -> torch.Tensor:
         """Sample n thoughts at every thinking position. -> thoughts (B, n, P, T-3) long (P = L unless
-        thought.where chooses positions: then at `selection`, or at the ones it chooses; see `rollout_at`)."""
+        thought.where chooses positions: then at `selection`, else at the ones it chooses, which `_rollout`
+        returns with the thoughts)."""
         return self._rollout(input_ids, attention_mask, generator, doc_ids, selection)[0]
 
     @torch.no_grad()

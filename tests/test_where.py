@@ -248,7 +248,8 @@ def test_rollout_at_the_thinking_positions_samples_their_thoughts():
     want = ref.mixed.gather(2, sel.positions[:, None, :, None].expand(-1, 1, -1, ref.mixed.shape[-1]))
     torch.testing.assert_close(out.mixed, want, rtol=0, atol=1e-10)
     every = out.full()  # the prediction used at each position: mixed where it thought, base elsewhere
-    thinking = torch.zeros(2, x.shape[1], dtype=torch.bool).scatter_(1, sel.positions, sel.valid)
+    thinking = out.thinking()
+    assert thinking.sum().item() == sel.valid.sum().item() == 14
     torch.testing.assert_close(every.mixed[:, 0][thinking], ref.mixed[:, 0][thinking], rtol=0, atol=1e-10)
     torch.testing.assert_close(every.mixed[:, 0][~thinking], out.base[~thinking], rtol=0, atol=0)
     assert bool((every.mix_weight[:, 0][~thinking] == 0).all()) and every.thoughts.shape == full_thoughts.shape
