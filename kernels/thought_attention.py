@@ -437,6 +437,234 @@ def _attn_bwd_dkdv_branch(Q, K, V, dO, dK, dV, Lse2, Delta, Lengths,
     tl.store(dV + kv_base + kv_off, dv.to(dV.dtype.element_ty), mask=st[:, None])
 
 
+# --------------------------------------------------------------------------------------------------
+# the subset grid (thought.where): the branch rows of P thinking positions, against the text's L keys
+#
+# Q, O (B, H, R, L, D) here hold only the R = n (S - 1) branch rows and L = P columns, column c sitting at
+# text position QPos[b, c]; the text K/V (B, G, LT, D) come separately (K0, V0). The text row's own
+# attention is the plain causal case, run by the kernels above as a one-row grid.
+
+
+@triton.jit
+def _subset_cells(r0, p0, b, QPos, R, L, S, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The tile's cells: branch row, column, step, in-bounds and text position."""
+    offs_m = tl.arange(0, BLOCK_R * BLOCK_P)
+    row = r0 + offs_m // BLOCK_P
+    col = p0 + offs_m % BLOCK_P
+    in_grid = (row < R) & (col < L)
+    step = row % (S - 1) + 1
+    tpos = tl.load(QPos + b.to(tl.int64) * L + col, mask=in_grid, other=0)
+    return row, col, step, in_grid, tpos
+
+
+@triton.jit
+def _subset_text_range(tpos, in_grid, length, BLOCK_N: tl.constexpr):
+    """Text keys of a tile of queries at text positions tpos: [0, lo) visible to all, [lo, hi) masked."""
+    hi = tl.minimum(tl.max(tl.where(in_grid, tpos, 0), axis=0) + 1, length)
+    lo = (tl.minimum(tl.min(tl.where(in_grid, tpos, 1 << 30), axis=0), length) // BLOCK_N) * BLOCK_N
+    return tl.minimum(lo, hi), hi
+
+
+@triton.jit
+def _subset_fwd(Q, K0, V0, K, V, Out, Lse2, Lengths, DocStart, QPos,
+                s_qb, s_qh, s_qr, s_ql, s_kb, s_kh, s_kr, s_kl, s_tb, s_th, s_tl,
+                H, R, L, LT, S, GROUP, sm_scale,
+                D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                PREC: tl.constexpr, DOCS: tl.constexpr):
+    pid_bh = tl.program_id(2)
+    b = pid_bh // H
+    h = pid_bh % H
+    g = h // GROUP
+    row, col, step, in_grid, tpos = _subset_cells(tl.program_id(0) * BLOCK_R, tl.program_id(1) * BLOCK_P, b, QPos,
+                                                  R, L, S, BLOCK_R, BLOCK_P)
+    length = tl.load(Lengths + b)
+    offs_d = tl.arange(0, D)
+    q_off = row[:, None] * s_qr + col[:, None] * s_ql + offs_d[None, :]
+    q = tl.load(Q + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh + q_off, mask=in_grid[:, None], other=0.0)
+    Kbg = K + b.to(tl.int64) * s_kb + g.to(tl.int64) * s_kh
+    Vbg = V + b.to(tl.int64) * s_kb + g.to(tl.int64) * s_kh
+    K0bg = K0 + b.to(tl.int64) * s_tb + g.to(tl.int64) * s_th
+    V0bg = V0 + b.to(tl.int64) * s_tb + g.to(tl.int64) * s_th
+    qk_scale = sm_scale * 1.4426950408889634
+    m_i = tl.full([BLOCK_R * BLOCK_P], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_R * BLOCK_P], tl.float32)
+    acc = tl.zeros([BLOCK_R * BLOCK_P, D], tl.float32)
+    lo, hi = _subset_text_range(tpos, in_grid, length, BLOCK_N)
+    if DOCS:
+        dstart = tl.load(DocStart + b.to(tl.int64) * LT + tpos, mask=in_grid, other=0)
+        lo = (tl.min(tl.where(in_grid, dstart, LT), axis=0) // BLOCK_N) * BLOCK_N
+    else:
+        dstart = tpos
+        acc, l_i, m_i = _fwd_text(acc, l_i, m_i, q, K0bg, V0bg, s_tl, tpos, dstart, 0, lo, qk_scale,
+                                  D, BLOCK_N, False, PREC, False)
+    acc, l_i, m_i = _fwd_text(acc, l_i, m_i, q, K0bg, V0bg, s_tl, tpos, dstart, lo, hi, qk_scale,
+                              D, BLOCK_N, True, PREC, DOCS)
+    key_ok = in_grid & (tpos < length)
+    t_hi = tl.max(tl.where(in_grid, step, 0), axis=0)
+    for t in range(1, t_hi + 1):  # own branch: step t of the same copy is branch row (row - step + t)
+        ok = key_ok & (t <= step)
+        kv_off = (row - step + t)[:, None] * s_kr + col[:, None] * s_kl + offs_d[None, :]
+        kt = tl.load(Kbg + kv_off, mask=ok[:, None], other=0.0)
+        qk = tl.where(ok, tl.sum(q.to(tl.float32) * kt.to(tl.float32), 1) * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, qk)
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(qk - m_new)
+        vt = tl.load(Vbg + kv_off, mask=ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + p[:, None] * vt.to(tl.float32)
+        l_i = l_i * alpha + p
+        m_i = m_new
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    lse2 = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe))
+    tl.store(Out + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh + q_off, (acc / l_safe[:, None]).to(Out.dtype.element_ty),
+             mask=in_grid[:, None])
+    tl.store(Lse2 + pid_bh.to(tl.int64) * R * L + row * L + col, lse2, mask=in_grid)
+
+
+@triton.jit
+def _subset_bwd_dq(Q, K0, V0, K, V, dO, dQ, Lse2, Delta, Lengths, DocStart, QPos,
+                   s_qb, s_qh, s_qr, s_ql, s_kb, s_kh, s_kr, s_kl, s_tb, s_th, s_tl,
+                   H, R, L, LT, S, GROUP, sm_scale,
+                   D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                   PREC: tl.constexpr, DOCS: tl.constexpr):
+    pid_bh = tl.program_id(2)
+    b = pid_bh // H
+    h = pid_bh % H
+    g = h // GROUP
+    row, col, step, in_grid, tpos = _subset_cells(tl.program_id(0) * BLOCK_R, tl.program_id(1) * BLOCK_P, b, QPos,
+                                                  R, L, S, BLOCK_R, BLOCK_P)
+    length = tl.load(Lengths + b)
+    offs_d = tl.arange(0, D)
+    q_base = b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh
+    q_off = row[:, None] * s_qr + col[:, None] * s_ql + offs_d[None, :]
+    q = tl.load(Q + q_base + q_off, mask=in_grid[:, None], other=0.0)
+    do = tl.load(dO + q_base + q_off, mask=in_grid[:, None], other=0.0)
+    l_off = pid_bh.to(tl.int64) * R * L + row * L + col
+    lse2 = tl.load(Lse2 + l_off, mask=in_grid, other=0.0)
+    lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
+    delta = tl.load(Delta + l_off, mask=in_grid, other=0.0)
+    Kbg = K + b.to(tl.int64) * s_kb + g.to(tl.int64) * s_kh
+    Vbg = V + b.to(tl.int64) * s_kb + g.to(tl.int64) * s_kh
+    K0bg = K0 + b.to(tl.int64) * s_tb + g.to(tl.int64) * s_th
+    V0bg = V0 + b.to(tl.int64) * s_tb + g.to(tl.int64) * s_th
+    qk_scale = sm_scale * 1.4426950408889634
+    dq = tl.zeros([BLOCK_R * BLOCK_P, D], tl.float32)
+    lo, hi = _subset_text_range(tpos, in_grid, length, BLOCK_N)
+    if DOCS:
+        dstart = tl.load(DocStart + b.to(tl.int64) * LT + tpos, mask=in_grid, other=0)
+        lo = (tl.min(tl.where(in_grid, dstart, LT), axis=0) // BLOCK_N) * BLOCK_N
+    else:
+        dstart = tpos
+        dq = _bwd_dq_text(dq, q, do, lse2, delta, K0bg, V0bg, s_tl, tpos, dstart, 0, lo, qk_scale, D, BLOCK_N,
+                          False, PREC, False)
+    dq = _bwd_dq_text(dq, q, do, lse2, delta, K0bg, V0bg, s_tl, tpos, dstart, lo, hi, qk_scale, D, BLOCK_N,
+                      True, PREC, DOCS)
+    key_ok = in_grid & (tpos < length)
+    t_hi = tl.max(tl.where(in_grid, step, 0), axis=0)
+    for t in range(1, t_hi + 1):
+        ok = key_ok & (t <= step)
+        kv_off = (row - step + t)[:, None] * s_kr + col[:, None] * s_kl + offs_d[None, :]
+        kt = tl.load(Kbg + kv_off, mask=ok[:, None], other=0.0).to(tl.float32)
+        vt = tl.load(Vbg + kv_off, mask=ok[:, None], other=0.0).to(tl.float32)
+        p = tl.where(ok, tl.math.exp2(tl.sum(q.to(tl.float32) * kt, 1) * qk_scale - lse2), 0.0)
+        dq += (p * (tl.sum(do.to(tl.float32) * vt, 1) - delta))[:, None] * kt
+    tl.store(dQ + q_base + q_off, (dq * sm_scale).to(dQ.dtype.element_ty), mask=in_grid[:, None])
+
+
+@triton.jit
+def _subset_bwd_dkdv_text(Q, K0, V0, dO, dK0, dV0, Lse2, Delta, Lengths, DocEnd, QPos,
+                          s_qb, s_qh, s_qr, s_ql, s_tb, s_th, s_tl,
+                          H, R, L, LT, S, GROUP, sm_scale,
+                          D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+                          PREC: tl.constexpr, DOCS: tl.constexpr):
+    """dk, dv (fp32) of one text key tile from every branch query of the kv group (the text row's own
+    queries are added on the host from the one-row grid's backward)."""
+    pid_bg = tl.program_id(1)
+    G = H // GROUP
+    b = pid_bg // G
+    g = pid_bg % G
+    length = tl.load(Lengths + b)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    t_off = b.to(tl.int64) * s_tb + g.to(tl.int64) * s_th + cols[:, None] * s_tl + offs_d[None, :]
+    k = tl.load(K0 + t_off, mask=(cols < LT)[:, None], other=0.0)
+    v = tl.load(V0 + t_off, mask=(cols < LT)[:, None], other=0.0)
+    dend = tl.load(DocEnd + b.to(tl.int64) * LT + cols, mask=cols < LT, other=0) if DOCS else cols
+    qk_scale = sm_scale * 1.4426950408889634
+    dk = tl.zeros([BLOCK_N, D], tl.float32)
+    dv = tl.zeros([BLOCK_N, D], tl.float32)
+    offs_m = tl.arange(0, BLOCK_R * BLOCK_P)
+    for hh in range(0, GROUP):
+        h = g * GROUP + hh
+        q_base = b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh
+        l_base = (b * H + h).to(tl.int64) * R * L
+        for r0 in range(0, R, BLOCK_R):
+            row = r0 + offs_m // BLOCK_P
+            for p0 in range(0, L, BLOCK_P):
+                col = p0 + offs_m % BLOCK_P
+                in_grid = (row < R) & (col < L)
+                tpos = tl.load(QPos + b.to(tl.int64) * L + col, mask=in_grid, other=-1)
+                q_off = row[:, None] * s_qr + col[:, None] * s_ql + offs_d[None, :]
+                q = tl.load(Q + q_base + q_off, mask=in_grid[:, None], other=0.0)
+                do = tl.load(dO + q_base + q_off, mask=in_grid[:, None], other=0.0)
+                lse2 = tl.load(Lse2 + l_base + row * L + col, mask=in_grid, other=0.0)
+                delta = tl.load(Delta + l_base + row * L + col, mask=in_grid, other=0.0)
+                pT = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale - lse2[None, :])
+                seen = (cols[:, None] <= tpos[None, :]) & (cols[:, None] < length) & in_grid[None, :]
+                if DOCS:
+                    seen = seen & (tpos[None, :] < dend[:, None])
+                pT = tl.where(seen, pT, 0.0)
+                dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
+                dsT = pT * (tl.dot(v, tl.trans(do), input_precision=PREC) - delta[None, :])
+                dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PREC)
+    p_off = (pid_bg.to(tl.int64) * LT) * D + cols[:, None] * D + offs_d[None, :]
+    tl.store(dK0 + p_off, dk * sm_scale, mask=(cols < LT)[:, None])
+    tl.store(dV0 + p_off, dv, mask=(cols < LT)[:, None])
+
+
+@triton.jit
+def _subset_bwd_dkdv_branch(Q, K, V, dO, dK, dV, Lse2, Delta, Lengths, QPos,
+                            s_qb, s_qh, s_qr, s_ql, s_kb, s_kh, s_kr, s_kl,
+                            H, R, L, S, GROUP, sm_scale,
+                            D: tl.constexpr, BLOCK_P: tl.constexpr):
+    """dk, dv of one branch row's keys: key step t collects the queries of steps t..S-1 of its copy, same column."""
+    kr = tl.program_id(0)
+    pid_bg = tl.program_id(2)
+    G = H // GROUP
+    b = pid_bg // G
+    g = pid_bg % G
+    t = kr % (S - 1) + 1
+    length = tl.load(Lengths + b)
+    col = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    tpos = tl.load(QPos + b.to(tl.int64) * L + col, mask=col < L, other=0)
+    ok = (col < L) & (tpos < length)
+    offs_d = tl.arange(0, D)
+    kv_base = b.to(tl.int64) * s_kb + g.to(tl.int64) * s_kh
+    kv_off = kr * s_kr + col[:, None] * s_kl + offs_d[None, :]
+    k = tl.load(K + kv_base + kv_off, mask=ok[:, None], other=0.0).to(tl.float32)
+    v = tl.load(V + kv_base + kv_off, mask=ok[:, None], other=0.0).to(tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+    dk = tl.zeros([BLOCK_P, D], tl.float32)
+    dv = tl.zeros([BLOCK_P, D], tl.float32)
+    for hh in range(0, GROUP):
+        h = g * GROUP + hh
+        q_base = b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh
+        l_base = (b * H + h).to(tl.int64) * R * L
+        for s in range(t, S):
+            qr = kr + s - t
+            q_off = qr * s_qr + col[:, None] * s_ql + offs_d[None, :]
+            q = tl.load(Q + q_base + q_off, mask=ok[:, None], other=0.0).to(tl.float32)
+            do = tl.load(dO + q_base + q_off, mask=ok[:, None], other=0.0).to(tl.float32)
+            lse2 = tl.load(Lse2 + l_base + qr * L + col, mask=ok, other=0.0)
+            delta = tl.load(Delta + l_base + qr * L + col, mask=ok, other=0.0)
+            p = tl.where(ok, tl.math.exp2(tl.sum(q * k, 1) * qk_scale - lse2), 0.0)
+            dv += p[:, None] * do
+            dk += (p * (tl.sum(do * v, 1) - delta))[:, None] * q
+    tl.store(dK + kv_base + kv_off, (dk * sm_scale).to(dK.dtype.element_ty), mask=(col < L)[:, None])
+    tl.store(dV + kv_base + kv_off, dv.to(dV.dtype.element_ty), mask=(col < L)[:, None])
+
+
 # autotuning (CUDA only). Tiles follow the tutorial's Hopper choices (M = 128 queries with 8 warps,
 # 64 with 4, BLOCK_N 32..128, 2-4 pipeline stages), M here being BLOCK_R rows x BLOCK_P positions. Each
 # kernel then drops the tiles that spill registers at the given head dim (sm_90, checked with ptxas):
@@ -494,6 +722,13 @@ _attn_bwd_dkdv_text_tuned = triton.autotune(_DKDV_CONFIGS, key=["R", "L", "S", "
                                             **_tune("dkdv"))(_attn_bwd_dkdv_text)
 _attn_bwd_dkdv_branch_tuned = triton.autotune(_BRANCH_CONFIGS, key=["R", "L", "S", "GROUP", "D"],
                                               **_tune("branch"))(_attn_bwd_dkdv_branch)
+
+_subset_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["R", "L", "S", "D"], **_tune("fwd"))(_subset_fwd)
+_subset_bwd_dq_tuned = triton.autotune(_DQ_CONFIGS, key=["R", "L", "S", "D"], **_tune("dq"))(_subset_bwd_dq)
+_subset_bwd_dkdv_text_tuned = triton.autotune(_DKDV_CONFIGS, key=["R", "L", "LT", "S", "GROUP", "D"],
+                                              **_tune("dkdv"))(_subset_bwd_dkdv_text)
+_subset_bwd_dkdv_branch_tuned = triton.autotune(_BRANCH_CONFIGS, key=["R", "L", "S", "GROUP", "D"],
+                                                **_tune("branch"))(_subset_bwd_dkdv_branch)
 
 # one fixed small tiling under TRITON_INTERPRET=1 (each program is run op by op in numpy)
 _INTERPRET_TILES = {
@@ -613,6 +848,84 @@ def _backward(q, k, v, o, lse2, do, lens, S, docs):
     return dq, dk, dv
 
 
+def _subset_forward(q, k0, v0, k, v, lens, S, qpos, docs):
+    """The branch rows of the subset grid: q (B, H, R, P, D), k, v (B, G, R, P, D), text k0, v0 (B, G, L, D)."""
+    B, H, R, P, D = q.shape
+    G, LT = k.shape[1], k0.shape[2]
+    o = torch.empty_like(q)
+    lse2 = torch.empty(B, H, R, P, device=q.device, dtype=torch.float32)
+    grid = lambda META: (triton.cdiv(R, META["BLOCK_R"]), triton.cdiv(P, META["BLOCK_P"]), B * H)
+    _launch("fwd", _subset_fwd, _subset_fwd_tuned, grid,
+            q, k0, v0, k, v, o, lse2, lens, lens if docs is None else docs[0], qpos, *_strides(q, k), *k0.stride()[:3],
+            H, R, P, LT, S, H // G, D ** -0.5, D=D, PREC=_dot_precision(q.dtype), DOCS=docs is not None)
+    return o, lse2
+
+
+def _subset_backward(q, k0, v0, k, v, o, lse2, do, lens, S, qpos, docs):
+    """-> dq, the text keys' dk0, dv0 (fp32, from the branch queries only), and the branch keys' dk, dv."""
+    B, H, R, P, D = q.shape
+    G, LT = k.shape[1], k0.shape[2]
+    GROUP, scale, prec = H // G, D ** -0.5, _dot_precision(q.dtype)
+    delta = torch.empty_like(lse2)
+    n_rows = B * H * R * P
+    _attn_bwd_delta[(triton.cdiv(n_rows, 64),)](o, do, delta, n_rows, D=D, BLOCK=64)
+    dq = torch.empty_like(q)
+    grid = lambda META: (triton.cdiv(R, META["BLOCK_R"]), triton.cdiv(P, META["BLOCK_P"]), B * H)
+    _launch("dq", _subset_bwd_dq, _subset_bwd_dq_tuned, grid,
+            q, k0, v0, k, v, do, dq, lse2, delta, lens, lens if docs is None else docs[0], qpos, *_strides(q, k),
+            *k0.stride()[:3], H, R, P, LT, S, GROUP, scale, D=D, PREC=prec, DOCS=docs is not None)
+    dk0 = torch.empty(B, G, LT, D, device=q.device, dtype=torch.float32)
+    dv0 = torch.empty_like(dk0)
+    grid = lambda META: (triton.cdiv(LT, META["BLOCK_N"]), B * G)
+    _launch("dkdv", _subset_bwd_dkdv_text, _subset_bwd_dkdv_text_tuned, grid,
+            q, k0, v0, do, dk0, dv0, lse2, delta, lens, lens if docs is None else docs[1], qpos, *q.stride()[:4],
+            *k0.stride()[:3], H, R, P, LT, S, GROUP, scale, D=D, PREC=prec, DOCS=docs is not None)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    grid = lambda META: (R, triton.cdiv(P, META["BLOCK_P"]), B * G)
+    _launch("branch", _subset_bwd_dkdv_branch, _subset_bwd_dkdv_branch_tuned, grid,
+            q, k, v, do, dk, dv, lse2, delta, lens, qpos, *_strides(q, k), H, R, P, S, GROUP, scale, D=D)
+    return dq, dk0, dv0, dk, dv
+
+
+class SubsetThoughtAttention(torch.autograd.Function):
+    """o = SubsetThoughtAttention.apply(q, k, v, n, S, positions, lengths, doc_ids) on the flattened subset grid
+    (B, heads, L + n (S - 1) P, D): the text row as a one-row grid (the kernels above), the branch rows of the
+    P thinking positions through the _subset kernels; the text keys' gradients are the sum of both."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, n, S, positions, lengths, doc_ids):
+        B, H, N, D = q.shape
+        P = positions.shape[1]
+        L = N - n * (S - 1) * P
+        split = lambda t: (t[:, :, :L].unsqueeze(2).contiguous(), t[:, :, L:].unflatten(2, (n * (S - 1), P)).contiguous())
+        (qt, qb), (kt, kb), (vt, vb) = split(q), split(k), split(v)
+        lens = (torch.full((B,), L, dtype=torch.int32, device=q.device) if lengths is None
+                else lengths.to(device=q.device, dtype=torch.int32).clamp(0, L).contiguous())
+        docs = None if doc_ids is None else document_bounds(doc_ids.to(q.device))
+        qpos = positions.to(device=q.device, dtype=torch.int32).contiguous()
+        with _on_device(q):
+            o_t, l_t = _forward(qt, kt, vt, lens, 1, docs)
+            o_b, l_b = _subset_forward(qb, kt[:, :, 0], vt[:, :, 0], kb, vb, lens, S, qpos, docs)
+        ctx.save_for_backward(qt, kt, vt, qb, kb, vb, o_t, l_t, o_b, l_b, lens, qpos, *(docs or ()))
+        ctx.S = S
+        return torch.cat([o_t.flatten(2, 3), o_b.flatten(2, 3)], 2)
+
+    @staticmethod
+    def backward(ctx, do):
+        qt, kt, vt, qb, kb, vb, o_t, l_t, o_b, l_b, lens, qpos, *docs = ctx.saved_tensors
+        docs = docs or None
+        L = qt.shape[3]
+        do_t, do_b = do[:, :, :L].unsqueeze(2).contiguous(), do[:, :, L:].reshape(qb.shape).contiguous()
+        with _on_device(qt):
+            dq_t, dk_t, dv_t = _backward(qt, kt, vt, o_t, l_t, do_t, lens, 1, docs)
+            dq_b, dk0, dv0, dk_b, dv_b = _subset_backward(qb, kt[:, :, 0], vt[:, :, 0], kb, vb, o_b, l_b, do_b, lens,
+                                                          ctx.S, qpos, docs)
+        text = lambda d_t, d0: (d_t[:, :, 0].float() + d0).to(d_t.dtype)
+        return (torch.cat([dq_t.flatten(2, 3), dq_b.flatten(2, 3)], 2),
+                torch.cat([text(dk_t, dk0), dk_b.flatten(2, 3)], 2),
+                torch.cat([text(dv_t, dv0), dv_b.flatten(2, 3)], 2), None, None, None, None, None)
+
+
 class ThoughtAttention(torch.autograd.Function):
     """o, lse2 = ThoughtAttention.apply(q, k, v, n, lengths, doc_ids); lse2 (log2 units) is not
     differentiable."""
@@ -691,3 +1004,22 @@ def thought_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int,
     grid_steps(R, n)  # validates R against n
     o, lse2 = ThoughtAttention.apply(q, k, v, n, lengths, doc_ids)
     return (o, lse2 * LN2) if return_lse else o
+
+
+def subset_thought_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, S: int,
+                             positions: torch.Tensor, lengths: Optional[torch.Tensor] = None,
+                             doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Attention over the subset grid of the thinking positions (B, P) (ascending, distinct; masks.grid_coords):
+    q (B, H, L + n (S - 1) P, D); k, v (B, G, same, D) -> (B, H, same, D). Otherwise as thought_attention."""
+    if q.dim() != 4 or k.shape != v.shape or k.shape[2:] != q.shape[2:] or q.shape[1] % k.shape[1]:
+        raise ValueError(f"expected flattened q (B, H, N, D) and k, v (B, G, N, D); got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    D = q.shape[-1]
+    if D < 16 or D & (D - 1):
+        raise ValueError(f"head dim must be a power of two >= 16, got {D}")
+    if q.device.type != "cuda" and not INTERPRET:
+        raise RuntimeError("subset_thought_attention needs CUDA, or TRITON_INTERPRET=1 set before triton is imported")
+    if S < 2 or q.shape[2] - n * (S - 1) * positions.shape[1] < 1:
+        raise ValueError(f"{q.shape[2]} tokens do not hold a text row and n={n} x (S-1)={S - 1} rows of "
+                         f"{positions.shape[1]} thinking positions")
+    return SubsetThoughtAttention.apply(q, k, v, n, S, positions, lengths, doc_ids)

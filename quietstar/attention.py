@@ -60,15 +60,10 @@ def _check(name: str) -> None:
         raise ValueError(f"attention.backend must be one of {BACKENDS}, got {name!r}")
 
 
-def resolve_backend(device: torch.device, subset: bool = False) -> str:
-    """The backend that runs on `device`; `subset`: for a subset grid (thought.where), which the Triton kernel
-    does not lay out (auto then takes flex on CUDA)."""
+def resolve_backend(device: torch.device) -> str:
     name = _override or _configured
     if name == "auto":
-        return ("flex" if subset else "triton") if device.type == "cuda" else "split"
-    if name == "triton" and subset:
-        raise RuntimeError("attention.backend='triton' lays out the full thought grid only; a subset grid "
-                           "(thought.where != all) runs on 'flex', 'split' or 'dense' ('auto' picks flex on CUDA)")
+        return "triton" if device.type == "cuda" else "split"
     if name in ("triton", "flex") and device.type != "cuda":
         if name == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
             return name
@@ -101,7 +96,10 @@ def subset_grid_attention(q, k, v, n: int, S: int, positions: torch.Tensor, leng
     """Attention over the subset grid of the thinking positions (B, P) (masks.grid_coords): the text row's L
     tokens, then R - 1 branch rows of P tokens, flattened. q (B, H, N, D); k, v (B, G, N, D) -> (B, H, N, D).
     A branch at position positions[b, p] sees the whole text prefix up to it and its own earlier steps."""
-    backend = resolve_backend(q.device, subset=True)
+    backend = resolve_backend(q.device)
+    if backend == "triton":
+        from kernels.thought_attention import subset_thought_attention
+        return subset_thought_attention(q, k, v, n, S, positions, lengths, doc_ids)
     if backend == "flex":
         from quietstar.flex import flex_grid_attention
         return flex_grid_attention(q, k, v, n, lengths, doc_ids, positions=positions, S=S)

@@ -123,11 +123,35 @@ def test_subset_flex_grads_equal_dense_cuda():
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
 
 
-def test_triton_refuses_a_subset_grid_by_name():
-    with attention.use_backend("triton"), pytest.raises(RuntimeError, match="subset grid"):
-        attention.resolve_backend(torch.device("cuda"), subset=True)
-    with attention.use_backend("auto"):
-        assert attention.resolve_backend(torch.device("cuda"), subset=True) == "flex"
+@pytest.mark.parametrize("B,H,G,n,S,L,P,lengths,docs", [
+    (2, 4, 2, 2, 4, 37, 9, [37, 20], False),  # GQA, padding, several text and column tiles
+    (1, 2, 2, 1, 3, 20, 20, None, False),  # every position
+    (2, 2, 1, 3, 2, 19, 1, [19, 7], True),  # one position, packed documents
+])
+def test_subset_triton_equals_dense(B, H, G, n, S, L, P, lengths, docs):
+    """The fused kernel on the subset grid (the Triton interpreter on CPU), forward and every gradient,
+    against the dense oracle: errors within twice those of fp32 PyTorch (docs/testing.md)."""
+    pytest.importorskip("triton")
+    from kernels.thought_attention import subset_thought_attention
+    D = 16
+    q, k, v = _qkv(B, H, G, n, S, L, D, dtype=torch.float32, seed=8)
+    positions = _positions(B, L, P, seed=5)
+    lengths = None if lengths is None else torch.tensor(lengths)
+    doc_ids = (torch.arange(L)[None].expand(B, L) >= torch.tensor([[L // 3]] * B)).long() if docs else None
+    qs, ks, vs = (_subset(t, positions, n, S) for t in (q, k, v))
+    grad = torch.randn(qs.shape, generator=torch.Generator().manual_seed(1))
+
+    def run(fn, dtype):
+        t = [x.to(dtype).requires_grad_() for x in (qs, ks, vs)]
+        out = fn(*t)
+        return [out.double()] + [g.double() for g in torch.autograd.grad((out * grad.to(dtype)).sum(), t)]
+
+    with attention.use_backend("dense"):
+        dense = lambda a, b, c: subset_grid_attention(a, b, c, n, S, positions, lengths, doc_ids)
+        exact, base = run(dense, torch.float64), run(dense, torch.float32)
+    got = run(lambda a, b, c: subset_thought_attention(a, b, c, n, S, positions, lengths, doc_ids), torch.float32)
+    for name, g_, b_, e in zip(("out", "dq", "dk", "dv"), got, base, exact):
+        assert (g_ - e).abs().max() <= 2 * (b_ - e).abs().max() + 1e-6, name
 
 
 @pytest.mark.parametrize("step", [1, 3])
