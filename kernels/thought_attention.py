@@ -198,6 +198,47 @@ def _bwd_dkdv_text(dk, dv, k, v, Qh, dOh, Lh, Dh, s_qr, s_ql, cols, dend, length
     return dk, dv
 
 
+@triton.jit
+def _fwd_branch(acc, l_i, m_i, q, Kbg, Vbg, row, col, step, key_ok, s_kr, s_kl, qk_scale, D: tl.constexpr):
+    """Online softmax over the own-branch keys: key step t of the query's copy sits in row (row - step + t),
+    at the same column, for t = 1..step (key_ok: the column is a real token)."""
+    offs_d = tl.arange(0, D)
+    t_hi = tl.max(tl.where(key_ok, step, 0), axis=0)
+    for t in range(1, t_hi + 1):
+        ok = key_ok & (t <= step)
+        kv_off = (row - step + t)[:, None] * s_kr + col[:, None] * s_kl + offs_d[None, :]
+        kt = tl.load(Kbg + kv_off, mask=ok[:, None], other=0.0)
+        qk = tl.sum(q.to(tl.float32) * kt.to(tl.float32), 1) * qk_scale
+        qk = tl.where(ok, qk, float("-inf"))
+        m_new = tl.maximum(m_i, qk)
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(qk - m_new)
+        vt = tl.load(Vbg + kv_off, mask=ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + p[:, None] * vt.to(tl.float32)
+        l_i = l_i * alpha + p
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _bwd_dq_branch(dq, q, do, lse2, delta, Kbg, Vbg, row, col, step, key_ok, s_kr, s_kl, qk_scale,
+                   D: tl.constexpr):
+    """dq += dS K over the own-branch keys (as _fwd_branch)."""
+    offs_d = tl.arange(0, D)
+    t_hi = tl.max(tl.where(key_ok, step, 0), axis=0)
+    for t in range(1, t_hi + 1):
+        ok = key_ok & (t <= step)
+        kv_off = (row - step + t)[:, None] * s_kr + col[:, None] * s_kl + offs_d[None, :]
+        kt = tl.load(Kbg + kv_off, mask=ok[:, None], other=0.0).to(tl.float32)
+        vt = tl.load(Vbg + kv_off, mask=ok[:, None], other=0.0).to(tl.float32)
+        p = tl.math.exp2(tl.sum(q.to(tl.float32) * kt, 1) * qk_scale - lse2)
+        p = tl.where(ok, p, 0.0)
+        ds = p * (tl.sum(do.to(tl.float32) * vt, 1) - delta)
+        dq += ds[:, None] * kt
+    return dq
+
+
 # --------------------------------------------------------------------------------------------------
 # kernels (each a plain @triton.jit for the interpreter and forced tiles, plus an autotuned wrapper)
 
@@ -240,22 +281,8 @@ def _attn_fwd(Q, K, V, Out, Lse2, Lengths, DocStart,
     acc, l_i, m_i = _fwd_text(acc, l_i, m_i, q, Kbg, Vbg, s_kl, pos, dstart, lo, hi, qk_scale,
                               D, BLOCK_N, True, PREC, DOCS)
     # own branch: key step t of the query's copy sits in row (row - step + t), at the same position
-    key_ok = in_grid & (pos < length)
-    t_hi = tl.max(tl.where(in_grid, step, 0), axis=0)
-    for t in range(1, t_hi + 1):
-        ok = key_ok & (t <= step)
-        kv_off = (row - step + t)[:, None] * s_kr + pos[:, None] * s_kl + offs_d[None, :]
-        kt = tl.load(Kbg + kv_off, mask=ok[:, None], other=0.0)
-        qk = tl.sum(q.to(tl.float32) * kt.to(tl.float32), 1) * qk_scale
-        qk = tl.where(ok, qk, float("-inf"))
-        m_new = tl.maximum(m_i, qk)
-        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(qk - m_new)
-        vt = tl.load(Vbg + kv_off, mask=ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + p[:, None] * vt.to(tl.float32)
-        l_i = l_i * alpha + p
-        m_i = m_new
+    acc, l_i, m_i = _fwd_branch(acc, l_i, m_i, q, Kbg, Vbg, row, pos, step, in_grid & (pos < length), s_kr, s_kl,
+                                qk_scale, D)
 
     empty = l_i == 0.0  # no visible key at all (lengths[b] == 0): out = 0, lse = -inf
     l_safe = tl.where(empty, 1.0, l_i)
@@ -315,17 +342,8 @@ def _attn_bwd_dq(Q, K, V, dO, dQ, Lse2, Delta, Lengths, DocStart,
                           False, PREC, False)
     dq = _bwd_dq_text(dq, q, do, lse2, delta, Kbg, Vbg, s_kl, pos, dstart, lo, hi, qk_scale, D, BLOCK_N,
                       True, PREC, DOCS)
-    key_ok = in_grid & (pos < length)
-    t_hi = tl.max(tl.where(in_grid, step, 0), axis=0)
-    for t in range(1, t_hi + 1):
-        ok = key_ok & (t <= step)
-        kv_off = (row - step + t)[:, None] * s_kr + pos[:, None] * s_kl + offs_d[None, :]
-        kt = tl.load(Kbg + kv_off, mask=ok[:, None], other=0.0).to(tl.float32)
-        vt = tl.load(Vbg + kv_off, mask=ok[:, None], other=0.0).to(tl.float32)
-        p = tl.math.exp2(tl.sum(q.to(tl.float32) * kt, 1) * qk_scale - lse2)
-        p = tl.where(ok, p, 0.0)
-        ds = p * (tl.sum(do.to(tl.float32) * vt, 1) - delta)
-        dq += ds[:, None] * kt
+    dq = _bwd_dq_branch(dq, q, do, lse2, delta, Kbg, Vbg, row, pos, step, in_grid & (pos < length), s_kr, s_kl,
+                        qk_scale, D)
     dq = dq * sm_scale
     tl.store(dQ + q_base + q_off, dq.to(dQ.dtype.element_ty), mask=in_grid[:, None])
 
@@ -393,22 +411,26 @@ def _attn_bwd_dkdv_text(Q, K, V, dO, dK, dV, PartK, PartV, Lse2, Delta, Lengths,
 
 
 @triton.jit
-def _attn_bwd_dkdv_branch(Q, K, V, dO, dK, dV, Lse2, Delta, Lengths,
+def _attn_bwd_dkdv_branch(Q, K, V, dO, dK, dV, Lse2, Delta, Lengths, QPos,
                           s_qb, s_qh, s_qr, s_ql, s_kb, s_kh, s_kr, s_kl,
                           H, R, L, S, GROUP, sm_scale,
-                          D: tl.constexpr, BLOCK_P: tl.constexpr):
+                          D: tl.constexpr, BLOCK_P: tl.constexpr, SUBSET: tl.constexpr):
+    """dk, dv of one branch row's keys: key step t collects the queries of steps t..S-1 of its copy at the same
+    column. SUBSET: the rows are the subset grid's branch rows only (from row 0), column c at text position
+    QPos[b, c]; otherwise the full grid's rows 1.. and column = position."""
     pid_k = tl.program_id(0)  # branch row - 1, fastest: neighbours read the same queries
     pid_p = tl.program_id(1)
     pid_bg = tl.program_id(2)
     G = H // GROUP
     b = pid_bg // G
     g = pid_bg % G
-    kr = 1 + pid_k
+    kr = pid_k if SUBSET else 1 + pid_k
     t = pid_k % (S - 1) + 1  # the key's step
     length = tl.load(Lengths + b)
     pos = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_d = tl.arange(0, D)
-    ok = (pos < L) & (pos < length)
+    tpos = tl.load(QPos + b.to(tl.int64) * L + pos, mask=pos < L, other=0) if SUBSET else pos
+    ok = (pos < L) & (tpos < length)
     kv_base = b.to(tl.int64) * s_kb + g.to(tl.int64) * s_kh
     kv_off = kr * s_kr + pos[:, None] * s_kl + offs_d[None, :]
     k = tl.load(K + kv_base + kv_off, mask=ok[:, None], other=0.0).to(tl.float32)
@@ -499,21 +521,8 @@ def _subset_fwd(Q, K0, V0, K, V, Out, Lse2, Lengths, DocStart, QPos,
                                   D, BLOCK_N, False, PREC, False)
     acc, l_i, m_i = _fwd_text(acc, l_i, m_i, q, K0bg, V0bg, s_tl, tpos, dstart, lo, hi, qk_scale,
                               D, BLOCK_N, True, PREC, DOCS)
-    key_ok = in_grid & (tpos < length)
-    t_hi = tl.max(tl.where(in_grid, step, 0), axis=0)
-    for t in range(1, t_hi + 1):  # own branch: step t of the same copy is branch row (row - step + t)
-        ok = key_ok & (t <= step)
-        kv_off = (row - step + t)[:, None] * s_kr + col[:, None] * s_kl + offs_d[None, :]
-        kt = tl.load(Kbg + kv_off, mask=ok[:, None], other=0.0)
-        qk = tl.where(ok, tl.sum(q.to(tl.float32) * kt.to(tl.float32), 1) * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, qk)
-        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(qk - m_new)
-        vt = tl.load(Vbg + kv_off, mask=ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + p[:, None] * vt.to(tl.float32)
-        l_i = l_i * alpha + p
-        m_i = m_new
+    acc, l_i, m_i = _fwd_branch(acc, l_i, m_i, q, Kbg, Vbg, row, col, step, in_grid & (tpos < length), s_kr, s_kl,
+                                qk_scale, D)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     lse2 = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe))
@@ -560,15 +569,8 @@ def _subset_bwd_dq(Q, K0, V0, K, V, dO, dQ, Lse2, Delta, Lengths, DocStart, QPos
                           False, PREC, False)
     dq = _bwd_dq_text(dq, q, do, lse2, delta, K0bg, V0bg, s_tl, tpos, dstart, lo, hi, qk_scale, D, BLOCK_N,
                       True, PREC, DOCS)
-    key_ok = in_grid & (tpos < length)
-    t_hi = tl.max(tl.where(in_grid, step, 0), axis=0)
-    for t in range(1, t_hi + 1):
-        ok = key_ok & (t <= step)
-        kv_off = (row - step + t)[:, None] * s_kr + col[:, None] * s_kl + offs_d[None, :]
-        kt = tl.load(Kbg + kv_off, mask=ok[:, None], other=0.0).to(tl.float32)
-        vt = tl.load(Vbg + kv_off, mask=ok[:, None], other=0.0).to(tl.float32)
-        p = tl.where(ok, tl.math.exp2(tl.sum(q.to(tl.float32) * kt, 1) * qk_scale - lse2), 0.0)
-        dq += (p * (tl.sum(do.to(tl.float32) * vt, 1) - delta))[:, None] * kt
+    dq = _bwd_dq_branch(dq, q, do, lse2, delta, Kbg, Vbg, row, col, step, in_grid & (tpos < length), s_kr, s_kl,
+                        qk_scale, D)
     tl.store(dQ + q_base + q_off, (dq * sm_scale).to(dQ.dtype.element_ty), mask=in_grid[:, None])
 
 
@@ -621,48 +623,6 @@ def _subset_bwd_dkdv_text(Q, K0, V0, dO, dK0, dV0, Lse2, Delta, Lengths, DocEnd,
     p_off = (pid_bg.to(tl.int64) * LT) * D + cols[:, None] * D + offs_d[None, :]
     tl.store(dK0 + p_off, dk * sm_scale, mask=(cols < LT)[:, None])
     tl.store(dV0 + p_off, dv, mask=(cols < LT)[:, None])
-
-
-@triton.jit
-def _subset_bwd_dkdv_branch(Q, K, V, dO, dK, dV, Lse2, Delta, Lengths, QPos,
-                            s_qb, s_qh, s_qr, s_ql, s_kb, s_kh, s_kr, s_kl,
-                            H, R, L, S, GROUP, sm_scale,
-                            D: tl.constexpr, BLOCK_P: tl.constexpr):
-    """dk, dv of one branch row's keys: key step t collects the queries of steps t..S-1 of its copy, same column."""
-    kr = tl.program_id(0)
-    pid_bg = tl.program_id(2)
-    G = H // GROUP
-    b = pid_bg // G
-    g = pid_bg % G
-    t = kr % (S - 1) + 1
-    length = tl.load(Lengths + b)
-    col = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-    tpos = tl.load(QPos + b.to(tl.int64) * L + col, mask=col < L, other=0)
-    ok = (col < L) & (tpos < length)
-    offs_d = tl.arange(0, D)
-    kv_base = b.to(tl.int64) * s_kb + g.to(tl.int64) * s_kh
-    kv_off = kr * s_kr + col[:, None] * s_kl + offs_d[None, :]
-    k = tl.load(K + kv_base + kv_off, mask=ok[:, None], other=0.0).to(tl.float32)
-    v = tl.load(V + kv_base + kv_off, mask=ok[:, None], other=0.0).to(tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634
-    dk = tl.zeros([BLOCK_P, D], tl.float32)
-    dv = tl.zeros([BLOCK_P, D], tl.float32)
-    for hh in range(0, GROUP):
-        h = g * GROUP + hh
-        q_base = b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh
-        l_base = (b * H + h).to(tl.int64) * R * L
-        for s in range(t, S):
-            qr = kr + s - t
-            q_off = qr * s_qr + col[:, None] * s_ql + offs_d[None, :]
-            q = tl.load(Q + q_base + q_off, mask=ok[:, None], other=0.0).to(tl.float32)
-            do = tl.load(dO + q_base + q_off, mask=ok[:, None], other=0.0).to(tl.float32)
-            lse2 = tl.load(Lse2 + l_base + qr * L + col, mask=ok, other=0.0)
-            delta = tl.load(Delta + l_base + qr * L + col, mask=ok, other=0.0)
-            p = tl.where(ok, tl.math.exp2(tl.sum(q * k, 1) * qk_scale - lse2), 0.0)
-            dv += p[:, None] * do
-            dk += (p * (tl.sum(do * v, 1) - delta))[:, None] * q
-    tl.store(dK + kv_base + kv_off, (dk * sm_scale).to(dK.dtype.element_ty), mask=(col < L)[:, None])
-    tl.store(dV + kv_base + kv_off, dv.to(dV.dtype.element_ty), mask=(col < L)[:, None])
 
 
 # autotuning (CUDA only). Tiles follow the tutorial's Hopper choices (M = 128 queries with 8 warps,
@@ -727,8 +687,6 @@ _subset_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["R", "L", "S", "D"], **_t
 _subset_bwd_dq_tuned = triton.autotune(_DQ_CONFIGS, key=["R", "L", "S", "D"], **_tune("dq"))(_subset_bwd_dq)
 _subset_bwd_dkdv_text_tuned = triton.autotune(_DKDV_CONFIGS, key=["R", "L", "LT", "S", "GROUP", "D"],
                                               **_tune("dkdv"))(_subset_bwd_dkdv_text)
-_subset_bwd_dkdv_branch_tuned = triton.autotune(_BRANCH_CONFIGS, key=["R", "L", "S", "GROUP", "D"],
-                                                **_tune("branch"))(_subset_bwd_dkdv_branch)
 
 # one fixed small tiling under TRITON_INTERPRET=1 (each program is run op by op in numpy)
 _INTERPRET_TILES = {
@@ -844,7 +802,7 @@ def _backward(q, k, v, o, lse2, do, lens, S, docs):
     if R > 1:
         grid = lambda META: (R - 1, triton.cdiv(L, META["BLOCK_P"]), B * G)
         _launch("branch", _attn_bwd_dkdv_branch, _attn_bwd_dkdv_branch_tuned, grid,
-                q, k, v, do, dk, dv, lse2, delta, lens, *strides, H, R, L, S, GROUP, scale, D=D)
+                q, k, v, do, dk, dv, lse2, delta, lens, lens, *strides, H, R, L, S, GROUP, scale, D=D, SUBSET=False)
     return dq, dk, dv
 
 
@@ -882,8 +840,8 @@ def _subset_backward(q, k0, v0, k, v, o, lse2, do, lens, S, qpos, docs):
             *k0.stride()[:3], H, R, P, LT, S, GROUP, scale, D=D, PREC=prec, DOCS=docs is not None)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     grid = lambda META: (R, triton.cdiv(P, META["BLOCK_P"]), B * G)
-    _launch("branch", _subset_bwd_dkdv_branch, _subset_bwd_dkdv_branch_tuned, grid,
-            q, k, v, do, dk, dv, lse2, delta, lens, qpos, *_strides(q, k), H, R, P, S, GROUP, scale, D=D)
+    _launch("branch", _attn_bwd_dkdv_branch, _attn_bwd_dkdv_branch_tuned, grid,
+            q, k, v, do, dk, dv, lse2, delta, lens, qpos, *_strides(q, k), H, R, P, S, GROUP, scale, D=D, SUBSET=True)
     return dq, dk0, dv0, dk, dv
 
 
