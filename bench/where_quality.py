@@ -90,6 +90,8 @@ def main(argv):
             "answer_think_share": med([r["answer_think_share"] for r in rs]),
             "quietstar_flops": med([r["quietstar_flops"] for r in rs]),
             "gain_by_entropy_bucket": [med([r["gain_by_entropy_bucket"][k] for r in rs]) for k in range(N_BUCKETS)],
+            "think_share_by_entropy_bucket": [med([r["think_share_by_entropy_bucket"][k] for r in rs])
+                                              for k in range(N_BUCKETS)],
         }
     if "all" in summary:
         for w, s in summary.items():
@@ -114,13 +116,19 @@ def plot(summary: dict, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    x = range(1, N_BUCKETS + 1)
     for w, s in summary.items():
-        ax.plot(range(1, N_BUCKETS + 1), s["gain_by_entropy_bucket"], marker="o", label=w)
+        ax.plot(x, s["gain_by_entropy_bucket"], marker="o", label=w)
+        ax2.plot(x, s["think_share_by_entropy_bucket"], marker="o", label=w)
     ax.axhline(0, color="grey", lw=0.5)
-    ax.set_xlabel("base next-token entropy quintile (1 = most certain)")
+    for a in (ax, ax2):
+        a.set_xticks(list(x))
+        a.set_xlabel("base next-token entropy quintile (1 = most certain)")
     ax.set_ylabel("NLL gain per token (nats)")
-    ax.set_title("Where the thought's gain sits (held-out reasoning corpus)")
+    ax.set_title("Where the thought's gain sits (held-out)")
+    ax2.set_ylabel("share of tokens that think")
+    ax2.set_title("Where each selector thinks")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
