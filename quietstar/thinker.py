@@ -631,14 +631,22 @@ class QuietStar(nn.Module):
         """The prediction of x_{i+1} at every position, with and without a thought (the paper's
         evaluation: K = 1, the mixed logits at the <end> step). -> NextTokenLogits with base (B, L, V),
         mixed (B, n, L, V), mix_weight (B, n, L), thoughts (B, n, L, T-3)."""
+        h0, h_mix, w, thoughts = self.next_token_hidden(input_ids, attention_mask, generator, n_thoughts, thoughts)
+        return NextTokenLogits(self.model.head(h0), self.model.head(h_mix), w, thoughts)
+
+    @torch.no_grad()
+    def next_token_hidden(self, input_ids, attention_mask=None, generator=None, n_thoughts: int = 1,
+                          thoughts: Optional[torch.Tensor] = None, doc_ids=None):
+        """`next_token_logits` before the LM head: -> (base hidden (B, L, d), mixed hidden (B, n, L, d), mix
+        weight (B, n, L), thoughts (B, n, L, T-3)); distillation (distill.py) scores these in chunks."""
         with self.overridden(n_ahead_talk=1, n_thoughts=n_thoughts):
             if thoughts is None:
-                thoughts = self.rollout(input_ids, attention_mask, generator)
-            h = self.grid_hidden(input_ids, thoughts, attention_mask)
+                thoughts = self.rollout(input_ids, attention_mask, generator, doc_ids)
+            h = self.grid_hidden(input_ids, thoughts, attention_mask, doc_ids)
             grid = self.grid(n_thoughts)
             h0, h_end = h[:, 0], grid.at_step(h, grid.talk_step(0))
             h_mix, w = self.mix(h0[:, None].expand_as(h_end), h_end)
-            return NextTokenLogits(self.model.head(h0), self.model.head(h_mix), w, thoughts)
+            return h0, h_mix, w, thoughts
 
     @torch.no_grad()
     def think(self, feed, h_base: torch.Tensor, position: torch.Tensor, generator=None,
