@@ -29,9 +29,9 @@ Objectives (`distill.objective`):
                      computes its NLL and overwrites it).
                      NOTE: r_i does not depend on a_i, so at tau = 1 the expected gradient is exactly 0
                      (E_a grad log q(a) = 0) and only noise is left; at tau != 1 it is r_i (q_tau - q) / tau
-                     in the logits, which sharpens the student's prediction towards its own top token
-                     (tau > 1) wherever r_i > 0. Nothing of the teacher's prediction enters but the sign of
-                     the CE gap.
+                     in the logits (the expected gradient of the loss), which sharpens the student's
+                     prediction towards its own top token (tau > 1) wherever r_i > 0. The teacher enters only
+                     through the size of r_i, never through what it predicts.
            teacher_gain  the reading that can transfer something: the reward where the teacher is better,
                          r_i = max(0, CE_student(x_{i+1}) - CE_teacher(x_{i+1})),
                      and the true next token as the action (a_i = x_{i+1}): the student's NLL weighted by how

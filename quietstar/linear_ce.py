@@ -180,8 +180,8 @@ def linear_kl_sum(h: torch.Tensor, weight: torch.Tensor, h_teacher: torch.Tensor
     V = weight.shape[0]
     chunk = chunk or max(1, CHUNK_BYTES.get(h.device.type, 1 << 25) // (4 * 4 * V))  # ~4 (c, V) buffers live
     grad = torch.is_grad_enabled()
-    loss, *rows = _LinearKLSum.apply(h.reshape(-1, h.shape[-1]), weight, h_teacher.reshape(-1, h_teacher.shape[-1]).detach(),
-                                     weight_teacher.detach(), targets.reshape(-1), coef_kl.reshape(-1),
-                                     coef_nll.reshape(-1), chunk, grad and h.requires_grad,
-                                     grad and weight.requires_grad)
+    loss, *rows = _LinearKLSum.apply(h.reshape(-1, h.shape[-1]), weight,
+                                     h_teacher.detach().reshape(-1, h_teacher.shape[-1]), weight_teacher.detach(),
+                                     targets.reshape(-1), coef_kl.reshape(-1), coef_nll.reshape(-1), chunk,
+                                     grad and h.requires_grad, grad and weight.requires_grad)
     return loss, DistillRows(*(r.view(shape) for r in rows))

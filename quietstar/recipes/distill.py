@@ -104,7 +104,8 @@ def evaluate(cfg, teacher_ckpt: Path, base_ckpt: Path, student_ckpt: Path) -> di
              "student": student["no_thought"]}
     out = {metric: {name: p[metric] for name, p in preds.items()} for metric in ("nll", "acc", "nll_raw")}
     results = {"answer_nll": out["nll"], "answer_acc": out["acc"], "answer_nll_raw": out["nll_raw"],
-               "gain_kept": {m: gain_kept(out[m]["base"], out[m]["teacher"], out[m]["student"]) for m in ("nll", "acc")},
+               "gain_kept": {m: gain_kept(out[m]["base"], out[m]["teacher"], out[m]["student"])
+                             for m in ("nll", "acc")},
                "answer_count": teacher["thought"]["count"]}
     results["eval"] = {"docs": len(docs), "split": "held-out (maps never seen in training)", "seed": seed,
                        "teacher": str(teacher_ckpt), "base": str(base_ckpt), "student": str(student_ckpt),
