@@ -6,6 +6,7 @@
     python train.py -m thought.n_ahead=4,8            # a Hydra multirun sweep
     python train.py resume=outputs/<date>/<time>-<pid>  # continue a run from its newest checkpoint
     python train.py experiment=gpu                    # the preset for a real run on a GPU
+    python train.py distill.teacher=<run dir>         # distil a thinking run into a plain model (distill.py)
     torchrun --nproc_per_node=2 train.py dist=ddp     # data parallel (dist=fsdp: sharded)
 
 Hydra composes configs/train.yaml and the command line into a typed `TrainConfig` (quietstar/config.py);
@@ -71,6 +72,10 @@ def build_thinker(cfg: TrainConfig, device: torch.device):
         base = Transformer(spec.architecture()).to(dtype)
         tok = ByteTokenizer(base.cfg.vocab_size)
     base.grad_checkpointing = spec.grad_checkpointing
+    if cfg.distill.teacher:  # a plain student trained towards a thinking teacher
+        from quietstar.distill import build_student
+
+        return build_student(cfg, base, tok, device), tok
     cls = QuietStar if cfg.thought.enabled else PlainLM
     qs = cls(base, tok, cfg.thought)
     if cfg.init_from:

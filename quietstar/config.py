@@ -17,6 +17,7 @@ Sections (each a config group under configs/):
   dist        DistConfig     none | ddp | fsdp (under torchrun)
   attention   AttentionConfig  the thought-grid attention backend
   health      HealthConfig   divergence detection: a loss spike, a frozen loss or zero gradient
+  distill     DistillConfig  distillation of a thinking teacher into the plain model (quietstar/distill.py)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from quietstar.distill import DistillConfig
 from quietstar.errors import ConfigError
 from quietstar.model import PRESETS, ModelConfig
 from quietstar.reasoning import ReasoningConfig
@@ -324,13 +326,18 @@ class TrainConfig:
     fresh optimizer, schedule and data order, unlike `resume`."""
     recipe: Optional[str] = None
     """A multi-stage experiment run by train.py in place of one training run (quietstar/recipes/):
-    learn_to_think. Set by experiment presets."""
+    learn_to_think, distill_reasoning. Set by experiment presets."""
     learn_to_think: LearnToThinkConfig = field(default_factory=LearnToThinkConfig)  # that recipe's settings
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """Distillation of a thinking checkpoint into this run's plain model (quietstar/distill.py): set
+    distill.teacher to train a student that does not think."""
     output_dir: Optional[str] = None
     """Where the run writes (checkpoints, metrics.jsonl, wandb, config.yaml). train.py sets it to Hydra's
     output dir; None = ./outputs/run."""
 
     def __post_init__(self):
+        if self.distill.teacher and self.thought.enabled:  # the student never thinks; its saved config says so
+            self.thought = dataclasses.replace(self.thought, enabled=False)
         if self.recipe is not None:
             from quietstar.recipes import RECIPES
 

@@ -17,7 +17,7 @@ dz/dh = W / tau, dz/dW = h / tau.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -91,3 +91,97 @@ def linear_logprob_sum(h: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
                                          float(temperature), chunk, grad and h.requires_grad,
                                          grad and weight.requires_grad)
     return loss, logp.view(shape)
+
+
+# --------------------------------------------------------------------------------------------------
+# distillation: KL(teacher || student) through two LM heads, chunked
+#
+# Per row t, with teacher logits u = h'_t W'^T, p = softmax(u), student logits z = h_t W^T, q = softmax(z):
+#
+#     KL_t = sum_v p_v (log p_v - log q_v),        dKL_t/dz = q - p
+#
+# and a plain NLL term -log q[y_t] (dz = q - onehot(y_t)) shares the pass, so the weighted sum
+# sum_t a_t KL_t - b_t log q[y_t] is one vocabulary sweep: dz = (a_t + b_t) q - a_t p - b_t onehot(y_t),
+# dz/dh = W, dz/dW = h. The teacher side carries no gradient; neither its logits nor the student's are kept.
+
+
+class DistillRows(NamedTuple):
+    kl: torch.Tensor  # (N,) KL(p_t || q_t), detached
+    student_logp: torch.Tensor  # (N,) log q[y_t], detached
+    teacher_logp: torch.Tensor  # (N,) log p[y_t], detached
+
+
+class _LinearKLSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, h_teacher, weight_teacher, targets, coef_kl, coef_nll, chunk: int, grad_h: bool,
+                grad_w: bool):
+        # h (N, d), weight (V, d), h_teacher (N, d'), weight_teacher (V, d'), targets / coefs (N,)
+        N = h.shape[0]
+        dt = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+        acc = torch.float64 if dt == torch.float64 else torch.float32
+        rows = [torch.empty(N, dtype=acc, device=h.device) for _ in range(3)]  # kl, log q[y], log p[y]
+        with torch.autocast(h.device.type, enabled=False):
+            w, wt = weight.to(dt), weight_teacher.to(dt)
+            dh = torch.empty_like(h) if grad_h else None
+            dw = torch.zeros_like(weight, dtype=acc) if grad_w else None
+            for c0 in range(0, N, chunk):
+                c1 = min(N, c0 + chunk)
+                hc, y = h[c0:c1].to(dt), targets[c0:c1, None]
+                logp = torch.log_softmax(F.linear(h_teacher[c0:c1].to(dt), wt).to(acc), -1)  # (c, V)
+                logq = torch.log_softmax(F.linear(hc, w).to(acc), -1)  # (c, V)
+                p = logp.exp()
+                rows[0][c0:c1] = (p * (logp - logq)).sum(-1)
+                rows[1][c0:c1] = logq.gather(-1, y).squeeze(-1)
+                rows[2][c0:c1] = logp.gather(-1, y).squeeze(-1)
+                if not (grad_h or grad_w):
+                    continue
+                a, b = coef_kl[c0:c1, None].to(acc), coef_nll[c0:c1, None].to(acc)
+                gz = logq.exp_().mul_(a + b).sub_(a * p).scatter_add_(-1, y, -b).to(dt)  # dL/dz
+                if grad_h:
+                    dh[c0:c1] = (gz @ w).to(h.dtype)
+                if grad_w:
+                    dw.add_(gz.t() @ hc)
+        ctx.save_for_backward(dh, None if dw is None else dw.to(weight.dtype))
+        for r in rows:
+            ctx.mark_non_differentiable(r)
+        loss = (coef_kl.to(acc) * rows[0]).sum() - (coef_nll.to(acc) * rows[1]).sum()
+        return (loss, *rows)
+
+    @staticmethod
+    def backward(ctx, g, *_g_rows):
+        dh, dw = ctx.saved_tensors
+        return (None if dh is None else dh * g.to(dh.dtype), None if dw is None else dw * g.to(dw.dtype),
+                None, None, None, None, None, None, None, None)
+
+
+def linear_kl_sum(h: torch.Tensor, weight: torch.Tensor, h_teacher: torch.Tensor, weight_teacher: torch.Tensor,
+                  targets: torch.Tensor, coef_kl: torch.Tensor, coef_nll: Optional[torch.Tensor] = None,
+                  chunk: Optional[int] = None):
+    """-> (sum_t coef_kl_t KL(p_t || q_t) - coef_nll_t log q_t[targets_t], DistillRows), the sum fp32 (fp64 for
+    fp64 inputs), with q = softmax(h W^T) the student's and p = softmax(h_teacher weight_teacher^T) the teacher's
+    next-token distribution.
+
+    h (..., d) and weight (V, d) are the student's (the sum is differentiable in both; the gradients are
+    computed here, chunk by chunk); h_teacher (..., d') and weight_teacher (V, d') the teacher's, without
+    gradient (the same LM-head weight may be passed twice). targets, coef_kl and coef_nll (default 0) are
+    (...,) without gradient. Memory for backward: O(tokens * d + V * d); no (tokens, V) tensor is kept.
+    """
+    shape = targets.shape
+    coef_nll = torch.zeros_like(coef_kl) if coef_nll is None else coef_nll
+    if h.shape[:-1] != shape or h_teacher.shape[:-1] != shape or coef_kl.shape != shape or coef_nll.shape != shape:
+        raise ValueError(f"linear_kl_sum: h {tuple(h.shape)}, h_teacher {tuple(h_teacher.shape)}, targets "
+                         f"{tuple(shape)}, coef_kl {tuple(coef_kl.shape)} and coef_nll {tuple(coef_nll.shape)} must "
+                         "share their leading dims")
+    if weight.shape[0] != weight_teacher.shape[0]:
+        raise ValueError(f"linear_kl_sum: student and teacher vocabularies differ ({weight.shape[0]} vs "
+                         f"{weight_teacher.shape[0]})")
+    if coef_kl.requires_grad or coef_nll.requires_grad:
+        raise ValueError("linear_kl_sum: coef_kl and coef_nll must not require grad (detach them)")
+    V = weight.shape[0]
+    chunk = chunk or max(1, CHUNK_BYTES.get(h.device.type, 1 << 25) // (4 * 4 * V))  # ~4 (c, V) buffers live
+    grad = torch.is_grad_enabled()
+    loss, *rows = _LinearKLSum.apply(h.reshape(-1, h.shape[-1]), weight,
+                                     h_teacher.detach().reshape(-1, h_teacher.shape[-1]), weight_teacher.detach(),
+                                     targets.reshape(-1), coef_kl.reshape(-1), coef_nll.reshape(-1), chunk,
+                                     grad and h.requires_grad, grad and weight.requires_grad)
+    return loss, DistillRows(*(r.view(shape) for r in rows))

@@ -303,7 +303,7 @@ def register_learning_pass(name: str, learning_pass) -> None:
 
 
 class NextTokenLogits(NamedTuple):
-    base: torch.Tensor  # (B, L, V) no-thought logits of x_{i+1}
+    base: torch.Tensor  # (B, L, V) no-thought logits of x_{i+1} (final hidden states (B, L, d): next_token_states)
     mixed: torch.Tensor  # (B, n, P, V) talk-head-mixed logits after a thought (P = L: every position)
     mix_weight: torch.Tensor  # (B, n, P)
     thoughts: torch.Tensor  # (B, n, P, T-3)
@@ -794,20 +794,37 @@ class QuietStar(nn.Module):
         evaluation: K = 1, the mixed logits at the <end> step). -> NextTokenLogits with base (B, L, V),
         mixed (B, n, P, V), mix_weight (B, n, P), thoughts (B, n, P, T-3) and, with thought.where, the
         selection of the P thinking positions (chosen here unless given; P = L when every position thinks)."""
+        h = self.next_token_states(input_ids, attention_mask, generator, n_thoughts, thoughts, selection)
+        return h._replace(base=self.model.head(h.base), mixed=self.model.head(h.mixed))
+
+    @torch.no_grad()
+    def next_token_hidden(self, input_ids, attention_mask=None, generator=None, n_thoughts: int = 1,
+                          thoughts: Optional[torch.Tensor] = None, doc_ids=None):
+        """`next_token_logits` before the LM head, at every position: -> (base hidden (B, L, d), mixed hidden
+        (B, n, L, d) (the base one where thought.where chose no thought), mix weight (B, n, L), thoughts
+        (B, n, L, T-3)); distillation (distill.py) scores these in chunks."""
+        h = self.next_token_states(input_ids, attention_mask, generator, n_thoughts, thoughts, doc_ids=doc_ids).full()
+        return h.base, h.mixed, h.mix_weight, h.thoughts
+
+    @torch.no_grad()
+    def next_token_states(self, input_ids, attention_mask=None, generator=None, n_thoughts: int = 1,
+                          thoughts: Optional[torch.Tensor] = None, selection: Optional[Selection] = None,
+                          doc_ids=None) -> "NextTokenLogits":
+        """`next_token_logits` with final hidden states (..., d) in place of the logits."""
         with self.overridden(n_ahead_talk=1, n_thoughts=n_thoughts):
             lengths = self._check_input(input_ids, attention_mask)
             if thoughts is None:
-                thoughts, _, selection = self._rollout_lengths(input_ids, lengths, generator, None, selection)
+                thoughts, _, selection = self._rollout_lengths(input_ids, lengths, generator, doc_ids, selection)
             positions = None if selection is None else selection.positions
             if positions is None:
-                h = self.learning_pass.hidden(self, input_ids, thoughts, lengths, None)
+                h = self.learning_pass.hidden(self, input_ids, thoughts, lengths, doc_ids)
                 h = GridStates(h[:, 0], h[:, 1:], None)
             else:
-                h = self.learning_pass.hidden(self, input_ids, thoughts, lengths, None, positions)
+                h = self.learning_pass.hidden(self, input_ids, thoughts, lengths, doc_ids, positions)
             grid = self.grid(n_thoughts)
             h0, h_end = h.text, grid.at_step(h, grid.talk_step(0))
             h_mix, w = self.mix(at_positions(h0, positions)[:, None].expand_as(h_end), h_end)
-            return NextTokenLogits(self.model.head(h0), self.model.head(h_mix), w, thoughts, selection)
+            return NextTokenLogits(h0, h_mix, w, thoughts, selection)
 
     @torch.no_grad()
     def think(self, feed, h_base: torch.Tensor, position: torch.Tensor, generator=None,

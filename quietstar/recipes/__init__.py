@@ -1,5 +1,5 @@
 """Multi-stage experiments, each a short function over `train()` runs (TrainConfig.recipe, set by an
-experiment preset): `python train.py experiment=learn_to_think`.
+experiment preset): `python train.py experiment=learn_to_think`, `experiment=distill_reasoning`.
 
 A recipe gets the composed TrainConfig and the training function, and writes its stages into
 subfolders of the run dir, so every stage has its own config.yaml, metrics.jsonl, checkpoints and plot.
@@ -7,12 +7,16 @@ subfolders of the run dir, so every stage has its own config.yaml, metrics.jsonl
 
 from __future__ import annotations
 
-RECIPES = ("learn_to_think",)
+RECIPES = ("learn_to_think", "distill_reasoning")
 
 
 def run_recipe(cfg, train_fn):
     if cfg.recipe == "learn_to_think":
         from quietstar.recipes.learn_to_think import run
+
+        return run(cfg, train_fn)
+    if cfg.recipe == "distill_reasoning":
+        from quietstar.recipes.distill import run
 
         return run(cfg, train_fn)
     raise ValueError(f"recipe must be one of {RECIPES}, got {cfg.recipe!r}")
