@@ -8,6 +8,10 @@ cache below is one such callable; the thought grid in thinker.py is another.
 References: Llama (Touvron et al. 2023), Mistral 7B (Jiang et al. 2023; sliding window),
 Qwen2 (q/k/v bias), RoFormer (RoPE), the llama3 rope scaling of Meta's reference code.
 
+Memory: RMSNorm and SwiGLU keep only their inputs for backward (fused.py), and `grad_checkpointing="auto"`
+(the default) recomputes as many of the first blocks in backward as a memory budget needs
+(checkpoint_plan; docs/architecture.md, "Memory").
+
 Shape legend: B batch, N tokens in the call, H query heads, G kv heads, D head dim, d model dim,
 V vocab.
 """
@@ -160,6 +164,18 @@ def causal_attention(q, k, v, key_valid: Optional[torch.Tensor] = None, window: 
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=gqa)
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the projections of x run in: autocast's for an fp32 x under autocast, else x's."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if x.dtype == torch.float32 and torch.is_autocast_enabled(dev) else x.dtype
+
+
+def cast_once(x: torch.Tensor) -> torch.Tensor:
+    """x in compute_dtype. Autocast casts per op, so a norm output read by three projections (q, k, v) would be
+    cast, and kept for backward, three times; cast once here, the projections see the same values."""
+    return x.to(compute_dtype(x))
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -205,24 +221,13 @@ class Block(nn.Module):
         return x + self.feed_forward(cast_once(self.ffn_norm(x)))
 
 
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the projections of x run in: autocast's for an fp32 x under autocast, else x's."""
-    dev = x.device.type
-    return torch.get_autocast_dtype(dev) if x.dtype == torch.float32 and torch.is_autocast_enabled(dev) else x.dtype
-
-
-def cast_once(x: torch.Tensor) -> torch.Tensor:
-    """x in compute_dtype. Autocast casts per op, so a norm output read by three projections (q, k, v) would be
-    cast, and kept for backward, three times; cast once here, the projections see the same values."""
-    return x.to(compute_dtype(x))
-
-
 # ---- activation memory, and how many blocks to checkpoint to fit a budget ----
 
 AUTO_BUDGET_FRACTION = {"cuda": 0.8, "cpu": 0.5}
-"""The share of a device's memory that `memory_budget_gb=None` allows a training step: the estimate below
-leaves out the allocator's slack (on CPU, freed memory that malloc keeps: ~30% of a step's peak RSS), the
-rollout's and the LM head's transient buffers, and on CPU everything else the machine runs."""
+"""The share of a device's memory that a training step may use when no budget is given
+(Transformer.memory_budget_gb = None, train.memory_budget_gb: null). The estimate below leaves out the
+Python and PyTorch runtime, the allocator's slack (on CPU, freed memory that malloc keeps: about a quarter of
+a step's peak RSS), the rollout's and the loss's buffers, and on CPU everything else the machine runs."""
 
 
 def device_memory_bytes(device: torch.device) -> int:
@@ -346,11 +351,12 @@ class Transformer(nn.Module):
         key = (x.shape[0] * x.shape[1], x.dtype, compute_dtype(x), x.device)
         if key not in self._plans:
             budget = self.memory_budget_gb
-            budget = (int(budget * 2**30), f"{budget:g} GB") if budget is not None else auto_budget(x.device)
+            budget = (int(budget * 2**30), "memory_budget_gb") if budget is not None else auto_budget(x.device)
             fixed = 4 * sum(p.numel() * p.element_size() for p in self.parameters())  # + grads, 2 AdamW moments
             self._plans[key] = plan = checkpoint_plan(self.cfg, key[0], x.element_size(),
                                                       key[2].itemsize, fixed, *budget)
-            if not (torch.distributed.is_initialized() and torch.distributed.get_rank() != 0):
+            dist = torch.distributed
+            if not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0):  # rank 0 speaks
                 print(plan.message, flush=True)
         return self._plans[key].layers
 
