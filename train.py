@@ -71,7 +71,8 @@ def build_thinker(cfg: TrainConfig, device: torch.device):
     else:
         base = Transformer(spec.architecture()).to(dtype)
         tok = ByteTokenizer(base.cfg.vocab_size)
-    base.grad_checkpointing = spec.grad_checkpointing
+    base.grad_checkpointing = {"true": True, "false": False, "auto": "auto"}[spec.grad_checkpointing]
+    base.memory_budget_gb = cfg.train.memory_budget_gb
     if cfg.distill.teacher:  # a plain student trained towards a thinking teacher
         from quietstar.distill import build_student
 

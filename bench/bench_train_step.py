@@ -15,8 +15,14 @@ the step must do, backward = 2x forward) / time / the GPU's dense bf16 peak.
 Modes: `plain` = a plain LM forward+backward over the B sequences; `plain_grid` = plain LM
 forward+backward over B*R sequences of length L, i.e. as many tokens as the thought grid holds
 (R = 1 + n (S - 1) rows); `grid` = our step (rollout + learning pass, backend `split` on CPU);
-`sequential_dense` = the reference's way. `grid` runs once as is and once with activation checkpointing
-(`checkpointing=1`, shown as grid+ckpt: each block recomputed in backward).
+`sequential_dense` = the reference's way. `grid` runs with the default `model.grad_checkpointing=auto`
+(`checkpointing=auto`: as many blocks checkpointed as the default memory budget needs; its choice is
+recorded as `checkpoint_plan`), once with every block checkpointed (`checkpointing=1`, shown as grid+ckpt),
+and, with `--budget-gb X`, once more under that budget (grid+budget). The plain modes and sequential_dense
+never checkpoint.
+
+`--saved` also records what one block of the learning pass keeps for backward per grid token
+(`saved_per_grid_token`, measured with saved-tensor hooks).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+sys.path.insert(0, str(ROOT))  # --saved runs in this process: this tree's quietstar, as the cases' PYTHONPATH
 
 
 def rss_mb() -> float:
@@ -48,7 +55,8 @@ def peak_rss_mb() -> float:
 
 
 def run_case(model: str, L: int, mode: str, T: int = 12, K: int = 4, n: int = 2, B: int = 2, steps: int = 2,
-             device: str = "cpu", backend: str = "auto", checkpointing: bool = False, warmup: int = 1) -> dict:
+             device: str = "cpu", backend: str = "auto", checkpointing: str = "auto", budget_gb: float | None = None,
+             warmup: int = 1) -> dict:
     import torch
 
     from quietstar import attention
@@ -64,7 +72,8 @@ def run_case(model: str, L: int, mode: str, T: int = 12, K: int = 4, n: int = 2,
         base, tok = load_pretrained("smollm2-135m", dtype=torch.float32, device=device)
     else:
         base, tok = Transformer(ModelConfig.from_preset(model)).to(device), None  # random weights: timing only
-    base.grad_checkpointing = checkpointing
+    base.grad_checkpointing = {"auto": "auto", "1": True, "0": False}[str(checkpointing)]
+    base.memory_budget_gb = budget_gb
     attention.set_backend(backend)
     cfg = ThoughtConfig(n_ahead=T, n_ahead_talk=K, n_thoughts=n,
                         impl="sequential_dense" if mode == "sequential_dense" else "grid")
@@ -106,7 +115,8 @@ def run_case(model: str, L: int, mode: str, T: int = 12, K: int = 4, n: int = 2,
     out = dict(model=model, L=L, mode=mode, T=T, K=K, n=n, B=B, S=S, R=R, device=device,
                backend=attention.resolve_backend(torch.device(device)) if mode in ("grid",) else None,
                step_s=min(times), step_s_all=times, tokens=rows * L, grid_tokens=B * R * L,
-               checkpointing=checkpointing)
+               checkpointing=str(checkpointing), budget_gb=budget_gb,
+               checkpoint_plan=[p.message for p in base._plans.values()])
     out["model_tflop"] = step_flops(base.cfg, mode, B, L, T, K, n) / 1e12
     if device == "cuda":
         out["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -139,6 +149,41 @@ def spawn(case: dict, timeout: int = 1800, mem_limit_gb: float | None = None) ->
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+def saved_per_grid_token(model: str = "bench_small", L: int = 64, T: int = 12, K: int = 4, n: int = 2,
+                         B: int = 2) -> dict:
+    """What block 0 of the learning pass keeps for backward per grid token (fp32, CPU): bytes, and that in
+    d-sized fp32 tensors. Measured with saved-tensor hooks; tensors that other blocks share (RoPE's cos and
+    sin) and the parameters are left out."""
+    import torch
+
+    from quietstar.model import ModelConfig, Transformer
+    from quietstar.thinker import QuietStar, ThoughtConfig
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset(model)
+    qs = QuietStar(Transformer(cfg), None, ThoughtConfig(n_ahead=T, n_ahead_talk=K, n_thoughts=n))
+    qs.model.grad_checkpointing = False
+    x = torch.randint(0, cfg.vocab_size, (B, L))
+    thoughts = qs.rollout(x)
+    seen, layer = ({}, {}), [None]
+    for i in (0, 1):
+        qs.model.layers[i].register_forward_pre_hook(lambda m, a, i=i: layer.__setitem__(0, i))
+        qs.model.layers[i].register_forward_hook(lambda m, a, o: layer.__setitem__(0, None))
+
+    def pack(t):
+        if layer[0] is not None:
+            seen[layer[0]][t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    params = {p.untyped_storage().data_ptr() for p in qs.parameters()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        h = qs.grid_hidden(x, thoughts)
+    tokens = h.shape[0] * h.shape[1] * h.shape[2]
+    own = sum(b for p, b in seen[0].items() if p not in seen[1] and p not in params) / tokens
+    return dict(model=model, bytes=own, d_sized_fp32=round(own / (4 * cfg.dim), 2), d=cfg.dim,
+                intermediate=cfg.intermediate_size)
+
+
 def machine() -> dict:
     import torch
 
@@ -155,7 +200,9 @@ def machine() -> dict:
 
 
 def label(r: dict) -> str:
-    return r["mode"] + ("+ckpt" if r.get("checkpointing") else "")
+    if r.get("budget_gb"):
+        return r["mode"] + "+budget"
+    return r["mode"] + ("+ckpt" if str(r.get("checkpointing")) in ("1", "True") else "")
 
 
 def peak(r: dict) -> float:
@@ -163,10 +210,9 @@ def peak(r: dict) -> float:
 
 
 def table(rows: list[dict]) -> str:
-    """One line per case; time and memory relative to our step (grid, no checkpointing) on the same model/L/T."""
+    """One line per case; time and memory relative to our step (grid, by default) on the same model/L/T."""
     lines = [f"{'model':14} {'L':>5} {'T':>3} {'mode':>17} {'step s':>9} {'peak MB':>9} {'time/grid':>10} {'mem/grid':>9}"]
-    by = {(r["model"], r["L"], r.get("T")): r for r in rows
-          if r.get("mode") == "grid" and not r.get("checkpointing") and "error" not in r}
+    by = {(r["model"], r["L"], r.get("T")): r for r in rows if label(r) == "grid" and "error" not in r}
     for r in rows:
         g = by.get((r["model"], r["L"], r.get("T")))
         if "error" in r:
@@ -182,13 +228,14 @@ def table(rows: list[dict]) -> str:
 
 def goals(rows: list[dict]) -> dict:
     """The goal ratios, per model and L: our step / plain passes over the grid's tokens (time), and the
-    reference-cost mode / our step (time and peak memory), for our step without and with checkpointing."""
+    reference-cost mode / our step (time and peak memory), for our step by default, with every block
+    checkpointed and under --budget-gb."""
     out = {}
     ok = [r for r in rows if "error" not in r]
     for key in sorted({(r["model"], r["L"]) for r in ok}):
         at = {label(r): r for r in ok if (r["model"], r["L"]) == key and r.get("T", 12) == 12}
         entry = {}
-        for ours in ("grid", "grid+ckpt"):
+        for ours in ("grid", "grid+ckpt", "grid+budget"):
             if ours not in at:
                 continue
             if "plain_grid" in at:
@@ -213,23 +260,25 @@ def main():
     ap.add_argument("--mem-limit-gb", type=float, default=20.0)
     ap.add_argument("--out", default=None)
     ap.add_argument("--steps", type=int, default=1, help="measured steps after one warm-up step")
+    ap.add_argument("--budget-gb", type=float, default=None, help="also run grid under this memory budget")
+    ap.add_argument("--saved", action="store_true", help="record what a block keeps for backward per grid token")
     a = ap.parse_args()
     if a.case is not None:
         kw = dict(kv.split("=", 1) for kv in a.case)
         for k in ("L", "T", "K", "n", "B", "steps", "warmup"):
             if k in kw:
                 kw[k] = int(kw[k])
-        if "checkpointing" in kw:
-            kw["checkpointing"] = kw["checkpointing"] in ("1", "True", "true")
+        if "budget_gb" in kw:
+            kw["budget_gb"] = None if kw["budget_gb"] == "None" else float(kw["budget_gb"])
         print(json.dumps(run_case(**kw)))
         return
 
     rows = []
     if a.scaling:  # one step each, no warm-up step (the large cases take minutes)
         for L in (128, 256, 512, 1024, 2048):
-            for mode, ckpt in (("plain_grid", 0), ("grid", 0), ("grid", 1), ("sequential_dense", 0)):
+            for mode, ckpt in (("plain_grid", 0), ("grid", "auto"), ("grid", 1), ("sequential_dense", 0)):
                 if (mode == "sequential_dense" and L > 512) or (mode == "plain_grid" and L > 1024):
-                    rows.append(dict(model="bench_small", L=L, T=12, mode=mode, checkpointing=bool(ckpt),
+                    rows.append(dict(model="bench_small", L=L, T=12, mode=mode, checkpointing=str(ckpt),
                                      error="not run: out of memory at a shorter length"))
                     continue
                 rows.append(spawn(dict(model="bench_small", L=L, mode=mode, device=a.device, steps=1, warmup=0,
@@ -238,7 +287,8 @@ def main():
         for T in (4, 8, 12, 16, 24):
             for mode in ("grid", "sequential_dense"):
                 rows.append(spawn(dict(model="bench_small", L=128, T=T, mode=mode, device=a.device, steps=1,
-                                       warmup=0), mem_limit_gb=a.mem_limit_gb))
+                                       warmup=0, checkpointing="auto" if mode == "grid" else 0),
+                                  mem_limit_gb=a.mem_limit_gb))
                 print(table(rows[-1:]), flush=True)
         name = a.out or f"train_step_scaling_{a.device}.json"
     else:
@@ -247,9 +297,13 @@ def main():
             large = a.large_lengths or ("128,512" if a.device == "cuda" else "128")
             lengths = a.lengths if model == "bench_small" else large
             for L in map(int, lengths.split(",")):
-                for mode, ckpt in (("plain", 0), ("plain_grid", 0), ("grid", 0), ("grid", 1), ("sequential_dense", 0)):
+                cases = [("plain", 0, None), ("plain_grid", 0, None), ("grid", "auto", None), ("grid", 1, None),
+                         ("sequential_dense", 0, None)]
+                if a.budget_gb:
+                    cases.insert(4, ("grid", "auto", a.budget_gb))
+                for mode, ckpt, budget in cases:
                     rows.append(spawn(dict(model=model, L=L, mode=mode, device=a.device, steps=a.steps,
-                                           checkpointing=ckpt), mem_limit_gb=a.mem_limit_gb))
+                                           checkpointing=ckpt, budget_gb=budget), mem_limit_gb=a.mem_limit_gb))
                     print(table(rows[-1:]), flush=True)
         name = a.out or f"train_step_{a.device}.json"
     print()
@@ -258,8 +312,11 @@ def main():
     print(json.dumps(summary, indent=1))
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / name
-    path.write_text(json.dumps(dict(machine=machine(), date=time.strftime("%Y-%m-%d"), goals=summary, results=rows),
-                               indent=1))
+    record = dict(machine=machine(), date=time.strftime("%Y-%m-%d"), goals=summary, results=rows)
+    if a.saved:
+        record["saved_per_grid_token"] = saved_per_grid_token()
+        print(json.dumps(record["saved_per_grid_token"], indent=1))
+    path.write_text(json.dumps(record, indent=1))
     print(f"\nwrote {path}")
     if a.scaling:
         plot(rows, RESULTS / name.replace(".json", ".png"))

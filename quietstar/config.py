@@ -86,8 +86,10 @@ class ModelSpec:
     dtype: str = "float32"
     """Parameter (master weight) dtype: float32 | bfloat16 | float16. On GPU, float32 weights run under
     bf16 autocast (train.precision)."""
-    grad_checkpointing: bool = False
-    """Recompute each block in backward (less activation memory, ~30% more compute)."""
+    grad_checkpointing: str = "auto"
+    """Recompute blocks in backward instead of keeping their activations (less memory, up to ~30% more
+    compute): true (every block) | false | auto (the fewest first blocks that fit the step's estimated
+    activation memory into train.memory_budget_gb; model.checkpoint_plan, which prints its choice)."""
 
     # ---- ModelConfig fields (None = the preset's value) ----
     vocab_size: Optional[int] = None  # rows of the embedding / outputs of the LM head (>= 256 for bytes)
@@ -108,6 +110,9 @@ class ModelSpec:
 
     def __post_init__(self):
         _one_of("model", "dtype", self.dtype, DTYPES)
+        # YAML / the command line give true and false as booleans: keep one spelling of the three values
+        self.grad_checkpointing = str(self.grad_checkpointing).lower()
+        _one_of("model", "grad_checkpointing", self.grad_checkpointing, ("auto", "true", "false"))
         _check_finite("model", self)
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "intermediate_size",
                      "norm_eps", "rope_theta", "max_seq_len", "sliding_window"):
@@ -219,6 +224,9 @@ class LoopConfig:
     log_every: int = 1  # write metrics (jsonl, wandb) every N steps
     progress: bool = True  # print a progress bar with loss, reward, mix weight and tok/s
     threads: Optional[int] = None  # torch CPU threads (None = torch's default)
+    memory_budget_gb: Optional[float] = None
+    """GB a step may use, for model.grad_checkpointing=auto. None = model.AUTO_BUDGET_FRACTION of the
+    device's memory (80% of a GPU's, 50% of the machine's RAM)."""
     sample_position: int = -1  # the end-of-run summary decodes the thought after this position (-1 = middle)
 
     def __post_init__(self):
@@ -229,6 +237,8 @@ class LoopConfig:
             raise ConfigError(f"train.device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         if self.threads is not None:
             _positive("train", "threads", self.threads)
+        if self.memory_budget_gb is not None:
+            _positive("train", "memory_budget_gb", self.memory_budget_gb)
         _positive("train", "seed", self.seed, allow_zero=True)
         if self.sample_position < -1:
             raise ConfigError(f"train.sample_position must be >= -1 (-1 = the middle), got {self.sample_position}")

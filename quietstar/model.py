@@ -8,6 +8,10 @@ cache below is one such callable; the thought grid in thinker.py is another.
 References: Llama (Touvron et al. 2023), Mistral 7B (Jiang et al. 2023; sliding window),
 Qwen2 (q/k/v bias), RoFormer (RoPE), the llama3 rope scaling of Meta's reference code.
 
+Memory: RMSNorm and SwiGLU keep only their inputs for backward (fused.py), and `grad_checkpointing="auto"`
+(the default) recomputes as many of the first blocks in backward as a memory budget needs
+(checkpoint_plan; docs/architecture.md, "Memory").
+
 Shape legend: B batch, N tokens in the call, H query heads, G kv heads, D head dim, d model dim,
 V vocab.
 """
@@ -15,6 +19,7 @@ V vocab.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
@@ -22,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from quietstar.fused import rms_norm, swiglu_down
 
 AttnFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -99,10 +106,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # normalise in fp32, as the Llama/Mistral reference code does, then scale in the input dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # normalise in fp32, as the Llama/Mistral reference code does, then scale in the input dtype; the
+        # fused function keeps only x and 1/rms for backward (fused.py)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -158,6 +164,18 @@ def causal_attention(q, k, v, key_valid: Optional[torch.Tensor] = None, window: 
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=gqa)
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the projections of x run in: autocast's for an fp32 x under autocast, else x's."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if x.dtype == torch.float32 and torch.is_autocast_enabled(dev) else x.dtype
+
+
+def cast_once(x: torch.Tensor) -> torch.Tensor:
+    """x in compute_dtype. Autocast casts per op, so a norm output read by three projections (q, k, v) would be
+    cast, and kept for backward, three times; cast once here, the projections see the same values."""
+    return x.to(compute_dtype(x))
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -178,7 +196,7 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+    """SwiGLU: w2(silu(w1 x) * w3 x). Backward keeps w1 x and w3 x only (fused.py)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -187,7 +205,7 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)  # down
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return swiglu_down(self.w1(x), self.w3(x), self.w2.weight)
 
 
 class Block(nn.Module):
@@ -199,8 +217,93 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(cfg)
 
     def forward(self, x, cos, sin, attn: AttnFn, layer_idx: int):
-        x = x + self.attention(self.attention_norm(x), cos, sin, attn, layer_idx)
-        return x + self.feed_forward(self.ffn_norm(x))
+        x = x + self.attention(cast_once(self.attention_norm(x)), cos, sin, attn, layer_idx)
+        return x + self.feed_forward(cast_once(self.ffn_norm(x)))
+
+
+# ---- activation memory, and how many blocks to checkpoint to fit a budget ----
+
+AUTO_BUDGET_FRACTION = {"cuda": 0.8, "cpu": 0.5}
+"""The share of a device's memory that a training step may use when no budget is given
+(Transformer.memory_budget_gb = None, train.memory_budget_gb: null). The estimate below leaves out the
+Python and PyTorch runtime, the allocator's slack (on CPU, freed memory that malloc keeps: about a quarter of
+a step's peak RSS), the rollout's and the loss's buffers, and on CPU everything else the machine runs."""
+
+
+def device_memory_bytes(device: torch.device) -> int:
+    """A device's total memory: the GPU's, or the machine's RAM (capped by a cgroup limit)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        total = min(total, int(limit)) if limit.isdigit() else total
+    except OSError:
+        pass
+    return total
+
+
+def auto_budget(device: torch.device) -> tuple[int, str]:
+    """(bytes, description) of the default memory budget on `device`."""
+    frac = AUTO_BUDGET_FRACTION.get(device.type, AUTO_BUDGET_FRACTION["cpu"])
+    total = device_memory_bytes(device)
+    what = "GPU memory" if device.type == "cuda" else "RAM"
+    return int(frac * total), f"{frac:.0%} of {total / 2**30:.1f} GB {what}"
+
+
+def saved_bytes_per_token(cfg: ModelConfig, residual_bytes: int, compute_bytes: int) -> int:
+    """Bytes one block keeps for backward per token: the residual stream in its dtype (residual_bytes, the
+    parameters' dtype), everything after a projection in the compute dtype (compute_bytes: autocast's, or
+    the parameters'). The attention is assumed to keep q, k, v, its output (fp32: the split backend merges
+    in fp32) and a log-sum-exp per head (the split, flex and triton backends; dense also keeps its scores)."""
+    d, I = cfg.dim, cfg.intermediate_size
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    return (2 * (d * residual_bytes + 4)  # the two norms' inputs and their fp32 1/rms
+            + 2 * d * compute_bytes  # the normed inputs of the q/k/v and of the gate/up projections
+            + (q + 2 * kv) * compute_bytes + 4 * cfg.n_heads  # the attention's q, k, v and log-sum-exp
+            + q * (4 + compute_bytes)  # its output, and the output projection's (head-merged) copy of it
+            + 2 * I * compute_bytes)  # gate and up (fused.py recomputes the rest of SwiGLU)
+
+
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 2**30:.2f} GB" if n_bytes >= 2**30 // 10 else f"{n_bytes / 2**20:.1f} MB"
+
+
+@dataclass(frozen=True)
+class CheckpointPlan:
+    layers: int  # the first `layers` blocks are recomputed in backward
+    peak_bytes: int  # the estimated peak with this plan
+    message: str  # one line: what was chosen and why
+
+
+def checkpoint_plan(cfg: ModelConfig, tokens: int, residual_bytes: int, compute_bytes: int, fixed_bytes: int,
+                    budget_bytes: int, budget_text: str = "") -> CheckpointPlan:
+    """The fewest of the first blocks to checkpoint for the estimated peak of a forward + backward over
+    `tokens` tokens to fit `budget_bytes`; when nothing fits, the plan with the lowest peak (the message
+    says so).
+
+    peak(k) = fixed + outside + k C + max(n_layers - k, [k > 0]) A: A = a block's saved activations, C = a
+    checkpointed block's (its input), `outside` = the embedding output, the final norm's input and output
+    and the gradient into it; reached at the end of forward, or while a checkpointed block is recomputed.
+    fixed_bytes: what does not scale with tokens (weights, gradients, optimizer state). Checkpointing the
+    last block never pays: its activations are needed at once, and recomputing it only adds its input C.
+    So at most n_layers - 1 blocks are checkpointed, and a 1-block model never is.
+    """
+    A = tokens * saved_bytes_per_token(cfg, residual_bytes, compute_bytes)
+    C = tokens * cfg.dim * residual_bytes
+    base = fixed_bytes + 4 * C
+    n = cfg.n_layers
+    peak = lambda k: base + k * C + max(n - k, int(k > 0)) * A
+    k = next((k for k in range(n) if peak(k) <= budget_bytes), n - 1)
+    why = (f"{tokens} tokens x {A / tokens / 1024:.1f} KB per block; estimated peak {_size(peak(0))} without, "
+           f"budget {_size(budget_bytes)}{f' ({budget_text})' if budget_text else ''}")
+    if k == 0:
+        what = "no activation checkpointing"
+    else:
+        what = f"activation checkpointing on {k} of {n} blocks (estimated peak {_size(peak(k))}"
+        what += ", over budget even so)" if peak(k) > budget_bytes else ")"
+    return CheckpointPlan(k, peak(k), f"{what}: {why}")
 
 
 class Transformer(nn.Module):
@@ -212,7 +315,11 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
-        self.grad_checkpointing = False  # recompute each block in backward (saves activations)
+        # Recompute blocks in backward instead of keeping their activations: True (every block), False, or
+        # "auto" (as many of the first blocks as the memory budget needs: checkpoint_plan).
+        self.grad_checkpointing: bool | str = "auto"
+        self.memory_budget_gb: Optional[float] = None  # for "auto"; None = a fraction of the device's memory
+        self._plans: dict = {}  # "auto"'s plan per call shape: decided (and printed) once
         self.apply(self._init_weights)
 
     @staticmethod
@@ -230,6 +337,28 @@ class Transformer(nn.Module):
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final-norm hidden states (..., d) -> logits (..., V)."""
         return F.linear(h, self.lm_head_weight)
+
+    def checkpointed_layers(self, x: torch.Tensor, attn: AttnFn) -> int:
+        """How many of the first blocks this call recomputes in backward (x (B, N, d) its input).
+
+        Only with gradients, and never through a stateful attention callable (a KV cache): recomputing
+        would append its keys twice. Checkpointing the first blocks is what lowers the peak most: backward
+        frees the last blocks' activations before it recomputes the first ones'."""
+        if not self.grad_checkpointing or not torch.is_grad_enabled() or getattr(attn, "stateful", False):
+            return 0
+        if self.grad_checkpointing is True:
+            return self.cfg.n_layers
+        key = (x.shape[0] * x.shape[1], x.dtype, compute_dtype(x), x.device)
+        if key not in self._plans:
+            budget = self.memory_budget_gb
+            budget = (int(budget * 2**30), "memory_budget_gb") if budget is not None else auto_budget(x.device)
+            fixed = 4 * sum(p.numel() * p.element_size() for p in self.parameters())  # + grads, 2 AdamW moments
+            self._plans[key] = plan = checkpoint_plan(self.cfg, key[0], x.element_size(),
+                                                      key[2].itemsize, fixed, *budget)
+            dist = torch.distributed
+            if not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0):  # rank 0 speaks
+                print(plan.message, flush=True)
+        return self._plans[key].layers
 
     def default_attn(self, key_valid: Optional[torch.Tensor] = None) -> AttnFn:
         window = self.cfg.sliding_window
@@ -253,8 +382,9 @@ class Transformer(nn.Module):
         if attn is None:
             attn = self.default_attn(None if attention_mask is None else attention_mask.bool())
         cos, sin = rope_cos_sin(self.inv_freq, position_ids)
+        recomputed = self.checkpointed_layers(x, attn)
         for i, layer in enumerate(self.layers):
-            if self.grad_checkpointing and torch.is_grad_enabled():
+            if i < recomputed:
                 x = checkpoint(layer, x, cos, sin, attn, i, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, attn, i)
@@ -271,6 +401,8 @@ class KVCache:
     and attends causally over everything cached. `key_valid` (B, max_len) marks padding keys (left
     padding for batched prompts); set `cache.key_valid[:, a:b]` before the call that writes them.
     """
+
+    stateful = True  # each call appends to the cache: a checkpointed block must not call it again
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: Optional[int] = None,
                  dtype: torch.dtype = torch.float32, device=None):

@@ -25,6 +25,8 @@ from quietstar.thinker import PassResult, register_learning_pass, sample_categor
 
 
 class _GrowingCache:
+    stateful = True  # each call grows the cache: the model must not checkpoint (call it again in backward)
+
     def __init__(self, n_layers: int, mask: torch.Tensor, L: int):
         self.k = [None] * n_layers
         self.v = [None] * n_layers

@@ -110,7 +110,8 @@ def changed_fields(saved, now) -> list:
     plain = not saved.thought.enabled and not now.thought.enabled  # a plain LM reads no thought setting
     for section in ("model", "data", "optim") if plain else ("model", "data", "thought", "optim"):
         a, b = dataclasses.asdict(getattr(saved, section)), dataclasses.asdict(getattr(now, section))
-        out += [f"{section}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        out += [f"{section}.{k}" for k in sorted(set(a) | set(b))
+                if a.get(k) != b.get(k) and k != "grad_checkpointing"]  # recomputing changes no result
     for key in ("max_steps", "seed"):
         if getattr(saved.train, key) != getattr(now.train, key):
             out.append(f"train.{key}")

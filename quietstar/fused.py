@@ -1,0 +1,92 @@
+"""RMSNorm and the SwiGLU feed-forward as autograd functions that keep the minimum for backward.
+
+Autograd through the unfused ops keeps every intermediate some op's backward reads: RMSNorm keeps its
+(fp32) input, the normalised input and the scaled output, and SwiGLU keeps silu(gate) and the product
+silu(gate) * up beside gate and up. In the learning pass these are kept for every token of the thought grid
+(B R L of them, docs/thought-grid.md), in every layer. The functions below keep only their inputs (and
+RMSNorm's per-row 1/rms) and recompute the rest in backward: a few elementwise ops, and for the
+feed-forward one (N, I) product, against 2 d-sized and 2 I-sized tensors per block and token fewer to keep.
+
+Values and gradients are those of the unfused computation (tests/test_fused.py: fp32 and fp64 to rounding,
+bf16 within twice the error of the unfused bf16 computation), and autocast sees the same ops: the
+normalisation is done in fp32 whatever the input dtype, and the down projection is an ordinary F.linear
+in forward, so autocast casts it as it casts nn.Linear. Backward runs outside autocast, so it redoes those
+casts explicitly.
+
+Shape legend: N tokens (any leading dims), d model dim, I feed-forward (SwiGLU) width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """weight * (x / rms(x)), normalised in fp32 (fp64 for fp64 x) and scaled in the input dtype (the Llama
+    reference's way).
+
+    Saves x (in its own dtype, not an fp32 copy) and rstd = 1/rms(x) (..., 1) fp32; the normalised input is
+    recomputed from them in backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):  # x (..., d), weight (d,)
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1) fp32
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (xf * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):  # grad (..., d)
+        x, weight, rstd = ctx.saved_tensors
+        x_hat = x.to(rstd.dtype) * rstd  # (..., d) fp32: the normalised input
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad * x_hat.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        # the unfused graph rounds the gradient of the scaled input to x's dtype before the fp32 part
+        g = (grad * weight).to(x.dtype).to(rstd.dtype)  # (..., d)
+        # d/dx of x * rstd(x), rstd = (mean(x^2) + eps)^(-1/2): rstd * (g - x_hat * mean(g * x_hat)), in place
+        # on the temporaries (both are this function's own)
+        grad_x = g.sub_(x_hat.mul_((g * x_hat).mean(-1, keepdim=True))).mul_(rstd)
+        return grad_x.to(x.dtype), grad_weight, None
+
+
+class SwiGLUDownFunction(torch.autograd.Function):
+    """down(silu(gate) * up): the feed-forward after its gate and up projections.
+
+    Saves gate and up (and the down weight, a parameter); silu(gate) and the product are recomputed in
+    backward, where the down projection's weight gradient needs the product again."""
+
+    @staticmethod
+    def forward(ctx, gate, up, w_down):  # gate, up (..., I); w_down (d, I)
+        out = F.linear(F.silu(gate) * up, w_down)  # (..., d); under autocast in its dtype, as nn.Linear
+        ctx.save_for_backward(gate, up, w_down)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # grad (..., d) in the dtype the projection ran in
+        # (..., I) temporaries are as large as what is saved: each is dropped as soon as it has been used, so
+        # that backward holds no more of them at once than the unfused graph's backward does
+        gate, up, w_down = ctx.saved_tensors
+        dtype = grad.dtype  # autocast's cast of the product and the weight, redone
+        silu = F.silu(gate)  # (..., I)
+        grad_w = None
+        if ctx.needs_input_grad[2]:
+            prod = (silu * up).to(dtype)  # (..., I)
+            grad_w = (grad.reshape(-1, grad.shape[-1]).t() @ prod.reshape(-1, prod.shape[-1])).to(w_down.dtype)
+            del prod
+        grad_prod = (grad @ w_down.to(dtype)).to(gate.dtype)  # (..., I)
+        grad_up = grad_prod * silu
+        del silu
+        grad_gate = torch.ops.aten.silu_backward(grad_prod.mul_(up), gate)
+        return grad_gate, grad_up, grad_w
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """(..., d) -> (..., d): weight * x / sqrt(mean(x^2) + eps)."""
+    return RMSNormFunction.apply(x, weight, eps)
+
+
+def swiglu_down(gate: torch.Tensor, up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    """gate, up (..., I), w_down (d, I) -> (..., d): F.linear(silu(gate) * up, w_down)."""
+    return SwiGLUDownFunction.apply(gate, up, w_down)

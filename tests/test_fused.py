@@ -1,0 +1,137 @@
+"""The fused RMSNorm and SwiGLU functions (quietstar/fused.py) against the unfused PyTorch computation they
+replace (forward and every gradient; fp32 and fp64 to rounding, gradcheck in fp64, bf16 and bf16 autocast by
+the tolerance rule of docs/testing.md), and what a block keeps for backward against model.py's estimate."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from quietstar.fused import rms_norm, swiglu_down
+from quietstar.model import ModelConfig, Transformer, saved_bytes_per_token
+from quietstar.thinker import QuietStar, ThoughtConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def rms_norm_unfused(x, weight, eps):
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))  # model.py's norm before fused.py
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def swiglu_down_unfused(gate, up, w_down):
+    return F.linear(F.silu(gate) * up, w_down)
+
+
+def rms_inputs(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (3 * torch.randn(2, 7, 48, generator=g)).to(dtype)  # odd row count, rows of different scale
+    w = (0.5 + torch.rand(48, generator=g)).to(dtype)
+    return x, w
+
+
+def swiglu_inputs(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    gate = (2 * torch.randn(3, 5, 40, generator=g)).to(dtype)
+    up = torch.randn(3, 5, 40, generator=g).to(dtype)
+    w = (0.2 * torch.randn(24, 40, generator=g)).to(dtype)
+    return gate, up, w
+
+
+CASES = {"rms_norm": (rms_norm, rms_norm_unfused, rms_inputs, (1e-5,)),
+         "swiglu_down": (swiglu_down, swiglu_down_unfused, swiglu_inputs, ())}
+
+
+def value_and_grads(fn, inputs, extra, grad_out):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*leaves, *extra)
+    out.backward(grad_out.to(out.dtype))
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_equals_the_unfused_computation_in_fp32(name):
+    fused, unfused, make, extra = CASES[name]
+    inputs = make(torch.float32)
+    grad_out = torch.randn(unfused(*inputs, *extra).shape, generator=torch.Generator().manual_seed(5))
+    got, want = value_and_grads(fused, inputs, extra, grad_out), value_and_grads(unfused, inputs, extra, grad_out)
+    for what, a, b in zip(["out"] + [f"grad {i}" for i in range(len(inputs))], got, want):
+        assert a.dtype == b.dtype, what
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name} {what}: {m}")
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_gradcheck_fp64(name):
+    fused, unfused, make, extra = CASES[name]
+    inputs = [t.requires_grad_() for t in make(torch.float64)]
+    assert torch.autograd.gradcheck(lambda *t: fused(*t, *extra), inputs)
+    grad_out = torch.randn(unfused(*inputs, *extra).shape, dtype=torch.float64)
+    for a, b in zip(value_and_grads(fused, inputs, extra, grad_out), value_and_grads(unfused, inputs, extra, grad_out)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16", "bf16_autocast"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_bf16_within_the_unfused_bf16_error(name, autocast):
+    """bf16 inputs (or fp32 inputs under CPU bf16 autocast, as the GPU recipe runs): the fused error against
+    the fp64 computation is at most twice the unfused bf16 computation's, and every dtype is the same."""
+    fused, unfused, make, extra = CASES[name]
+    ref_in = make(torch.float64)
+    grad_out = torch.randn(unfused(*ref_in, *extra).shape, dtype=torch.float64,
+                           generator=torch.Generator().manual_seed(5))
+    ref = value_and_grads(unfused, ref_in, extra, grad_out)
+    low = make(torch.float32 if autocast else torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        got = value_and_grads(fused, low, extra, grad_out)
+        base = value_and_grads(unfused, low, extra, grad_out)
+    for i, (g, b, r) in enumerate(zip(got, base, ref)):
+        assert g.dtype == b.dtype, i
+        assert max_err(g, r) <= 2 * max_err(b, r) + 1e-6, (name, i, max_err(g, r), max_err(b, r))
+
+
+def saved_per_grid_token(model_cfg, L, autocast=False):
+    """Bytes layer 0 keeps for backward per grid token (tensors shared with other layers, like RoPE's cos and
+    sin, and parameters left out), measured with saved-tensor hooks over the learning pass."""
+    torch.manual_seed(0)
+    qs = QuietStar(Transformer(model_cfg), None, ThoughtConfig(n_ahead=5, n_ahead_talk=2, n_thoughts=2))
+    x = torch.randint(0, model_cfg.vocab_size, (2, L), generator=torch.Generator().manual_seed(1))
+    thoughts = qs.rollout(x, generator=torch.Generator().manual_seed(2))
+    seen, layer = {0: {}, 1: {}}, [None]
+    for i in (0, 1):
+        qs.model.layers[i].register_forward_pre_hook(lambda m, a, i=i: layer.__setitem__(0, i))
+        qs.model.layers[i].register_forward_hook(lambda m, a, o: layer.__setitem__(0, None))
+
+    def pack(t):
+        if layer[0] is not None:
+            seen[layer[0]][t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    params = {p.untyped_storage().data_ptr() for p in qs.parameters()}
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), \
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        h = qs.grid_hidden(x, thoughts)
+    own = {p: b for p, b in seen[0].items() if p not in seen[1] and p not in params}
+    return sum(own.values()), h.shape[0] * h.shape[1] * h.shape[2]
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
+def test_a_block_keeps_what_the_estimate_says(autocast, capsys):
+    """Per grid token, layer 0 of the learning pass keeps exactly saved_bytes_per_token: the two norms'
+    inputs and 1/rms, the projections' inputs, q/k/v/out/LSE of the attention, gate and up; nothing else.
+    (The unfused norms and SwiGLU kept 3 + 3 d-sized and 4 I-sized tensors; these keep 2 + 2 and 2.)"""
+    cfg = ModelConfig.from_preset("tiny", dim=64, intermediate_size=96)
+    (b1, t1), (b2, t2) = saved_per_grid_token(cfg, 12, autocast), saved_per_grid_token(cfg, 20, autocast)
+    per_token = (b2 - b1) / (t2 - t1)  # the weight casts autocast keeps do not grow with tokens
+    assert per_token == saved_bytes_per_token(cfg, 4, 2 if autocast else 4)
+    # per call besides, only autocast's bf16 copies of the projection weights (fused.py re-casts w2 in backward)
+    layer = Transformer(cfg).layers[0]
+    weights = [layer.attention.wq, layer.attention.wk, layer.attention.wv, layer.attention.wo,
+               layer.feed_forward.w1, layer.feed_forward.w3]
+    assert b1 - t1 * per_token == (sum(2 * m.weight.numel() for m in weights) if autocast else 0)
+    d, I = cfg.dim, cfg.intermediate_size
+    if not autocast:  # 8 d-sized + 2 I-sized fp32 tensors (and 1/rms, LSE)
+        assert 4 * (8 * d + 2 * I) < per_token < 4 * (8 * d + 2 * I + 16)
