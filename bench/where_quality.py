@@ -98,6 +98,9 @@ def main(argv):
             s["kept_of_all_answer_gain"] = s["answer_gain_all_hops"] / summary["all"]["answer_gain_all_hops"]
             s["kept_of_all_answer_gain_3_hops"] = s["answer_gain_3_hops"] / summary["all"]["answer_gain_3_hops"]
             s["flops_of_all"] = s["quietstar_flops"] / summary["all"]["quietstar_flops"]
+            by_seed = {r["seed"]: r["answer_gain"]["all"] for r in rows["all"]}
+            s["kept_per_seed"] = {r["seed"]: r["answer_gain"]["all"] / by_seed[r["seed"]] for r in rows[w]
+                                  if r["seed"] in by_seed}
     out = ROOT / "bench" / "results" / "where_quality_cpu.json"
     out.write_text(json.dumps(dict(machine=machine(), date=time.strftime("%Y-%m-%d"), summary=summary, runs=rows),
                               indent=1) + "\n")
