@@ -156,7 +156,7 @@ def saved_per_grid_token(model: str = "bench_small", L: int = 64, T: int = 12, K
     sin) and the parameters are left out."""
     import torch
 
-    from quietstar.model import ModelConfig, Transformer
+    from quietstar.model import ModelConfig, Transformer, measure_saved_bytes
     from quietstar.thinker import QuietStar, ThoughtConfig
 
     torch.manual_seed(0)
@@ -164,22 +164,8 @@ def saved_per_grid_token(model: str = "bench_small", L: int = 64, T: int = 12, K
     qs = QuietStar(Transformer(cfg), None, ThoughtConfig(n_ahead=T, n_ahead_talk=K, n_thoughts=n))
     qs.model.grad_checkpointing = False
     x = torch.randint(0, cfg.vocab_size, (B, L))
-    thoughts = qs.rollout(x)
-    seen, layer = ({}, {}), [None]
-    for i in (0, 1):
-        qs.model.layers[i].register_forward_pre_hook(lambda m, a, i=i: layer.__setitem__(0, i))
-        qs.model.layers[i].register_forward_hook(lambda m, a, o: layer.__setitem__(0, None))
-
-    def pack(t):
-        if layer[0] is not None:
-            seen[layer[0]][t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    params = {p.untyped_storage().data_ptr() for p in qs.parameters()}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        h = qs.grid_hidden(x, thoughts)
-    tokens = h.shape[0] * h.shape[1] * h.shape[2]
-    own = sum(b for p, b in seen[0].items() if p not in seen[1] and p not in params) / tokens
+    saved, tokens = measure_saved_bytes(qs, x, qs.rollout(x))
+    own = saved / tokens
     return dict(model=model, bytes=own, d_sized_fp32=round(own / (4 * cfg.dim), 2), d=cfg.dim,
                 intermediate=cfg.intermediate_size)
 

@@ -266,6 +266,33 @@ def saved_bytes_per_token(cfg: ModelConfig, residual_bytes: int, compute_bytes: 
             + 2 * I * compute_bytes)  # gate and up (fused.py recomputes the rest of SwiGLU)
 
 
+def measure_saved_bytes(qs, input_ids: torch.Tensor, thoughts: torch.Tensor, autocast: bool = False) -> tuple[int, int]:
+    """What block 0 of a QuietStar learning pass keeps for backward, measured with saved-tensor hooks (the
+    check of `saved_bytes_per_token`): -> (bytes, grid tokens). Tensors block 1 keeps too (RoPE's cos and sin)
+    and the parameters are left out; the model needs two or more blocks."""
+    seen, layer = ({}, {}), [None]
+    hooks = []
+    for i in (0, 1):
+        hooks.append(qs.model.layers[i].register_forward_pre_hook(lambda m, a, i=i: layer.__setitem__(0, i)))
+        hooks.append(qs.model.layers[i].register_forward_hook(lambda m, a, o: layer.__setitem__(0, None)))
+
+    def pack(t):
+        if layer[0] is not None:
+            seen[layer[0]][t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    params = {p.untyped_storage().data_ptr() for p in qs.parameters()}
+    try:
+        with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=autocast), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            h = qs.grid_hidden(input_ids, thoughts)
+    finally:
+        for hk in hooks:
+            hk.remove()
+    own = sum(b for ptr, b in seen[0].items() if ptr not in seen[1] and ptr not in params)
+    return own, h.shape[0] * h.shape[1] * h.shape[2]
+
+
 def _size(n_bytes: int) -> str:
     return f"{n_bytes / 2**30:.2f} GB" if n_bytes >= 2**30 // 10 else f"{n_bytes / 2**20:.1f} MB"
 

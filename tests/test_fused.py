@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from quietstar.fused import rms_norm, swiglu_down
-from quietstar.model import ModelConfig, Transformer, saved_bytes_per_token
+from quietstar.model import ModelConfig, Transformer, measure_saved_bytes, saved_bytes_per_token
 from quietstar.thinker import QuietStar, ThoughtConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -94,28 +94,11 @@ def test_bf16_within_the_unfused_bf16_error(name, autocast):
 
 
 def saved_per_grid_token(model_cfg, L, autocast=False):
-    """Bytes layer 0 keeps for backward per grid token (tensors shared with other layers, like RoPE's cos and
-    sin, and parameters left out), measured with saved-tensor hooks over the learning pass."""
+    """(bytes layer 0 keeps for backward, grid tokens) of the learning pass (model.measure_saved_bytes)."""
     torch.manual_seed(0)
     qs = QuietStar(Transformer(model_cfg), None, ThoughtConfig(n_ahead=5, n_ahead_talk=2, n_thoughts=2))
     x = torch.randint(0, model_cfg.vocab_size, (2, L), generator=torch.Generator().manual_seed(1))
-    thoughts = qs.rollout(x, generator=torch.Generator().manual_seed(2))
-    seen, layer = {0: {}, 1: {}}, [None]
-    for i in (0, 1):
-        qs.model.layers[i].register_forward_pre_hook(lambda m, a, i=i: layer.__setitem__(0, i))
-        qs.model.layers[i].register_forward_hook(lambda m, a, o: layer.__setitem__(0, None))
-
-    def pack(t):
-        if layer[0] is not None:
-            seen[layer[0]][t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    params = {p.untyped_storage().data_ptr() for p in qs.parameters()}
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), \
-            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        h = qs.grid_hidden(x, thoughts)
-    own = {p: b for p, b in seen[0].items() if p not in seen[1] and p not in params}
-    return sum(own.values()), h.shape[0] * h.shape[1] * h.shape[2]
+    return measure_saved_bytes(qs, x, qs.rollout(x, generator=torch.Generator().manual_seed(2)), autocast)
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])

@@ -172,7 +172,6 @@ def test_subset_decode_step_equals_the_subset_grid(step):
 # --------------------------------------------------------------------------------------------------
 # the layer: selection, the subset learning pass against the full grid, the gate, generation
 
-from quietstar.masks import at_positions  # noqa: E402
 from quietstar.model import ModelConfig, Transformer  # noqa: E402
 from quietstar.thinker import QuietStar, ThoughtConfig  # noqa: E402
 from quietstar.where import Selection, fires, select  # noqa: E402

@@ -177,21 +177,6 @@ def summarise(result_files: list) -> dict:
 
 
 if __name__ == "__main__":  # python -m quietstar.recipes.distill RUN_DIR [RUN_DIR ...] [--out FILE]
-    import argparse
-    import platform
+    from quietstar.recipes.report import summarise_seeds_main
 
-    ap = argparse.ArgumentParser(description="median over seeds of several distill_reasoning runs' results.json")
-    ap.add_argument("runs", nargs="+", help="run dirs (or their results.json)")
-    ap.add_argument("--out", help="write the summary here as JSON")
-    args = ap.parse_args()
-    files = [Path(r) / "results.json" if Path(r).is_dir() else Path(r) for r in args.runs]
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        raise SystemExit(f"error: no results.json: {', '.join(missing)}")
-    summary = summarise(files)
-    summary["machine"] = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                          "threads": torch.get_num_threads()}
-    text = json.dumps(summary, indent=1)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    summarise_seeds_main("distill_reasoning", summarise)

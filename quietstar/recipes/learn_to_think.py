@@ -237,20 +237,6 @@ def _median(xs: list) -> float:
 
 
 if __name__ == "__main__":  # python -m quietstar.recipes.learn_to_think RUN_DIR [RUN_DIR ...] [--out FILE]
-    import argparse
-    import platform
+    from quietstar.recipes.report import summarise_seeds_main
 
-    ap = argparse.ArgumentParser(description="median over seeds of several learn_to_think runs' results.json")
-    ap.add_argument("runs", nargs="+", help="run dirs (or their results.json)")
-    ap.add_argument("--out", help="write the summary here as JSON")
-    args = ap.parse_args()
-    files = [Path(r) / "results.json" if Path(r).is_dir() else Path(r) for r in args.runs]
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        raise SystemExit(f"error: no results.json: {', '.join(missing)}")
-    summary = median_over_seeds(files)
-    summary["machine"] = {"platform": platform.platform(), "processor": platform.processor() or platform.machine()}
-    text = json.dumps(summary, indent=1)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    summarise_seeds_main("learn_to_think", median_over_seeds)

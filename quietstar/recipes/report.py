@@ -97,3 +97,27 @@ def plot_learning_curves(qs_metrics: Path, baseline_metrics: Path, out: Path, re
         ax.grid(alpha=0.3)
     fig.suptitle("learn_to_think: Quiet-STaR vs a plain-LM baseline with the same FLOPs")
     return save_figure(fig, out)
+
+
+def summarise_seeds_main(recipe: str, summarise) -> None:
+    """`python -m quietstar.recipes.<recipe> RUN_DIR [RUN_DIR ...] [--out FILE]`: summarise(results.json paths)
+    over several seeds' runs, with the machine, printed and written as JSON."""
+    import argparse
+    import json
+    import platform
+
+    ap = argparse.ArgumentParser(description=f"median over seeds of several {recipe} runs' results.json")
+    ap.add_argument("runs", nargs="+", help="run dirs (or their results.json)")
+    ap.add_argument("--out", help="write the summary here as JSON")
+    args = ap.parse_args()
+    files = [Path(r) / "results.json" if Path(r).is_dir() else Path(r) for r in args.runs]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise SystemExit(f"error: no results.json: {', '.join(missing)}")
+    summary = summarise(files)
+    summary["machine"] = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                          "threads": torch.get_num_threads()}
+    text = json.dumps(summary, indent=1)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
