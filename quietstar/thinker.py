@@ -571,7 +571,8 @@ class QuietStar(nn.Module):
             return self.gate(h_text.detach())
         raise ValueError(f"thought.where={self.cfg.where!r} scores no position")
 
-    def select(self, h_text: torch.Tensor, lengths=None, doc_ids=None, generator=None) -> Optional[Selection]:
+    def thinking_positions(self, h_text: torch.Tensor, lengths=None, doc_ids=None,
+                           generator=None) -> Optional[Selection]:
         """The thinking positions of a batch from its text hidden states (B, L, d); None when all think."""
         cfg = self.cfg
         if cfg.where == "all":
@@ -612,7 +613,7 @@ class QuietStar(nn.Module):
             return Rollout(torch.zeros(B, n, L, 0, dtype=torch.long, device=input_ids.device), entropy, None)
         h_text = model(inputs_embeds=x0, position_ids=pos.expand(B, L), attn=attn, return_hidden=True)
         if selection is None:
-            selection = self.select(h_text, lengths, doc_ids, generator)
+            selection = self.thinking_positions(h_text, lengths, doc_ids, generator)
         positions = None if selection is None else selection.positions
         where = pos.expand(B, L) if positions is None else positions  # (B, P)
         P = where.shape[1]

@@ -234,7 +234,7 @@ def test_subset_losses_are_the_full_grids_at_the_thinking_positions():
     qs = tiny_qs(dtype=torch.float64, where="entropy", think_fraction=0.4)
     with torch.no_grad():
         h_text = qs.model(x, return_hidden=True)
-        sel = qs.select(h_text, mask.sum(-1))
+        sel = qs.thinking_positions(h_text, mask.sum(-1))
         entropy = qs.think_scores(h_text)
     P = sel.positions.shape[1]
     assert P == 6  # ceil(0.4 * 13)
