@@ -97,13 +97,15 @@ def select(scores: torch.Tensor, eligible: torch.Tensor, fraction: float, thresh
         P = n_thinking(L, fraction)
         chosen = None
         n_explore = min(P, round(explore * P)) if explore > 0 else 0
-    # a stable order: score, then the earlier position (a small decreasing offset keeps -inf last)
-    order_key = torch.where(torch.isfinite(s), s, torch.full_like(s, -1e30)) - 1e-9 * torch.arange(L, device=s.device)
+    # a stable order: score, then the earlier position (a small decreasing offset, in fp64 so that it survives
+    # beside scores of any size; ineligible positions last)
+    later = 1e-9 * torch.arange(L, device=s.device, dtype=torch.float64)
+    order_key = torch.where(torch.isfinite(s), s.double(), -1e30) - later
     top = order_key.topk(P - n_explore, dim=1).indices  # (B, P - n_explore)
     if n_explore:
         u = torch.rand(B, L, generator=generator, device=scores.device)
         taken = torch.zeros(B, L, dtype=torch.bool, device=scores.device).scatter_(1, top, True)
-        rand_key = torch.where(eligible & ~taken, u, torch.where(taken, -2.0, -1.0) - 1e-9 * torch.arange(L, device=s.device))
+        rand_key = torch.where(eligible & ~taken, u.double(), torch.where(taken, -2.0, -1.0) - later)
         top = torch.cat([top, rand_key.topk(n_explore, dim=1).indices], 1)
     positions = top.sort(dim=1).values
     valid = eligible.gather(1, positions)
