@@ -33,13 +33,14 @@ def per_token(run_dir: Path) -> dict:
     """Per-token gain, base entropy and thinking share on the held-out split, for one run's Quiet-STaR stage."""
     from quietstar.checkpoint import load_thinker_checkpoint, read_train_config
     from quietstar.reasoning import batches, train_and_eval_documents
+    from quietstar.recipes.report import EVAL_SEED_OFFSET
     from quietstar.where import row_entropy
 
     ckpt = run_dir / "quietstar"
     cfg = read_train_config(next((ckpt / "checkpoints").iterdir()))
     _, docs = train_and_eval_documents(cfg.data.reasoning, cfg.data.max_docs or cfg.data.synthetic_docs, cfg.train.seed)
     qs = load_thinker_checkpoint(ckpt).eval()
-    g = torch.Generator().manual_seed(cfg.train.seed + 7919)
+    g = torch.Generator().manual_seed(cfg.train.seed + EVAL_SEED_OFFSET)
     gains, ents, thinks, answer = [], [], [], []
     for ids, mask, diff, _ in batches(docs, qs.tokenizer, 32, qs.tokenizer.pad_id or 0):
         out = qs.next_token_logits(ids, mask, generator=g, n_thoughts=1)

@@ -21,20 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from pathlib import Path
 
-import torch
-
 from quietstar.errors import UserError
-
-EVAL_SEED_OFFSET = 7919  # learn_to_think's evaluation seed (report.py), so the teacher's thoughts are the same draws
-
-
-def _device(cfg) -> str:
-    if cfg.train.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return cfg.train.device
 
 
 def student_stage_config(cfg, teacher_ckpt: Path, output_dir: Path):
@@ -50,33 +39,14 @@ def student_stage_config(cfg, teacher_ckpt: Path, output_dir: Path):
 
 def _student(cfg, train_fn, teacher_ckpt: Path, root: Path, log: list) -> Path:
     """Train the student stage, or reuse a finished one with the same settings."""
-    from quietstar.checkpoint import read_train_config
-    from quietstar.recipes.learn_to_think import changed_fields
+    from quietstar.recipes.learn_to_think import run_stage
 
     stage = student_stage_config(cfg, teacher_ckpt, root / "student")
     if stage.data.source != "reasoning":
         raise UserError(f"distill.teacher={cfg.distill.teacher!r}: its run trained on data.source="
                         f"{stage.data.source!r}; experiment=distill_reasoning scores the reasoning corpus's "
                         "held-out split (use train.py distill.teacher=... for other data)")
-    final = root / "student" / "checkpoints" / f"step_{stage.train.max_steps:07d}"
-    if (final / "manifest.json").is_file():
-        saved = read_train_config(final)
-        changed = changed_fields(saved, stage) + (["distill"] if saved.distill != stage.distill else [])
-        if changed:
-            raise UserError(f"distill_reasoning: {root / 'student'} holds a finished student with other settings "
-                            f"({', '.join(changed[:6])}); give the recipe a new hydra.run.dir")
-        print(f"[distill] student: already done ({final})", flush=True)
-        log.append({"stage": "student", "steps": stage.train.max_steps, "wall_s": None, "reused": str(final)})
-        return final
-    print(f"[distill] student: {stage.train.max_steps} steps -> {stage.output_dir}", flush=True)
-    t0 = time.time()
-    result = train_fn(stage)
-    if result.status != "done" or result.checkpoint is None:
-        raise RuntimeError(f"distill_reasoning: the student ended {result.status!r} at step {result.step} "
-                           f"({stage.output_dir}); see its metrics.jsonl")
-    log.append({"stage": "student", "steps": result.step, "wall_s": round(time.time() - t0, 1),
-                "final_metrics": {k: v for k, v in result.metrics.items() if k.startswith(("train/", "distill/"))}})
-    return result.checkpoint
+    return run_stage(stage, train_fn, log, "distill_reasoning", ("train/", "distill/"))
 
 
 def gain_kept(base: dict, teacher: dict, student: dict) -> dict:
@@ -89,10 +59,11 @@ def gain_kept(base: dict, teacher: dict, student: dict) -> dict:
 def evaluate(cfg, teacher_ckpt: Path, base_ckpt: Path, student_ckpt: Path) -> dict:
     from quietstar.checkpoint import load_thinker_checkpoint, read_train_config
     from quietstar.reasoning import chain_open_ids, score_answers, train_and_eval_documents
+    from quietstar.recipes.report import EVAL_SEED_OFFSET, recipe_device
 
     t = read_train_config(teacher_ckpt)
     _, docs = train_and_eval_documents(t.data.reasoning, t.data.max_docs or t.data.synthetic_docs, t.train.seed)
-    dev, seed, bs = _device(cfg), t.train.seed + EVAL_SEED_OFFSET, t.learn_to_think.eval_batch_size
+    dev, seed, bs = recipe_device(cfg), t.train.seed + EVAL_SEED_OFFSET, t.learn_to_think.eval_batch_size
 
     def score(path, thoughts: bool):
         qs = load_thinker_checkpoint(path, device=dev)

@@ -104,11 +104,11 @@ def _final_checkpoint(stage_cfg) -> Optional[Path]:
 
 
 def changed_fields(saved, now) -> list:
-    """The settings that decide a stage's result (model, data, thought, optim, steps, seed, starting point)
+    """The settings that decide a stage's result (model, data, thought, optim, distill, steps, seed, start)
     on which two TrainConfigs differ, as dotted names (the thought settings only where one of them thinks)."""
     out = []
     plain = not saved.thought.enabled and not now.thought.enabled  # a plain LM reads no thought setting
-    for section in ("model", "data", "optim") if plain else ("model", "data", "thought", "optim"):
+    for section in ("model", "data", "optim", "distill") if plain else ("model", "data", "thought", "optim", "distill"):
         a, b = dataclasses.asdict(getattr(saved, section)), dataclasses.asdict(getattr(now, section))
         out += [f"{section}.{k}" for k in sorted(set(a) | set(b))
                 if a.get(k) != b.get(k) and k != "grad_checkpointing"]  # recomputing changes no result
@@ -132,26 +132,29 @@ def _within_recipe(cfg) -> Optional[str]:
         return str(Path(cfg.init_from).resolve())
 
 
-def _run_stage(stage_cfg, train_fn, log: list) -> Path:
+def run_stage(stage_cfg, train_fn, log: list, recipe: str = "learn_to_think",
+              metrics: tuple = ("train/", "thought/")) -> Path:
+    """Train one stage of a recipe, or reuse its finished checkpoint when it was run with the same settings
+    (another is refused, naming the fields); appends the stage's record (with its final `metrics`) to `log`."""
     done = _final_checkpoint(stage_cfg)
     name = Path(stage_cfg.output_dir).name
     if done is not None:
         changed = changed_fields(read_train_config(done), stage_cfg)
         if changed:
-            raise UserError(f"learn_to_think: {stage_cfg.output_dir} holds a finished {name} stage run with other "
+            raise UserError(f"{recipe}: {stage_cfg.output_dir} holds a finished {name} stage run with other "
                             f"settings ({', '.join(changed[:6])}{', ...' if len(changed) > 6 else ''}); give the "
                             f"recipe a new hydra.run.dir, or remove that stage dir to run it again")
-        print(f"[learn_to_think] {name}: already done ({done})", flush=True)
+        print(f"[{recipe}] {name}: already done ({done})", flush=True)
         log.append({"stage": name, "steps": stage_cfg.train.max_steps, "wall_s": None, "reused": str(done)})
         return done
-    print(f"[learn_to_think] {name}: {stage_cfg.train.max_steps} steps -> {stage_cfg.output_dir}", flush=True)
+    print(f"[{recipe}] {name}: {stage_cfg.train.max_steps} steps -> {stage_cfg.output_dir}", flush=True)
     t0 = time.time()
     result = train_fn(stage_cfg)
     if result.status != "done" or result.checkpoint is None:
-        raise RuntimeError(f"learn_to_think: stage {name} ended {result.status!r} at step {result.step} "
+        raise RuntimeError(f"{recipe}: stage {name} ended {result.status!r} at step {result.step} "
                            f"({stage_cfg.output_dir}); see its metrics.jsonl")
     log.append({"stage": name, "steps": result.step, "wall_s": round(time.time() - t0, 1),
-                "final_metrics": {k: v for k, v in result.metrics.items() if k.startswith(("train/", "thought/"))}})
+                "final_metrics": {k: v for k, v in result.metrics.items() if k.startswith(metrics)}})
     return result.checkpoint
 
 
@@ -167,12 +170,12 @@ def run(cfg, train_fn):
         raise UserError("learn_to_think: thought.curriculum is not supported here (the baseline's FLOPs are "
                         "matched to fixed thought lengths); set thought.n_ahead / n_ahead_talk instead")
     stages: list = []
-    pre = _run_stage(pretrain_config(cfg), train_fn, stages)
+    pre = run_stage(pretrain_config(cfg), train_fn, stages)
     qs_cfg = _stage(cfg, "quietstar", init_from=str(pre))
-    qs_ckpt = _run_stage(qs_cfg, train_fn, stages)
+    qs_ckpt = run_stage(qs_cfg, train_fn, stages)
     bl_cfg = _stage(cfg, "baseline", init_from=str(pre), thought=_plain(cfg),
                     train=dataclasses.replace(cfg.train, max_steps=baseline_steps(cfg)))
-    bl_ckpt = _run_stage(bl_cfg, train_fn, stages)
+    bl_ckpt = run_stage(bl_cfg, train_fn, stages)
 
     from quietstar.recipes.report import evaluate, plot_learning_curves
 

@@ -13,7 +13,10 @@ from quietstar.reasoning import chain_open_ids, score_answers, train_and_eval_do
 from quietstar.where import ThinkGate
 
 
-def _device(cfg) -> str:
+EVAL_SEED_OFFSET = 7919  # the held-out evaluation's own thought-sampling stream: seed = train.seed + this
+
+
+def recipe_device(cfg) -> str:
     if cfg.train.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return cfg.train.device
@@ -24,9 +27,9 @@ def evaluate(cfg, pretrain_ckpt, quietstar_ckpt, baseline_ckpt) -> dict:
     baseline, and the pretrained starting point, by difficulty; decoded thoughts before and after."""
     data = cfg.data
     _, docs = train_and_eval_documents(data.reasoning, data.max_docs or data.synthetic_docs, cfg.train.seed)
-    dev = _device(cfg)
+    dev = recipe_device(cfg)
     r = cfg.learn_to_think
-    seed = cfg.train.seed + 7919  # the evaluation's own thought-sampling stream
+    seed = cfg.train.seed + EVAL_SEED_OFFSET
 
     def score(path, thoughts: bool, plain_start: bool = False):
         qs = load_thinker_checkpoint(path, device=dev)
