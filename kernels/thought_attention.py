@@ -76,7 +76,7 @@ import torch
 import triton
 import triton.language as tl
 
-from quietstar.masks import grid_steps
+from quietstar.masks import grid_steps, subset_text_length
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LN2 = 0.6931471805599453  # the kernels keep the log-sum-exp in log2 units (exp2 softmax)
@@ -854,7 +854,7 @@ class SubsetThoughtAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, n, S, positions, lengths, doc_ids):
         B, H, N, D = q.shape
         P = positions.shape[1]
-        L = N - n * (S - 1) * P
+        L = subset_text_length(N, n, S, P)
         split = lambda t: (t[:, :, :L].unsqueeze(2).contiguous(), t[:, :, L:].unflatten(2, (n * (S - 1), P)).contiguous())
         (qt, qb), (kt, kb), (vt, vb) = split(q), split(k), split(v)
         lens = (torch.full((B,), L, dtype=torch.int32, device=q.device) if lengths is None
@@ -977,7 +977,7 @@ def subset_thought_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         raise ValueError(f"head dim must be a power of two >= 16, got {D}")
     if q.device.type != "cuda" and not INTERPRET:
         raise RuntimeError("subset_thought_attention needs CUDA, or TRITON_INTERPRET=1 set before triton is imported")
-    if S < 2 or q.shape[2] - n * (S - 1) * positions.shape[1] < 1:
+    if S < 2 or subset_text_length(q.shape[2], n, S, positions.shape[1]) < 1:
         raise ValueError(f"{q.shape[2]} tokens do not hold a text row and n={n} x (S-1)={S - 1} rows of "
                          f"{positions.shape[1]} thinking positions")
     return SubsetThoughtAttention.apply(q, k, v, n, S, positions, lengths, doc_ids)

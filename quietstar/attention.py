@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from quietstar.masks import dense_grid_mask, grid_steps
+from quietstar.masks import dense_grid_mask, grid_steps, subset_text_length
 
 BACKENDS = ("auto", "dense", "split", "flex", "triton")
 _override: Optional[str] = None
@@ -103,17 +103,12 @@ def subset_grid_attention(q, k, v, n: int, S: int, positions: torch.Tensor, leng
     if backend == "flex":
         from quietstar.flex import flex_grid_attention
         return flex_grid_attention(q, k, v, n, lengths, doc_ids, positions=positions, S=S)
+    L = subset_text_length(q.shape[2], n, S, positions.shape[1])
     if backend == "dense":
-        mask = dense_grid_mask(k0_len(q, positions, n, S), n, S, lengths, doc_ids, q.device, positions)[:, None]
+        mask = dense_grid_mask(L, n, S, lengths, doc_ids, q.device, positions)[:, None]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
-    L = k0_len(q, positions, n, S)
     return _SubsetSplitAttention.apply(q, k, v, n, S, positions, _key_ok(q.shape[0], L, lengths, q.device), doc_ids,
                                        None)
-
-
-def k0_len(q, positions, n, S) -> int:
-    """L, the text row's length, from the flattened subset grid's N = L + n (S - 1) P tokens."""
-    return q.shape[2] - n * (S - 1) * positions.shape[1]
 
 
 def dense_attention(q, k, v, n, lengths=None, doc_ids=None):
@@ -195,7 +190,7 @@ class _SubsetSplitAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, n, S, positions, key_ok, doc_ids, tile):
         B, H, N, D = q.shape
         G, P = k.shape[1], positions.shape[1]
-        L = N - n * (S - 1) * P
+        L = subset_text_length(N, n, S, P)
         text = lambda t, heads: t[:, :, :L].reshape(B, G, heads // G, 1, L, D)  # (B, G, h, 1, L, D)
         rows = lambda t, heads: t[:, :, L:].reshape(B, G, heads // G, n * (S - 1), P, D)
         o = q.new_empty(B, G, H // G, N, D, dtype=_up(q).dtype)
@@ -224,7 +219,7 @@ class _SubsetSplitAttention(torch.autograd.Function):
         n, S, tile = ctx.n, ctx.S, ctx.tile
         B, H, N, D = q.shape
         G, P = k.shape[1], positions.shape[1]
-        L = N - n * (S - 1) * P
+        L = subset_text_length(N, n, S, P)
         h = H // G
         do = do.contiguous().view(B, G, h, N, D)
         qg = q.view(B, G, h, N, D)

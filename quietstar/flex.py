@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from quietstar.masks import flex_mask_mod, grid_steps
+from quietstar.masks import flex_mask_mod, grid_steps, subset_text_length
 
 # compiled once: torch.compile generates one fused kernel per mask_mod / shape and caches it
 _flex_attention_compiled = torch.compile(flex_attention, dynamic=False)
@@ -90,7 +90,7 @@ def flex_grid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: in
         q, k, v = (t.flatten(2, 3) for t in (q, k, v))
     else:
         B, H, N, D = q.shape
-        L = N - n * (S - 1) * positions.shape[1]
+        L = subset_text_length(N, n, S, positions.shape[1])
     block_mask = grid_block_mask(L, n, S, B, lengths, doc_ids, q.device, positions)
     attend = _flex_attention_compiled if compiled else flex_attention
     out = attend(q, k, v, block_mask=block_mask, scale=D ** -0.5, enable_gqa=H != k.shape[1])  # (B, H, N, D)

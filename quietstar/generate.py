@@ -91,8 +91,9 @@ def generate_stream(qs: QuietStar, input_ids: torch.Tensor, attention_mask: Opti
         history = qs.think_scores(h).masked_fill(~attention_mask.bool(), float("nan"))  # (B, P)
     for _ in range(max_new_tokens):
         thought, w, thinking = None, None, None
+        base = model.head(h_last) if not think or selective else None  # (B, V): the prediction without a thought
         if selective:
-            score = qs.think_scores(h_last[:, None])[:, 0]
+            score = qs.think_scores(h_last[:, None], base[:, None])[:, 0]
             thinking = fires(score, history, cfg.think_fraction, cfg.think_threshold) & ~finished
             history = torch.cat([history, score[:, None]], 1)
         if think and (thinking is None or bool(thinking.any())):  # rows of a batch think together
@@ -100,10 +101,10 @@ def generate_stream(qs: QuietStar, input_ids: torch.Tensor, attention_mask: Opti
             logits, w, thought = qs.think(one, h_last, last_pos, generator, thought_temperature)
             cache.truncate(text_len)  # the thought is not part of the text
             if thinking is not None:
-                logits = torch.where(thinking[:, None], logits, model.head(h_last))
+                logits = torch.where(thinking[:, None], logits, base)
                 w = torch.where(thinking, w, torch.zeros_like(w))
         else:
-            logits = model.head(h_last)
+            logits = base
         nxt = sample_token(logits, temperature, top_p, generator)
         nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
         finished = finished | torch.isin(nxt, stop)

@@ -243,6 +243,11 @@ def grid_coords(L: int, n: int, S: int, positions: Optional[torch.Tensor] = None
     return f_step, f_copy, f_pos
 
 
+def subset_text_length(N: int, n: int, S: int, P: int) -> int:
+    """L, the text row's length, of a flattened subset grid of N = L + n (S - 1) P tokens (`grid_coords`)."""
+    return N - n * (S - 1) * P
+
+
 def dense_grid_mask(L: int, n: int, S: int, lengths: Optional[torch.Tensor] = None,
                     doc_ids: Optional[torch.Tensor] = None, device=None,
                     positions: Optional[torch.Tensor] = None) -> torch.Tensor:

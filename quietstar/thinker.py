@@ -36,7 +36,7 @@ from quietstar.linear_ce import CHUNK_BYTES, linear_logprob_sum
 from quietstar.masks import GridStates, ThoughtGrid, at_positions
 from quietstar.objective import OBJECTIVES, get_objective
 from quietstar.objective import metrics as objective_metrics
-from quietstar.where import WHERE, Selection, ThinkGate, base_entropy, select
+from quietstar.where import WHERE, Selection, ThinkGate, base_entropy, row_entropy, select
 
 
 @dataclass
@@ -561,9 +561,12 @@ class QuietStar(nn.Module):
 
     # ---- where to think (where.py) ----
 
-    def think_scores(self, h_text: torch.Tensor) -> torch.Tensor:
+    def think_scores(self, h_text: torch.Tensor, logits: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The selector's score of each position from the text's final hidden states (B, L, d) -> (B, L):
-        the base next-token entropy (where = entropy) or the gate's predicted reward (where = gate)."""
+        the base next-token entropy (where = entropy; from `logits` (B, L, V) when the caller has them) or
+        the gate's predicted reward (where = gate)."""
+        if self.cfg.where == "entropy" and logits is not None:
+            return row_entropy(logits)
         if self.cfg.where == "entropy":
             chunk = max(1, CHUNK_BYTES.get(h_text.device.type, 1 << 25) // (4 * self.model.cfg.vocab_size))
             return base_entropy(self.model.head, h_text, chunk)
