@@ -18,6 +18,7 @@ Sections (each a config group under configs/):
   attention   AttentionConfig  the thought-grid attention backend
   health      HealthConfig   divergence detection: a loss spike, a frozen loss or zero gradient
   distill     DistillConfig  distillation of a thinking teacher into the plain model (quietstar/distill.py)
+  explicit    ExplicitConfig the explicit-thinking recipes: STaR, RFT, System-2 distillation (quietstar/explicit/)
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any, Dict, List, Optional
 
 from quietstar.distill import DistillConfig
 from quietstar.errors import ConfigError
+from quietstar.explicit.config import ExplicitConfig
 from quietstar.model import PRESETS, ModelConfig
 from quietstar.reasoning import ReasoningConfig
 from quietstar.recipes.learn_to_think import LearnToThinkConfig
@@ -336,11 +338,13 @@ class TrainConfig:
     fresh optimizer, schedule and data order, unlike `resume`."""
     recipe: Optional[str] = None
     """A multi-stage experiment run by train.py in place of one training run (quietstar/recipes/):
-    learn_to_think, distill_reasoning. Set by experiment presets."""
+    learn_to_think, distill_reasoning (experiment presets), explicit (configs/explicit/*.yaml)."""
     learn_to_think: LearnToThinkConfig = field(default_factory=LearnToThinkConfig)  # that recipe's settings
     distill: DistillConfig = field(default_factory=DistillConfig)
     """Distillation of a thinking checkpoint into this run's plain model (quietstar/distill.py): set
     distill.teacher to train a student that does not think."""
+    explicit: ExplicitConfig = field(default_factory=ExplicitConfig)
+    """The explicit-thinking recipe's settings (quietstar/explicit/): `python train.py explicit=star` (rft, system2)."""
     output_dir: Optional[str] = None
     """Where the run writes (checkpoints, metrics.jsonl, wandb, config.yaml). train.py sets it to Hydra's
     output dir; None = ./outputs/run."""

@@ -24,7 +24,7 @@ import dataclasses
 import sys
 import time
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -36,8 +36,9 @@ from quietstar.where import fires
 
 
 def sample_token(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """logits (B, V) -> token ids (B,). temperature 0 = greedy (draws no random numbers)."""
+                 generator: Optional[torch.Generator] = None, u: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,). temperature 0 = greedy (draws no random numbers). `u` (B, 1) float64:
+    the uniform numbers to sample with (sample_categorical), e.g. drawn from one generator per row."""
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(-1)
@@ -46,7 +47,7 @@ def sample_token(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 
         probs = torch.softmax(sorted_logits / temperature, -1)
         drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return sample_categorical(logits, temperature, generator)
+    return sample_categorical(logits, temperature, generator, u)
 
 
 @dataclass
@@ -63,8 +64,13 @@ def generate_stream(qs: QuietStar, input_ids: torch.Tensor, attention_mask: Opti
                     max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0,
                     think: bool = True, generator: Optional[torch.Generator] = None,
                     stop_ids: Sequence[int] = (), pad_id: int = 0,
-                    thought_temperature: Optional[float] = None) -> Iterator[Step]:
-    """Yield one Step per generated token for a left-padded batch of prompts input_ids (B, P)."""
+                    thought_temperature: Optional[float] = None,
+                    pick: Optional[Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = None) -> Iterator[Step]:
+    """Yield one Step per generated token for a left-padded batch of prompts input_ids (B, P).
+
+    pick(logits (B, V)) -> (tokens (B,), done (B,) bool), if given, chooses each step's tokens in place of
+    sample_token and the stop_ids check: a caller's own per-row rule (explicit/sample.py forces a marker
+    token and ends rows on its stop rules). The tokens may be any ids qs.embed reads, thought ids included."""
     model, cfg = qs.model, qs.cfg
     B, P = input_ids.shape
     dev = input_ids.device
@@ -105,9 +111,13 @@ def generate_stream(qs: QuietStar, input_ids: torch.Tensor, attention_mask: Opti
                 w = torch.where(thinking, w, torch.zeros_like(w))
         else:
             logits = base
-        nxt = sample_token(logits, temperature, top_p, generator)
+        if pick is None:
+            nxt = sample_token(logits, temperature, top_p, generator)
+            done = torch.isin(nxt, stop)
+        else:
+            nxt, done = pick(logits)
         nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
-        finished = finished | torch.isin(nxt, stop)
+        finished = finished | done
         yield Step(nxt, thought, w, finished.clone(), thinking)
         if bool(finished.all()):
             return

@@ -1,0 +1,62 @@
+"""The explicit-thinking recipe's settings (TrainConfig.explicit; configs/explicit/*.yaml set them per method)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from quietstar.errors import ConfigError
+
+METHODS = ("star", "rft", "system2")
+
+
+@dataclass
+class ExplicitConfig:
+    method: str = "star"
+    """star (Zelikman et al. 2022) | rft (rejection-sampling fine-tuning) | system2 (System-2 distillation,
+    Yu et al. 2024); docs/explicit.md."""
+    base: Optional[str] = None
+    """The model every method starts from: a plain-LM checkpoint trained on the reasoning corpus. None: the
+    learn_to_think recipe's pretrain stage, run (or reused, when finished with the same settings) in
+    <run dir>/pretrain."""
+    iterations: int = 1  # sample -> score -> dataset -> train -> evaluate rounds
+    patience: int = 1
+    """Stop after this many rounds without a better validation accuracy (training-split questions the
+    methods never sample; the held-out split is never used for a decision). 0: run every round."""
+    train_from: str = "base"
+    """Each round fine-tunes `base` (STaR's choice: no drift across rounds) or `latest` (the previous round's
+    model). Sampling always uses the latest model."""
+    train_questions: int = 1024  # training-split questions sampled each round (the first documents' queries)
+    val_questions: int = 256  # training-split questions of later documents, for the stopping rule
+    eval_questions: int = 512  # held-out-split questions scored after every round (the first documents' queries)
+    k: int = 1  # completions sampled per question
+    temperature: float = 0.7  # sampling temperature of the training-data completions (evaluation is greedy)
+    top_p: float = 1.0  # nucleus sampling of the training-data completions
+    few_shot: int = 0  # worked examples (the document's other worked queries) in the sampling prompt
+    rationalize: bool = True
+    """star: sample again, with the gold answer as a hint in the prompt, for the questions answered wrongly;
+    a correct rationalisation is trained on without the hint."""
+    consistency: float = 0.75  # system2: the least majority share of the k answers for a question to be kept
+    steps: int = 200  # SFT optimizer steps per round (the run's `optim` settings)
+    batch_size: int = 32  # SFT examples per step
+    sample_batch: int = 512  # rows (questions x k) sampled at once
+    keep_checkpoints: bool = True  # save each round's model under <run dir>/round_<n>/checkpoints
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ConfigError(f"explicit.method must be one of {METHODS}, got {self.method!r}")
+        if self.train_from not in ("base", "latest"):
+            raise ConfigError(f"explicit.train_from must be base or latest, got {self.train_from!r}")
+        for name in ("iterations", "train_questions", "val_questions", "eval_questions", "k", "batch_size",
+                     "sample_batch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"explicit.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("patience", "few_shot", "steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"explicit.{name} must be >= 0, got {getattr(self, name)}")
+        if not self.temperature >= 0:
+            raise ConfigError(f"explicit.temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"explicit.top_p must be in (0, 1], got {self.top_p}")
+        if not 0 < self.consistency <= 1:
+            raise ConfigError(f"explicit.consistency must be in (0, 1], got {self.consistency}")

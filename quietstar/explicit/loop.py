@@ -1,0 +1,312 @@
+"""The explicit-thinking recipe: `python train.py explicit=star` (or rft, system2); docs/explicit.md.
+
+    base model (learn_to_think's pretrain stage)
+    round r = 1 .. iterations:
+        sample   k completions per training question with the latest model   (sample.py)
+        score    against the gold answer                                     (judge.py)
+        dataset  the method's choice of examples, written as round_<r>/sft.jsonl  (dataset.py)
+        train    SFT of `base` (or the latest model) on that dataset          (losses.py)
+        evaluate greedy, on the held-out split: answer accuracy and tokens generated per answer, with a
+                 rationale (cot) and without (direct); and on training-split validation questions, for the
+                 stopping rule
+    results.json, metrics.jsonl (one record per round) in the run dir.
+
+The methods differ only in how a round's dataset is chosen (`collect_*`):
+    star     one completion per question (few-shot prompt); keep the correct ones; rationalise the wrong ones
+             with the gold answer as a hint, keep the correct rationalisations without the hint
+    rft      k completions per question; keep every distinct correct reasoning path (normalised rationale)
+    system2  k completions per question; where the majority answer has at least `consistency` of the votes
+             (no gold used), train the direct answer: the prompt, then that answer, no rationale
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import List
+
+import torch
+
+from quietstar.explicit.dataset import Skips, majority, make_sft, normalise_rationale, write_jsonl
+from quietstar.explicit.judge import AnswerCheck
+from quietstar.explicit.losses import fit_sft
+from quietstar.explicit.sample import sample
+from quietstar.explicit.tasks import normalise_answer, reasoning_questions, reasoning_stop_rule
+
+EVAL_MODES = {"star": "cot", "rft": "cot", "system2": "direct"}  # what each method trains the model to do
+
+
+class Context:
+    """What a round needs besides the model: tokenizer, stop rules, the answer check, settings."""
+
+    def __init__(self, cfg, tok):
+        self.cfg, self.ex, self.tok = cfg, cfg.explicit, tok
+        rc = cfg.data.reasoning
+        self.rules = {"cot": reasoning_stop_rule(rc, tok, True), "direct": reasoning_stop_rule(rc, tok, False)}
+        self.end_target = self.rules["cot"].rationale_stop[0]
+        self.check = AnswerCheck()
+
+    def sample(self, qs, prompts, k, mode, seed, greedy=False, desc=""):
+        from quietstar.eval.common import Progress
+
+        bar = Progress(len(prompts) * k, desc) if desc else None
+        done = [0]
+
+        def tick(n):
+            bar.update(n - done[0])
+            done[0] = n
+        out = sample(qs, self.tok, prompts, k, self.rules[mode], 0.0 if greedy else self.ex.temperature,
+                     self.ex.top_p, torch.Generator().manual_seed(seed), self.ex.sample_batch,
+                     tick if bar else None)
+        if bar:
+            bar.close()
+        return out
+
+
+def _meta(method, r, q, j, s, **extra) -> dict:
+    return {"method": method, "iteration": r, "question_id": q.id, "sample": j,
+            "scores": {"answer": s.value, "reason": s.reason}, **extra}
+
+
+def collect_star(ctx: Context, qs, questions, r: int, seed: int, skips: Skips):
+    ex, few = ctx.ex, ctx.ex.few_shot
+    out, wrong, stats = [], [], defaultdict(int)
+    comps = ctx.sample(qs, [q.prompt(few) for q in questions], 1, "cot", seed, desc=f"round {r}: star sample")
+    for q, (c,) in zip(questions, comps):
+        s = ctx.check.score(q, c)
+        if s.value is None:
+            skips.add(s.reason, q.id)
+        elif s.value == 1:
+            e = make_sft(qs, ctx.tok, q.prompt(), c, True, skips, _meta("star", r, q, 0, s, source="generated"))
+            out += [e] if e else []
+        else:
+            wrong.append(q)
+    stats["generated_correct"] = len(out)
+    if ex.rationalize and wrong:
+        comps = ctx.sample(qs, [q.prompt(few, hint=True) for q in wrong], 1, "cot", seed + 1,
+                           desc=f"round {r}: star rationalise")
+        for q, (c,) in zip(wrong, comps):
+            s = ctx.check.score(q, c)
+            if s.value == 1:  # trained on without the hint: the prompt is the plain question
+                e = make_sft(qs, ctx.tok, q.prompt(), c, True, skips, _meta("star", r, q, 0, s, source="rationalised"))
+                out += [e] if e else []
+                stats["rationalised_correct"] += e is not None
+        stats["rationalise_tried"] = len(wrong)
+    return out, dict(stats)
+
+
+def collect_rft(ctx: Context, qs, questions, r: int, seed: int, skips: Skips):
+    out, stats = [], defaultdict(int)
+    comps = ctx.sample(qs, [q.prompt(ctx.ex.few_shot) for q in questions], ctx.ex.k, "cot", seed,
+                       desc=f"round {r}: rft sample")
+    for q, cs in zip(questions, comps):
+        seen = set()
+        for j, c in enumerate(cs):
+            s = ctx.check.score(q, c)
+            if s.value is None:
+                skips.add(s.reason, q.id)
+                continue
+            stats["correct"] += s.value == 1
+            key = normalise_rationale(c.rationale)
+            if s.value != 1 or key in seen:
+                stats["duplicates"] += s.value == 1
+                continue
+            seen.add(key)
+            e = make_sft(qs, ctx.tok, q.prompt(), c, True, skips, _meta("rft", r, q, j, s))
+            out += [e] if e else []
+        stats["questions_with_a_path"] += bool(seen)
+    return out, dict(stats)
+
+
+def collect_system2(ctx: Context, qs, questions, r: int, seed: int, skips: Skips):
+    out, stats = [], defaultdict(int)
+    comps = ctx.sample(qs, [q.prompt(ctx.ex.few_shot) for q in questions], ctx.ex.k, "cot", seed,
+                       desc=f"round {r}: system2 sample")
+    for q, cs in zip(questions, comps):
+        answers = [normalise_answer(c.answer, q.kind) for c in cs]
+        top, share = majority(answers)
+        if top is None:
+            skips.add("no answer in any sample", q.id)
+            continue
+        if share < ctx.ex.consistency:
+            stats["inconsistent"] += 1
+            continue
+        j = answers.index(top)
+        s = ctx.check.score(q, cs[j])  # recorded, never used to choose: System 2 distillation has no labels
+        e = make_sft(qs, ctx.tok, q.prompt(), cs[j], False, skips,
+                     _meta("system2", r, q, j, s, majority_share=share, votes=answers))
+        if e:
+            out.append(e)
+            stats["kept_label_correct"] += s.value == 1
+    return out, dict(stats)
+
+
+COLLECT = {"star": collect_star, "rft": collect_rft, "system2": collect_system2}
+
+
+@torch.no_grad()
+def evaluate(ctx: Context, qs, questions, mode: str, desc: str = "") -> dict:
+    """Greedy answers to `questions`: accuracy (overall and by difficulty), tokens generated per answer,
+    the share of rationales that ended at their stop rule, and a few examples."""
+    comps = ctx.sample(qs, [q.prompt() for q in questions], 1, mode, 0, greedy=True, desc=desc)
+    hits, tokens, closed = defaultdict(list), [], []
+    for q, (c,) in zip(questions, comps):
+        hits[str(q.difficulty)].append(ctx.check.score(q, c).value == 1)
+        tokens.append(c.n_generated)
+        closed.append(c.closed)
+    every = [h for v in hits.values() for h in v]
+    res = {"acc": sum(every) / len(every), "acc_by_difficulty": {k: sum(v) / len(v) for k, v in sorted(hits.items())},
+           "tokens_per_answer": sum(tokens) / len(tokens), "n": len(every)}
+    if mode == "cot":
+        res["rationale_closed"] = sum(closed) / len(closed)
+    res["examples"] = [{"question": q.prompt(), "rationale": c.rationale, "answer": c.answer, "gold": q.gold}
+                       for q, (c,) in list(zip(questions, comps))[:3]]
+    return res
+
+
+def _questions(cfg):
+    """(train, validation, eval) questions: the first documents of the training split, later training
+    documents, the first documents of the held-out split."""
+    from quietstar.reasoning import make_documents
+
+    rc, ex, seed = cfg.data.reasoning, cfg.explicit, cfg.train.seed
+    per_doc = rc.n_queries
+    n_train, n_val = -(-ex.train_questions // per_doc), -(-ex.val_questions // per_doc)
+    docs = make_documents(rc, n_train + n_val, seed, "train")
+    train = reasoning_questions(docs[:n_train], "train", rc.chain_close)[:ex.train_questions]
+    val = reasoning_questions(docs[n_train:], "train", rc.chain_close, n_train)[:ex.val_questions]
+    n_eval = min(rc.eval_docs, -(-ex.eval_questions // per_doc))
+    evq = reasoning_questions(make_documents(rc, n_eval, seed, "eval"), "eval", rc.chain_close)[:ex.eval_questions]
+    return train, val, evq
+
+
+def _base(cfg, train_fn, stages):
+    from quietstar.checkpoint import find_checkpoint, load_thinker_checkpoint
+    from quietstar.plain import reset_thought_embeddings
+    from quietstar.recipes.learn_to_think import pretrain_config, run_stage
+    from quietstar.recipes.report import recipe_device
+
+    path = find_checkpoint(cfg.explicit.base) if cfg.explicit.base else \
+        run_stage(pretrain_config(cfg), train_fn, stages, "explicit", ("train/",))
+    qs = load_thinker_checkpoint(path, device=recipe_device(cfg))
+    qs.model.grad_checkpointing = False  # short SFT sequences: nothing to save
+    qs.cfg = dataclasses.replace(qs.cfg, init_token=cfg.thought.init_token, end_init_token=cfg.thought.end_init_token)
+    with torch.no_grad():  # <start> / <end> read as the chain's marks (never trained by a plain LM)
+        reset_thought_embeddings(qs)
+    return path, qs.eval()
+
+
+def _save(cfg, qs, tok, out: Path, step: int):
+    from omegaconf import OmegaConf
+
+    from quietstar.checkpoint import save_checkpoint
+    from quietstar.optim import build_optimizer
+
+    opt, sched = build_optimizer(qs, cfg.optim, max(1, step))  # no optimizer state is kept: a round is not resumed
+    yaml = OmegaConf.to_yaml(OmegaConf.structured(dataclasses.replace(cfg, recipe=None)))
+    return save_checkpoint(out, step, qs, opt, sched, data_state={}, generator=None, tokenizer=tok, keep_last=1,
+                           config_yaml=yaml, save_optimizer=False)
+
+
+def _line(name: str, e: dict) -> str:
+    by = " ".join(f"{k}:{v:.3f}" for k, v in e["acc_by_difficulty"].items())
+    return f"{name:>14}: acc {e['acc']:.3f} ({by})  tokens/answer {e['tokens_per_answer']:.2f}"
+
+
+def run(cfg, train_fn):
+    """The recipe. -> a TrainResult-like summary; results.json and metrics.jsonl in the run dir."""
+    from quietstar.errors import UserError
+    from quietstar.logging import start_run
+    from quietstar.recipes.learn_to_think import _Summary
+
+    if cfg.data.source != "reasoning":
+        raise UserError(f"explicit: needs data=reasoning (its questions have checkable answers), got "
+                        f"data.source={cfg.data.source!r}")
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    ex, root = cfg.explicit, Path(cfg.output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    stages: list = []
+    base_path, base = _base(cfg, train_fn, stages)
+    tok = base.tokenizer
+    ctx = Context(cfg, tok)
+    train_q, val_q, eval_q = _questions(cfg)
+    mode = EVAL_MODES[ex.method]
+    run_log = start_run(cfg.logger, root, config=dataclasses.asdict(cfg))
+    t0 = time.time()
+
+    def assess(qs, name):
+        e = {m: evaluate(ctx, qs, eval_q, m, f"{name}: eval {m}") for m in ("cot", "direct")}
+        e["val"] = evaluate(ctx, qs, val_q, mode)["acc"]
+        for m in ("cot", "direct"):
+            print(_line(f"{name} {m}", e[m]), flush=True)
+        return e
+
+    print(f"[explicit] {ex.method}: {len(train_q)} training questions, {len(val_q)} validation, {len(eval_q)} "
+          f"held-out; base {base_path}", flush=True)
+    rounds = [{"round": 0, "eval": assess(base, "base")}]
+    latest, best, since_best, best_round = base, rounds[0]["eval"]["val"], 0, 0
+    for r in range(1, ex.iterations + 1):
+        skips, t_r = Skips(), time.time()
+        examples, stats = COLLECT[ex.method](ctx, latest, train_q, r, cfg.train.seed * 1000 + r, skips)
+        data_path = write_jsonl(root / f"round_{r}" / "sft.jsonl", examples)
+        print(f"[explicit] round {r}: {len(examples)} examples -> {data_path} ({stats}; skipped: {skips})", flush=True)
+        model = copy.deepcopy(base if ex.train_from == "base" else latest)
+        losses = fit_sft(model, examples, ex.steps, ex.batch_size, cfg.optim, cfg.train.seed + r, ctx.end_target,
+                         tok.pad_id, _fit_progress(r, ex.steps))
+        e = assess(model, f"round {r}")
+        rec = {"round": r, "examples": len(examples), "stats": stats, "skips": skips.as_dict(),
+               "skip_examples": skips.examples, "loss_first": losses[0] if losses else None,
+               "loss_last": losses[-1] if losses else None, "wall_s": round(time.time() - t_r, 1), "eval": e,
+               "dataset": str(data_path)}
+        if ex.keep_checkpoints:
+            rec["checkpoint"] = str(_save(cfg, model, tok, root / f"round_{r}" / "checkpoints", max(1, len(losses))))
+        rounds.append(rec)
+        run_log.log(_flat(rec), step=r)
+        latest = model
+        if e["val"] > best:
+            best, since_best, best_round = e["val"], 0, r
+        else:
+            since_best += 1
+            if ex.patience and since_best >= ex.patience:
+                print(f"[explicit] validation accuracy has not improved for {since_best} round(s): stop", flush=True)
+                break
+    run_log.finish()
+    results = {"method": ex.method, "eval_mode": mode, "base": str(base_path), "best_round": best_round,
+               "rounds": rounds, "stages": stages, "wall_s": round(time.time() - t0, 1),
+               "questions": {"train": len(train_q), "val": len(val_q), "eval": len(eval_q),
+                             "eval_split": "held-out (maps never seen in training)", "decoding": "greedy"},
+               "settings": dataclasses.asdict(ex)}
+    (root / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    b, f = rounds[0]["eval"][mode], rounds[best_round]["eval"][mode]
+    print(f"\n[explicit] {ex.method}: held-out {mode} accuracy {b['acc']:.3f} -> {f['acc']:.3f} (round {best_round}, "
+          f"by validation), tokens/answer {b['tokens_per_answer']:.2f} -> {f['tokens_per_answer']:.2f}\n"
+          f"  results: {root / 'results.json'}", flush=True)
+    return _Summary(root, Path(rounds[best_round].get("checkpoint") or base_path))
+
+
+def _flat(rec: dict) -> dict:
+    """One metrics.jsonl record of a round: numbers only, namespaced."""
+    out = {"explicit/examples": rec["examples"], "explicit/skipped": sum(rec["skips"].values()),
+           "explicit/val_acc": rec["eval"]["val"]}
+    out.update({f"explicit/{k}": v for k, v in rec["stats"].items()})
+    for m in ("cot", "direct"):
+        e = rec["eval"][m]
+        out[f"eval_{m}/acc"], out[f"eval_{m}/tokens_per_answer"] = e["acc"], e["tokens_per_answer"]
+        out.update({f"eval_{m}/acc_{k}": v for k, v in e["acc_by_difficulty"].items()})
+    if rec["loss_last"] is not None:
+        out["train/loss"], out["train/loss_first"] = rec["loss_last"], rec["loss_first"]
+    return out
+
+
+def _fit_progress(r: int, steps: int):
+    every = max(1, steps // 5)
+
+    def show(step, loss):
+        if step % every == 0 or step == steps:
+            print(f"  round {r}: sft step {step}/{steps} loss {loss:.4f}", flush=True)
+    return show

@@ -1,0 +1,168 @@
+"""SFT and DPO on completion tokens, through the fused LM head, and the small loop that fits them.
+
+Both losses read only the completion's tokens: the prompt (with the <start> the sampler feeds) is context.
+The position that predicts <end> has no LM-head row to score (the marker is not in the vocabulary); its
+target is the rationale's stop token instead (`end_target`: the closing mark the sampler reads as the end
+of the rationale), so a trained model ends its rationale the way the sampler will see it end.
+
+SFT:  mean over completion tokens of -log p(y_t), one linear_logprob_sum (no (tokens, V) tensor is kept).
+DPO (Rafailov et al. 2023): with sequence log-probs s = sum_t log p(y_t) over the completion,
+      L = -log sigmoid(beta * ((s_c - ref_c) - (s_r - ref_r))),  mean over pairs.
+      The reference log-probs come from a frozen copy of the model, computed once per dataset.
+      dL/ds is one number per sequence, known once s is: a first LM-head sweep (no grad) gives s, a second
+      one applies the per-token weight -dL/ds with its gradient (linear_ce's contract: weights carry no
+      gradient). Two sweeps over the completion tokens, no full logits.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, List, NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from quietstar.linear_ce import linear_logprob_sum
+from quietstar.optim import build_optimizer, clip_grad_norm
+
+
+class TokenBatch(NamedTuple):
+    ids: torch.Tensor  # (B, L) right-padded prompt + completion (thought ids included)
+    targets: torch.Tensor  # (B, L) the token each position predicts (<end> replaced by end_target)
+    weight: torch.Tensor  # (B, L) 1.0 where the position predicts a completion token
+
+
+def token_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int, end_id: int,
+                end_target: int, device=None) -> TokenBatch:
+    """Right padding: causal attention never reads the pads after a row's last token, so no mask is needed."""
+    seqs = [list(p) + list(c) for p, c in zip(prompts, completions)]
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    targets = torch.full_like(ids, pad_id)
+    weight = torch.zeros(len(seqs), L)
+    for b, (p, s) in enumerate(zip(prompts, seqs)):
+        ids[b, :len(s)] = torch.tensor(s)
+        nxt = torch.tensor(s[1:])
+        targets[b, :len(s) - 1] = torch.where(nxt == end_id, end_target, nxt)
+        weight[b, len(p) - 1:len(s) - 1] = 1.0  # positions len(p)-1 .. predict the completion's tokens
+    return TokenBatch(ids.to(device), targets.to(device), weight.to(device))
+
+
+def _hidden(qs, batch: TokenBatch):
+    """Final-norm hidden states of the scored positions (N, d), their targets (N,) and rows (N,)."""
+    h = qs.model(inputs_embeds=qs.embed(batch.ids), return_hidden=True)  # (B, L, d)
+    sel = batch.weight > 0
+    rows = torch.arange(batch.ids.shape[0], device=h.device)[:, None].expand_as(sel)[sel]
+    return h[sel], batch.targets[sel], rows
+
+
+def sft_loss(qs, batch: TokenBatch) -> torch.Tensor:
+    """Mean -log p over the completion tokens of the batch."""
+    h, tgt, _ = _hidden(qs, batch)
+    coef = torch.full(tgt.shape, 1.0 / max(1, tgt.numel()), device=h.device)
+    weighted, _ = linear_logprob_sum(h, qs.model.lm_head_weight, tgt, coef)
+    return -weighted
+
+
+def _sequence_sums(logp: torch.Tensor, rows: torch.Tensor, B: int) -> torch.Tensor:
+    return torch.zeros(B, dtype=logp.dtype, device=logp.device).index_add_(0, rows, logp)
+
+
+@torch.no_grad()
+def sequence_logprobs(qs, batch: TokenBatch) -> torch.Tensor:
+    """(B,) sum of log p over each row's completion tokens."""
+    h, tgt, rows = _hidden(qs, batch)
+    _, logp = linear_logprob_sum(h, qs.model.lm_head_weight, tgt, torch.zeros_like(tgt, dtype=h.dtype))
+    return _sequence_sums(logp, rows, batch.ids.shape[0])
+
+
+def pair_batch(pairs, pad_id: int, end_id: int, end_target: int, device=None) -> TokenBatch:
+    """Chosen rows first, then rejected: rows i and P + i are pair i."""
+    prompts = [p.prompt_ids for p in pairs] * 2
+    return token_batch(prompts, [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs], pad_id, end_id,
+                       end_target, device)
+
+
+def dpo_loss(qs, batch: TokenBatch, ref_logps: torch.Tensor, beta: float):
+    """DPO over P pairs in a pair_batch; ref_logps (P, 2): the reference's (chosen, rejected) sequence log-probs.
+    -> (loss with the DPO gradient, metrics). The value is the DPO loss; its gradient is DPO's, applied
+    through a second fused sweep with the per-token weights -dL/ds (see the module docstring)."""
+    h, tgt, rows = _hidden(qs, batch)
+    B, P, W = batch.ids.shape[0], batch.ids.shape[0] // 2, qs.model.lm_head_weight
+    with torch.no_grad():
+        _, logp = linear_logprob_sum(h.detach(), W.detach(), tgt, torch.zeros_like(tgt, dtype=h.dtype))
+        s = _sequence_sums(logp, rows, B)
+        margin = (s[:P] - ref_logps[:, 0].to(s)) - (s[P:] - ref_logps[:, 1].to(s))  # (P,)
+        z = beta * margin
+        loss = -F.logsigmoid(z).mean()
+        g = beta * torch.sigmoid(-z) / P  # -dL/ds_chosen = dL/ds_rejected
+        coef = torch.cat([g, -g])[rows].to(h.dtype)  # -dL/ds of each token's row
+    weighted, _ = linear_logprob_sum(h, W, tgt, coef)
+    surrogate = -weighted  # its gradient is dL/dtheta
+    metrics = {"dpo/margin": float(margin.mean()), "dpo/accuracy": float((margin > 0).float().mean())}
+    return loss + (surrogate - surrogate.detach()), metrics
+
+
+@torch.no_grad()
+def reference_logprobs(ref_qs, pairs, pad_id: int, end_id: int, end_target: int, batch_size: int = 64):
+    """(P, 2) the frozen reference's (chosen, rejected) sequence log-probs: once per dataset."""
+    dev = ref_qs.model.tok_embeddings.weight.device
+    out = []
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        s = sequence_logprobs(ref_qs, pair_batch(chunk, pad_id, end_id, end_target, dev))
+        out.append(torch.stack([s[:len(chunk)], s[len(chunk):]], -1))
+    return torch.cat(out) if out else torch.zeros(0, 2)
+
+
+def fit(qs, n_items: int, loss_fn: Callable[[List[int]], tuple], steps: int, batch_size: int, optim_cfg,
+        seed: int, progress: Optional[Callable[[int, float], None]] = None) -> List[float]:
+    """`steps` AdamW steps (the project's parameter groups and schedule, optim_cfg an OptimConfig) over
+    shuffled epochs of n_items; loss_fn(indices) -> (loss, metrics). -> the loss of every step."""
+    if n_items == 0 or steps == 0:
+        return []
+    opt, sched = build_optimizer(qs, optim_cfg, steps)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    g = torch.Generator().manual_seed(seed)
+    order: List[int] = []
+    losses = []
+    qs.train()
+    for step in range(1, steps + 1):
+        if len(order) < batch_size:
+            order += torch.randperm(n_items, generator=g).tolist() * math.ceil(batch_size / n_items)
+        idx, order = order[:batch_size], order[batch_size:]
+        loss, _ = loss_fn(idx)
+        loss.backward()
+        clip_grad_norm(params, optim_cfg.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        if progress is not None:
+            progress(step, losses[-1])
+    qs.eval()
+    return losses
+
+
+def fit_sft(qs, examples, steps: int, batch_size: int, optim_cfg, seed: int, end_target: int, pad_id: int,
+            progress=None) -> List[float]:
+    dev = qs.model.tok_embeddings.weight.device
+
+    def loss_fn(idx):
+        ex = [examples[i] for i in idx]
+        batch = token_batch([e.prompt_ids for e in ex], [e.completion_ids for e in ex], pad_id, qs.end_token_id,
+                            end_target, dev)
+        return sft_loss(qs, batch), {}
+    return fit(qs, len(examples), loss_fn, steps, batch_size, optim_cfg, seed, progress)
+
+
+def fit_dpo(qs, ref_qs, pairs, beta: float, steps: int, batch_size: int, optim_cfg, seed: int, end_target: int,
+            pad_id: int, progress=None) -> List[float]:
+    """DPO against `ref_qs` (frozen); its log-probs are computed here, once, before the first step."""
+    dev = qs.model.tok_embeddings.weight.device
+    ref = reference_logprobs(ref_qs, pairs, pad_id, qs.end_token_id, end_target)
+
+    def loss_fn(idx):
+        batch = pair_batch([pairs[i] for i in idx], pad_id, qs.end_token_id, end_target, dev)
+        return dpo_loss(qs, batch, ref[idx], beta)
+    return fit(qs, len(pairs), loss_fn, steps, batch_size, optim_cfg, seed, progress)

@@ -1,0 +1,105 @@
+"""Questions with checkable answers, for the explicit-thinking methods (docs/explicit.md).
+
+A `Question` is the text a model continues (context, optional worked examples, optional hint, query) and its
+gold answer. Two sources:
+
+  the reasoning corpus (quietstar/reasoning.py): every query `q=` of a document is a question; its context is
+      the document's header (the lookup map), so the prompt reads exactly like the start of a training
+      document (`<map>\\na3=`). The document's other worked queries (`f2=-fjb.b`) are its few-shot examples;
+      the hint for STaR's rationalisation is the query answered directly (`a3=d `), written before the question.
+  GSM8K (quietstar/eval/gsm8k.py): "Q: <question>\\nA: Let's think step by step." as the zero-shot-CoT
+      evaluation writes it; the gold is the integer after "####".
+
+`StopRule` says where a sampled rationale and answer end (explicit/sample.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+from quietstar.eval.cot import COT_PROMPT, first_integer
+
+
+@dataclass
+class Question:
+    id: str  # stable: "<split>/<document>/<query>" for the reasoning corpus, "gsm8k/<line>" for GSM8K
+    query: str  # the text that asks, last in the prompt ("a3=")
+    gold: Optional[str]  # the normalised gold answer (normalise_answer); None = not known
+    context: str = ""  # what comes first (the document's map line)
+    examples: List[str] = field(default_factory=list)  # worked examples, each with its separator ("f2=-fjb.b ")
+    hint: str = ""  # text that gives the answer away, for STaR's rationalisation ("a3=d ")
+    difficulty: int = 0  # hops / digits (reasoning corpus); 0 = not graded
+    kind: str = "reasoning"  # how an answer is normalised: reasoning | gsm8k
+
+    def prompt(self, few_shot: int = 0, hint: bool = False) -> str:
+        """The prompt text: context, the first `few_shot` worked examples, the hint (if asked), the query."""
+        return self.context + "".join(self.examples[:few_shot]) + (self.hint if hint else "") + self.query
+
+
+def normalise_answer(text: str, kind: str) -> Optional[str]:
+    """The comparable form of an answer: the stripped text (reasoning corpus), or the first integer (GSM8K,
+    as the official exact match reads it); None when there is none."""
+    if kind == "gsm8k":
+        n = first_integer(text)
+        return None if n is None else str(n)
+    text = text.strip()
+    return text or None
+
+
+def reasoning_questions(docs, split: str, chain_close: str, first_doc: int = 0) -> List[Question]:
+    """Every query of the reasoning-corpus documents `docs` (document i has index first_doc + i in its
+    split) as a Question, in document order."""
+    out = []
+    for i, doc in enumerate(docs, first_doc):
+        segs, header, queries = doc.segments, "", []
+        for j, seg in enumerate(segs):
+            if "=" not in seg.text:
+                if not queries and seg.difficulty == 0 and j + 1 < len(segs):
+                    header += seg.text  # the map line, before the first query
+                continue
+            text = seg.text.lstrip(" ")
+            query, rest = text.split("=", 1)
+            if rest:  # worked: q=<open><chain><close><answer>
+                queries.append((query + "=", rest.rsplit(chain_close, 1)[1], text))
+            else:  # direct: the answer is the next segment
+                queries.append((query + "=", segs[j + 1].text, None))
+        for q, (query, answer, worked) in enumerate(queries):
+            examples = [w + " " for k, (_, _, w) in enumerate(queries) if w is not None and k != q]
+            hard = int(query[1:-1]) if doc.family == "lookup" else len(query) - 1
+            out.append(Question(f"{split}/{i}/{q}", query, normalise_answer(answer, "reasoning"), header, examples,
+                                f"{query}{answer} ", hard))
+    return out
+
+
+def gsm8k_questions(problems) -> List[Question]:
+    """GSM8K problems (eval/gsm8k.load_gsm8k) as zero-shot-CoT questions with their integer gold."""
+    from quietstar.eval.gsm8k import gold_integer
+
+    out = []
+    for p in problems:
+        gold = gold_integer(p)
+        out.append(Question(f"gsm8k/{p.line}", f"Q: {p.question}{COT_PROMPT}", None if gold is None else str(gold),
+                            hint=f"(The answer is {gold}.)\n" if gold is not None else "", kind="gsm8k"))
+    return out
+
+
+@dataclass
+class StopRule:
+    """Where a sampled completion's two parts end (ids of the tokenizer)."""
+
+    rationale_stop: Sequence[int]  # a sampled one ends the rationale; <end> is fed in its place
+    max_rationale: int  # rationale tokens at most, then <end> is forced; 0 = no rationale (a direct answer)
+    answer_stop: Sequence[int]  # a sampled one ends the answer (kept as the completion's stop token)
+    max_answer: int  # answer tokens at most
+    answer_banned: Sequence[int] = ()  # ids the answer's first token may not be
+
+
+def reasoning_stop_rule(rcfg, tokenizer, rationale: bool = True) -> StopRule:
+    """The corpus's own marks: a rationale is a chain (it ends where the chain's closing mark is sampled,
+    or after max_hops + 2 tokens: a chain that starts with the query holds hops + 1), an answer ends at a
+    space or newline (the next query, the document's end). A direct answer may not open a chain: its
+    first token cannot be the opening mark (as reasoning.AnswerScores scores direct answers)."""
+    enc = lambda s: tokenizer.encode(s, add_bos=False)  # noqa: E731
+    longest = rcfg.max_hops + 2 if "lookup" in rcfg.families else rcfg.max_digits + 1
+    return StopRule(enc(rcfg.chain_close), longest if rationale else 0, enc(" \n"), 2, enc(rcfg.chain_open))
