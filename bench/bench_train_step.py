@@ -22,7 +22,9 @@ and, with `--budget-gb X`, once more under that budget (grid+budget). The plain 
 never checkpoint.
 
 `--saved` also records what one block of the learning pass keeps for backward per grid token
-(`saved_per_grid_token`, measured with saved-tensor hooks).
+(`saved_per_grid_token`, measured with saved-tensor hooks). `--tensor-peak` (CPU) also records each case's
+peak of live tensor memory over one more, profiled, step (`peak_tensor_mb`): the measure a GPU reports,
+free of what RSS adds on CPU (the runtime, about 0.4 GB, and the memory malloc keeps after tensors are freed).
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def peak_rss_mb() -> float:
 
 def run_case(model: str, L: int, mode: str, T: int = 12, K: int = 4, n: int = 2, B: int = 2, steps: int = 2,
              device: str = "cpu", backend: str = "auto", checkpointing: str = "auto", budget_gb: float | None = None,
-             warmup: int = 1) -> dict:
+             warmup: int = 1, tensor_peak: int = 0) -> dict:
     import torch
 
     from quietstar import attention
@@ -126,7 +128,24 @@ def run_case(model: str, L: int, mode: str, T: int = 12, K: int = 4, n: int = 2,
     else:
         out["peak_rss_mb"] = peak_rss_mb()
         out["rss_after_setup_mb"] = rss0
+        if tensor_peak:  # after the RSS is read: the profiler's own memory does not count
+            out["peak_tensor_mb"] = peak_tensor_bytes(step) / 2**20
     return out
+
+
+def peak_tensor_bytes(step) -> float:
+    """The peak of live tensor memory over one call of `step` on CPU, the parameters and optimizer state
+    included: what the GPU's max_memory_allocated measures, without malloc's freed-but-kept memory (RSS's
+    heap slack) and the runtime. From the profiler's memory timeline (a private torch API)."""
+    import numpy as np
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import MemoryProfileTimeline
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as p:
+        step()
+    _, sizes = MemoryProfileTimeline(p._memory_profile())._coalesce_timeline(torch.device("cpu"))
+    return float(np.asarray(sizes).sum(1).max())
 
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core FLOP/s
@@ -229,6 +248,9 @@ def goals(rows: list[dict]) -> dict:
             if "sequential_dense" in at:
                 entry[f"sequential_dense / {ours} time"] = round(at["sequential_dense"]["step_s"] / at[ours]["step_s"], 3)
                 entry[f"sequential_dense / {ours} memory"] = round(peak(at["sequential_dense"]) / peak(at[ours]), 3)
+                if "peak_tensor_mb" in at[ours] and "peak_tensor_mb" in at["sequential_dense"]:
+                    entry[f"sequential_dense / {ours} tensor memory"] = round(
+                        at["sequential_dense"]["peak_tensor_mb"] / at[ours]["peak_tensor_mb"], 3)
         if entry:
             out[f"{key[0]} L={key[1]}"] = entry
     return out
@@ -248,10 +270,12 @@ def main():
     ap.add_argument("--steps", type=int, default=1, help="measured steps after one warm-up step")
     ap.add_argument("--budget-gb", type=float, default=None, help="also run grid under this memory budget")
     ap.add_argument("--saved", action="store_true", help="record what a block keeps for backward per grid token")
+    ap.add_argument("--tensor-peak", action="store_true",
+                    help="CPU: also record each case's peak live tensor memory (one more step, profiled)")
     a = ap.parse_args()
     if a.case is not None:
         kw = dict(kv.split("=", 1) for kv in a.case)
-        for k in ("L", "T", "K", "n", "B", "steps", "warmup"):
+        for k in ("L", "T", "K", "n", "B", "steps", "warmup", "tensor_peak"):
             if k in kw:
                 kw[k] = int(kw[k])
         if "budget_gb" in kw:
@@ -289,7 +313,8 @@ def main():
                     cases.insert(4, ("grid", "auto", a.budget_gb))
                 for mode, ckpt, budget in cases:
                     rows.append(spawn(dict(model=model, L=L, mode=mode, device=a.device, steps=a.steps,
-                                           checkpointing=ckpt, budget_gb=budget), mem_limit_gb=a.mem_limit_gb))
+                                           checkpointing=ckpt, budget_gb=budget, tensor_peak=int(a.tensor_peak)),
+                                      mem_limit_gb=a.mem_limit_gb))
                     print(table(rows[-1:]), flush=True)
         name = a.out or f"train_step_{a.device}.json"
     print()
