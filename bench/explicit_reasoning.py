@@ -6,6 +6,12 @@ python bench/explicit_reasoning.py --out bench/results/explicit_reasoning_cpu.js
 Each RUN_ROOT holds s<seed>/<method>/results.json (or <method>/results.json). Per group and method: the
 held-out accuracy (overall and by hops) and tokens per answer of the base model and of the round chosen by
 validation, with a rationale (cot) and without (direct); the median over seeds and every seed's numbers.
+
+--quietstar GROUP=LTT_RUN [...] scores learn_to_think runs (python train.py experiment=learn_to_think) on the
+same held-out questions, in the same way (greedy, from the map line): the Quiet-STaR stage answering directly
+with a thought before every token it writes (`implicit`; its hidden thought tokens count in tokens per
+answer) and without, and the matched plain-LM baseline stage. The group's explicit runs give the questions'
+settings (seed, corpus), so a Quiet-STaR row is only compared with runs of its own corpus and seed.
 """
 
 import argparse
@@ -19,6 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from quietstar.eval.common import machine_info, write_json  # noqa: E402
 
 
+def read_seed(run: Path) -> int:
+    from quietstar.checkpoint import find_checkpoint, read_train_config
+
+    return read_train_config(find_checkpoint(run / "quietstar")).train.seed
+
+
 def one(res: dict) -> dict:
     base, best = res["rounds"][0]["eval"], res["rounds"][res["best_round"]]["eval"]
     last = res["rounds"][-1]
@@ -28,6 +40,36 @@ def one(res: dict) -> dict:
             "rounds_run": len(res["rounds"]) - 1, "examples_per_round": [r["examples"] for r in res["rounds"][1:]],
             "stats_per_round": [r["stats"] for r in res["rounds"][1:]],
             "skips_per_round": [r["skips"] for r in res["rounds"][1:]], "wall_s": res["wall_s"]}
+
+
+def quietstar_rows(ltt_run: Path, explicit_results: Path) -> dict:
+    """A learn_to_think run's Quiet-STaR and baseline stages on the held-out questions of an explicit run."""
+    import dataclasses
+
+    import torch
+
+    from quietstar.checkpoint import find_checkpoint, load_thinker_checkpoint, read_train_config
+    from quietstar.explicit.config import ExplicitConfig
+    from quietstar.explicit.loop import Context, _questions, evaluate
+
+    ex = json.loads(explicit_results.read_text())
+    cfg = read_train_config(find_checkpoint(ex["base"]))  # the explicit run's base: its corpus and seed
+    cfg = dataclasses.replace(cfg, explicit=ExplicitConfig(**{**ex["settings"], "method": ex["method"]}))
+    evq = _questions(cfg)[2]
+    out = {"questions": len(evq), "explicit_run": str(explicit_results)}
+    for stage, modes in (("quietstar", ("implicit", "direct")), ("baseline", ("direct",))):
+        path = find_checkpoint(ltt_run / stage)
+        if read_train_config(path).data.reasoning != cfg.data.reasoning:
+            raise SystemExit(f"{path}: its corpus differs from {explicit_results}'s; pair runs of one corpus and seed")
+        qs = load_thinker_checkpoint(path).eval()
+        ctx = Context(cfg, qs.tokenizer)
+        torch.manual_seed(0)
+        for m in modes:
+            e = evaluate(ctx, qs, evq, "direct", implicit=m == "implicit")
+            out[f"{stage}_{m}"] = {"acc": e["acc"], "acc_by_hops": e["acc_by_difficulty"],
+                                   "tokens_per_answer": e["tokens_per_answer"], "checkpoint": str(path)}
+            print(f"{ltt_run} {stage} {m}: acc {e['acc']:.3f} tokens/answer {e['tokens_per_answer']:.2f}", flush=True)
+    return out
 
 
 def median(xs):
@@ -40,6 +82,8 @@ def main():
     ap.add_argument("groups", nargs="+")
     ap.add_argument("--out", required=True)
     ap.add_argument("--command", default="")
+    ap.add_argument("--quietstar", nargs="*", default=[], help="GROUP=LEARN_TO_THINK_RUN (seed s: s<seed> of GROUP's "
+                    "explicit runs gives its questions); the seed's Quiet-STaR rows go to GROUP")
     args = ap.parse_args()
     out = {"date": time.strftime("%Y-%m-%d"), "machine": machine_info(), "command": args.command, "groups": {}}
     for g in args.groups:
@@ -57,9 +101,27 @@ def main():
                            for m in ("cot", "direct")} for which in ("base", "chosen", "last_round")}
             summary[method] = {"seeds": sorted(seeds), "median": med, "per_seed": seeds}
         out["groups"][name] = summary
+    for g in args.quietstar:
+        name, run = g.split("=", 1)
+        root = dict(x.split("=", 1) for x in args.groups)[name]
+        seed = read_seed(Path(run))
+        ref = next(iter(sorted(Path(root).glob(f"s{seed}/*/results.json")) or sorted(Path(root).glob("*/results.json"))))
+        out["groups"][name].setdefault("quietstar", {}).setdefault("per_seed", {})[f"s{seed}"] = \
+            quietstar_rows(Path(run), ref)
+    for name, summary in out["groups"].items():
+        if "quietstar" in summary:
+            seeds = summary["quietstar"]["per_seed"]
+            keys = [k for k in next(iter(seeds.values())) if isinstance(next(iter(seeds.values()))[k], dict)]
+            summary["quietstar"]["seeds"] = sorted(seeds)
+            summary["quietstar"]["median"] = {k: {f: median([s[k][f] for s in seeds.values()])
+                                                  for f in ("acc", "tokens_per_answer")} for k in keys}
     write_json(args.out, out)
     for name, summary in out["groups"].items():
         for method, s in summary.items():
+            if method == "quietstar":
+                for k, m in s["median"].items():
+                    print(f"{name:>10} quietstar {k:>18}: {m['acc']:.3f} ({m['tokens_per_answer']:.2f} tok)  seeds {s['seeds']}")
+                continue
             for which in ("base", "chosen", "last_round"):
                 m = s["median"][which]
                 print(f"{name:>10} {method:>8} {which:>10}: cot {m['cot']['acc']:.3f} ({m['cot']['tokens_per_answer']:.2f} tok)"

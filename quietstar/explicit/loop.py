@@ -50,7 +50,7 @@ class Context:
         self.end_target = self.rules["cot"].rationale_stop[0]
         self.check = AnswerCheck()
 
-    def sample(self, qs, prompts, k, mode, seed, greedy=False, desc=""):
+    def sample(self, qs, prompts, k, mode, seed, greedy=False, desc="", implicit=False):
         from quietstar.eval.common import Progress
 
         bar = Progress(len(prompts) * k, desc) if desc else None
@@ -61,7 +61,7 @@ class Context:
             done[0] = n
         out = sample(qs, self.tok, prompts, k, self.rules[mode], 0.0 if greedy else self.ex.temperature,
                      self.ex.top_p, torch.Generator().manual_seed(seed), self.ex.sample_batch,
-                     tick if bar else None)
+                     tick if bar else None, implicit)
         if bar:
             bar.close()
         return out
@@ -149,14 +149,16 @@ COLLECT = {"star": collect_star, "rft": collect_rft, "system2": collect_system2}
 
 
 @torch.no_grad()
-def evaluate(ctx: Context, qs, questions, mode: str, desc: str = "") -> dict:
+def evaluate(ctx: Context, qs, questions, mode: str, desc: str = "", implicit: bool = False) -> dict:
     """Greedy answers to `questions`: accuracy (overall and by difficulty), tokens generated per answer,
-    the share of rationales that ended at their stop rule, and a few examples."""
-    comps = ctx.sample(qs, [q.prompt() for q in questions], 1, mode, 0, greedy=True, desc=desc)
+    the share of rationales that ended at their stop rule, and a few examples. implicit: a Quiet-STaR model
+    thinks before every token it writes (sample.sample_rows); its hidden thought tokens are counted."""
+    comps = ctx.sample(qs, [q.prompt() for q in questions], 1, mode, 0, greedy=True, desc=desc, implicit=implicit)
+    per_token = qs.cfg.n_ahead if implicit else 1  # <start>, n_ahead - 3 thought tokens, <end>, the token
     hits, tokens, closed = defaultdict(list), [], []
     for q, (c,) in zip(questions, comps):
         hits[str(q.difficulty)].append(ctx.check.score(q, c).value == 1)
-        tokens.append(c.n_generated)
+        tokens.append(c.n_generated * per_token)
         closed.append(c.closed)
     every = [h for v in hits.values() for h in v]
     res = {"acc": sum(every) / len(every), "acc_by_difficulty": {k: sum(v) / len(v) for k, v in sorted(hits.items())},

@@ -83,9 +83,12 @@ class _Rows:
 
 @torch.no_grad()
 def sample_rows(qs, tokenizer, prompts: Sequence[Sequence[int]], seeds: Sequence[int], rule: StopRule,
-                temperature: float = 1.0, top_p: float = 1.0) -> List[Completion]:
+                temperature: float = 1.0, top_p: float = 1.0, implicit: bool = False) -> List[Completion]:
     """One completion per prompt (token ids, BOS first; <start> is appended here), each row sampled with
-    its own seed. temperature 0 = greedy."""
+    its own seed. temperature 0 = greedy. implicit: every generated token is preceded by a Quiet-STaR thought
+    (generate_stream's think=True, n_ahead - 1 hidden forwards a token): the implicit counterpart of a
+    rationale, for a thinking model. Its thoughts come from one generator per batch, seeded by the first
+    row's seed, so unlike the tokens they depend on the batch."""
     dev = qs.model.tok_embeddings.weight.device
     think = rule.max_rationale > 0
     rows = [list(p) + [qs.start_token_id] if think else list(p) for p in prompts]
@@ -96,7 +99,9 @@ def sample_rows(qs, tokenizer, prompts: Sequence[Sequence[int]], seeds: Sequence
                         f"max_seq_len={qs.model.cfg.max_seq_len}")
     ids, mask = left_pad(rows, tokenizer.pad_id, dev)
     state = _Rows(rule, seeds, temperature, top_p, qs.end_token_id, tokenizer.pad_id)
-    for _ in generate_stream(qs, ids, mask, budget, think=False, pad_id=tokenizer.pad_id, pick=state):
+    thoughts = torch.Generator(dev).manual_seed(int(seeds[0])) if implicit else None
+    for _ in generate_stream(qs, ids, mask, budget, think=implicit, generator=thoughts, pad_id=tokenizer.pad_id,
+                             pick=state):
         pass
     return [Completion(state.rationale[b], state.answer[b], state.stop[b], tokenizer.decode(state.rationale[b]),
                        tokenizer.decode(state.answer[b]), state.steps[b] + think, int(seeds[b]), state.closed[b])
@@ -105,7 +110,7 @@ def sample_rows(qs, tokenizer, prompts: Sequence[Sequence[int]], seeds: Sequence
 
 def sample(qs, tokenizer, prompts: Sequence[str], k: int, rule: StopRule, temperature: float = 1.0,
            top_p: float = 1.0, generator: Optional[torch.Generator] = None, batch_rows: int = 256,
-           progress=None) -> List[List[Completion]]:
+           progress=None, implicit: bool = False) -> List[List[Completion]]:
     """k completions of each text prompt (questions x k rows, batch_rows at a time). -> per prompt, its k
     completions. The row seeds are drawn from `generator`; progress(n_rows_done) is called after each batch."""
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
@@ -115,7 +120,7 @@ def sample(qs, tokenizer, prompts: Sequence[str], k: int, rule: StopRule, temper
     out: List[Completion] = []
     for r0 in range(0, len(rows), batch_rows):
         out += sample_rows(qs, tokenizer, rows[r0:r0 + batch_rows], seeds[r0:r0 + batch_rows], rule, temperature,
-                           top_p)
+                           top_p, implicit)
         if progress is not None:
             progress(len(out))
     return [out[i * k:(i + 1) * k] for i in range(len(prompts))]
