@@ -31,24 +31,75 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps: float):  # x (..., d), weight (d,)
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1) fp32
+        xf, rstd = _rms_stats(x, eps)  # rstd (..., 1) fp32
         ctx.save_for_backward(x, weight, rstd)
         return weight * (xf * rstd).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):  # grad (..., d)
         x, weight, rstd = ctx.saved_tensors
-        x_hat = x.to(rstd.dtype) * rstd  # (..., d) fp32: the normalised input
-        grad_weight = None
-        if ctx.needs_input_grad[1]:
-            grad_weight = (grad * x_hat.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
-        # the unfused graph rounds the gradient of the scaled input to x's dtype before the fp32 part
-        g = (grad * weight).to(x.dtype).to(rstd.dtype)  # (..., d)
-        # d/dx of x * rstd(x), rstd = (mean(x^2) + eps)^(-1/2): rstd * (g - x_hat * mean(g * x_hat)), in place
-        # on the temporaries (both are this function's own)
-        grad_x = g.sub_(x_hat.mul_((g * x_hat).mean(-1, keepdim=True))).mul_(rstd)
-        return grad_x.to(x.dtype), grad_weight, None
+        return (*_rms_norm_backward(grad, x, weight, rstd, ctx.needs_input_grad[1]), None)
+
+
+def _rms_norm_backward(grad, x, weight, rstd, grad_weight: bool):
+    """(dx, dweight or None) of weight * (x * rstd) given its output gradient (..., d)."""
+    x_hat = x.to(rstd.dtype) * rstd  # (..., d) fp32: the normalised input
+    grad_w = None
+    if grad_weight:
+        grad_w = (grad * x_hat.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+    # the unfused graph rounds the gradient of the scaled input to x's dtype before the fp32 part
+    g = (grad * weight).to(x.dtype).to(rstd.dtype)  # (..., d)
+    # d/dx of x * rstd(x), rstd = (mean(x^2) + eps)^(-1/2): rstd * (g - x_hat * mean(g * x_hat)), in place on
+    # the temporaries (both are this function's own)
+    grad_x = g.sub_(x_hat.mul_((g * x_hat).mean(-1, keepdim=True))).mul_(rstd)
+    return grad_x.to(x.dtype), grad_w
+
+
+def _rms_stats(x, eps: float):
+    """x in fp32 (fp64 for fp64 x) and 1/rms(x) (..., 1)."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    return xf, torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the projections of x run in: autocast's for an fp32 x under autocast, else x's."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if x.dtype == torch.float32 and torch.is_autocast_enabled(dev) else x.dtype
+
+
+class RMSNormLinearsFunction(torch.autograd.Function):
+    """F.linear(y, w_i, b_i) for each projection i that reads y = rms_norm(x) (cast once to the projections'
+    dtype): q, k and v after the attention norm, gate and up after the feed-forward norm.
+
+    Saves x and 1/rms(x), as RMSNormFunction does, and not y: each projection's weight gradient needs y, so
+    backward recomputes it (a few elementwise ops) instead of keeping one more d-sized tensor per token."""
+
+    @staticmethod
+    def forward(ctx, x, norm_weight, eps: float, *weights_and_biases):  # w_1 .. w_n, then b_1 .. b_n (or None)
+        n = len(weights_and_biases) // 2
+        ws, bs = weights_and_biases[:n], weights_and_biases[n:]
+        xf, rstd = _rms_stats(x, eps)
+        ctx.dtype = compute_dtype(x)
+        y = (norm_weight * (xf * rstd).to(x.dtype)).to(ctx.dtype)
+        ctx.save_for_backward(x, norm_weight, rstd, *ws, *bs)
+        return tuple(F.linear(y, w, b) for w, b in zip(ws, bs))  # under autocast as nn.Linear: w, b cast
+
+    @staticmethod
+    def backward(ctx, *grads):  # one (..., out_i) per projection, in ctx.dtype
+        x, norm_weight, rstd, *wb = ctx.saved_tensors
+        n, dt = len(wb) // 2, ctx.dtype
+        y = (norm_weight * (x.to(rstd.dtype) * rstd).to(x.dtype)).to(dt)  # recomputed, as in forward
+        y2 = y.reshape(-1, y.shape[-1])
+        grad_y, grad_ws, grad_bs = None, [], []
+        for i, (g, w, b) in enumerate(zip(grads, wb[:n], wb[n:])):
+            g2 = g.reshape(-1, g.shape[-1]).to(dt)
+            grad_ws.append((g2.t() @ y2).to(w.dtype) if ctx.needs_input_grad[3 + i] else None)
+            grad_bs.append(g2.sum(0).to(b.dtype) if b is not None and ctx.needs_input_grad[3 + n + i] else None)
+            part = g.to(dt) @ w.to(dt)  # (..., d)
+            grad_y = part if grad_y is None else grad_y.add_(part)
+        del y, y2
+        grad_x, grad_norm = _rms_norm_backward(grad_y.to(x.dtype), x, norm_weight, rstd, ctx.needs_input_grad[1])
+        return (grad_x, grad_norm, None, *grad_ws, *grad_bs)
 
 
 class SwiGLUDownFunction(torch.autograd.Function):
@@ -85,6 +136,13 @@ class SwiGLUDownFunction(torch.autograd.Function):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """(..., d) -> (..., d): weight * x / sqrt(mean(x^2) + eps)."""
     return RMSNormFunction.apply(x, weight, eps)
+
+
+def rms_norm_linears(x: torch.Tensor, norm: "torch.nn.Module", projections) -> tuple:
+    """x (..., d) -> (F.linear(y, p.weight, p.bias) for p in projections), y = norm(x) in the projections'
+    dtype: norm an RMSNorm (its .weight and .eps), projections nn.Linear modules that all read y."""
+    return RMSNormLinearsFunction.apply(x, norm.weight, norm.eps, *[p.weight for p in projections],
+                                        *[p.bias for p in projections])
 
 
 def swiglu_down(gate: torch.Tensor, up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from quietstar.fused import rms_norm, swiglu_down
+from quietstar.fused import compute_dtype, rms_norm, rms_norm_linears, swiglu_down
 
 AttnFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -164,18 +164,6 @@ def causal_attention(q, k, v, key_valid: Optional[torch.Tensor] = None, window: 
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=gqa)
 
 
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the projections of x run in: autocast's for an fp32 x under autocast, else x's."""
-    dev = x.device.type
-    return torch.get_autocast_dtype(dev) if x.dtype == torch.float32 and torch.is_autocast_enabled(dev) else x.dtype
-
-
-def cast_once(x: torch.Tensor) -> torch.Tensor:
-    """x in compute_dtype. Autocast casts per op, so a norm output read by three projections (q, k, v) would be
-    cast, and kept for backward, three times; cast once here, the projections see the same values."""
-    return x.to(compute_dtype(x))
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -185,18 +173,20 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, attn: AttnFn, layer_idx: int):
+    def forward(self, x, norm: "RMSNorm", cos, sin, attn: AttnFn, layer_idx: int):
+        """x (B, N, d) the residual stream: the projections read norm(x) (fused.rms_norm_linears)."""
         B, N, _ = x.shape
-        q = self.wq(x).view(B, N, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, N, D)
-        k = self.wk(x).view(B, N, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, N, D)
-        v = self.wv(x).view(B, N, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, N, D)
+        q, k, v = rms_norm_linears(x, norm, (self.wq, self.wk, self.wv))
+        q = q.view(B, N, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, N, D)
+        k = k.view(B, N, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, N, D)
+        v = v.view(B, N, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, N, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = attn(layer_idx, q, k, v)  # (B, H, N, D)
         return self.wo(out.transpose(1, 2).reshape(B, N, -1))
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x). Backward keeps w1 x and w3 x only (fused.py)."""
+    """SwiGLU: w2(silu(w1 y) * w3 y), y = norm(x). Backward keeps x, w1 y and w3 y only (fused.py)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -204,8 +194,9 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)  # up
         self.w2 = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)  # down
 
-    def forward(self, x):
-        return swiglu_down(self.w1(x), self.w3(x), self.w2.weight)
+    def forward(self, x, norm: "RMSNorm"):
+        gate, up = rms_norm_linears(x, norm, (self.w1, self.w3))
+        return swiglu_down(gate, up, self.w2.weight)
 
 
 class Block(nn.Module):
@@ -217,8 +208,8 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(cfg)
 
     def forward(self, x, cos, sin, attn: AttnFn, layer_idx: int):
-        x = x + self.attention(cast_once(self.attention_norm(x)), cos, sin, attn, layer_idx)
-        return x + self.feed_forward(cast_once(self.ffn_norm(x)))
+        x = x + self.attention(x, self.attention_norm, cos, sin, attn, layer_idx)
+        return x + self.feed_forward(x, self.ffn_norm)
 
 
 # ---- activation memory, and how many blocks to checkpoint to fit a budget ----
@@ -259,8 +250,8 @@ def saved_bytes_per_token(cfg: ModelConfig, residual_bytes: int, compute_bytes: 
     in fp32) and a log-sum-exp per head (the split, flex and triton backends; dense also keeps its scores)."""
     d, I = cfg.dim, cfg.intermediate_size
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    return (2 * (d * residual_bytes + 4)  # the two norms' inputs and their fp32 1/rms
-            + 2 * d * compute_bytes  # the normed inputs of the q/k/v and of the gate/up projections
+    return (2 * (d * residual_bytes + 4)  # the two norms' inputs and their fp32 1/rms (fused.py recomputes
+            # the normed inputs that the q/k/v and gate/up projections read)
             + (q + 2 * kv) * compute_bytes + 4 * cfg.n_heads  # the attention's q, k, v and log-sum-exp
             + q * (4 + compute_bytes)  # its output, and the output projection's (head-merged) copy of it
             + 2 * I * compute_bytes)  # gate and up (fused.py recomputes the rest of SwiGLU)

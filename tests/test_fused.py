@@ -1,4 +1,4 @@
-"""The fused RMSNorm and SwiGLU functions (quietstar/fused.py) against the unfused PyTorch computation they
+"""The fused RMSNorm, RMSNorm + projections and SwiGLU functions (quietstar/fused.py) against the unfused PyTorch computation they
 replace (forward and every gradient; fp32 and fp64 to rounding, gradcheck in fp64, bf16 and bf16 autocast by
 the tolerance rule of docs/testing.md), and what a block keeps for backward against model.py's estimate."""
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from quietstar.fused import rms_norm, swiglu_down
+from quietstar.fused import RMSNormLinearsFunction, rms_norm, swiglu_down
 from quietstar.model import ModelConfig, Transformer, measure_saved_bytes, saved_bytes_per_token
 from quietstar.thinker import QuietStar, ThoughtConfig
 
@@ -38,8 +38,25 @@ def swiglu_inputs(dtype, seed=0):
     return gate, up, w
 
 
+def norm_linears(x, w_norm, w1, b1, w2, eps):  # two projections of one norm, the first with a bias
+    return torch.cat(RMSNormLinearsFunction.apply(x, w_norm, eps, w1, w2, b1, None), -1)
+
+
+def norm_linears_unfused(x, w_norm, w1, b1, w2, eps):
+    y = rms_norm_unfused(x, w_norm, eps)
+    return torch.cat([F.linear(y, w1, b1), F.linear(y, w2)], -1)
+
+
+def norm_linears_inputs(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, w = rms_inputs(dtype, seed)
+    w1, b1, w2 = (0.2 * torch.randn(32, 48, generator=g)), torch.randn(32, generator=g), 0.2 * torch.randn(16, 48, generator=g)
+    return x, w, w1.to(dtype), b1.to(dtype), w2.to(dtype)
+
+
 CASES = {"rms_norm": (rms_norm, rms_norm_unfused, rms_inputs, (1e-5,)),
-         "swiglu_down": (swiglu_down, swiglu_down_unfused, swiglu_inputs, ())}
+         "swiglu_down": (swiglu_down, swiglu_down_unfused, swiglu_inputs, ()),
+         "rms_norm_linears": (norm_linears, norm_linears_unfused, norm_linears_inputs, (1e-5,))}
 
 
 def value_and_grads(fn, inputs, extra, grad_out):
@@ -104,17 +121,18 @@ def saved_per_grid_token(model_cfg, L, autocast=False):
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
 def test_a_block_keeps_what_the_estimate_says(autocast, capsys):
     """Per grid token, layer 0 of the learning pass keeps exactly saved_bytes_per_token: the two norms'
-    inputs and 1/rms, the projections' inputs, q/k/v/out/LSE of the attention, gate and up; nothing else.
-    (The unfused norms and SwiGLU kept 3 + 3 d-sized and 4 I-sized tensors; these keep 2 + 2 and 2.)"""
+    inputs and 1/rms, q/k/v/out/LSE of the attention, the output projection's input, gate and up; nothing
+    else. (The unfused norms, projections and SwiGLU kept 3 + 3 + 2 d-sized and 4 I-sized tensors; these keep
+    2 + 0 + 0 and 2: the projections after a norm recompute the normed input.)"""
     cfg = ModelConfig.from_preset("tiny", dim=64, intermediate_size=96)
     (b1, t1), (b2, t2) = saved_per_grid_token(cfg, 12, autocast), saved_per_grid_token(cfg, 20, autocast)
     per_token = (b2 - b1) / (t2 - t1)  # the weight casts autocast keeps do not grow with tokens
     assert per_token == saved_bytes_per_token(cfg, 4, 2 if autocast else 4)
-    # per call besides, only autocast's bf16 copies of the projection weights (fused.py re-casts w2 in backward)
+    # per call besides, only autocast's bf16 copy of the output projection's weight (fused.py re-casts the
+    # weights of the projections after a norm and of w2 in backward)
     layer = Transformer(cfg).layers[0]
-    weights = [layer.attention.wq, layer.attention.wk, layer.attention.wv, layer.attention.wo,
-               layer.feed_forward.w1, layer.feed_forward.w3]
+    weights = [layer.attention.wo]
     assert b1 - t1 * per_token == (sum(2 * m.weight.numel() for m in weights) if autocast else 0)
     d, I = cfg.dim, cfg.intermediate_size
-    if not autocast:  # 8 d-sized + 2 I-sized fp32 tensors (and 1/rms, LSE)
-        assert 4 * (8 * d + 2 * I) < per_token < 4 * (8 * d + 2 * I + 16)
+    if not autocast:  # 6 d-sized + 2 I-sized fp32 tensors (and 1/rms, LSE)
+        assert 4 * (6 * d + 2 * I) < per_token < 4 * (6 * d + 2 * I + 16)
