@@ -32,10 +32,21 @@ class _LinearLogProbSum(torch.autograd.Function):
         N = h.shape[0]
         dt = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
         acc = torch.float64 if dt == torch.float64 else torch.float32  # softmax math: fp32, or fp64 given fp64
+        grad = grad_h or grad_w
+        # A row with coef 0 has dL/dz = 0 exactly: it needs its log-prob but no gradient matmuls. REINFORCE
+        # with clamped advantages zeroes about half its rows, so the rows with a weight go first and the
+        # chunks past them skip both matmuls.
+        order, n_live = None, N
+        if grad:
+            live = coef != 0
+            n_live = int(live.sum())
+            if 0 < n_live < N:
+                order = torch.argsort(live.logical_not().to(torch.uint8), stable=True)
+                h, targets, coef = h[order], targets[order], coef[order]
         with torch.autocast(h.device.type, enabled=False):
             w = weight.to(dt)
             logp = torch.empty(N, dtype=acc, device=h.device)
-            dh = torch.empty_like(h) if grad_h else None
+            dh = (torch.empty_like(h) if n_live == N else torch.zeros_like(h)) if grad_h else None
             dw = torch.zeros_like(weight, dtype=acc) if grad_w else None
             for c0 in range(0, N, chunk):
                 c1 = min(N, c0 + chunk)
@@ -49,7 +60,7 @@ class _LinearLogProbSum(torch.autograd.Function):
                 z.sub_(m).exp_()
                 s = z.sum(-1, keepdim=True)
                 logp[c0:c1] = (z_y - m - s.log()).squeeze(-1)
-                if not (grad_h or grad_w):
+                if not grad or c0 >= n_live:
                     continue
                 cc = coef[c0:c1, None].to(acc)
                 z.mul_(-cc / s).scatter_add_(-1, y, cc)  # c (onehot(y) - p): dL/dz
@@ -58,6 +69,10 @@ class _LinearLogProbSum(torch.autograd.Function):
                     dh[c0:c1] = (gz @ w).to(h.dtype) / temperature
                 if grad_w:
                     dw.add_(gz.t() @ hc)
+            if order is not None:  # back to the callers' row order
+                logp = torch.empty_like(logp).index_copy_(0, order, logp)
+                dh = None if dh is None else torch.empty_like(dh).index_copy_(0, order, dh)
+                coef = torch.empty_like(coef).index_copy_(0, order, coef)
         ctx.save_for_backward(dh, None if dw is None else dw.to(weight.dtype))
         ctx.mark_non_differentiable(logp)
         return (coef.to(acc) * logp).sum(), logp

@@ -101,3 +101,22 @@ def test_autocast_bf16_runs_the_matmuls_in_bf16_and_stays_close():
     for name, o, t, f, e in zip(("dh", "dW"), ours, torch_bf16, fp32, exact):
         assert (o - e).abs().max() <= 2 * (t - e).abs().max() + 1e-6, name
         assert (o - e).abs().max() > 10 * (f - e).abs().max(), name  # bf16 really was used
+
+
+@pytest.mark.parametrize("zero_share", [0.5, 0.95, 1.0])
+@pytest.mark.parametrize("chunk", [1, 4, 1000])
+def test_rows_without_weight_skip_gradients_but_keep_logprobs(zero_share, chunk):
+    """Rows with coef 0 (REINFORCE's clamped advantages) are reordered past the weighted ones and get no
+    gradient matmuls: the log-probs keep the caller's order and every gradient equals autograd's."""
+    h, weight, targets, coef = inputs(shape=(4, 9), seed=3)
+    g = torch.Generator().manual_seed(1)
+    coef[torch.rand(coef.shape, generator=g, dtype=torch.float64) < zero_share] = 0
+    grads = []
+    for fn in (reference, lambda *a: linear_logprob_sum(*a, chunk=chunk)):
+        hh, ww = h.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss, logp = fn(hh, ww, targets, coef, 2.0)
+        loss.backward()
+        grads.append((loss.detach(), logp.detach(), hh.grad, ww.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+    assert (grads[1][2][coef == 0] == 0).all()
