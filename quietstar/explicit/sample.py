@@ -83,12 +83,15 @@ class _Rows:
 
 @torch.no_grad()
 def sample_rows(qs, tokenizer, prompts: Sequence[Sequence[int]], seeds: Sequence[int], rule: StopRule,
-                temperature: float = 1.0, top_p: float = 1.0) -> List[Completion]:
+                temperature: float = 1.0, top_p: float = 1.0, started: bool = False) -> List[Completion]:
     """One completion per prompt (token ids, BOS first; <start> is appended here), each row sampled with
-    its own seed. temperature 0 = greedy."""
+    its own seed. temperature 0 = greedy. started: the prompts already end inside a rationale (<start> and
+    its first steps, as a tree search feeds them): the rationale is continued, for rule.max_rationale more
+    tokens at most."""
     dev = qs.model.tok_embeddings.weight.device
     think = rule.max_rationale > 0
-    rows = [list(p) + [qs.start_token_id] if think else list(p) for p in prompts]
+    opens = think and not started
+    rows = [list(p) + [qs.start_token_id] if opens else list(p) for p in prompts]
     budget = (rule.max_rationale + 1 if think else 0) + rule.max_answer + 1  # the stop token may be sampled last
     longest = max(len(r) for r in rows)
     if longest + budget > qs.model.cfg.max_seq_len:
@@ -99,7 +102,7 @@ def sample_rows(qs, tokenizer, prompts: Sequence[Sequence[int]], seeds: Sequence
     for _ in generate_stream(qs, ids, mask, budget, think=False, pad_id=tokenizer.pad_id, pick=state):
         pass
     return [Completion(state.rationale[b], state.answer[b], state.stop[b], tokenizer.decode(state.rationale[b]),
-                       tokenizer.decode(state.answer[b]), state.steps[b] + think, int(seeds[b]), state.closed[b])
+                       tokenizer.decode(state.answer[b]), state.steps[b] + opens, int(seeds[b]), state.closed[b])
             for b in range(len(rows))]
 
 
