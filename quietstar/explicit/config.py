@@ -7,14 +7,19 @@ from typing import Optional
 
 from quietstar.errors import ConfigError
 
-METHODS = ("star", "rft", "system2")
+METHODS = ("star", "rft", "system2", "vstar", "tpo", "cpo")
+JUDGES = ("answer", "model")
+SELF_EVALS = ("agreement", "likelihood", "model")
+VERIFIER_SCORES = ("ratio", "likelihood")
 
 
 @dataclass
 class ExplicitConfig:
     method: str = "star"
     """star (Zelikman et al. 2022) | rft (rejection-sampling fine-tuning) | system2 (System-2 distillation,
-    Yu et al. 2024); docs/explicit.md."""
+    Yu et al. 2024); docs/explicit.md. The preference-based ones (docs/explicit_preference.md): vstar (a STaR
+    generator and a DPO verifier for best-of-k, Hosseini et al. 2024) | tpo (thought preference optimisation,
+    Wu et al. 2024) | cpo (chain of preference optimisation over a tree search, Zhang et al. 2024)."""
     base: Optional[str] = None
     """The model every method starts from: a plain-LM checkpoint trained on the reasoning corpus. None: the
     learn_to_think recipe's pretrain stage, run (or reused, when finished with the same settings) in
@@ -41,22 +46,48 @@ class ExplicitConfig:
     batch_size: int = 32  # SFT examples per step
     sample_batch: int = 512  # rows (questions x k) sampled at once
     keep_checkpoints: bool = True  # save each round's model under <run dir>/round_<n>/checkpoints
+    eval_samples: int = 0  # rationales sampled per held-out question at `temperature` for a sampled accuracy; 0: off
+    # -- the preference-based methods (explicit/preference.py)
+    beta: float = 0.1  # DPO's beta: the scale of the implicit reward beta * log(pi / pi_ref)
+    judge: str = "answer"
+    """tpo: what scores a response: answer (its answer against the gold, AnswerCheck) | model (the base model
+    reads the question and the response, never the thought, through ModelJudge's rubric prompt)."""
+    pairs_per_question: int = 4  # vstar: (correct, incorrect) verifier pairs kept per question and round, at most
+    verifier_steps: int = 200  # vstar: DPO steps of the verifier, trained once on every round's pairs
+    verifier_score: str = "ratio"
+    """vstar: how the verifier ranks a solution for best-of-k: ratio (DPO's implicit reward,
+    beta * (log pi_v(y|x) - log pi_ref(y|x))) | likelihood (log pi_v(y|x)). Both curves are reported."""
+    best_of_n: int = 16  # vstar: solutions sampled per held-out question for the accuracy-vs-k curves (k <= n)
+    beam: int = 2  # cpo: candidates kept per depth of the tree search
+    proposals: int = 3  # cpo: next steps sampled per kept prefix (duplicates are merged)
+    step_tokens: int = 1  # cpo: chain tokens per step (a step ends early at the chain's closing mark)
+    self_eval: str = "agreement"
+    """cpo: how the model rates a partial chain: agreement (the share of `rollouts` sampled continuations from
+    it whose answer is the model's own majority answer to the question) | likelihood (the mean per-token
+    probability of the chain so far) | model (ModelJudge's rubric prompt)."""
+    rollouts: int = 4  # cpo, self_eval=agreement: continuations sampled per rated prefix (and for the root's vote)
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ConfigError(f"explicit.method must be one of {METHODS}, got {self.method!r}")
         if self.train_from not in ("base", "latest"):
             raise ConfigError(f"explicit.train_from must be base or latest, got {self.train_from!r}")
+        for name, allowed in (("judge", JUDGES), ("self_eval", SELF_EVALS), ("verifier_score", VERIFIER_SCORES)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"explicit.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("iterations", "train_questions", "val_questions", "eval_questions", "k", "batch_size",
-                     "sample_batch"):
+                     "sample_batch", "pairs_per_question", "best_of_n", "beam", "proposals", "step_tokens",
+                     "rollouts"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"explicit.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("patience", "few_shot", "steps"):
+        for name in ("patience", "few_shot", "steps", "verifier_steps", "eval_samples"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"explicit.{name} must be >= 0, got {getattr(self, name)}")
         if not self.temperature >= 0:
             raise ConfigError(f"explicit.temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"explicit.top_p must be in (0, 1], got {self.top_p}")
+        if not self.beta > 0:
+            raise ConfigError(f"explicit.beta must be > 0, got {self.beta}")
         if not 0 < self.consistency <= 1:
             raise ConfigError(f"explicit.consistency must be in (0, 1], got {self.consistency}")

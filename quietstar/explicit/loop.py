@@ -1,11 +1,14 @@
-"""The explicit-thinking recipe: `python train.py explicit=star` (or rft, system2); docs/explicit.md.
+"""The explicit-thinking recipe: `python train.py explicit=star` (or rft, system2, vstar, tpo, cpo); docs/explicit.md
+and docs/explicit_preference.md.
 
     base model (learn_to_think's pretrain stage)
     round r = 1 .. iterations:
         sample   k completions per training question with the latest model   (sample.py)
         score    against the gold answer                                     (judge.py)
-        dataset  the method's choice of examples, written as round_<r>/sft.jsonl  (dataset.py)
-        train    SFT of `base` (or the latest model) on that dataset          (losses.py)
+        dataset  the method's choice of examples (or preference pairs), written as round_<r>/sft.jsonl
+                 (pairs.jsonl)                                               (dataset.py)
+        train    SFT (or DPO, the model it starts from as the frozen reference) of `base` (or the latest
+                 model) on that dataset                                      (losses.py)
         evaluate greedy, on the held-out split: answer accuracy and tokens generated per answer, with a
                  rationale (cot) and without (direct); and on training-split validation questions, for the
                  stopping rule
@@ -17,6 +20,8 @@ The methods differ only in how a round's dataset is chosen (`collect_*`):
     rft      k completions per question; keep every distinct correct reasoning path (normalised rationale)
     system2  k completions per question; where the majority answer has at least `consistency` of the votes
              (no gold used), train the direct answer: the prompt, then that answer, no rationale
+    vstar, tpo, cpo  the preference-based methods (explicit/preference.py); V-STaR also trains a verifier after
+             the last round and reports best-of-k on the held-out questions (preference.verify)
 """
 
 from __future__ import annotations
@@ -33,11 +38,13 @@ import torch
 
 from quietstar.explicit.dataset import Skips, majority, make_sft, normalise_rationale, write_jsonl
 from quietstar.explicit.judge import AnswerCheck
-from quietstar.explicit.losses import fit_sft
+from quietstar.explicit.losses import fit_dpo, fit_sft
+from quietstar.explicit.preference import collect_cpo, collect_tpo, collect_vstar, verify
 from quietstar.explicit.sample import sample
 from quietstar.explicit.tasks import normalise_answer, reasoning_questions, reasoning_stop_rule
 
-EVAL_MODES = {"star": "cot", "rft": "cot", "system2": "direct"}  # what each method trains the model to do
+EVAL_MODES = {"star": "cot", "rft": "cot", "system2": "direct", "vstar": "cot", "tpo": "cot", "cpo": "cot"}
+DPO_METHODS = ("tpo", "cpo")  # their rounds train on preference pairs (V-STaR's generator is STaR's SFT)
 
 
 class Context:
@@ -49,6 +56,8 @@ class Context:
         self.rules = {"cot": reasoning_stop_rule(rc, tok, True), "direct": reasoning_stop_rule(rc, tok, False)}
         self.end_target = self.rules["cot"].rationale_stop[0]
         self.check = AnswerCheck()
+        self.base = None  # the model the run starts from (set by run): TPO's fixed model judge
+        self.verifier_pairs: list = []  # V-STaR: the verifier's pairs, from every round
 
     def sample(self, qs, prompts, k, mode, seed, greedy=False, desc="", implicit=False):
         from quietstar.eval.common import Progress
@@ -145,7 +154,8 @@ def collect_system2(ctx: Context, qs, questions, r: int, seed: int, skips: Skips
     return out, dict(stats)
 
 
-COLLECT = {"star": collect_star, "rft": collect_rft, "system2": collect_system2}
+COLLECT = {"star": collect_star, "rft": collect_rft, "system2": collect_system2, "vstar": collect_vstar,
+           "tpo": collect_tpo, "cpo": collect_cpo}
 
 
 @torch.no_grad()
@@ -168,6 +178,17 @@ def evaluate(ctx: Context, qs, questions, mode: str, desc: str = "", implicit: b
     res["examples"] = [{"question": q.prompt(), "rationale": c.rationale, "answer": c.answer, "gold": q.gold}
                        for q, (c,) in list(zip(questions, comps))[:3]]
     return res
+
+
+@torch.no_grad()
+def evaluate_sampled(ctx: Context, qs, questions, n: int, seed: int, desc: str = "") -> dict:
+    """n rationales per question sampled at the training temperature: the share that are right. Where greedy
+    chains are already all right, this is what a preference method can still move: how much of the model's
+    distribution is on right chains."""
+    comps = ctx.sample(qs, [q.prompt() for q in questions], n, "cot", seed, desc=desc)
+    hits = [ctx.check.score(q, c).value == 1 for q, cs in zip(questions, comps) for c in cs]
+    return {"acc": sum(hits) / len(hits), "n": len(hits), "temperature": ctx.ex.temperature,
+            "tokens_per_answer": sum(c.n_generated for cs in comps for c in cs) / len(hits)}
 
 
 def _questions(cfg):
@@ -236,6 +257,7 @@ def run(cfg, train_fn):
     base_path, base = _base(cfg, train_fn, stages)
     tok = base.tokenizer
     ctx = Context(cfg, tok)
+    ctx.base = base
     train_q, val_q, eval_q = _questions(cfg)
     mode = EVAL_MODES[ex.method]
     run_log = start_run(cfg.logger, root, config=dataclasses.asdict(cfg))
@@ -244,6 +266,10 @@ def run(cfg, train_fn):
     def assess(qs, name):
         e = {m: evaluate(ctx, qs, eval_q, m, f"{name}: eval {m}") for m in ("cot", "direct")}
         e["val"] = evaluate(ctx, qs, val_q, mode)["acc"]
+        if ex.eval_samples:
+            e["sampled"] = evaluate_sampled(ctx, qs, eval_q, ex.eval_samples, cfg.train.seed, f"{name}: eval sampled")
+            print(f"{name + ' sampled':>14}: acc {e['sampled']['acc']:.3f} (T={ex.temperature:g}, "
+                  f"{ex.eval_samples} per question)", flush=True)
         for m in ("cot", "direct"):
             print(_line(f"{name} {m}", e[m]), flush=True)
         return e
@@ -251,15 +277,22 @@ def run(cfg, train_fn):
     print(f"[explicit] {ex.method}: {len(train_q)} training questions, {len(val_q)} validation, {len(eval_q)} "
           f"held-out; base {base_path}", flush=True)
     rounds = [{"round": 0, "eval": assess(base, "base")}]
-    latest, best, since_best, best_round = base, rounds[0]["eval"]["val"], 0, 0
+    latest, best, since_best, best_round, best_model = base, rounds[0]["eval"]["val"], 0, 0, base
+    dpo = ex.method in DPO_METHODS
     for r in range(1, ex.iterations + 1):
         skips, t_r = Skips(), time.time()
         examples, stats = COLLECT[ex.method](ctx, latest, train_q, r, cfg.train.seed * 1000 + r, skips)
-        data_path = write_jsonl(root / f"round_{r}" / "sft.jsonl", examples)
-        print(f"[explicit] round {r}: {len(examples)} examples -> {data_path} ({stats}; skipped: {skips})", flush=True)
-        model = copy.deepcopy(base if ex.train_from == "base" else latest)
-        losses = fit_sft(model, examples, ex.steps, ex.batch_size, cfg.optim, cfg.train.seed + r, ctx.end_target,
-                         tok.pad_id, _fit_progress(r, ex.steps))
+        data_path = write_jsonl(root / f"round_{r}" / ("pairs.jsonl" if dpo else "sft.jsonl"), examples)
+        print(f"[explicit] round {r}: {len(examples)} {'pairs' if dpo else 'examples'} -> {data_path} ({stats}; "
+              f"skipped: {skips})", flush=True)
+        init = base if ex.train_from == "base" else latest
+        model = copy.deepcopy(init)
+        if dpo:  # the round's starting model is the frozen reference
+            losses = fit_dpo(model, init, examples, ex.beta, ex.steps, ex.batch_size, cfg.optim, cfg.train.seed + r,
+                             ctx.end_target, tok.pad_id, _fit_progress(r, ex.steps, "dpo"))
+        else:
+            losses = fit_sft(model, examples, ex.steps, ex.batch_size, cfg.optim, cfg.train.seed + r, ctx.end_target,
+                             tok.pad_id, _fit_progress(r, ex.steps))
         e = assess(model, f"round {r}")
         rec = {"round": r, "examples": len(examples), "stats": stats, "skips": skips.as_dict(),
                "skip_examples": skips.examples, "loss_first": losses[0] if losses else None,
@@ -271,18 +304,26 @@ def run(cfg, train_fn):
         run_log.log(_flat(rec), step=r)
         latest = model
         if e["val"] > best:
-            best, since_best, best_round = e["val"], 0, r
+            best, since_best, best_round, best_model = e["val"], 0, r, model
         else:
             since_best += 1
             if ex.patience and since_best >= ex.patience:
                 print(f"[explicit] validation accuracy has not improved for {since_best} round(s): stop", flush=True)
                 break
+    verifier = None
+    if ex.method == "vstar":  # the best round's generator, the verifier trained on every round's pairs
+        verifier = verify(ctx, base, best_model, eval_q, cfg.train.seed)
+        print(_curve_line(verifier), flush=True)
+        run_log.log({f"vstar/{name}@{k}": verifier[name][k - 1] for name in ("best_of_k", "majority_vote", "pass_at_k")
+                     for k in (1, verifier["n"])}, step=len(rounds))
     run_log.finish()
     results = {"method": ex.method, "eval_mode": mode, "base": str(base_path), "best_round": best_round,
                "rounds": rounds, "stages": stages, "wall_s": round(time.time() - t0, 1),
                "questions": {"train": len(train_q), "val": len(val_q), "eval": len(eval_q),
                              "eval_split": "held-out (maps never seen in training)", "decoding": "greedy"},
                "settings": dataclasses.asdict(ex)}
+    if verifier is not None:
+        results["verifier"] = verifier
     (root / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     b, f = rounds[0]["eval"][mode], rounds[best_round]["eval"][mode]
     print(f"\n[explicit] {ex.method}: held-out {mode} accuracy {b['acc']:.3f} -> {f['acc']:.3f} (round {best_round}, "
@@ -300,15 +341,24 @@ def _flat(rec: dict) -> dict:
         e = rec["eval"][m]
         out[f"eval_{m}/acc"], out[f"eval_{m}/tokens_per_answer"] = e["acc"], e["tokens_per_answer"]
         out.update({f"eval_{m}/acc_{k}": v for k, v in e["acc_by_difficulty"].items()})
+    if "sampled" in rec["eval"]:
+        out["eval_sampled/acc"] = rec["eval"]["sampled"]["acc"]
     if rec["loss_last"] is not None:
         out["train/loss"], out["train/loss_first"] = rec["loss_last"], rec["loss_first"]
     return out
 
 
-def _fit_progress(r: int, steps: int):
+def _fit_progress(r: int, steps: int, kind: str = "sft"):
     every = max(1, steps // 5)
 
     def show(step, loss):
         if step % every == 0 or step == steps:
-            print(f"  round {r}: sft step {step}/{steps} loss {loss:.4f}", flush=True)
+            print(f"  round {r}: {kind} step {step}/{steps} loss {loss:.4f}", flush=True)
     return show
+
+
+def _curve_line(v: dict) -> str:
+    ks = [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= v["n"]]
+    rows = [f"{name:>14}: " + " ".join(f"k={k}:{v[name][k - 1]:.3f}" for k in ks)
+            for name in ("best_of_k_ratio", "best_of_k_likelihood", "majority_vote", "pass_at_k")]
+    return "[explicit] vstar held-out accuracy vs k\n" + "\n".join(rows)

@@ -83,15 +83,19 @@ class _Rows:
 
 @torch.no_grad()
 def sample_rows(qs, tokenizer, prompts: Sequence[Sequence[int]], seeds: Sequence[int], rule: StopRule,
-                temperature: float = 1.0, top_p: float = 1.0, implicit: bool = False) -> List[Completion]:
+                temperature: float = 1.0, top_p: float = 1.0, started: bool = False,
+                implicit: bool = False) -> List[Completion]:
     """One completion per prompt (token ids, BOS first; <start> is appended here), each row sampled with
-    its own seed. temperature 0 = greedy. implicit: every generated token is preceded by a Quiet-STaR thought
-    (generate_stream's think=True, n_ahead - 1 hidden forwards a token): the implicit counterpart of a
-    rationale, for a thinking model. Its thoughts come from one generator per batch, seeded by the first
-    row's seed, so unlike the tokens they depend on the batch."""
+    its own seed. temperature 0 = greedy. started: the prompts already end inside a rationale (<start> and
+    its first steps, as a tree search feeds them): the rationale is continued, for rule.max_rationale more
+    tokens at most. implicit: every generated token is preceded by a Quiet-STaR thought (generate_stream's
+    think=True, n_ahead - 1 hidden forwards a token): the implicit counterpart of a rationale, for a thinking
+    model. Its thoughts come from one generator per batch, seeded by the first row's seed, so unlike the
+    tokens they depend on the batch."""
     dev = qs.model.tok_embeddings.weight.device
     think = rule.max_rationale > 0
-    rows = [list(p) + [qs.start_token_id] if think else list(p) for p in prompts]
+    opens = think and not started
+    rows = [list(p) + [qs.start_token_id] if opens else list(p) for p in prompts]
     budget = (rule.max_rationale + 1 if think else 0) + rule.max_answer + 1  # the stop token may be sampled last
     longest = max(len(r) for r in rows)
     if longest + budget > qs.model.cfg.max_seq_len:
@@ -104,7 +108,7 @@ def sample_rows(qs, tokenizer, prompts: Sequence[Sequence[int]], seeds: Sequence
                              pick=state):
         pass
     return [Completion(state.rationale[b], state.answer[b], state.stop[b], tokenizer.decode(state.rationale[b]),
-                       tokenizer.decode(state.answer[b]), state.steps[b] + think, int(seeds[b]), state.closed[b])
+                       tokenizer.decode(state.answer[b]), state.steps[b] + opens, int(seeds[b]), state.closed[b])
             for b in range(len(rows))]
 
 
@@ -120,7 +124,7 @@ def sample(qs, tokenizer, prompts: Sequence[str], k: int, rule: StopRule, temper
     out: List[Completion] = []
     for r0 in range(0, len(rows), batch_rows):
         out += sample_rows(qs, tokenizer, rows[r0:r0 + batch_rows], seeds[r0:r0 + batch_rows], rule, temperature,
-                           top_p, implicit)
+                           top_p, implicit=implicit)
         if progress is not None:
             progress(len(out))
     return [out[i * k:(i + 1) * k] for i in range(len(prompts))]

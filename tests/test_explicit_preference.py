@@ -1,0 +1,190 @@
+"""The preference-based explicit methods (quietstar/explicit/preference.py) on tiny random models: TPO's best-vs-
+worst pairs and what it skips, V-STaR's verifier pairs from every round and its best-of-k wired to bestofk,
+CPO's tree search over the real sampler, and one round of each end to end through the config entry point."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from quietstar.explicit import preference, tree
+from quietstar.explicit.bestofk import accuracy_vs_k
+from quietstar.explicit.dataset import Skips
+from quietstar.explicit.judge import Score
+from quietstar.explicit.tasks import Question
+from test_explicit import Q1, Q2, TOK, comp, method_ctx, scripted, tiny_qs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# ---------------------------------------------------------------------------------------------- TPO
+
+
+def test_tpo_pairs_the_best_and_the_worst_and_counts_what_it_cannot_pair():
+    qs, ctx = tiny_qs(), method_ctx("tpo", k=4)
+    cs = [comp("ab", "x", 1), comp("ac", "d", 2), comp("ad", "d", 3), comp("ae", "y", 4)]
+    skips = Skips()
+    p = preference.best_and_worst(ctx, qs, Q1, cs, [Score(0.2, ""), Score(0.9, ""), Score(0.9, ""), Score(0.1, "")], 1,
+                                  skips)
+    # the best (ties to the first drawn: sample 1, not 2) against the worst; over thought + response
+    assert p.meta["samples"] == [1, 3] and p.meta["scores"] == [0.9, 0.1]
+    assert p.chosen_ids == TOK.encode("ac") + [qs.end_token_id] + TOK.encode("d ")
+    assert p.rejected_ids == TOK.encode("ae") + [qs.end_token_id] + TOK.encode("y ")
+    assert TOK.decode(p.prompt_ids) == Q1.prompt() and p.prompt_ids[-1] == qs.start_token_id and skips.total == 0
+    # a tie, an identical pair, an unparseable judge output, an empty answer: counted, no pair
+    assert preference.best_and_worst(ctx, qs, Q1, cs[:2], [Score(1.0, ""), Score(1.0, "")], 1, skips) is None
+    same = [comp("ab", "d", 1), comp("ab", "d", 2)]
+    assert preference.best_and_worst(ctx, qs, Q1, same, [Score(1.0, ""), Score(0.0, "")], 1, skips) is None
+    assert preference.best_and_worst(ctx, qs, Q1, [cs[0], comp("ab", "", 5)],
+                                     [Score(None, "judge output has no number: 'x'"), Score(1.0, "")], 1, skips) is None
+    assert skips.as_dict() == {"best and worst score the same": 1, "identical pair": 1, "empty generation": 1,
+                               "judge output has no number: 'x'": 1, "fewer than two scored samples": 1}
+
+
+def test_tpo_collects_one_pair_per_question_with_a_contrast_judged_on_the_answer_only():
+    qs, ctx = tiny_qs(), method_ctx("tpo", k=3)
+    no_gold = Question("train/0/4", "e1=", None, "!#$\n")
+    scripted(ctx, [[[comp("a", "d"), comp("b", "x"), comp("c", "d")],  # Q1 (gold d): right, wrong, right
+                    [comp("a", "e"), comp("b", "e"), comp("c", "e")],  # Q2: all right, a tie
+                    [comp("a", "k"), comp("b", "j"), comp("c", "k")]]])  # no gold: not scorable
+    skips = Skips()
+    pairs, stats = preference.collect_tpo(ctx, qs, [Q1, Q2, no_gold], 1, 0, skips)
+    assert len(pairs) == 1 and pairs[0].meta["question_id"] == Q1.id and pairs[0].meta["samples"] == [0, 1]
+    assert stats == {"samples_scored_1": 5, "pairs": 1}
+    assert skips.as_dict() == {"best and worst score the same": 1, "no gold answer": 3,
+                               "fewer than two scored samples": 1}
+    # judge=model reads the response, never the thought
+    judge = preference.response_judge(method_ctx("tpo", judge="model"), qs)
+    text = judge.prompt(Q1, comp("SECRET", "d"))
+    assert "SECRET" not in text and Q1.prompt() in text and "Answer: d" in text
+
+
+# ---------------------------------------------------------------------------------------------- V-STaR
+
+
+def test_vstar_trains_the_generator_as_star_and_keeps_verifier_pairs_from_every_round():
+    qs, ctx = tiny_qs(), method_ctx("vstar", k=3, few_shot=0, rationalize=False, pairs_per_question=3)
+    for r in (1, 2):
+        scripted(ctx, [[[comp("ab", "d")], [comp("bc", "e")]],  # STaR's sample: both right
+                       [[comp("a1", "d"), comp("a2", "x"), comp("a3", "y")],  # k for the verifier: 1 right, 2 wrong
+                        [comp("b1", "e"), comp("b2", "e"), comp("b3", "e")]]])  # all right: nothing to contrast
+        examples, stats = preference.collect_vstar(ctx, qs, [Q1, Q2], r, 0, Skips())
+        assert len(examples) == 2 and stats["generated_correct"] == 2  # STaR's SFT data
+        assert stats["verifier_pairs"] == 2 and stats["verifier_one_sided"] == 1
+    pairs = ctx.verifier_pairs
+    assert [p.meta["iteration"] for p in pairs] == [1, 1, 2, 2]  # every round's pairs are kept
+    for p in pairs:  # pairs of the same question, correct over incorrect
+        assert p.meta["question_id"] == Q1.id and p.meta["scores"] == [1.0, 0.0]
+        assert p.chosen_ids[:2] == TOK.encode("a1") and p.rejected_ids[:2] in (TOK.encode("a2"), TOK.encode("a3"))
+    assert {tuple(p.rejected_ids) for p in pairs[:2]} != {tuple(pairs[0].rejected_ids)}  # both wrong ones used
+
+
+def test_vstar_answers_best_of_k_by_the_verifier_score(monkeypatch):
+    base = tiny_qs()
+    ctx = method_ctx("vstar", best_of_n=3, verifier_steps=0, verifier_score="likelihood")
+    ctx.base = base
+    sols = [[comp("a", "d"), comp("b", "x"), comp("c", "x")],  # Q1 (gold d): the verifier's top is right
+            [comp("a", "e"), comp("b", "z"), comp("c", "e")]]  # Q2 (gold e): its top is wrong
+    scripted(ctx, [sols])
+    fixed = {"likelihood": [3.0, 1.0, 2.0, 1.0, 3.0, 2.0], "ratio": [1.0, 2.0, 3.0, 1.0, 3.0, 2.0]}
+    monkeypatch.setattr(preference, "verifier_scores", lambda *a: fixed)
+    res = preference.verify(ctx, base, base, [Q1, Q2], 0, log=lambda *_: None)
+    correct = [[True, False, False], [True, False, True]]
+    answers = [["d", "x", "x"], ["e", "z", "e"]]
+    want = accuracy_vs_k(correct, [fixed["likelihood"][:3], fixed["likelihood"][3:]], answers)
+    assert res["best_of_k"] == res["best_of_k_likelihood"] == want["best_of_k"]
+    assert res["best_of_k"][-1] == 0.5 and res["best_of_k"][0] == pytest.approx(0.5)  # all 3: Q1 right, Q2 wrong
+    assert res["best_of_k_ratio"][-1] == 0.0  # by the ratio, the top picks are Q1's "x" and Q2's "z": both wrong
+    assert res["majority_vote"] == want["majority_vote"] and res["pass_at_k"][-1] == 1.0 and res["pairs"] == 0
+
+
+# ---------------------------------------------------------------------------------------------- CPO
+
+
+@pytest.mark.parametrize("self_eval", ["likelihood", "agreement"])
+def test_cpo_searches_with_the_real_sampler_and_pairs_carry_their_prefix_steps(self_eval):
+    qs = tiny_qs()
+    ctx = method_ctx("cpo", temperature=1.0, beam=1, proposals=4, self_eval=self_eval, rollouts=2)
+    ctx.rules["cot"] = dataclasses.replace(ctx.rules["cot"], max_rationale=4)
+    s = preference.StepSearch(ctx, qs, Q1, seed=3)
+    t = tree.search(s.propose, s.evaluate, s.is_final, beam=1, n=4, max_depth=5)
+    path = tree.winning_path(t)
+    assert path is not None and s.is_final(path[-1].step) and len(t.nodes) > len(path) + 1
+    assert all(not s.is_final(n.step) and len(n.step) == 1 for n in path[:-1])  # one chain token a step
+    assert sum(len(n.step) for n in path[:-1]) + path[-1].step.index(qs.end_token_id) <= 4  # the rationale cap
+    pairs, skipped = tree.preference_pairs(t, path)
+    assert pairs
+    for p in pairs:
+        assert len(p.prefix) == p.depth - 1 and p.chosen != p.rejected
+        assert list(s.ids(p.prefix)) == s.root + [tok for step in p.prefix for tok in step]
+    deep = [p for p in pairs if p.depth > 1]
+    if deep:  # a later step's prompt is the question, <start>, and the chain so far
+        assert len(s.ids(deep[0].prefix)) > len(s.root) and s.root[-1] == qs.start_token_id
+    # collect_cpo turns them into DPO pairs with those prompts
+    ctx.ex.beam, ctx.ex.proposals = 1, 4
+    skips = Skips()
+    out, stats = preference.collect_cpo(ctx, qs, [Q1], 1, 3, skips)
+    assert stats["pairs"] == len(out) > 0 and stats["nodes"] > 0
+    for p in out:
+        assert p.prompt_ids[:len(s.root)] == s.root and len(p.prompt_ids) == len(s.root) + p.meta["depth"] - 1
+
+
+def test_cpo_counts_an_unparseable_self_evaluation():
+    qs, ctx = tiny_qs(), method_ctx("cpo", beam=1, proposals=3, temperature=1.0)
+    s = preference.StepSearch(ctx, qs, Q2, seed=0)
+    t = tree.search(s.propose, lambda paths: [None] * len(paths), s.is_final, beam=1, n=3, max_depth=5)
+    pairs, skipped = tree.preference_pairs(t, tree.winning_path(t))
+    assert pairs == [] and skipped["no_path"] == 1 and t.n_unscored > 0
+    assert preference.SEARCH_SKIPS["unscored"] == "judge output could not be parsed"
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.parametrize("method", ["vstar", "tpo", "cpo"])
+def test_one_round_of_each_preference_method_end_to_end_through_the_config(tmp_path, method):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+    from test_learn_to_think import ROOT, TOY
+
+    import train as train_script
+    from quietstar.config import register_configs
+    from quietstar.recipes import run_recipe
+
+    GlobalHydra.instance().clear()
+    register_configs()
+    overrides = [f"explicit={method}", *TOY[1:], "learn_to_think.pretrain_steps=80", "learn_to_think.pretrain_lr=1e-2",
+                 "learn_to_think.pretrain_warmup=5", "explicit.train_questions=16", "explicit.val_questions=8",
+                 "explicit.eval_questions=8", "explicit.steps=2", "explicit.batch_size=4", "explicit.iterations=1",
+                 "explicit.verifier_steps=2", "explicit.best_of_n=4", "explicit.eval_samples=2", "train.threads=null"]
+    if method == "vstar":  # a toy model trained longer, whose chains are right often enough for verifier pairs
+        overrides += ["explicit.temperature=1.0", "explicit.train_questions=48", "learn_to_think.pretrain_steps=300"]
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        node = compose(config_name="train", overrides=overrides)
+    GlobalHydra.instance().clear()
+    node.output_dir = str(tmp_path)
+    cfg = OmegaConf.to_object(node)
+    assert cfg.recipe == "explicit" and cfg.explicit.method == method
+    summary = run_recipe(cfg, train_script.train)
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert [r["round"] for r in res["rounds"]] == [0, 1] and summary.status == "done"
+    r1 = res["rounds"][1]
+    data = Path(r1["dataset"])
+    assert data.name == ("sft.jsonl" if method == "vstar" else "pairs.jsonl")
+    lines = [json.loads(x) for x in data.read_text().splitlines()]
+    assert len(lines) == r1["examples"]
+    for x in lines:
+        assert x["meta"]["method"] == ("star" if method == "vstar" else method) and x["meta"]["iteration"] == 1
+        if method != "vstar":
+            assert x["chosen_ids"] != x["rejected_ids"]
+    if method != "vstar" and lines:
+        assert r1["loss_last"] is not None  # DPO ran
+    assert 0 <= r1["eval"]["sampled"]["acc"] <= 1 and r1["eval"]["sampled"]["n"] == 16
+    assert lines or method == "vstar"  # a round with pairs to train on
+    if method == "vstar":
+        v = res["verifier"]
+        assert v["n"] == 4 and len(v["best_of_k"]) == len(v["majority_vote"]) == len(v["pass_at_k"]) == 4
+        assert all(0 <= a <= b + 1e-12 for a, b in zip(v["best_of_k"], v["pass_at_k"]))  # never above pass@k
+        assert v["pairs"] == r1["stats"]["verifier_pairs"] > 0 and v["loss_last"] is not None  # the verifier trained
