@@ -59,6 +59,10 @@ class Context:
         self.base = None  # the model the run starts from (set by run): TPO's fixed model judge
         self.verifier_pairs: list = []  # V-STaR: the verifier's pairs, from every round
 
+    def k_rationales(self, qs, questions, seed, desc):
+        """explicit.k rationale + answer samples per question, from the few-shot prompt."""
+        return self.sample(qs, [q.prompt(self.ex.few_shot) for q in questions], self.ex.k, "cot", seed, desc=desc)
+
     def sample(self, qs, prompts, k, mode, seed, greedy=False, desc="", implicit=False):
         from quietstar.eval.common import Progress
 
@@ -110,8 +114,7 @@ def collect_star(ctx: Context, qs, questions, r: int, seed: int, skips: Skips):
 
 def collect_rft(ctx: Context, qs, questions, r: int, seed: int, skips: Skips):
     out, stats = [], defaultdict(int)
-    comps = ctx.sample(qs, [q.prompt(ctx.ex.few_shot) for q in questions], ctx.ex.k, "cot", seed,
-                       desc=f"round {r}: rft sample")
+    comps = ctx.k_rationales(qs, questions, seed, f"round {r}: rft sample")
     for q, cs in zip(questions, comps):
         seen = set()
         for j, c in enumerate(cs):
@@ -133,8 +136,7 @@ def collect_rft(ctx: Context, qs, questions, r: int, seed: int, skips: Skips):
 
 def collect_system2(ctx: Context, qs, questions, r: int, seed: int, skips: Skips):
     out, stats = [], defaultdict(int)
-    comps = ctx.sample(qs, [q.prompt(ctx.ex.few_shot) for q in questions], ctx.ex.k, "cot", seed,
-                       desc=f"round {r}: system2 sample")
+    comps = ctx.k_rationales(qs, questions, seed, f"round {r}: system2 sample")
     for q, cs in zip(questions, comps):
         answers = [normalise_answer(c.answer, q.kind) for c in cs]
         top, share = majority(answers)

@@ -83,8 +83,7 @@ def collect_vstar(ctx, qs, questions, r: int, seed: int, skips: Skips):
     from quietstar.explicit.loop import collect_star
 
     examples, stats = collect_star(ctx, qs, questions, r, seed, skips)
-    comps = ctx.sample(qs, [q.prompt(ctx.ex.few_shot) for q in questions], ctx.ex.k, "cot", seed + 2,
-                       desc=f"round {r}: vstar verifier samples")
+    comps = ctx.k_rationales(qs, questions, seed + 2, f"round {r}: vstar verifier samples")
     stats = defaultdict(int, stats)
     n0 = len(ctx.verifier_pairs)
     for q, cs in zip(questions, comps):
@@ -172,8 +171,7 @@ def best_and_worst(ctx, qs, q, comps, scores, r: int, skips: Skips) -> Optional[
 
 
 def collect_tpo(ctx, qs, questions, r: int, seed: int, skips: Skips):
-    comps = ctx.sample(qs, [q.prompt(ctx.ex.few_shot) for q in questions], ctx.ex.k, "cot", seed,
-                       desc=f"round {r}: tpo sample")
+    comps = ctx.k_rationales(qs, questions, seed, f"round {r}: tpo sample")
     judge, out, stats = response_judge(ctx, qs), [], defaultdict(int)
     flat_q = [q for q, cs in zip(questions, comps) for _ in cs]
     flat = judge.score_many(flat_q, [c for cs in comps for c in cs])
