@@ -36,10 +36,16 @@ def one(res: dict) -> dict:
     last = res["rounds"][-1]
     pick = lambda e: {m: {"acc": e[m]["acc"], "acc_by_hops": e[m]["acc_by_difficulty"],  # noqa: E731
                           "tokens_per_answer": e[m]["tokens_per_answer"]} for m in ("cot", "direct")}
-    return {"base": pick(base), "chosen": pick(best), "last_round": pick(last["eval"]), "best_round": res["best_round"],
+    out = {"base": pick(base), "chosen": pick(best), "last_round": pick(last["eval"]), "best_round": res["best_round"],
             "rounds_run": len(res["rounds"]) - 1, "examples_per_round": [r["examples"] for r in res["rounds"][1:]],
             "stats_per_round": [r["stats"] for r in res["rounds"][1:]],
             "skips_per_round": [r["skips"] for r in res["rounds"][1:]], "wall_s": res["wall_s"]}
+    if "verifier" in res:  # V-STaR: held-out accuracy vs k at k = 1, 2, 4, 8, 16
+        v = res["verifier"]
+        out["verifier"] = {"pairs": v["pairs"], "n": v["n"], "tokens_per_solution": v["tokens_per_solution"],
+                           **{c: {k: v[c][k - 1] for k in (1, 2, 4, 8, 16) if k <= len(v[c])}
+                              for c in ("best_of_k_ratio", "best_of_k_likelihood", "majority_vote", "pass_at_k")}}
+    return out
 
 
 def quietstar_rows(ltt_run: Path, explicit_results: Path) -> dict:
@@ -100,6 +106,10 @@ def main():
                                "tokens_per_answer": median([s[which][m]["tokens_per_answer"] for s in seeds.values()])}
                            for m in ("cot", "direct")} for which in ("base", "chosen", "last_round")}
             summary[method] = {"seeds": sorted(seeds), "median": med, "per_seed": seeds}
+            if all("verifier" in s for s in seeds.values()):
+                curves = [s["verifier"] for s in seeds.values()]
+                med["verifier"] = {c: {k: median([cv[c][k] for cv in curves]) for k in curves[0][c]}
+                                   for c in curves[0] if isinstance(curves[0][c], dict)}
         out["groups"][name] = summary
     for g in args.quietstar:
         name, run = g.split("=", 1)
@@ -122,6 +132,9 @@ def main():
                 for k, m in s["median"].items():
                     print(f"{name:>10} quietstar {k:>18}: {m['acc']:.3f} ({m['tokens_per_answer']:.2f} tok)  seeds {s['seeds']}")
                 continue
+            if "verifier" in s["median"]:
+                for c, ks in s["median"]["verifier"].items():
+                    print(f"{name:>10} {method:>8} {c:>20}: " + " ".join(f"k={k}:{v:.3f}" for k, v in ks.items()))
             for which in ("base", "chosen", "last_round"):
                 m = s["median"][which]
                 print(f"{name:>10} {method:>8} {which:>10}: cot {m['cot']['acc']:.3f} ({m['cot']['tokens_per_answer']:.2f} tok)"
