@@ -248,6 +248,28 @@ def test_system2_keeps_self_consistent_answers_and_trains_them_without_a_rationa
 # ---------------------------------------------------------------------------------------------- bad input
 
 
+def test_a_thinking_model_is_scored_the_same_way_with_its_hidden_tokens_counted():
+    """evaluate(implicit=True), the Quiet-STaR row of the comparison, writes a thought before every answer
+    token. A fresh talk head is exactly zero (w = 0), so the answers equal the no-thought answers; the cost
+    counts n_ahead tokens per written token (<start>, the thought, <end>, the token)."""
+    import dataclasses
+
+    from quietstar.explicit.loop import evaluate
+
+    qs, ctx = tiny_qs(), method_ctx("star")
+    qs.cfg = dataclasses.replace(qs.cfg, n_ahead=5)
+    questions = reasoning_questions(make_documents(ReasoningConfig(), 2, 0, "eval"), "eval", ".")
+    calls = []
+    think = qs.think
+    qs.think = lambda *a, **k: calls.append(1) or think(*a, **k)
+    plain = evaluate(ctx, qs, questions, "direct")
+    assert not calls
+    implicit = evaluate(ctx, qs, questions, "direct", implicit=True)
+    assert calls  # every decoding step thought
+    assert implicit["acc"] == plain["acc"] and implicit["examples"] == plain["examples"]
+    assert implicit["tokens_per_answer"] == pytest.approx(5 * plain["tokens_per_answer"])
+
+
 def test_bad_input_is_counted_with_its_reason():
     from quietstar.explicit.loop import collect_star
 
