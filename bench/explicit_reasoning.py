@@ -64,7 +64,12 @@ def quietstar_rows(ltt_run: Path, explicit_results: Path) -> dict:
     evq = _questions(cfg)[2]
     out = {"questions": len(evq), "explicit_run": str(explicit_results)}
     for stage, modes in (("quietstar", ("implicit", "direct")), ("baseline", ("direct",))):
-        path = find_checkpoint(ltt_run / stage)
+        try:
+            path = find_checkpoint(ltt_run / stage)
+        except Exception as e:  # a stage not (yet) finished: its rows are left out, and say so
+            out[f"{stage}_missing"] = str(e)
+            print(f"{ltt_run} {stage}: no finished checkpoint ({e}); its rows are left out", flush=True)
+            continue
         if read_train_config(path).data.reasoning != cfg.data.reasoning:
             raise SystemExit(f"{path}: its corpus differs from {explicit_results}'s; pair runs of one corpus and seed")
         qs = load_thinker_checkpoint(path).eval()
@@ -121,9 +126,9 @@ def main():
     for name, summary in out["groups"].items():
         if "quietstar" in summary:
             seeds = summary["quietstar"]["per_seed"]
-            keys = [k for k in next(iter(seeds.values())) if isinstance(next(iter(seeds.values()))[k], dict)]
+            keys = sorted({k for s in seeds.values() for k, v in s.items() if isinstance(v, dict)})
             summary["quietstar"]["seeds"] = sorted(seeds)
-            summary["quietstar"]["median"] = {k: {f: median([s[k][f] for s in seeds.values()])
+            summary["quietstar"]["median"] = {k: {f: median([s[k][f] for s in seeds.values() if k in s])
                                                   for f in ("acc", "tokens_per_answer")} for k in keys}
     write_json(args.out, out)
     for name, summary in out["groups"].items():
