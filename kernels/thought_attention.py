@@ -170,6 +170,37 @@ def _bwd_dq_text(dq, q, do, lse2, delta, K0, V0, s_kl, pos, dstart, lo, hi, qk_s
 
 
 @triton.jit
+def _fwd_text_keys(acc, l_i, m_i, q, K0, V0, s_kl, pos, in_grid, lo, hi, DocStart, n_text, qk_scale,
+                   D: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, DOCS: tl.constexpr):
+    """_fwd_text over the text keys [0, hi) of queries at text positions pos (M,): the tiles below lo need no
+    mask; with DOCS (DocStart: the batch row's first position of each token's document, n_text long) every
+    tile from the earliest document start of the queries on is masked."""
+    if DOCS:
+        dstart = tl.load(DocStart + pos, mask=in_grid, other=0)
+        lo = (tl.min(tl.where(in_grid, dstart, n_text), axis=0) // BLOCK_N) * BLOCK_N
+    else:
+        dstart = pos
+        acc, l_i, m_i = _fwd_text(acc, l_i, m_i, q, K0, V0, s_kl, pos, dstart, 0, lo, qk_scale,
+                                  D, BLOCK_N, False, PREC, False)
+    return _fwd_text(acc, l_i, m_i, q, K0, V0, s_kl, pos, dstart, lo, hi, qk_scale, D, BLOCK_N, True, PREC, DOCS)
+
+
+@triton.jit
+def _bwd_dq_text_keys(dq, q, do, lse2, delta, K0, V0, s_kl, pos, in_grid, lo, hi, DocStart, n_text, qk_scale,
+                      D: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, DOCS: tl.constexpr):
+    """_bwd_dq_text over the text keys [0, hi), tiled as _fwd_text_keys."""
+    if DOCS:
+        dstart = tl.load(DocStart + pos, mask=in_grid, other=0)
+        lo = (tl.min(tl.where(in_grid, dstart, n_text), axis=0) // BLOCK_N) * BLOCK_N
+    else:
+        dstart = pos
+        dq = _bwd_dq_text(dq, q, do, lse2, delta, K0, V0, s_kl, pos, dstart, 0, lo, qk_scale, D, BLOCK_N,
+                          False, PREC, False)
+    return _bwd_dq_text(dq, q, do, lse2, delta, K0, V0, s_kl, pos, dstart, lo, hi, qk_scale, D, BLOCK_N,
+                        True, PREC, DOCS)
+
+
+@triton.jit
 def _bwd_dkdv_text(dk, dv, k, v, Qh, dOh, Lh, Dh, s_qr, s_ql, cols, dend, length, r0, lo, hi, R, L, qk_scale,
                    D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
                    MASKED: tl.constexpr, PREC: tl.constexpr, DOCS: tl.constexpr):
@@ -271,15 +302,8 @@ def _attn_fwd(Q, K, V, Out, Lse2, Lengths, DocStart,
     acc = tl.zeros([BLOCK_R * BLOCK_P, D], tl.float32)
     # row 0: causal over L text keys, shared by every grid row of the tile
     lo, hi = _text_key_range(p0, length, BLOCK_P, BLOCK_N)
-    if DOCS:  # packed documents: every tile from the earliest document start of the tile on is masked
-        dstart = tl.load(DocStart + b.to(tl.int64) * L + pos, mask=in_grid, other=0)
-        lo = (tl.min(tl.where(in_grid, dstart, L), axis=0) // BLOCK_N) * BLOCK_N
-    else:
-        dstart = pos
-        acc, l_i, m_i = _fwd_text(acc, l_i, m_i, q, Kbg, Vbg, s_kl, pos, dstart, 0, lo, qk_scale,
-                                  D, BLOCK_N, False, PREC, False)
-    acc, l_i, m_i = _fwd_text(acc, l_i, m_i, q, Kbg, Vbg, s_kl, pos, dstart, lo, hi, qk_scale,
-                              D, BLOCK_N, True, PREC, DOCS)
+    acc, l_i, m_i = _fwd_text_keys(acc, l_i, m_i, q, Kbg, Vbg, s_kl, pos, in_grid, lo, hi,
+                                   DocStart + b.to(tl.int64) * L, L, qk_scale, D, BLOCK_N, PREC, DOCS)
     # own branch: key step t of the query's copy sits in row (row - step + t), at the same position
     acc, l_i, m_i = _fwd_branch(acc, l_i, m_i, q, Kbg, Vbg, row, pos, step, in_grid & (pos < length), s_kr, s_kl,
                                 qk_scale, D)
@@ -333,15 +357,8 @@ def _attn_bwd_dq(Q, K, V, dO, dQ, Lse2, Delta, Lengths, DocStart,
 
     dq = tl.zeros([BLOCK_R * BLOCK_P, D], tl.float32)
     lo, hi = _text_key_range(p0, length, BLOCK_P, BLOCK_N)
-    if DOCS:
-        dstart = tl.load(DocStart + b.to(tl.int64) * L + pos, mask=in_grid, other=0)
-        lo = (tl.min(tl.where(in_grid, dstart, L), axis=0) // BLOCK_N) * BLOCK_N
-    else:
-        dstart = pos
-        dq = _bwd_dq_text(dq, q, do, lse2, delta, Kbg, Vbg, s_kl, pos, dstart, 0, lo, qk_scale, D, BLOCK_N,
-                          False, PREC, False)
-    dq = _bwd_dq_text(dq, q, do, lse2, delta, Kbg, Vbg, s_kl, pos, dstart, lo, hi, qk_scale, D, BLOCK_N,
-                      True, PREC, DOCS)
+    dq = _bwd_dq_text_keys(dq, q, do, lse2, delta, Kbg, Vbg, s_kl, pos, in_grid, lo, hi,
+                           DocStart + b.to(tl.int64) * L, L, qk_scale, D, BLOCK_N, PREC, DOCS)
     dq = _bwd_dq_branch(dq, q, do, lse2, delta, Kbg, Vbg, row, pos, step, in_grid & (pos < length), s_kr, s_kl,
                         qk_scale, D)
     dq = dq * sm_scale
@@ -512,15 +529,8 @@ def _subset_fwd(Q, K0, V0, K, V, Out, Lse2, Lengths, DocStart, QPos,
     l_i = tl.zeros([BLOCK_R * BLOCK_P], tl.float32)
     acc = tl.zeros([BLOCK_R * BLOCK_P, D], tl.float32)
     lo, hi = _subset_text_range(tpos, in_grid, length, BLOCK_N)
-    if DOCS:
-        dstart = tl.load(DocStart + b.to(tl.int64) * LT + tpos, mask=in_grid, other=0)
-        lo = (tl.min(tl.where(in_grid, dstart, LT), axis=0) // BLOCK_N) * BLOCK_N
-    else:
-        dstart = tpos
-        acc, l_i, m_i = _fwd_text(acc, l_i, m_i, q, K0bg, V0bg, s_tl, tpos, dstart, 0, lo, qk_scale,
-                                  D, BLOCK_N, False, PREC, False)
-    acc, l_i, m_i = _fwd_text(acc, l_i, m_i, q, K0bg, V0bg, s_tl, tpos, dstart, lo, hi, qk_scale,
-                              D, BLOCK_N, True, PREC, DOCS)
+    acc, l_i, m_i = _fwd_text_keys(acc, l_i, m_i, q, K0bg, V0bg, s_tl, tpos, in_grid, lo, hi,
+                                   DocStart + b.to(tl.int64) * LT, LT, qk_scale, D, BLOCK_N, PREC, DOCS)
     acc, l_i, m_i = _fwd_branch(acc, l_i, m_i, q, Kbg, Vbg, row, col, step, in_grid & (tpos < length), s_kr, s_kl,
                                 qk_scale, D)
     empty = l_i == 0.0
@@ -560,15 +570,8 @@ def _subset_bwd_dq(Q, K0, V0, K, V, dO, dQ, Lse2, Delta, Lengths, DocStart, QPos
     qk_scale = sm_scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_R * BLOCK_P, D], tl.float32)
     lo, hi = _subset_text_range(tpos, in_grid, length, BLOCK_N)
-    if DOCS:
-        dstart = tl.load(DocStart + b.to(tl.int64) * LT + tpos, mask=in_grid, other=0)
-        lo = (tl.min(tl.where(in_grid, dstart, LT), axis=0) // BLOCK_N) * BLOCK_N
-    else:
-        dstart = tpos
-        dq = _bwd_dq_text(dq, q, do, lse2, delta, K0bg, V0bg, s_tl, tpos, dstart, 0, lo, qk_scale, D, BLOCK_N,
-                          False, PREC, False)
-    dq = _bwd_dq_text(dq, q, do, lse2, delta, K0bg, V0bg, s_tl, tpos, dstart, lo, hi, qk_scale, D, BLOCK_N,
-                      True, PREC, DOCS)
+    dq = _bwd_dq_text_keys(dq, q, do, lse2, delta, K0bg, V0bg, s_tl, tpos, in_grid, lo, hi,
+                           DocStart + b.to(tl.int64) * LT, LT, qk_scale, D, BLOCK_N, PREC, DOCS)
     dq = _bwd_dq_branch(dq, q, do, lse2, delta, Kbg, Vbg, row, col, step, in_grid & (tpos < length), s_kr, s_kl,
                         qk_scale, D)
     tl.store(dQ + q_base + q_off, (dq * sm_scale).to(dQ.dtype.element_ty), mask=in_grid[:, None])
