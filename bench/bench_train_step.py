@@ -96,9 +96,9 @@ def run_case(model: str, L: int, mode: str, T: int = 12, K: int = 4, n: int = 2,
         else:
             with torch.autocast(device, dtype=dtype, enabled=device == "cuda"):
                 loss = qs(x, generator=g).loss
-        opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        opt.zero_grad(set_to_none=True)  # as train.py: no gradients live through the next forward
         return float(loss.detach())
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)

@@ -171,7 +171,7 @@ class Distiller(PlainLM):
                 reward, action = gap.clamp_min(0) * ok, self._sample_actions(h_rows, generator)
             else:
                 reward, action = (-gap).clamp_min(0) * ok, tgt
-            weighted, _ = linear_logprob_sum(h_rows, W, action, reward * coef, d.policy_temperature)
+            weighted, _ = linear_logprob_sum(h_rows, W, action, reward * coef, d.policy_temperature, skip_zero=True)
             loss = -d.policy_weight * weighted
             if d.nll_weight > 0:
                 loss = loss - d.nll_weight * linear_logprob_sum(h_rows, W, tgt, coef)[0]

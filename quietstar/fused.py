@@ -1,4 +1,5 @@
-"""RMSNorm and the SwiGLU feed-forward as autograd functions that keep the minimum for backward.
+"""RMSNorm, the attention's output projection with the residual add, and the SwiGLU feed-forward as autograd
+functions that keep the minimum for backward.
 
 Autograd through the unfused ops keeps every intermediate some op's backward reads: RMSNorm keeps its
 (fp32) input, the normalised input and the scaled output, and SwiGLU keeps silu(gate) and the product
@@ -87,19 +88,70 @@ class RMSNormLinearsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):  # one (..., out_i) per projection, in ctx.dtype
         x, norm_weight, rstd, *wb = ctx.saved_tensors
-        n, dt = len(wb) // 2, ctx.dtype
-        y = (norm_weight * (x.to(rstd.dtype) * rstd).to(x.dtype)).to(dt)  # recomputed, as in forward
-        y2 = y.reshape(-1, y.shape[-1])
-        grad_y, grad_ws, grad_bs = None, [], []
-        for i, (g, w, b) in enumerate(zip(grads, wb[:n], wb[n:])):
-            g2 = g.reshape(-1, g.shape[-1]).to(dt)
-            grad_ws.append((g2.t() @ y2).to(w.dtype) if ctx.needs_input_grad[3 + i] else None)
-            grad_bs.append(g2.sum(0).to(b.dtype) if b is not None and ctx.needs_input_grad[3 + n + i] else None)
-            part = g.to(dt) @ w.to(dt)  # (..., d)
-            grad_y = part if grad_y is None else grad_y.add_(part)
-        del y, y2
-        grad_x, grad_norm = _rms_norm_backward(grad_y.to(x.dtype), x, norm_weight, rstd, ctx.needs_input_grad[1])
-        return (grad_x, grad_norm, None, *grad_ws, *grad_bs)
+        grad_x, grad_norm, grad_wb = _norm_linears_backward(grads, x, norm_weight, rstd, wb, ctx.dtype,
+                                                            ctx.needs_input_grad[1], ctx.needs_input_grad[3:])
+        return (grad_x, grad_norm, None, *grad_wb)
+
+
+def _norm_linears_backward(grads, x, norm_weight, rstd, wb, dt, grad_norm_weight: bool, needs_wb):
+    """Backward of F.linear(y, w_i, b_i) for each projection i, y = rms_norm(x) recomputed in dtype dt:
+    -> (dx, dnorm_weight or None, [dw_1 .. dw_n, db_1 .. db_n] (None where not needed or no bias))."""
+    n = len(wb) // 2
+    y = (norm_weight * (x.to(rstd.dtype) * rstd).to(x.dtype)).to(dt)  # recomputed, as in forward
+    y2 = y.reshape(-1, y.shape[-1])
+    grad_y, grad_ws, grad_bs = None, [], []
+    for i, (g, w, b) in enumerate(zip(grads, wb[:n], wb[n:])):
+        g2 = g.reshape(-1, g.shape[-1]).to(dt)
+        grad_ws.append((g2.t() @ y2).to(w.dtype) if needs_wb[i] else None)
+        grad_bs.append(g2.sum(0).to(b.dtype) if b is not None and needs_wb[n + i] else None)
+        part = g.to(dt) @ w.to(dt)  # (..., d)
+        grad_y = part if grad_y is None else grad_y.add_(part)
+    del y, y2
+    grad_x, grad_norm = _rms_norm_backward(grad_y.to(x.dtype), x, norm_weight, rstd, grad_norm_weight)
+    return grad_x, grad_norm, grad_ws + grad_bs
+
+
+class ResidualNormLinearsFunction(torch.autograd.Function):
+    """The attention's output projection, the residual add and the feed-forward's norm and projections:
+    h = x + wo(o with its heads merged), then F.linear(rms_norm(h), w_i, b_i) for gate and up.
+    -> (h, gate, up).
+
+    The unfused graph keeps the head-merged copy of the attention output o (nn.Linear keeps its input for
+    the weight gradient) and h (the norm's input), two d-sized tensors per token. This keeps x (the block's
+    input, which the attention's norm keeps anyway), o (which the attention's backward keeps anyway) and
+    1/rms(h), and backward recomputes h with one (tokens, d) x (d, d) matmul: the output projection again."""
+
+    @staticmethod
+    def forward(ctx, x, o, wo, norm_weight, eps: float, *weights_and_biases):
+        # x (B, N, d); o (B, H, N, D); wo (d, H D); then w_1 .. w_n, b_1 .. b_n (or None)
+        n = len(weights_and_biases) // 2
+        ws, bs = weights_and_biases[:n], weights_and_biases[n:]
+        ctx.o_dtype = compute_dtype(o)
+        h = x + _merge_heads_linear(o, wo)  # under autocast as nn.Linear; the add promotes to x's dtype
+        hf, rstd = _rms_stats(h, eps)
+        ctx.dtype = compute_dtype(h)
+        y = (norm_weight * (hf * rstd).to(h.dtype)).to(ctx.dtype)
+        del hf
+        ctx.save_for_backward(x, o, wo, norm_weight, rstd, *ws, *bs)
+        return (h, *(F.linear(y, w, b) for w, b in zip(ws, bs)))
+
+    @staticmethod
+    def backward(ctx, grad_h, *grads):  # grad_h (B, N, d) (the residual path's) or None; one per projection
+        x, o, wo, norm_weight, rstd, *wb = ctx.saved_tensors
+        B, H, N, D = o.shape
+        dt_o = ctx.o_dtype  # autocast's casts of the output projection, redone
+        merged = o.transpose(1, 2).reshape(B, N, H * D).to(dt_o)  # (B, N, H D)
+        h = x + F.linear(merged, wo.to(dt_o))  # recomputed by the same op as in forward
+        merged = merged.view(B * N, H * D)
+        grad_hn, grad_norm, grad_wb = _norm_linears_backward(grads, h, norm_weight, rstd, wb, ctx.dtype,
+                                                             ctx.needs_input_grad[3], ctx.needs_input_grad[5:])
+        del h
+        g = grad_hn if grad_h is None else grad_hn.add_(grad_h.to(grad_hn.dtype))  # dL/dh (B, N, d)
+        ga = g.to(dt_o).reshape(B * N, -1)  # dL/d(output projection), in the dtype it ran in
+        grad_wo = (ga.t() @ merged).to(wo.dtype) if ctx.needs_input_grad[2] else None
+        del merged
+        grad_o = (ga @ wo.to(dt_o)).view(B, N, H, D).transpose(1, 2).to(o.dtype) if ctx.needs_input_grad[1] else None
+        return (g.to(x.dtype), grad_o, grad_wo, grad_norm, None, *grad_wb)
 
 
 class SwiGLUDownFunction(torch.autograd.Function):
@@ -143,6 +195,21 @@ def rms_norm_linears(x: torch.Tensor, norm: "torch.nn.Module", projections) -> t
     dtype: norm an RMSNorm (its .weight and .eps), projections nn.Linear modules that all read y."""
     return RMSNormLinearsFunction.apply(x, norm.weight, norm.eps, *[p.weight for p in projections],
                                         *[p.bias for p in projections])
+
+
+def _merge_heads_linear(o: torch.Tensor, wo: torch.Tensor) -> torch.Tensor:
+    """o (B, H, N, D), wo (d, H D) -> (B, N, d): the output projection of the merged heads."""
+    B, H, N, D = o.shape
+    return F.linear(o.transpose(1, 2).reshape(B, N, H * D), wo)
+
+
+def residual_norm_linears(x: torch.Tensor, o: torch.Tensor, wo: torch.Tensor, norm: "torch.nn.Module",
+                          projections) -> tuple:
+    """x (B, N, d) the block's input, o (B, H, N, D) its attention output, wo (d, H D) the output projection's
+    weight -> (h, *(F.linear(norm(h), p.weight, p.bias) for p in projections)) with h = x + wo(o merged):
+    the residual stream after the attention and the feed-forward's gate and up."""
+    return ResidualNormLinearsFunction.apply(x, o, wo, norm.weight, norm.eps, *[p.weight for p in projections],
+                                             *[p.bias for p in projections])
 
 
 def swiglu_down(gate: torch.Tensor, up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:

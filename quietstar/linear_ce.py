@@ -22,39 +22,49 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-CHUNK_BYTES = {"cpu": 1 << 25, "cuda": 1 << 28}  # fp32 logits per chunk: 32 MiB on CPU, 256 MiB on GPU
+# fp32 logits per chunk: 64 MiB on CPU (about 500 rows at V = 32k: smaller chunks slow the matmuls, larger ones
+# add to the peak), 256 MiB on GPU
+CHUNK_BYTES = {"cpu": 1 << 26, "cuda": 1 << 28}
 
 
 class _LinearLogProbSum(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, coef, temperature: float, chunk: int, grad_h: bool, grad_w: bool):
+    def forward(ctx, h, weight, targets, coef, temperature: float, chunk: int, grad_h: bool, grad_w: bool,
+                skip_zero: bool):
         # h (N, d), weight (V, d), targets (N,), coef (N,) -> (sum_t coef_t logp_t, logp (N,))
-        N = h.shape[0]
+        N, V = h.shape[0], weight.shape[0]
         dt = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
         acc = torch.float64 if dt == torch.float64 else torch.float32  # softmax math: fp32, or fp64 given fp64
         grad = grad_h or grad_w
-        # A row with coef 0 has dL/dz = 0 exactly: it needs its log-prob but no gradient matmuls. REINFORCE
-        # with clamped advantages zeroes about half its rows, so the rows with a weight go first and the
-        # chunks past them skip both matmuls.
+        # A row with coef 0 has dL/dz = 0 exactly: it needs no gradient matmuls, and with skip_zero no log-prob
+        # either (NaN there). REINFORCE with clamped advantages zeroes about half its rows. The rows with a
+        # weight go first (`order`, gathered a chunk at a time); the rows past n_live get their log-prob only.
         order, n_live = None, N
-        if grad:
+        if grad or skip_zero:
             live = coef != 0
-            n_live = int(live.sum())
-            if 0 < n_live < N:
-                order = torch.argsort(live.logical_not().to(torch.uint8), stable=True)
-                h, targets, coef = h[order], targets[order], coef[order]
+            live_idx = live.nonzero().squeeze(1)
+            n_live = live_idx.numel()
+            if n_live < N:
+                order = live_idx if skip_zero else torch.cat([live_idx, live.logical_not().nonzero().squeeze(1)])
+        M = N if order is None else order.numel()  # rows to compute
         with torch.autocast(h.device.type, enabled=False):
             w = weight.to(dt)
-            logp = torch.empty(N, dtype=acc, device=h.device)
-            dh = (torch.empty_like(h) if n_live == N else torch.zeros_like(h)) if grad_h else None
+            logp = torch.empty(M, dtype=acc, device=h.device)
+            dh = torch.empty(n_live, h.shape[1], dtype=h.dtype, device=h.device) if grad_h else None
             dw = torch.zeros_like(weight, dtype=acc) if grad_w else None
-            for c0 in range(0, N, chunk):
-                c1 = min(N, c0 + chunk)
-                hc = h[c0:c1].to(dt)
+            z_all = torch.empty(min(chunk, M), V, dtype=acc, device=h.device)  # one logits buffer for every chunk
+            for c0 in range(0, M, chunk):
+                c1 = min(M, c0 + chunk)
+                rows = slice(c0, c1) if order is None else order[c0:c1]
+                hc = h[rows].to(dt)
                 if temperature != 1.0:
                     hc = hc / temperature
-                y = targets[c0:c1, None]
-                z = F.linear(hc, w).to(acc)  # (c, V)
+                y = targets[rows, None]
+                z = z_all[:c1 - c0]
+                if dt == acc:
+                    torch.mm(hc, w.t(), out=z)  # (c, V)
+                else:
+                    z.copy_(F.linear(hc, w))
                 m = z.amax(-1, keepdim=True)
                 z_y = z.gather(-1, y)
                 z.sub_(m).exp_()
@@ -62,32 +72,41 @@ class _LinearLogProbSum(torch.autograd.Function):
                 logp[c0:c1] = (z_y - m - s.log()).squeeze(-1)
                 if not grad or c0 >= n_live:
                     continue
-                cc = coef[c0:c1, None].to(acc)
-                z.mul_(-cc / s).scatter_add_(-1, y, cc)  # c (onehot(y) - p): dL/dz
-                gz = z.to(dt)
+                c1 = min(c1, n_live)  # a chunk that straddles n_live: its dead tail needs no gradient
+                cc = coef[rows][:c1 - c0, None].to(acc)
+                gz = z[:c1 - c0].mul_(-cc / s[:c1 - c0]).scatter_add_(-1, y[:c1 - c0], cc)  # c (onehot(y) - p): dL/dz
+                gz, hc = gz.to(dt), hc[:c1 - c0]
                 if grad_h:
                     dh[c0:c1] = (gz @ w).to(h.dtype) / temperature
                 if grad_w:
-                    dw.add_(gz.t() @ hc)
-            if order is not None:  # back to the callers' row order
-                logp = torch.empty_like(logp).index_copy_(0, order, logp)
-                dh = None if dh is None else torch.empty_like(dh).index_copy_(0, order, dh)
-                coef = torch.empty_like(coef).index_copy_(0, order, coef)
-        ctx.save_for_backward(dh, None if dw is None else dw.to(weight.dtype))
+                    if gz.dtype == acc:
+                        dw.addmm_(gz.t(), hc)
+                    else:
+                        dw.add_(gz.t() @ hc)
+            coef_done = coef if order is None else coef[order]
+            loss = (coef_done.to(acc) * logp).sum()
+            if order is not None:  # back to the callers' row order; rows skipped: NaN
+                logp = torch.full((N,), float("nan"), dtype=acc, device=h.device).index_copy_(0, order, logp)
+        ctx.n_rows = N
+        ctx.save_for_backward(dh, None if dw is None else dw.to(weight.dtype), None if n_live == N else live_idx)
         ctx.mark_non_differentiable(logp)
-        return (coef.to(acc) * logp).sum(), logp
+        return loss, logp
 
     @staticmethod
     def backward(ctx, g, _g_logp):
-        dh, dw = ctx.saved_tensors
-        return (None if dh is None else dh * g.to(dh.dtype), None if dw is None else dw * g.to(dw.dtype),
-                None, None, None, None, None, None)
+        dh, dw, live_idx = ctx.saved_tensors
+        if dh is not None:
+            dh = dh * g.to(dh.dtype)
+            if live_idx is not None:  # only the rows with a weight have a gradient
+                dh = dh.new_zeros(ctx.n_rows, dh.shape[1]).index_copy_(0, live_idx, dh)
+        return (dh, None if dw is None else dw * g.to(dw.dtype), None, None, None, None, None, None, None)
 
 
 def linear_logprob_sum(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor,
-                       temperature: float = 1.0, chunk: Optional[int] = None):
+                       temperature: float = 1.0, chunk: Optional[int] = None, skip_zero: bool = False):
     """-> (sum_t coef_t * log softmax(h_t W^T / temperature)[targets_t], the log-probs (...,), detached),
-    both fp32 (fp64 for fp64 inputs).
+    both fp32 (fp64 for fp64 inputs). With skip_zero, rows with coef_t = 0 cost nothing and their log-prob
+    is NaN (not computed); otherwise they cost a forward sweep for their log-prob, but no gradient matmuls.
 
     h (..., d); weight (V, d); targets, coef (...,), coef without gradient. The sum is differentiable in
     h and weight; their gradients are computed here, in chunks of `chunk` rows (default: about
@@ -104,7 +123,7 @@ def linear_logprob_sum(h: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     grad = torch.is_grad_enabled()
     loss, logp = _LinearLogProbSum.apply(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), coef.reshape(-1),
                                          float(temperature), chunk, grad and h.requires_grad,
-                                         grad and weight.requires_grad)
+                                         grad and weight.requires_grad, skip_zero)
     return loss, logp.view(shape)
 
 

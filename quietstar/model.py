@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from quietstar.fused import compute_dtype, rms_norm, rms_norm_linears, swiglu_down
+from quietstar.fused import compute_dtype, residual_norm_linears, rms_norm, rms_norm_linears, swiglu_down
 
 AttnFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -174,19 +174,20 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
     def forward(self, x, norm: "RMSNorm", cos, sin, attn: AttnFn, layer_idx: int):
-        """x (B, N, d) the residual stream: the projections read norm(x) (fused.rms_norm_linears)."""
+        """x (B, N, d) the residual stream: the projections read norm(x) (fused.rms_norm_linears). -> the
+        attention's output (B, H, N, D) before wo, which the block applies with the residual add."""
         B, N, _ = x.shape
         q, k, v = rms_norm_linears(x, norm, (self.wq, self.wk, self.wv))
         q = q.view(B, N, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, N, D)
         k = k.view(B, N, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, N, D)
         v = v.view(B, N, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, N, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = attn(layer_idx, q, k, v)  # (B, H, N, D)
-        return self.wo(out.transpose(1, 2).reshape(B, N, -1))
+        return attn(layer_idx, q, k, v)  # (B, H, N, D): the block applies wo (fused.residual_norm_linears)
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 y) * w3 y), y = norm(x). Backward keeps x, w1 y and w3 y only (fused.py)."""
+    """SwiGLU: w2(silu(w1 y) * w3 y), y = norm(x). The block computes w1 y and w3 y with the residual add
+    before them (fused.residual_norm_linears); this applies the rest. Backward keeps w1 y and w3 y only."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -194,8 +195,7 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)  # up
         self.w2 = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)  # down
 
-    def forward(self, x, norm: "RMSNorm"):
-        gate, up = rms_norm_linears(x, norm, (self.w1, self.w3))
+    def forward(self, gate, up):  # (B, N, I) each
         return swiglu_down(gate, up, self.w2.weight)
 
 
@@ -208,8 +208,10 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(cfg)
 
     def forward(self, x, cos, sin, attn: AttnFn, layer_idx: int):
-        x = x + self.attention(x, self.attention_norm, cos, sin, attn, layer_idx)
-        return x + self.feed_forward(x, self.ffn_norm)
+        o = self.attention(x, self.attention_norm, cos, sin, attn, layer_idx)  # (B, H, N, D), before wo
+        ff = self.feed_forward
+        h, gate, up = residual_norm_linears(x, o, self.attention.wo.weight, self.ffn_norm, (ff.w1, ff.w3))
+        return h + ff(gate, up)  # h = x + wo(o)
 
 
 # ---- activation memory, and how many blocks to checkpoint to fit a budget ----
@@ -250,10 +252,10 @@ def saved_bytes_per_token(cfg: ModelConfig, residual_bytes: int, compute_bytes: 
     in fp32) and a log-sum-exp per head (the split, flex and triton backends; dense also keeps its scores)."""
     d, I = cfg.dim, cfg.intermediate_size
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    return (2 * (d * residual_bytes + 4)  # the two norms' inputs and their fp32 1/rms (fused.py recomputes
-            # the normed inputs that the q/k/v and gate/up projections read)
+    return (d * residual_bytes + 2 * 4  # the block's input and both norms' fp32 1/rms (fused.py recomputes the
+            # normed inputs that the q/k/v and gate/up projections read, and the feed-forward norm's input)
             + (q + 2 * kv) * compute_bytes + 4 * cfg.n_heads  # the attention's q, k, v and log-sum-exp
-            + q * (4 + compute_bytes)  # its output, and the output projection's (head-merged) copy of it
+            + q * 4  # its output (the output projection merges its heads again in backward)
             + 2 * I * compute_bytes)  # gate and up (fused.py recomputes the rest of SwiGLU)
 
 

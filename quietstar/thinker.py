@@ -238,7 +238,9 @@ class ThoughtOutput:
     mix_weights: Optional[torch.Tensor] = None  # (B, n, K, L) w of each talk prediction
     rewards: Optional[torch.Tensor] = None  # (B, n, L) R(i) (0 where not scorable)
     advantages: Optional[torch.Tensor] = None  # (B, n, L) A(i) as used by the policy loss
-    thought_logprobs: Optional[torch.Tensor] = None  # (B, n, L, T-3) tempered log pi of each sampled token
+    # (B, n, L, T-3) tempered log pi of each sampled token where its policy weight is nonzero; NaN elsewhere
+    # (clamped advantages, padding: those rows are not computed)
+    thought_logprobs: Optional[torch.Tensor] = None
     selection: Optional[Selection] = None  # thought.where's thinking positions: the L above is then P of them
 
 
@@ -410,7 +412,8 @@ class _RolloutAttention:
 
 
 def sample_categorical(logits: torch.Tensor, temperature: float = 1.0,
-                       generator: Optional[torch.Generator] = None, u: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       generator: Optional[torch.Generator] = None, u: Optional[torch.Tensor] = None,
+                       overwrite: bool = False) -> torch.Tensor:
     """A sample from softmax(logits / temperature) over the last dim, by inverse CDF. logits (..., V) -> (...,).
 
     A two-level search (`categorical_blocks`): the weights exp(z - max z) (float32) are summed in blocks of
@@ -421,8 +424,8 @@ def sample_categorical(logits: torch.Tensor, temperature: float = 1.0,
     it costs less than that cumulative sum. The official code's hard Gumbel-softmax draws from the same
     distribution (at temperature 1, whatever its tau); inverse-CDF sampling needs one uniform number per
     row instead of V. `u` (rows, 1) float64 gives those numbers (to sample a batch in chunks); by default
-    they are drawn here."""
-    w, block_cdf = categorical_blocks(logits, temperature)  # (rows, nb, BLOCK) float32, (rows, nb) float64
+    they are drawn here. With `overwrite`, float32 logits are used as scratch space (their values are lost)."""
+    w, block_cdf = categorical_blocks(logits, temperature, overwrite)  # (rows, nb, BLOCK) float32, (rows, nb) float64
     rows, V = w.shape[0], logits.shape[-1]
     if u is None:
         u = torch.rand(rows, 1, generator=generator, device=w.device, dtype=torch.float64)
@@ -438,12 +441,14 @@ def sample_categorical(logits: torch.Tensor, temperature: float = 1.0,
 _BLOCK = 256  # tokens per block of the two-level inverse CDF
 
 
-def categorical_blocks(logits: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def categorical_blocks(logits: torch.Tensor, temperature: float = 1.0,
+                       overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (the unnormalised probabilities that `sample_categorical` draws from, float32, in blocks of 256
     tokens (rows, ceil(V / 256), 256), zero past V; the cumulative sums of the blocks (rows, ceil(V / 256))
-    float64)."""
+    float64). With `overwrite`, float32 logits are turned into those probabilities in place."""
     z = logits.float().reshape(-1, logits.shape[-1])  # (rows, V)
-    z = z - z.amax(-1, keepdim=True)
+    m = z.amax(-1, keepdim=True)
+    z = z.sub_(m) if overwrite else z - m
     w = torch.exp_(z if temperature == 1.0 else z.div_(temperature))
     if w.shape[1] % _BLOCK:
         w = F.pad(w, (0, _BLOCK - w.shape[1] % _BLOCK))
@@ -640,12 +645,17 @@ class QuietStar(nn.Module):
         rows, temp = h.shape[0], self.cfg.gumbel_temperature
         u = torch.rand(rows, 1, generator=generator, device=h.device, dtype=torch.float64)
         tokens = torch.empty(rows, dtype=torch.long, device=h.device)
-        chunk = max(1, CHUNK_BYTES.get(h.device.type, 1 << 25) // (4 * self.model.cfg.vocab_size))
+        W = self.model.lm_head_weight
+        chunk = max(1, CHUNK_BYTES.get(h.device.type, 1 << 25) // (4 * W.shape[0]))
+        # one logits buffer for every chunk, unless autocast picks the matmul's dtype
+        buf = torch.empty(min(chunk, rows), W.shape[0], dtype=W.dtype, device=h.device) \
+            if h.dtype == W.dtype == torch.float32 and not torch.is_autocast_enabled(h.device.type) else None
         for c0 in range(0, rows, chunk):
-            logits = self.model.head(h[c0:c0 + chunk])  # (c, V)
+            hc = h[c0:c0 + chunk]
+            logits = self.model.head(hc) if buf is None else torch.mm(hc, W.t(), out=buf[:hc.shape[0]])  # (c, V)
             if entropy is not None:
                 entropy += categorical_entropy(logits, temp) * logits.shape[0] / rows
-            tokens[c0:c0 + chunk] = sample_categorical(logits, temp, u=u[c0:c0 + chunk])
+            tokens[c0:c0 + chunk] = sample_categorical(logits, temp, u=u[c0:c0 + chunk], overwrite=True)
         return tokens
 
     # ---- phase 2: the learning pass ----
@@ -765,20 +775,23 @@ class QuietStar(nn.Module):
 
     def score_thoughts(self, hidden, thoughts, grid: ThoughtGrid, coef) -> tuple[torch.Tensor, torch.Tensor]:
         """-policy = sum coef * tempered log pi(t_m), t_m predicted at step m. -> (policy loss, log pi
-        (B, n, P, T-3), detached)."""
-        weighted, logp = self._logprob_sum(grid.sampled_rows(hidden), thoughts, coef, self.cfg.policy_temperature)
+        (B, n, P, T-3), detached, NaN where coef is 0: a row without weight is not computed)."""
+        weighted, logp = self._logprob_sum(grid.sampled_rows(hidden), thoughts, coef, self.cfg.policy_temperature,
+                                           skip_zero=True)
         return -weighted, logp
 
-    def _logprob_sum(self, h, targets, coef, temperature: float = 1.0):
-        """(sum coef * log softmax(h W^T / temperature)[targets], log-probs detached): the fused kernel, or
-        (cfg.scoring = "plain") full logits and autograd, to prototype against."""
+    def _logprob_sum(self, h, targets, coef, temperature: float = 1.0, skip_zero: bool = False):
+        """(sum coef * log softmax(h W^T / temperature)[targets], log-probs detached (NaN where coef is 0 with
+        skip_zero)): the fused kernel, or (cfg.scoring = "plain") full logits and autograd, to prototype against."""
         W = self.model.lm_head_weight
         if self.cfg.scoring == "fused":
-            return linear_logprob_sum(h, W, targets, coef, temperature)
+            return linear_logprob_sum(h, W, targets, coef, temperature, skip_zero=skip_zero)
         acc = torch.float64 if h.dtype == torch.float64 else torch.float32
         z = F.linear(h, W).to(acc) / temperature
         logp = torch.log_softmax(z, -1).gather(-1, targets[..., None]).squeeze(-1)
-        return (coef.to(acc) * logp).sum(), logp.detach()
+        weighted = (coef.to(acc) * logp).sum()
+        logp = logp.detach()
+        return weighted, logp.masked_fill(coef == 0, float("nan")) if skip_zero else logp
 
     @contextlib.contextmanager
     def overridden(self, **changes):

@@ -120,3 +120,28 @@ def test_rows_without_weight_skip_gradients_but_keep_logprobs(zero_share, chunk)
     for a, b in zip(*grads):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
     assert (grads[1][2][coef == 0] == 0).all()
+
+
+@pytest.mark.parametrize("zero_share", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("chunk", [1, 4, 1000])
+def test_skip_zero_computes_only_the_weighted_rows(zero_share, chunk):
+    """skip_zero: rows with coef 0 get no log-prob (NaN) and no work; the weighted rows' log-probs, the sum and
+    every gradient equal autograd's."""
+    h, weight, targets, coef = inputs(shape=(4, 9), seed=4)
+    g = torch.Generator().manual_seed(2)
+    coef[torch.rand(coef.shape, generator=g, dtype=torch.float64) < zero_share] = 0
+    grads = []
+    for fn in (reference, lambda *a: linear_logprob_sum(*a, chunk=chunk, skip_zero=True)):
+        hh, ww = h.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss, logp = fn(hh, ww, targets, coef, 3.0)
+        (1.5 * loss).backward()
+        grads.append((loss.detach(), logp.detach(), hh.grad, ww.grad))
+    (la, pa, gha, gwa), (lb, pb, ghb, gwb) = grads
+    live = coef != 0
+    assert pb[~live].isnan().all() and not pb[live].isnan().any()
+    torch.testing.assert_close(pb[live], pa[live], rtol=1e-10, atol=1e-12)
+    for b, a in ((lb, la), (ghb, gha), (gwb, gwa)):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():  # no gradient: the same rows, the same values
+        _, logp = linear_logprob_sum(h, weight, targets, coef, 3.0, chunk=chunk, skip_zero=True)
+    assert torch.equal(logp.isnan(), ~live)

@@ -200,7 +200,7 @@ def test_reference_quirks_change_what_they_say():
     # official keeps partially padded positions with the pad terms zeroed (b=1, len 6: i = 4 sees one real target)
     assert (b.rewards[1, :, 4] != 0).any() and (a.rewards[1, :, 4] == 0).all()
     # official policy mean divides by every (row, position) of the window
-    pg_sum = -(b.advantages[..., None] * b.thought_logprobs).mean(-1).sum()
+    pg_sum = -(b.advantages[..., None] * b.thought_logprobs.nan_to_num(0.0)).mean(-1).sum()  # NaN: weight 0
     assert b.policy_loss.item() == pytest.approx(pg_sum.item() / (2 * 2 * (L - 1 - K)), rel=1e-5)
 
 
