@@ -45,9 +45,9 @@ def run_case(where: str, q: float, model: str = "bench_small", L: int = 256, B: 
 
     def step():
         out = qs(x, generator=g)
-        opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
+        opt.zero_grad(set_to_none=True)  # as train.py: no gradients live through the next forward
         return out
 
     out = step()  # warm-up: allocator, optimiser state

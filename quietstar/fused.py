@@ -142,7 +142,7 @@ class ResidualNormLinearsFunction(torch.autograd.Function):
         dt_o = ctx.o_dtype  # autocast's casts of the output projection, redone
         merged = o.transpose(1, 2).reshape(B, N, H * D).to(dt_o)  # (B, N, H D)
         h = x + F.linear(merged, wo.to(dt_o))  # recomputed by the same op as in forward
-        merged = merged.view(B * N, H * D)
+        merged = merged.reshape(B * N, H * D)
         grad_hn, grad_norm, grad_wb = _norm_linears_backward(grads, h, norm_weight, rstd, wb, ctx.dtype,
                                                              ctx.needs_input_grad[3], ctx.needs_input_grad[5:])
         del h
