@@ -27,6 +27,20 @@ import torch.nn.functional as F
 CHUNK_BYTES = {"cpu": 1 << 26, "cuda": 1 << 28}
 
 
+def lm_head_chunks(h: torch.Tensor, weight: torch.Tensor, chunk: int):
+    """Yield (c0, c1, logits (c1 - c0, V)) for the rows c0:c1 of h (N, d), `chunk` rows at a time, without
+    gradient. Without autocast the chunks share one fp32 buffer (each chunk's logits are valid until the
+    next one is yielded, and the caller may overwrite them); under autocast each is F.linear's result in
+    autocast's dtype."""
+    N = h.shape[0]
+    buf = None
+    if h.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled(h.device.type):
+        buf = torch.empty(min(chunk, N), weight.shape[0], dtype=weight.dtype, device=h.device)
+    for c0 in range(0, N, chunk):
+        hc = h[c0:c0 + chunk]
+        yield c0, c0 + hc.shape[0], F.linear(hc, weight) if buf is None else torch.mm(hc, weight.t(), out=buf[:hc.shape[0]])
+
+
 class _LinearLogProbSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, coef, temperature: float, chunk: int, grad_h: bool, grad_w: bool,

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quietstar.linear_ce import CHUNK_BYTES, linear_logprob_sum
+from quietstar.linear_ce import CHUNK_BYTES, linear_logprob_sum, lm_head_chunks
 from quietstar.masks import GridStates, ThoughtGrid, at_positions
 from quietstar.objective import OBJECTIVES, get_objective
 from quietstar.objective import metrics as objective_metrics
@@ -574,7 +574,7 @@ class QuietStar(nn.Module):
             return row_entropy(logits)
         if self.cfg.where == "entropy":
             chunk = max(1, CHUNK_BYTES.get(h_text.device.type, 1 << 25) // (4 * self.model.cfg.vocab_size))
-            return base_entropy(self.model.head, h_text, chunk)
+            return base_entropy(self.model.lm_head_weight, h_text, chunk)
         if self.cfg.where == "gate":
             return self.gate(h_text.detach())
         raise ValueError(f"thought.where={self.cfg.where!r} scores no position")
@@ -647,15 +647,10 @@ class QuietStar(nn.Module):
         tokens = torch.empty(rows, dtype=torch.long, device=h.device)
         W = self.model.lm_head_weight
         chunk = max(1, CHUNK_BYTES.get(h.device.type, 1 << 25) // (4 * W.shape[0]))
-        # one logits buffer for every chunk, unless autocast picks the matmul's dtype
-        buf = torch.empty(min(chunk, rows), W.shape[0], dtype=W.dtype, device=h.device) \
-            if h.dtype == W.dtype == torch.float32 and not torch.is_autocast_enabled(h.device.type) else None
-        for c0 in range(0, rows, chunk):
-            hc = h[c0:c0 + chunk]
-            logits = self.model.head(hc) if buf is None else torch.mm(hc, W.t(), out=buf[:hc.shape[0]])  # (c, V)
+        for c0, c1, logits in lm_head_chunks(h, W, chunk):  # (c, V)
             if entropy is not None:
                 entropy += categorical_entropy(logits, temp) * logits.shape[0] / rows
-            tokens[c0:c0 + chunk] = sample_categorical(logits, temp, u=u[c0:c0 + chunk], overwrite=True)
+            tokens[c0:c1] = sample_categorical(logits, temp, u=u[c0:c1], overwrite=True)
         return tokens
 
     # ---- phase 2: the learning pass ----

@@ -29,6 +29,8 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn as nn
 
+from quietstar.linear_ce import lm_head_chunks
+
 WHERE = ("all", "entropy", "gate")
 
 
@@ -55,20 +57,29 @@ class ThinkGate(nn.Module):
         return self.net(h.to(self.net[0].weight.dtype)).squeeze(-1).float()
 
 
+ENTROPY_BLOCK_BYTES = 1 << 22  # on CPU, row_entropy's temporaries: 4 MiB of fp32 (32 rows at V = 32k), cache-sized
+
+
 def row_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy (nats) of softmax(logits) per row: (..., V) -> (...), fp32."""
-    z = logits.float()
-    lse = torch.logsumexp(z, -1, keepdim=True)
-    return (lse.squeeze(-1) - (torch.exp(z - lse) * z).sum(-1))
+    """Entropy (nats) of softmax(logits) per row: (..., V) -> (...), fp32. On CPU in blocks of rows, so that
+    its (rows, V) temporaries stay small whatever the number of rows."""
+    z = logits.reshape(-1, logits.shape[-1])
+    rows = z.shape[0] if z.device.type != "cpu" else max(1, ENTROPY_BLOCK_BYTES // (4 * z.shape[1]))
+    out = torch.empty(z.shape[0], dtype=torch.float32, device=z.device)
+    for r0 in range(0, z.shape[0], rows):
+        zc = z[r0:r0 + rows].float()
+        lse = torch.logsumexp(zc, -1, keepdim=True)
+        out[r0:r0 + rows] = lse.squeeze(-1) - (torch.exp(zc - lse) * zc).sum(-1)
+    return out.view(logits.shape[:-1])
 
 
-def base_entropy(head, h: torch.Tensor, chunk_rows: int) -> torch.Tensor:
-    """Next-token entropy of the base prediction from final hidden states h (B, L, d) -> (B, L), the LM head
-    applied `chunk_rows` rows at a time (no (B L, V) tensor)."""
+def base_entropy(weight: torch.Tensor, h: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+    """Next-token entropy of the base prediction from final hidden states h (B, L, d) and the LM head's weight
+    (V, d) -> (B, L), `chunk_rows` rows at a time (no (B L, V) tensor)."""
     flat = h.reshape(-1, h.shape[-1])
     out = torch.empty(flat.shape[0], device=h.device)
-    for c0 in range(0, flat.shape[0], chunk_rows):
-        out[c0:c0 + chunk_rows] = row_entropy(head(flat[c0:c0 + chunk_rows]))
+    for c0, c1, logits in lm_head_chunks(flat, weight, chunk_rows):
+        out[c0:c1] = row_entropy(logits)
     return out.view(h.shape[:-1])
 
 
