@@ -27,24 +27,40 @@ import torch.nn.functional as F
 CHUNK_BYTES = {"cpu": 1 << 26, "cuda": 1 << 28}
 
 
-def lm_head_chunks(h: torch.Tensor, weight: torch.Tensor, chunk: int):
+class LogitsBuffer:
+    """A reusable (rows, V) scratch tensor for the chunked vocabulary passes of one step. A fresh tensor of
+    64 MiB costs a page fault per 4 KiB page when first written (on CPU about half the time of the matmul
+    that fills it), so the sampler's T - 3 steps share one, and so do the learning pass's two scoring calls.
+    It holds its memory until it is dropped."""
+
+    def __init__(self):
+        self.t: Optional[torch.Tensor] = None
+
+    def get(self, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        t = self.t
+        if t is None or t.numel() < rows * cols or t.dtype != dtype or t.device != device:
+            self.t = t = torch.empty(rows * cols, dtype=dtype, device=device)
+        return t[:rows * cols].view(rows, cols)
+
+
+def lm_head_chunks(h: torch.Tensor, weight: torch.Tensor, chunk: int, buf: Optional[LogitsBuffer] = None):
     """Yield (c0, c1, logits (c1 - c0, V)) for the rows c0:c1 of h (N, d), `chunk` rows at a time, without
-    gradient. Without autocast the chunks share one fp32 buffer (each chunk's logits are valid until the
-    next one is yielded, and the caller may overwrite them); under autocast each is F.linear's result in
-    autocast's dtype."""
+    gradient. Without autocast the chunks share one fp32 buffer (`buf`'s, or a new one): each chunk's logits
+    are valid until the next one is yielded, and the caller may overwrite them. Under autocast each is
+    F.linear's result in autocast's dtype."""
     N = h.shape[0]
-    buf = None
+    out = None
     if h.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled(h.device.type):
-        buf = torch.empty(min(chunk, N), weight.shape[0], dtype=weight.dtype, device=h.device)
+        out = (buf or LogitsBuffer()).get(min(chunk, N), weight.shape[0], weight.dtype, h.device)
     for c0 in range(0, N, chunk):
         hc = h[c0:c0 + chunk]
-        yield c0, c0 + hc.shape[0], F.linear(hc, weight) if buf is None else torch.mm(hc, weight.t(), out=buf[:hc.shape[0]])
+        yield c0, c0 + hc.shape[0], F.linear(hc, weight) if out is None else torch.mm(hc, weight.t(), out=out[:hc.shape[0]])
 
 
 class _LinearLogProbSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, coef, temperature: float, chunk: int, grad_h: bool, grad_w: bool,
-                skip_zero: bool):
+                skip_zero: bool, buf: Optional[LogitsBuffer]):
         # h (N, d), weight (V, d), targets (N,), coef (N,) -> (sum_t coef_t logp_t, logp (N,))
         N, V = h.shape[0], weight.shape[0]
         dt = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
@@ -66,7 +82,7 @@ class _LinearLogProbSum(torch.autograd.Function):
             logp = torch.empty(M, dtype=acc, device=h.device)
             dh = torch.empty(n_live, h.shape[1], dtype=h.dtype, device=h.device) if grad_h else None
             dw = torch.zeros_like(weight, dtype=acc) if grad_w else None
-            z_all = torch.empty(min(chunk, M), V, dtype=acc, device=h.device)  # one logits buffer for every chunk
+            z_all = (buf or LogitsBuffer()).get(min(chunk, M), V, acc, h.device)  # one logits buffer, every chunk
             for c0 in range(0, M, chunk):
                 c1 = min(M, c0 + chunk)
                 rows = slice(c0, c1) if order is None else order[c0:c1]
@@ -113,14 +129,16 @@ class _LinearLogProbSum(torch.autograd.Function):
             dh = dh * g.to(dh.dtype)
             if live_idx is not None:  # only the rows with a weight have a gradient
                 dh = dh.new_zeros(ctx.n_rows, dh.shape[1]).index_copy_(0, live_idx, dh)
-        return (dh, None if dw is None else dw * g.to(dw.dtype), None, None, None, None, None, None, None)
+        return (dh, None if dw is None else dw * g.to(dw.dtype), None, None, None, None, None, None, None, None)
 
 
 def linear_logprob_sum(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor,
-                       temperature: float = 1.0, chunk: Optional[int] = None, skip_zero: bool = False):
+                       temperature: float = 1.0, chunk: Optional[int] = None, skip_zero: bool = False,
+                       buf: Optional[LogitsBuffer] = None):
     """-> (sum_t coef_t * log softmax(h_t W^T / temperature)[targets_t], the log-probs (...,), detached),
     both fp32 (fp64 for fp64 inputs). With skip_zero, rows with coef_t = 0 cost nothing and their log-prob
     is NaN (not computed); otherwise they cost a forward sweep for their log-prob, but no gradient matmuls.
+    `buf`: the logits scratch to reuse (default: a new one for this call).
 
     h (..., d); weight (V, d); targets, coef (...,), coef without gradient. The sum is differentiable in
     h and weight; their gradients are computed here, in chunks of `chunk` rows (default: about
@@ -137,7 +155,7 @@ def linear_logprob_sum(h: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     grad = torch.is_grad_enabled()
     loss, logp = _LinearLogProbSum.apply(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), coef.reshape(-1),
                                          float(temperature), chunk, grad and h.requires_grad,
-                                         grad and weight.requires_grad, skip_zero)
+                                         grad and weight.requires_grad, skip_zero, buf)
     return loss, logp.view(shape)
 
 

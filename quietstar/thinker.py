@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quietstar.linear_ce import CHUNK_BYTES, linear_logprob_sum, lm_head_chunks
+from quietstar.linear_ce import CHUNK_BYTES, LogitsBuffer, linear_logprob_sum, lm_head_chunks
 from quietstar.masks import GridStates, ThoughtGrid, at_positions
 from quietstar.objective import OBJECTIVES, get_objective
 from quietstar.objective import metrics as objective_metrics
@@ -566,28 +566,29 @@ class QuietStar(nn.Module):
 
     # ---- where to think (where.py) ----
 
-    def think_scores(self, h_text: torch.Tensor, logits: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def think_scores(self, h_text: torch.Tensor, logits: Optional[torch.Tensor] = None,
+                     buf: Optional[LogitsBuffer] = None) -> torch.Tensor:
         """The selector's score of each position from the text's final hidden states (B, L, d) -> (B, L):
-        the base next-token entropy (where = entropy; from `logits` (B, L, V) when the caller has them) or
-        the gate's predicted reward (where = gate)."""
+        the base next-token entropy (where = entropy; from `logits` (B, L, V) when the caller has them, else
+        through the LM head, its logits in `buf`) or the gate's predicted reward (where = gate)."""
         if self.cfg.where == "entropy" and logits is not None:
             return row_entropy(logits)
         if self.cfg.where == "entropy":
             chunk = max(1, CHUNK_BYTES.get(h_text.device.type, 1 << 25) // (4 * self.model.cfg.vocab_size))
-            return base_entropy(self.model.lm_head_weight, h_text, chunk)
+            return base_entropy(self.model.lm_head_weight, h_text, chunk, buf)
         if self.cfg.where == "gate":
             return self.gate(h_text.detach())
         raise ValueError(f"thought.where={self.cfg.where!r} scores no position")
 
-    def thinking_positions(self, h_text: torch.Tensor, lengths=None, doc_ids=None,
-                           generator=None) -> Optional[Selection]:
+    def thinking_positions(self, h_text: torch.Tensor, lengths=None, doc_ids=None, generator=None,
+                           buf: Optional[LogitsBuffer] = None) -> Optional[Selection]:
         """The thinking positions of a batch from its text hidden states (B, L, d); None when all think."""
         cfg = self.cfg
         if cfg.where == "all":
             return None
         eligible = ThoughtGrid.target_ok(h_text.shape[1], 0, lengths, doc_ids, h_text.device)  # has a next token
         eligible = eligible.expand(h_text.shape[0], -1)
-        return select(self.think_scores(h_text), eligible, cfg.think_fraction, cfg.think_threshold,
+        return select(self.think_scores(h_text, buf=buf), eligible, cfg.think_fraction, cfg.think_threshold,
                       cfg.gate_explore if cfg.where == "gate" else 0.0, generator)
 
     # ---- phase 1: rollout ----
@@ -620,8 +621,9 @@ class QuietStar(nn.Module):
         if n_sampled == 0 and self.cfg.where == "all":
             return Rollout(torch.zeros(B, n, L, 0, dtype=torch.long, device=input_ids.device), entropy, None)
         h_text = model(inputs_embeds=x0, position_ids=pos.expand(B, L), attn=attn, return_hidden=True)
+        buf = LogitsBuffer()  # for every vocabulary pass of the rollout
         if selection is None:
-            selection = self.thinking_positions(h_text, lengths, doc_ids, generator)
+            selection = self.thinking_positions(h_text, lengths, doc_ids, generator, buf)
         positions = None if selection is None else selection.positions
         where = pos.expand(B, L) if positions is None else positions  # (B, P)
         P = where.shape[1]
@@ -634,20 +636,21 @@ class QuietStar(nn.Module):
             attn.step = s
             h = model(inputs_embeds=self.embed(tokens), attn=attn, return_hidden=True,
                       position_ids=grid.position_ids(s, where).repeat(1, n))  # (B, n*P, d)
-            tokens = self._sample(h.view(B * n * P, -1), generator, entropy if s == 1 else None).view(B, n * P)
+            tokens = self._sample(h.view(B * n * P, -1), generator, entropy if s == 1 else None, buf).view(B, n * P)
             thoughts[..., s - 1] = tokens.view(B, n, P)
         return Rollout(thoughts, entropy, selection)
 
-    def _sample(self, h: torch.Tensor, generator=None, entropy: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """One thought token per row of final hidden states h (rows, d), the LM head applied in chunks
-        (only text ids exist, so <start>/<end> are never sampled). If given, `entropy` (a 0-dim tensor)
-        receives the mean entropy of the distributions: a cheap diagnostic."""
+    def _sample(self, h: torch.Tensor, generator=None, entropy: Optional[torch.Tensor] = None,
+                buf: Optional[LogitsBuffer] = None) -> torch.Tensor:
+        """One thought token per row of final hidden states h (rows, d), the LM head applied in chunks, their
+        logits in `buf` (only text ids exist, so <start>/<end> are never sampled). If given, `entropy` (a
+        0-dim tensor) receives the mean entropy of the distributions: a cheap diagnostic."""
         rows, temp = h.shape[0], self.cfg.gumbel_temperature
         u = torch.rand(rows, 1, generator=generator, device=h.device, dtype=torch.float64)
         tokens = torch.empty(rows, dtype=torch.long, device=h.device)
         W = self.model.lm_head_weight
         chunk = max(1, CHUNK_BYTES.get(h.device.type, 1 << 25) // (4 * W.shape[0]))
-        for c0, c1, logits in lm_head_chunks(h, W, chunk):  # (c, V)
+        for c0, c1, logits in lm_head_chunks(h, W, chunk, buf):  # (c, V)
             if entropy is not None:
                 entropy += categorical_entropy(logits, temp) * logits.shape[0] / rows
             tokens[c0:c1] = sample_categorical(logits, temp, u=u[c0:c1], overwrite=True)
@@ -717,14 +720,16 @@ class QuietStar(nn.Module):
         scope = obj.scope(grid, B, L, lengths, doc_ids, cfg, device) if positions is None else \
             obj.scope(grid, B, L, lengths, doc_ids, cfg, device, positions, selection.valid)
         coef_base, coef_talk = obj.nll_coefficients(scope, grid.n, cfg, acc)
-        talk = self.score_talk(states, input_ids, grid, coef_base, coef_talk)
+        buf = LogitsBuffer()  # the logits scratch of both scoring calls
+        talk = self.score_talk(states, input_ids, grid, coef_base, coef_talk, buf)
         reward = obj.rewards(talk.ce_base, talk.ce_talk, scope, cfg)
         adv = obj.advantages(reward, scope, cfg)
         if grid.n_sampled > 0:
             policy_loss, logp = self.score_thoughts(states, thoughts, grid,
-                                                    obj.policy_coefficients(adv, scope, cfg, grid.n_sampled))
+                                                    obj.policy_coefficients(adv, scope, cfg, grid.n_sampled), buf)
         else:
             policy_loss, logp = states.text.new_zeros(()), None
+        del buf  # before backward: the activations' peak
         loss = talk.nll + cfg.policy_weight * policy_loss
         thought_ok = at_positions(grid.target_ok(L, -1, lengths, None, device).expand(B, L), positions)  # real positions
         if positions is not None:
@@ -749,7 +754,8 @@ class QuietStar(nn.Module):
         err = (pred - reward.detach().mean(1).float()) ** 2
         return (err * scorable).sum() / scorable.sum().clamp_min(1)
 
-    def score_talk(self, hidden, input_ids, grid: ThoughtGrid, coef_base, coef_talk) -> "TalkScores":
+    def score_talk(self, hidden, input_ids, grid: ThoughtGrid, coef_base, coef_talk,
+                   buf: Optional[LogitsBuffer] = None) -> "TalkScores":
         """The no-thought prediction of x_{i+1} at every position and the K mixed talk predictions of x_{i+k+1}
         (talk step k) at the thinking positions, all in one LM-head pass: -nll = sum coef * log p.
         hidden: GridStates; coef_base (B, L), coef_talk (K, B, n, P)."""
@@ -765,22 +771,25 @@ class QuietStar(nn.Module):
         targets = torch.stack([at_positions(grid.target(input_ids, k), positions) for k in range(K)])  # (K, B, P)
         tgt = torch.cat([grid.target(input_ids, 0).flatten(), targets[:, :, None].expand(K, B, n, P).flatten()])
         h_all = torch.cat([h0.reshape(-1, d), torch.stack(h_mix).view(-1, d)])
-        weighted, logp = self._logprob_sum(h_all, tgt, torch.cat([coef_base.flatten(), coef_talk.flatten()]))
+        weighted, logp = self._logprob_sum(h_all, tgt, torch.cat([coef_base.flatten(), coef_talk.flatten()]), buf=buf)
         return TalkScores(-weighted, -logp[:B * L].view(B, L), -logp[B * L:].view(K, B, n, P), torch.stack(ws))
 
-    def score_thoughts(self, hidden, thoughts, grid: ThoughtGrid, coef) -> tuple[torch.Tensor, torch.Tensor]:
+    def score_thoughts(self, hidden, thoughts, grid: ThoughtGrid, coef,
+                       buf: Optional[LogitsBuffer] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """-policy = sum coef * tempered log pi(t_m), t_m predicted at step m. -> (policy loss, log pi
         (B, n, P, T-3), detached, NaN where coef is 0: a row without weight is not computed)."""
         weighted, logp = self._logprob_sum(grid.sampled_rows(hidden), thoughts, coef, self.cfg.policy_temperature,
-                                           skip_zero=True)
+                                           skip_zero=True, buf=buf)
         return -weighted, logp
 
-    def _logprob_sum(self, h, targets, coef, temperature: float = 1.0, skip_zero: bool = False):
+    def _logprob_sum(self, h, targets, coef, temperature: float = 1.0, skip_zero: bool = False,
+                     buf: Optional[LogitsBuffer] = None):
         """(sum coef * log softmax(h W^T / temperature)[targets], log-probs detached (NaN where coef is 0 with
-        skip_zero)): the fused kernel, or (cfg.scoring = "plain") full logits and autograd, to prototype against."""
+        skip_zero)): the fused kernel (its logits in `buf`), or (cfg.scoring = "plain") full logits and
+        autograd, to prototype against."""
         W = self.model.lm_head_weight
         if self.cfg.scoring == "fused":
-            return linear_logprob_sum(h, W, targets, coef, temperature, skip_zero=skip_zero)
+            return linear_logprob_sum(h, W, targets, coef, temperature, skip_zero=skip_zero, buf=buf)
         acc = torch.float64 if h.dtype == torch.float64 else torch.float32
         z = F.linear(h, W).to(acc) / temperature
         logp = torch.log_softmax(z, -1).gather(-1, targets[..., None]).squeeze(-1)

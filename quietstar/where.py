@@ -29,7 +29,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn as nn
 
-from quietstar.linear_ce import lm_head_chunks
+from quietstar.linear_ce import LogitsBuffer, lm_head_chunks
 
 WHERE = ("all", "entropy", "gate")
 
@@ -73,12 +73,12 @@ def row_entropy(logits: torch.Tensor) -> torch.Tensor:
     return out.view(logits.shape[:-1])
 
 
-def base_entropy(weight: torch.Tensor, h: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+def base_entropy(weight: torch.Tensor, h: torch.Tensor, chunk_rows: int, buf: Optional[LogitsBuffer] = None):
     """Next-token entropy of the base prediction from final hidden states h (B, L, d) and the LM head's weight
-    (V, d) -> (B, L), `chunk_rows` rows at a time (no (B L, V) tensor)."""
+    (V, d) -> (B, L), `chunk_rows` rows at a time (no (B L, V) tensor; the logits in `buf`)."""
     flat = h.reshape(-1, h.shape[-1])
     out = torch.empty(flat.shape[0], device=h.device)
-    for c0, c1, logits in lm_head_chunks(flat, weight, chunk_rows):
+    for c0, c1, logits in lm_head_chunks(flat, weight, chunk_rows, buf):
         out[c0:c1] = row_entropy(logits)
     return out.view(h.shape[:-1])
 

@@ -145,3 +145,20 @@ def test_skip_zero_computes_only_the_weighted_rows(zero_share, chunk):
     with torch.no_grad():  # no gradient: the same rows, the same values
         _, logp = linear_logprob_sum(h, weight, targets, coef, 3.0, chunk=chunk, skip_zero=True)
     assert torch.equal(logp.isnan(), ~live)
+
+
+def test_a_shared_logits_buffer_changes_nothing():
+    """Calls that share one LogitsBuffer (of another call's size first) give exactly what fresh ones give."""
+    from quietstar.linear_ce import LogitsBuffer
+    buf = LogitsBuffer()
+    for shape, temperature, skip in (((4, 9), 1.0, False), ((2, 30), 3.0, True), ((3, 5), 2.0, False)):
+        h, weight, targets, coef = inputs(shape=shape, seed=sum(shape), dtype=torch.float32)
+        got, want = [], []
+        for out, b in ((got, buf), (want, None)):
+            hh, ww = h.clone().requires_grad_(), weight.clone().requires_grad_()
+            loss, logp = linear_logprob_sum(hh, ww, targets, coef, temperature, chunk=8, skip_zero=skip, buf=b)
+            loss.backward()
+            out += [loss.detach(), logp, hh.grad, ww.grad]
+        for a, b in zip(got, want):
+            assert torch.equal(a.nan_to_num(), b.nan_to_num())
+    assert buf.t is not None and buf.t.numel() == 8 * 37  # grown once, to the largest chunk
