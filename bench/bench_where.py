@@ -7,6 +7,7 @@ runs in a fresh process (peak RSS on CPU, the runtime included; max allocated on
 `entropy` (the gate costs the same: a small head on the text row); the fraction is what matters here.
 
     python bench/bench_where.py                  # bench_small, L=256, B=2, T=12, K=4, n=2 -> bench/results/where_cost_cpu.json
+                                                 # (each case 3 times, round-robin, its fastest run kept)
     python bench/bench_where.py --case where=entropy q=0.25   # one case, JSON on stdout
 """
 
@@ -92,16 +93,28 @@ def main():
     ap.add_argument("--case", nargs="*", help="run one case (key=value ...) and print its JSON")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="run every case this many times, round-robin, and keep each case's fastest run: the "
+                         "machine's speed drifts between minutes, and interleaving spreads the drift over all cases")
     args = ap.parse_args()
     if args.case is not None:
         kw = dict(kv.split("=", 1) for kv in args.case)
         conv = {"q": float, "L": int, "B": int, "T": int, "K": int, "n": int, "steps": int, "gen_tokens": int}
         print(json.dumps(run_case(**{k: conv.get(k, str)(v) for k, v in kw.items()})))
         return
-    rows = [spawn(dict(where="all", q=1.0, device=args.device))]
-    for q in FRACTIONS:
-        rows.append(spawn(dict(where="entropy", q=q, device=args.device)))
-        print(json.dumps(rows[-1]), flush=True)
+    cases = [dict(where="all", q=1.0, device=args.device)] + [dict(where="entropy", q=q, device=args.device)
+                                                              for q in FRACTIONS]
+    runs = [[] for _ in cases]
+    for r in range(args.rounds):
+        for i, case in enumerate(cases):
+            runs[i].append(spawn(case))
+            print(f"round {r + 1}/{args.rounds}: {json.dumps(runs[i][-1])}", flush=True)
+    rows = []
+    for case_runs in runs:
+        ok = [x for x in case_runs if "error" not in x]
+        best = dict(min(ok, key=lambda x: x["step_s"])) if ok else dict(case_runs[-1])
+        best["step_s_rounds"] = [x.get("step_s") for x in case_runs]
+        rows.append(best)
     full = rows[0]
     S, n = full["T"] + full["K"] - 1, full["n"]
     summary = {}
