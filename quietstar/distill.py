@@ -48,7 +48,7 @@ from typing import Optional
 import torch
 
 from quietstar.errors import ConfigError, UserError
-from quietstar.linear_ce import CHUNK_BYTES, linear_kl_sum, linear_logprob_sum
+from quietstar.linear_ce import linear_kl_sum, linear_logprob_sum, lm_head_chunks
 from quietstar.plain import PlainLM, _in_document
 from quietstar.thinker import QuietStar, ThoughtOutput, sample_categorical
 
@@ -192,8 +192,7 @@ class Distiller(PlainLM):
         in chunks (the official code's hard Gumbel-softmax draws from the same distribution)."""
         flat = h_rows.reshape(-1, h_rows.shape[-1])
         out = torch.empty(flat.shape[0], dtype=torch.long, device=flat.device)
-        chunk = max(1, CHUNK_BYTES.get(flat.device.type, 1 << 25) // (4 * self.model.cfg.vocab_size))
-        for c0 in range(0, flat.shape[0], chunk):
-            out[c0:c0 + chunk] = sample_categorical(self.model.head(flat[c0:c0 + chunk]).float(), 1.0, generator)
+        for c0, c1, logits in lm_head_chunks(flat, self.model.lm_head_weight):
+            out[c0:c1] = sample_categorical(logits, 1.0, generator, overwrite=True)
         return out.view(h_rows.shape[:-1])
 

@@ -34,7 +34,7 @@ class RMSNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, eps: float):  # x (..., d), weight (d,)
         xf, rstd = _rms_stats(x, eps)  # rstd (..., 1) fp32
         ctx.save_for_backward(x, weight, rstd)
-        return weight * (xf * rstd).to(x.dtype)
+        return _normed(x, rstd, weight, xf)
 
     @staticmethod
     def backward(ctx, grad):  # grad (..., d)
@@ -62,6 +62,12 @@ def _rms_stats(x, eps: float):
     return xf, torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
 
 
+def _normed(x, rstd, weight, xf=None):
+    """weight * (x * rstd), the product rounded to x's dtype before the scale (the Llama reference's way);
+    xf: x already in rstd's dtype. Forward and the recomputations in backward all go through this."""
+    return weight * ((x.to(rstd.dtype) if xf is None else xf) * rstd).to(x.dtype)
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the projections of x run in: autocast's for an fp32 x under autocast, else x's."""
     dev = x.device.type
@@ -81,7 +87,7 @@ class RMSNormLinearsFunction(torch.autograd.Function):
         ws, bs = weights_and_biases[:n], weights_and_biases[n:]
         xf, rstd = _rms_stats(x, eps)
         ctx.dtype = compute_dtype(x)
-        y = (norm_weight * (xf * rstd).to(x.dtype)).to(ctx.dtype)
+        y = _normed(x, rstd, norm_weight, xf).to(ctx.dtype)
         ctx.save_for_backward(x, norm_weight, rstd, *ws, *bs)
         return tuple(F.linear(y, w, b) for w, b in zip(ws, bs))  # under autocast as nn.Linear: w, b cast
 
@@ -97,7 +103,7 @@ def _norm_linears_backward(grads, x, norm_weight, rstd, wb, dt, grad_norm_weight
     """Backward of F.linear(y, w_i, b_i) for each projection i, y = rms_norm(x) recomputed in dtype dt:
     -> (dx, dnorm_weight or None, [dw_1 .. dw_n, db_1 .. db_n] (None where not needed or no bias))."""
     n = len(wb) // 2
-    y = (norm_weight * (x.to(rstd.dtype) * rstd).to(x.dtype)).to(dt)  # recomputed, as in forward
+    y = _normed(x, rstd, norm_weight).to(dt)  # recomputed, as in forward
     y2 = y.reshape(-1, y.shape[-1])
     grad_y, grad_ws, grad_bs = None, [], []
     for i, (g, w, b) in enumerate(zip(grads, wb[:n], wb[n:])):
@@ -130,7 +136,7 @@ class ResidualNormLinearsFunction(torch.autograd.Function):
         h = x + _merge_heads_linear(o, wo)  # under autocast as nn.Linear; the add promotes to x's dtype
         hf, rstd = _rms_stats(h, eps)
         ctx.dtype = compute_dtype(h)
-        y = (norm_weight * (hf * rstd).to(h.dtype)).to(ctx.dtype)
+        y = _normed(h, rstd, norm_weight, hf).to(ctx.dtype)
         del hf
         ctx.save_for_backward(x, o, wo, norm_weight, rstd, *ws, *bs)
         return (h, *(F.linear(y, w, b) for w, b in zip(ws, bs)))

@@ -27,6 +27,11 @@ import torch.nn.functional as F
 CHUNK_BYTES = {"cpu": 1 << 26, "cuda": 1 << 28}
 
 
+def chunk_rows(device: torch.device, V: int, buffers: int = 1) -> int:
+    """Rows per chunk of a vocabulary pass that keeps `buffers` fp32 (rows, V) tensors: CHUNK_BYTES of them."""
+    return max(1, CHUNK_BYTES.get(device.type, 1 << 25) // (4 * buffers * V))
+
+
 class LogitsBuffer:
     """A reusable (rows, V) scratch tensor for the chunked vocabulary passes of one step. A fresh tensor of
     64 MiB costs a page fault per 4 KiB page when first written (on CPU about half the time of the matmul
@@ -43,12 +48,14 @@ class LogitsBuffer:
         return t[:rows * cols].view(rows, cols)
 
 
-def lm_head_chunks(h: torch.Tensor, weight: torch.Tensor, chunk: int, buf: Optional[LogitsBuffer] = None):
-    """Yield (c0, c1, logits (c1 - c0, V)) for the rows c0:c1 of h (N, d), `chunk` rows at a time, without
+def lm_head_chunks(h: torch.Tensor, weight: torch.Tensor, chunk: Optional[int] = None,
+                   buf: Optional[LogitsBuffer] = None):
+    """Yield (c0, c1, logits (c1 - c0, V)) for the rows c0:c1 of h (N, d), `chunk` rows at a time (default
+    chunk_rows), without
     gradient. Without autocast the chunks share one fp32 buffer (`buf`'s, or a new one): each chunk's logits
     are valid until the next one is yielded, and the caller may overwrite them. Under autocast each is
     F.linear's result in autocast's dtype."""
-    N = h.shape[0]
+    N, chunk = h.shape[0], chunk or chunk_rows(h.device, weight.shape[0])
     out = None
     if h.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled(h.device.type):
         out = (buf or LogitsBuffer()).get(min(chunk, N), weight.shape[0], weight.dtype, h.device)
@@ -151,7 +158,7 @@ def linear_logprob_sum(h: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     if coef.requires_grad:
         raise ValueError("linear_logprob_sum: coef must not require grad (detach it)")
     V = weight.shape[0]
-    chunk = chunk or max(1, CHUNK_BYTES.get(h.device.type, 1 << 25) // (4 * V))
+    chunk = chunk or chunk_rows(h.device, V)
     grad = torch.is_grad_enabled()
     loss, logp = _LinearLogProbSum.apply(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), coef.reshape(-1),
                                          float(temperature), chunk, grad and h.requires_grad,
@@ -244,7 +251,7 @@ def linear_kl_sum(h: torch.Tensor, weight: torch.Tensor, h_teacher: torch.Tensor
     if coef_kl.requires_grad or coef_nll.requires_grad:
         raise ValueError("linear_kl_sum: coef_kl and coef_nll must not require grad (detach them)")
     V = weight.shape[0]
-    chunk = chunk or max(1, CHUNK_BYTES.get(h.device.type, 1 << 25) // (4 * 4 * V))  # ~4 (c, V) buffers live
+    chunk = chunk or chunk_rows(h.device, V, buffers=4)  # ~4 (c, V) buffers live
     grad = torch.is_grad_enabled()
     loss, *rows = _LinearKLSum.apply(h.reshape(-1, h.shape[-1]), weight,
                                      h_teacher.detach().reshape(-1, h_teacher.shape[-1]), weight_teacher.detach(),

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quietstar.linear_ce import CHUNK_BYTES, LogitsBuffer, linear_logprob_sum, lm_head_chunks
+from quietstar.linear_ce import LogitsBuffer, linear_logprob_sum, lm_head_chunks
 from quietstar.masks import GridStates, ThoughtGrid, at_positions
 from quietstar.objective import OBJECTIVES, get_objective
 from quietstar.objective import metrics as objective_metrics
@@ -456,14 +456,6 @@ def categorical_blocks(logits: torch.Tensor, temperature: float = 1.0,
     return w, w.sum(-1).double().cumsum_(-1)
 
 
-def categorical_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Mean entropy (nats) of softmax(logits / temperature) over all rows."""
-    z = logits.float() / temperature
-    lse = torch.logsumexp(z, -1, keepdim=True)
-    p = torch.exp(z - lse)
-    return (lse.squeeze(-1) - (p * z).sum(-1)).mean()
-
-
 # --------------------------------------------------------------------------------------------------
 # the layer
 
@@ -574,8 +566,7 @@ class QuietStar(nn.Module):
         if self.cfg.where == "entropy" and logits is not None:
             return row_entropy(logits)
         if self.cfg.where == "entropy":
-            chunk = max(1, CHUNK_BYTES.get(h_text.device.type, 1 << 25) // (4 * self.model.cfg.vocab_size))
-            return base_entropy(self.model.lm_head_weight, h_text, chunk, buf)
+            return base_entropy(self.model.lm_head_weight, h_text, buf)
         if self.cfg.where == "gate":
             return self.gate(h_text.detach())
         raise ValueError(f"thought.where={self.cfg.where!r} scores no position")
@@ -648,11 +639,9 @@ class QuietStar(nn.Module):
         rows, temp = h.shape[0], self.cfg.gumbel_temperature
         u = torch.rand(rows, 1, generator=generator, device=h.device, dtype=torch.float64)
         tokens = torch.empty(rows, dtype=torch.long, device=h.device)
-        W = self.model.lm_head_weight
-        chunk = max(1, CHUNK_BYTES.get(h.device.type, 1 << 25) // (4 * W.shape[0]))
-        for c0, c1, logits in lm_head_chunks(h, W, chunk, buf):  # (c, V)
+        for c0, c1, logits in lm_head_chunks(h, self.model.lm_head_weight, buf=buf):  # (c, V)
             if entropy is not None:
-                entropy += categorical_entropy(logits, temp) * logits.shape[0] / rows
+                entropy += row_entropy(logits if temp == 1.0 else logits / temp).sum() / rows
             tokens[c0:c1] = sample_categorical(logits, temp, u=u[c0:c1], overwrite=True)
         return tokens
 

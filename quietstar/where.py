@@ -73,12 +73,12 @@ def row_entropy(logits: torch.Tensor) -> torch.Tensor:
     return out.view(logits.shape[:-1])
 
 
-def base_entropy(weight: torch.Tensor, h: torch.Tensor, chunk_rows: int, buf: Optional[LogitsBuffer] = None):
+def base_entropy(weight: torch.Tensor, h: torch.Tensor, buf: Optional[LogitsBuffer] = None) -> torch.Tensor:
     """Next-token entropy of the base prediction from final hidden states h (B, L, d) and the LM head's weight
-    (V, d) -> (B, L), `chunk_rows` rows at a time (no (B L, V) tensor; the logits in `buf`)."""
+    (V, d) -> (B, L), a chunk of rows at a time (no (B L, V) tensor; the logits in `buf`)."""
     flat = h.reshape(-1, h.shape[-1])
     out = torch.empty(flat.shape[0], device=h.device)
-    for c0, c1, logits in lm_head_chunks(flat, weight, chunk_rows, buf):
+    for c0, c1, logits in lm_head_chunks(flat, weight, buf=buf):
         out[c0:c1] = row_entropy(logits)
     return out.view(h.shape[:-1])
 
