@@ -8,6 +8,8 @@ measured in one run on one machine.
     python bench/bench_train_step.py                       # the README's table (bench_small + smollm2)
     python bench/bench_train_step.py --scaling             # time/memory vs L and vs T, + a PNG if matplotlib
     python bench/bench_train_step.py --case model=bench_small L=256 mode=grid   # one case, JSON on stdout
+    python bench/bench_train_step.py --models bench_small --lengths 256 --steps 2 --tensor-peak --saved --pairs 4 \
+        --out train_step_lean_cpu.json                     # the lean-by-default record
 
 On CUDA (bf16 autocast) each case also reports its model FLOP utilisation: `quietstar.flops.step_flops` (the matmuls
 the step must do, backward = 2x forward) / time / the GPU's dense bf16 peak.
@@ -34,6 +36,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -85,7 +88,7 @@ def run_case(model: str, L: int, mode: str, T: int = 12, K: int = 4, n: int = 2,
     R = 1 + n * (S - 1)
     rows = {"plain": B, "plain_grid": B * R}.get(mode, B)
     x = torch.randint(0, V, (rows, L), device=device)
-    opt = torch.optim.AdamW(qs.parameters(), lr=1e-5)
+    opt = torch.optim.AdamW(qs.parameters(), lr=1e-5, fused=True)  # as train.py (optim.build_optimizer)
     g = torch.Generator(device=device).manual_seed(0)
 
     def step():
@@ -256,6 +259,28 @@ def goals(rows: list[dict]) -> dict:
     return out
 
 
+def time_pairs(model: str, L: int, pairs: int, device: str, mem_limit_gb: float) -> dict:
+    """sequential_dense / grid step time from `pairs` alternated measurements (grid, sequential_dense, grid,
+    ...), each in a fresh process (1 warm-up step + 1 step): on a shared machine both drift alike. Contention
+    only adds time, so the ratio of the fastest runs is the cleanest; every pair's ratio is kept."""
+    runs = []
+    for i in range(pairs):
+        pair = {}
+        for mode in ("grid", "sequential_dense"):
+            r = spawn(dict(model=model, L=L, mode=mode, device=device, steps=1,
+                           checkpointing="auto" if mode == "grid" else 0), mem_limit_gb=mem_limit_gb)
+            if "error" in r:
+                return {"error": f"pair {i}: {mode}: {r['error']}"}
+            pair[f"{mode}_s"] = round(r["step_s"], 3)
+        pair["ratio"] = round(pair["sequential_dense_s"] / pair["grid_s"], 2)
+        print(f"pair {i + 1}/{pairs}: {pair}", flush=True)
+        runs.append(pair)
+    ratios = sorted(p["ratio"] for p in runs)
+    best = min(p["sequential_dense_s"] for p in runs) / min(p["grid_s"] for p in runs)
+    return dict(model=model, L=L, pairs=runs, ratios_sorted=ratios, median=statistics.median(ratios),
+                fastest_sequential_dense_over_fastest_grid=round(best, 2))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--case", nargs="*", help="run one case (key=value ...) and print its JSON")
@@ -269,6 +294,8 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--steps", type=int, default=1, help="measured steps after one warm-up step")
     ap.add_argument("--budget-gb", type=float, default=None, help="also run grid under this memory budget")
+    ap.add_argument("--pairs", type=int, default=0, help="also time grid against sequential_dense in this many "
+                    "alternated pairs (the first model and L)")
     ap.add_argument("--saved", action="store_true", help="record what a block keeps for backward per grid token")
     ap.add_argument("--tensor-peak", action="store_true",
                     help="CPU: also record each case's peak live tensor memory (one more step, profiled)")
@@ -324,6 +351,11 @@ def main():
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / name
     record = dict(machine=machine(), date=time.strftime("%Y-%m-%d"), goals=summary, results=rows)
+    if a.pairs and not a.scaling:
+        first = (a.models or "bench_small").split(",")[0]
+        L = int((a.lengths if first == "bench_small" else (a.large_lengths or "128")).split(",")[0])
+        record["time_pairs"] = time_pairs(first, L, a.pairs, a.device, a.mem_limit_gb)
+        print(json.dumps(record["time_pairs"], indent=1))
     if a.saved:
         record["saved_per_grid_token"] = saved_per_grid_token()
         print(json.dumps(record["saved_per_grid_token"], indent=1))

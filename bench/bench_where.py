@@ -40,7 +40,7 @@ def run_case(where: str, q: float, model: str = "bench_small", L: int = 256, B: 
     cfg = ThoughtConfig(n_ahead=T, n_ahead_talk=K, n_thoughts=n, where=where, think_fraction=q)
     qs = QuietStar(base, None, cfg).to(device)
     x = torch.randint(0, base.cfg.vocab_size, (B, L), device=device)
-    opt = torch.optim.AdamW(qs.parameters(), lr=1e-5)
+    opt = torch.optim.AdamW(qs.parameters(), lr=1e-5, fused=True)  # as train.py (optim.build_optimizer)
     g = torch.Generator(device=device).manual_seed(0)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 

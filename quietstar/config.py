@@ -189,7 +189,7 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
-    fused: Optional[bool] = None  # fused AdamW kernel; None = when every parameter is on a GPU
+    fused: Optional[bool] = None  # fused AdamW kernel; None = when every parameter is on the CPU or every one on a GPU
     base_lr_mult: float = 1.0  # LR multiplier of the base model (0 freezes it)
     thought_embedding_lr_mult: float = 1.0
     """LR multiplier of <start>/<end> embeddings, on top of the x thought.embedding_scale

@@ -88,7 +88,8 @@ class _LinearLogProbSum(torch.autograd.Function):
             w = weight.to(dt)
             logp = torch.empty(M, dtype=acc, device=h.device)
             dh = torch.empty(n_live, h.shape[1], dtype=h.dtype, device=h.device) if grad_h else None
-            dw = torch.zeros_like(weight, dtype=acc) if grad_w else None
+            dw = torch.empty_like(weight, dtype=acc) if grad_w else None  # written by the first live chunk
+            dw_written = False
             z_all = (buf or LogitsBuffer()).get(min(chunk, M), V, acc, h.device)  # one logits buffer, every chunk
             for c0 in range(0, M, chunk):
                 c1 = min(M, c0 + chunk)
@@ -117,9 +118,12 @@ class _LinearLogProbSum(torch.autograd.Function):
                     dh[c0:c1] = (gz @ w).to(h.dtype) / temperature
                 if grad_w:
                     if gz.dtype == acc:
-                        dw.addmm_(gz.t(), hc)
+                        dw.addmm_(gz.t(), hc) if dw_written else torch.mm(gz.t(), hc, out=dw)
                     else:
-                        dw.add_(gz.t() @ hc)
+                        dw.add_(gz.t() @ hc) if dw_written else dw.copy_(gz.t() @ hc)
+                    dw_written = True
+            if grad_w and not dw_written:  # no row with a weight
+                dw.zero_()
             coef_done = coef if order is None else coef[order]
             loss = (coef_done.to(acc) * logp).sum()
             if order is not None:  # back to the callers' row order; rows skipped: NaN
