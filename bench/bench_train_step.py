@@ -61,7 +61,7 @@ def peak_rss_mb() -> float:
 
 def run_case(model: str, L: int, mode: str, T: int = 12, K: int = 4, n: int = 2, B: int = 2, steps: int = 2,
              device: str = "cpu", backend: str = "auto", checkpointing: str = "auto", budget_gb: float | None = None,
-             warmup: int = 1, tensor_peak: int = 0) -> dict:
+             warmup: int = 1, tensor_peak: int = 0, autocast: str = "auto") -> dict:
     import torch
 
     from quietstar import attention
@@ -70,7 +70,9 @@ def run_case(model: str, L: int, mode: str, T: int = 12, K: int = 4, n: int = 2,
     from quietstar.thinker import QuietStar, ThoughtConfig
 
     torch.manual_seed(0)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    # bf16 autocast on CUDA (the GPU recipe), fp32 on CPU unless autocast=bf16 (CPUs with bf16 matmul units)
+    amp = device == "cuda" if autocast == "auto" else autocast == "bf16"
+    dtype = torch.bfloat16 if amp else torch.float32
     if model == "smollm2_135m":
         from quietstar.loading import load_pretrained
 
@@ -93,11 +95,11 @@ def run_case(model: str, L: int, mode: str, T: int = 12, K: int = 4, n: int = 2,
 
     def step():
         if mode.startswith("plain"):
-            with torch.autocast(device, dtype=dtype, enabled=device == "cuda"):
+            with torch.autocast(device, dtype=dtype, enabled=amp):
                 logits = base(x[:, :-1])
                 loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
         else:
-            with torch.autocast(device, dtype=dtype, enabled=device == "cuda"):
+            with torch.autocast(device, dtype=dtype, enabled=amp):
                 loss = qs(x, generator=g).loss
         loss.backward()
         opt.step()
@@ -118,6 +120,7 @@ def run_case(model: str, L: int, mode: str, T: int = 12, K: int = 4, n: int = 2,
         sync()
         times.append(time.perf_counter() - t0)
     out = dict(model=model, L=L, mode=mode, T=T, K=K, n=n, B=B, S=S, R=R, device=device,
+               autocast="bf16" if amp else "off",
                backend=attention.resolve_backend(torch.device(device)) if mode in ("grid",) else None,
                step_s=min(times), step_s_all=times, tokens=rows * L, grid_tokens=B * R * L,
                checkpointing=str(checkpointing), budget_gb=budget_gb,
@@ -259,7 +262,7 @@ def goals(rows: list[dict]) -> dict:
     return out
 
 
-def time_pairs(model: str, L: int, pairs: int, device: str, mem_limit_gb: float) -> dict:
+def time_pairs(model: str, L: int, pairs: int, device: str, mem_limit_gb: float, autocast: str = "auto") -> dict:
     """sequential_dense / grid step time from `pairs` alternated measurements (grid, sequential_dense, grid,
     ...), each in a fresh process (1 warm-up step + 1 step): on a shared machine both drift alike. Contention
     only adds time, so the ratio of the fastest runs is the cleanest; every pair's ratio is kept."""
@@ -267,7 +270,7 @@ def time_pairs(model: str, L: int, pairs: int, device: str, mem_limit_gb: float)
     for i in range(pairs):
         pair = {}
         for mode in ("grid", "sequential_dense"):
-            r = spawn(dict(model=model, L=L, mode=mode, device=device, steps=1,
+            r = spawn(dict(model=model, L=L, mode=mode, device=device, steps=1, autocast=autocast,
                            checkpointing="auto" if mode == "grid" else 0), mem_limit_gb=mem_limit_gb)
             if "error" in r:
                 return {"error": f"pair {i}: {mode}: {r['error']}"}
@@ -277,7 +280,7 @@ def time_pairs(model: str, L: int, pairs: int, device: str, mem_limit_gb: float)
         runs.append(pair)
     ratios = sorted(p["ratio"] for p in runs)
     best = min(p["sequential_dense_s"] for p in runs) / min(p["grid_s"] for p in runs)
-    return dict(model=model, L=L, pairs=runs, ratios_sorted=ratios, median=statistics.median(ratios),
+    return dict(model=model, L=L, autocast=autocast, pairs=runs, ratios_sorted=ratios, median=statistics.median(ratios),
                 fastest_sequential_dense_over_fastest_grid=round(best, 2))
 
 
@@ -296,6 +299,8 @@ def main():
     ap.add_argument("--budget-gb", type=float, default=None, help="also run grid under this memory budget")
     ap.add_argument("--pairs", type=int, default=0, help="also time grid against sequential_dense in this many "
                     "alternated pairs (the first model and L)")
+    ap.add_argument("--autocast", default="auto", choices=["auto", "bf16", "off"],
+                    help="auto: bf16 autocast on CUDA, fp32 on CPU; bf16: also on CPU (bf16 matmul units)")
     ap.add_argument("--saved", action="store_true", help="record what a block keeps for backward per grid token")
     ap.add_argument("--tensor-peak", action="store_true",
                     help="CPU: also record each case's peak live tensor memory (one more step, profiled)")
@@ -340,7 +345,8 @@ def main():
                     cases.insert(4, ("grid", "auto", a.budget_gb))
                 for mode, ckpt, budget in cases:
                     rows.append(spawn(dict(model=model, L=L, mode=mode, device=a.device, steps=a.steps,
-                                           checkpointing=ckpt, budget_gb=budget, tensor_peak=int(a.tensor_peak)),
+                                           autocast=a.autocast, checkpointing=ckpt, budget_gb=budget,
+                                           tensor_peak=int(a.tensor_peak)),
                                       mem_limit_gb=a.mem_limit_gb))
                     print(table(rows[-1:]), flush=True)
         name = a.out or f"train_step_{a.device}.json"
@@ -354,7 +360,7 @@ def main():
     if a.pairs and not a.scaling:
         first = (a.models or "bench_small").split(",")[0]
         L = int((a.lengths if first == "bench_small" else (a.large_lengths or "128")).split(",")[0])
-        record["time_pairs"] = time_pairs(first, L, a.pairs, a.device, a.mem_limit_gb)
+        record["time_pairs"] = time_pairs(first, L, a.pairs, a.device, a.mem_limit_gb, a.autocast)
         print(json.dumps(record["time_pairs"], indent=1))
     if a.saved:
         record["saved_per_grid_token"] = saved_per_grid_token()

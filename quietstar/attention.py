@@ -368,7 +368,7 @@ def _prefix_backward(do, q, k0, v0, o, lse, key_ok=None, doc_ids=None, tile: Opt
     if flash and tile is None:
         flat = lambda t: t.reshape(B, G * h * R, Lq, *t.shape[5:])
         dq, dk0, dv0 = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            flat(do), flat(q), k0, v0, flat(o.to(q.dtype)), flat(lse).to(_up(q).dtype), 0.0, mask is None,
+            flat(do.to(q.dtype)), flat(q), k0, v0, flat(o.to(q.dtype)), flat(lse).to(_up(q).dtype), 0.0, mask is None,
             attn_mask=mask)
         return _up(dq).view(q.shape), dk0, dv0
     scale = D ** -0.5

@@ -221,7 +221,7 @@ class LoopConfig:
     max_steps: int = 30  # optimizer steps in total (a resumed run continues up to this)
     seed: int = 42  # seeds the model init, the data order and crops, and thought sampling
     device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16 (autocast; fp32 master weights)
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16 (autocast, CPU too; fp32 master weights)
     compile: bool = False  # torch.compile each transformer block (GPU; checkpoints keep plain keys)
     log_every: int = 1  # write metrics (jsonl, wandb) every N steps
     progress: bool = True  # print a progress bar with loss, reward, mix weight and tok/s
@@ -417,8 +417,8 @@ def load_config(obj) -> TrainConfig:
 
 
 def check_device_dtype(cfg: TrainConfig, device) -> None:
-    """Half-precision master weights need a GPU: the CPU kernels run in float32 (bf16 autocast on CPU is
-    not used either; see train.precision)."""
+    """Half-precision master weights need a GPU: on CPU the weights stay float32 (train.precision=bf16 runs
+    the step under bf16 autocast there)."""
     if getattr(device, "type", str(device)) == "cpu" and cfg.model.dtype != "float32":
         raise ConfigError(f"model.dtype={cfg.model.dtype} is not supported on CPU; use model.dtype=float32 "
                           "(or train on a GPU)")

@@ -419,3 +419,34 @@ def test_compiled_blocks_give_the_eager_step_and_do_not_recompile_per_rollout_st
     finally:
         torch._dynamo.reset()
     assert graphs[5] == graphs[8] > 0, graphs
+
+
+@pytest.mark.parametrize("where", ["all", "entropy"])
+def test_a_bf16_autocast_step_on_cpu_stays_near_the_fp32_step(where):
+    """CPU training under bf16 autocast (CPUs with bf16 matmul units): the split backend's fused kernels, the
+    subset grid and the fused LM head take bf16 projections and fp32 output gradients. On the same thoughts,
+    the NLL and its gradients are the fp32 step's to bf16 precision, and the policy term is finite (its
+    advantages are differences of nearly equal losses: bf16 moves them more)."""
+    cfg = dict(policy_weight=0.0) if where == "all" else dict(policy_weight=0.0, where="entropy", think_fraction=0.5)
+    qs = tiny_qs(**cfg)
+    randomize_talk_head(qs)  # nonzero rewards: the policy rows are scored too
+    x, mask = batch()
+    with use_backend("split"):
+        r = qs._rollout(x, mask, generator=torch.Generator().manual_seed(3))
+        sel = None if where == "all" else r.selection
+
+        def step(autocast):
+            qs.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out = qs(x, mask, thoughts=r.thoughts, selection=sel)
+            out.loss.backward()
+            return out, {n: p.grad.clone() for n, p in qs.named_parameters() if p.grad is not None}
+
+        out32, g32 = step(False)
+        out16, g16 = step(True)
+    assert float(out32.policy_loss) != 0.0 and math.isfinite(float(out16.policy_loss))
+    assert abs(float(out16.nll - out32.nll)) <= 1e-2 * abs(float(out32.nll))
+    assert g16.keys() == g32.keys() and len(g32) > 10
+    for name, g in g32.items():
+        cos = F.cosine_similarity(g16[name].flatten().double(), g.flatten().double(), dim=0)
+        assert torch.isfinite(g16[name]).all() and cos > 0.95, (name, float(cos))

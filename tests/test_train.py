@@ -1,7 +1,9 @@
 """Training end to end on the tiny model: outputs, multirun, exact kill-and-resume, divergence, the
 optimizer's groups and schedule, and (slow) the embedded default config."""
 
+import contextlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -208,6 +210,46 @@ def test_parameter_groups_and_lr_multipliers():
     frozen = param_groups(qs, OptimConfig(base_lr_mult=0.0))
     assert {g["name"] for g in frozen} == {"thought", "talk_head", "talk_head_no_decay"}
     assert not qs.model.tok_embeddings.weight.requires_grad
+
+
+def test_adamw_is_fused_on_cpu_by_default_and_steps_as_the_unfused_one():
+    """optim.fused=None fuses on the CPU too (one kernel per parameter); the update is the for-loop AdamW's to
+    float32 rounding, and optim.fused=false keeps the unfused one."""
+    def after_two_steps(fused):
+        torch.manual_seed(0)
+        qs = QuietStar(Transformer(ModelConfig.from_preset("tiny")), None, ThoughtConfig(n_ahead=4, n_ahead_talk=2))
+        opt, _ = build_optimizer(qs, OptimConfig(lr=1e-2, weight_decay=0.1, warmup_steps=0, fused=fused), 10)
+        for step in range(2):
+            for i, p in enumerate(qs.parameters()):
+                p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(100 * step + i))
+            opt.step()
+        return opt, [p.detach().clone() for p in qs.parameters()]
+
+    fused_opt, fused = after_two_steps(None)
+    plain_opt, plain = after_two_steps(False)
+    assert fused_opt.defaults["fused"] and not plain_opt.defaults.get("fused")
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_precision_trains_on_cpu_under_autocast(tmp_path, monkeypatch):
+    """train.precision=bf16 on CPU runs every micro-step under bf16 autocast and trains; auto stays fp32 there."""
+    enabled = []
+    real = train_script.autocast_context
+
+    @contextlib.contextmanager
+    def recording(device, precision):
+        with real(device, precision):
+            enabled.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+            yield
+
+    monkeypatch.setattr(train_script, "autocast_context", recording)
+    result = train_script.train(tiny_cfg(tmp_path / "bf16", "train.max_steps=2", "train.precision=bf16"))
+    assert result.status == "done" and all(math.isfinite(x) for x in result.losses)
+    assert len(enabled) == 2 and all(enabled)
+    enabled.clear()
+    train_script.train(tiny_cfg(tmp_path / "auto", "train.max_steps=1"))
+    assert enabled == [False]
 
 
 def test_schedules():
