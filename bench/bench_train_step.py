@@ -280,8 +280,8 @@ def time_pairs(model: str, L: int, pairs: int, device: str, mem_limit_gb: float,
         runs.append(pair)
     ratios = sorted(p["ratio"] for p in runs)
     best = min(p["sequential_dense_s"] for p in runs) / min(p["grid_s"] for p in runs)
-    return dict(model=model, L=L, autocast=autocast, pairs=runs, ratios_sorted=ratios, median=statistics.median(ratios),
-                fastest_sequential_dense_over_fastest_grid=round(best, 2))
+    return dict(model=model, L=L, autocast=autocast, pairs=runs, ratios_sorted=ratios,
+                median=statistics.median(ratios), fastest_sequential_dense_over_fastest_grid=round(best, 2))
 
 
 def main():

@@ -368,8 +368,8 @@ def _prefix_backward(do, q, k0, v0, o, lse, key_ok=None, doc_ids=None, tile: Opt
     if flash and tile is None:
         flat = lambda t: t.reshape(B, G * h * R, Lq, *t.shape[5:])
         dq, dk0, dv0 = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            flat(do.to(q.dtype)), flat(q), k0, v0, flat(o.to(q.dtype)), flat(lse).to(_up(q).dtype), 0.0, mask is None,
-            attn_mask=mask)
+            flat(do.to(q.dtype)), flat(q), k0, v0, flat(o.to(q.dtype)), flat(lse).to(_up(q).dtype), 0.0,
+            mask is None, attn_mask=mask)  # do arrives in the output's dtype (fp32): the kernel wants q's
         return _up(dq).view(q.shape), dk0, dv0
     scale = D ** -0.5
     dq = torch.empty(q.shape, dtype=_up(q).dtype, device=q.device)

@@ -189,7 +189,7 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
-    fused: Optional[bool] = None  # fused AdamW kernel; None = when every parameter is on the CPU or every one on a GPU
+    fused: Optional[bool] = None  # fused AdamW kernel; None = when all parameters are on the CPU or all on a GPU
     base_lr_mult: float = 1.0  # LR multiplier of the base model (0 freezes it)
     thought_embedding_lr_mult: float = 1.0
     """LR multiplier of <start>/<end> embeddings, on top of the x thought.embedding_scale
@@ -221,7 +221,8 @@ class LoopConfig:
     max_steps: int = 30  # optimizer steps in total (a resumed run continues up to this)
     seed: int = 42  # seeds the model init, the data order and crops, and thought sampling
     device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16 (autocast, CPU too; fp32 master weights)
+    # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16 (autocast on GPU or CPU; fp32 master weights)
+    precision: str = "auto"
     compile: bool = False  # torch.compile each transformer block (GPU; checkpoints keep plain keys)
     log_every: int = 1  # write metrics (jsonl, wandb) every N steps
     progress: bool = True  # print a progress bar with loss, reward, mix weight and tok/s

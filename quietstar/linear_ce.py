@@ -117,10 +117,14 @@ class _LinearLogProbSum(torch.autograd.Function):
                 if grad_h:
                     dh[c0:c1] = (gz @ w).to(h.dtype) / temperature
                 if grad_w:
-                    if gz.dtype == acc:
-                        dw.addmm_(gz.t(), hc) if dw_written else torch.mm(gz.t(), hc, out=dw)
+                    if gz.dtype != acc and dw_written:
+                        dw.add_(gz.t() @ hc)
+                    elif gz.dtype != acc:
+                        dw.copy_(gz.t() @ hc)
+                    elif dw_written:
+                        dw.addmm_(gz.t(), hc)
                     else:
-                        dw.add_(gz.t() @ hc) if dw_written else dw.copy_(gz.t() @ hc)
+                        torch.mm(gz.t(), hc, out=dw)
                     dw_written = True
             if grad_w and not dw_written:  # no row with a weight
                 dw.zero_()
