@@ -133,7 +133,7 @@ class ResidualNormLinearsFunction(torch.autograd.Function):
         n = len(weights_and_biases) // 2
         ws, bs = weights_and_biases[:n], weights_and_biases[n:]
         ctx.o_dtype = compute_dtype(o)
-        h = x + _merge_heads_linear(o, wo)  # under autocast as nn.Linear; the add promotes to x's dtype
+        h = x + F.linear(_merge_heads(o), wo)  # under autocast as nn.Linear; the add promotes to x's dtype
         hf, rstd = _rms_stats(h, eps)
         ctx.dtype = compute_dtype(h)
         y = _normed(h, rstd, norm_weight, hf).to(ctx.dtype)
@@ -146,7 +146,7 @@ class ResidualNormLinearsFunction(torch.autograd.Function):
         x, o, wo, norm_weight, rstd, *wb = ctx.saved_tensors
         B, H, N, D = o.shape
         dt_o = ctx.o_dtype  # autocast's casts of the output projection, redone
-        merged = o.transpose(1, 2).reshape(B, N, H * D).to(dt_o)  # (B, N, H D)
+        merged = _merge_heads(o).to(dt_o)  # (B, N, H D)
         h = x + F.linear(merged, wo.to(dt_o))  # recomputed by the same op as in forward
         merged = merged.reshape(B * N, H * D)
         grad_hn, grad_norm, grad_wb = _norm_linears_backward(grads, h, norm_weight, rstd, wb, ctx.dtype,
@@ -203,10 +203,10 @@ def rms_norm_linears(x: torch.Tensor, norm: "torch.nn.Module", projections) -> t
                                         *[p.bias for p in projections])
 
 
-def _merge_heads_linear(o: torch.Tensor, wo: torch.Tensor) -> torch.Tensor:
-    """o (B, H, N, D), wo (d, H D) -> (B, N, d): the output projection of the merged heads."""
+def _merge_heads(o: torch.Tensor) -> torch.Tensor:
+    """o (B, H, N, D) -> (B, N, H D): the attention heads side by side, as the output projection reads them."""
     B, H, N, D = o.shape
-    return F.linear(o.transpose(1, 2).reshape(B, N, H * D), wo)
+    return o.transpose(1, 2).reshape(B, N, H * D)
 
 
 def residual_norm_linears(x: torch.Tensor, o: torch.Tensor, wo: torch.Tensor, norm: "torch.nn.Module",

@@ -51,17 +51,17 @@ class LogitsBuffer:
 def lm_head_chunks(h: torch.Tensor, weight: torch.Tensor, chunk: Optional[int] = None,
                    buf: Optional[LogitsBuffer] = None):
     """Yield (c0, c1, logits (c1 - c0, V)) for the rows c0:c1 of h (N, d), `chunk` rows at a time (default
-    chunk_rows), without
-    gradient. Without autocast the chunks share one fp32 buffer (`buf`'s, or a new one): each chunk's logits
-    are valid until the next one is yielded, and the caller may overwrite them. Under autocast each is
-    F.linear's result in autocast's dtype."""
+    chunk_rows), without gradient. Without autocast the chunks share one fp32 buffer (`buf`'s, or a new one):
+    each chunk's logits are valid until the next one is yielded, and the caller may overwrite them. Under
+    autocast each is F.linear's result in autocast's dtype."""
     N, chunk = h.shape[0], chunk or chunk_rows(h.device, weight.shape[0])
     out = None
     if h.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled(h.device.type):
         out = (buf or LogitsBuffer()).get(min(chunk, N), weight.shape[0], weight.dtype, h.device)
     for c0 in range(0, N, chunk):
         hc = h[c0:c0 + chunk]
-        yield c0, c0 + hc.shape[0], F.linear(hc, weight) if out is None else torch.mm(hc, weight.t(), out=out[:hc.shape[0]])
+        logits = F.linear(hc, weight) if out is None else torch.mm(hc, weight.t(), out=out[:hc.shape[0]])
+        yield c0, c0 + hc.shape[0], logits
 
 
 class _LinearLogProbSum(torch.autograd.Function):
@@ -88,7 +88,8 @@ class _LinearLogProbSum(torch.autograd.Function):
             w = weight.to(dt)
             logp = torch.empty(M, dtype=acc, device=h.device)
             dh = torch.empty(n_live, h.shape[1], dtype=h.dtype, device=h.device) if grad_h else None
-            dw = torch.empty_like(weight, dtype=acc) if grad_w else None  # written by the first live chunk
+            # fp32 dW: written by the first live chunk (beta = 0 ignores the empty memory), then accumulated
+            dw = (torch.empty_like if dt == acc else torch.zeros_like)(weight, dtype=acc) if grad_w else None
             dw_written = False
             z_all = (buf or LogitsBuffer()).get(min(chunk, M), V, acc, h.device)  # one logits buffer, every chunk
             for c0 in range(0, M, chunk):
@@ -117,14 +118,10 @@ class _LinearLogProbSum(torch.autograd.Function):
                 if grad_h:
                     dh[c0:c1] = (gz @ w).to(h.dtype) / temperature
                 if grad_w:
-                    if gz.dtype != acc and dw_written:
-                        dw.add_(gz.t() @ hc)
-                    elif gz.dtype != acc:
-                        dw.copy_(gz.t() @ hc)
-                    elif dw_written:
-                        dw.addmm_(gz.t(), hc)
+                    if gz.dtype == acc:
+                        dw.addmm_(gz.t(), hc, beta=1 if dw_written else 0)
                     else:
-                        torch.mm(gz.t(), hc, out=dw)
+                        dw.add_(gz.t() @ hc)
                     dw_written = True
             if grad_w and not dw_written:  # no row with a weight
                 dw.zero_()

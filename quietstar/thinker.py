@@ -718,7 +718,6 @@ class QuietStar(nn.Module):
                                                     obj.policy_coefficients(adv, scope, cfg, grid.n_sampled), buf)
         else:
             policy_loss, logp = states.text.new_zeros(()), None
-        del buf  # before backward: the activations' peak
         loss = talk.nll + cfg.policy_weight * policy_loss
         thought_ok = at_positions(grid.target_ok(L, -1, lengths, None, device).expand(B, L), positions)  # real positions
         if positions is not None:
