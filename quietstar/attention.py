@@ -111,6 +111,20 @@ def subset_grid_attention(q, k, v, n: int, S: int, positions: torch.Tensor, leng
                                        None)
 
 
+def text_attention(q, k, v, lengths: Optional[torch.Tensor] = None,
+                   doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The text row alone (row 0 sees nothing but itself: causal, within its document, real keys only), with
+    gradient. q (B, H, L, D); k, v (B, G, L, D) -> (B, H, L, D). The split backend runs it as a one-row
+    grid (on CPU PyTorch's flash kernels); the others through SDPA with the oracle's mask."""
+    if resolve_backend(q.device) == "split":
+        return split_attention(q[:, :, None], k[:, :, None], v[:, :, None], 1, lengths, doc_ids)[:, :, 0]
+    gqa = q.shape[1] != k.shape[1]
+    if lengths is None and doc_ids is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    mask = dense_grid_mask(q.shape[2], 1, 1, lengths, doc_ids, q.device)[:, None]  # (B, 1, L, L)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
 def dense_attention(q, k, v, n, lengths=None, doc_ids=None):
     B, H, R, L, D = q.shape
     G = k.shape[1]

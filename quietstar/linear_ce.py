@@ -67,17 +67,20 @@ def lm_head_chunks(h: torch.Tensor, weight: torch.Tensor, chunk: Optional[int] =
 class _LinearLogProbSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, coef, temperature: float, chunk: int, grad_h: bool, grad_w: bool,
-                skip_zero: bool, buf: Optional[LogitsBuffer]):
-        # h (N, d), weight (V, d), targets (N,), coef (N,) -> (sum_t coef_t logp_t, logp (N,))
+                skip_zero: bool, buf: Optional[LogitsBuffer], entropy: bool):
+        # h (N, d), weight (V, d), targets (N,), coef (N,) -> (sum_t coef_t logp_t, logp (N,), entropy (N,) or None)
         N, V = h.shape[0], weight.shape[0]
         dt = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
         acc = torch.float64 if dt == torch.float64 else torch.float32  # softmax math: fp32, or fp64 given fp64
         grad = grad_h or grad_w
+        # With `entropy`, each weighted row's entropy from the gradient matmul's output g = dL/dh = c (W_y - p W):
+        # H = lse - sum_v p_v z_v = -log p_y + h . g / c (no extra vocabulary pass).
+        dz_rows = grad or entropy  # the rows whose dL/dz is formed
         # A row with coef 0 has dL/dz = 0 exactly: it needs no gradient matmuls, and with skip_zero no log-prob
         # either (NaN there). REINFORCE with clamped advantages zeroes about half its rows. The rows with a
         # weight go first (`order`, gathered a chunk at a time); the rows past n_live get their log-prob only.
         order, n_live = None, N
-        if grad or skip_zero:
+        if dz_rows or skip_zero:
             live = coef != 0
             live_idx = live.nonzero().squeeze(1)
             n_live = live_idx.numel()
@@ -87,6 +90,7 @@ class _LinearLogProbSum(torch.autograd.Function):
         with torch.autocast(h.device.type, enabled=False):
             w = weight.to(dt)
             logp = torch.empty(M, dtype=acc, device=h.device)
+            ent = torch.full((M,), float("nan"), dtype=acc, device=h.device) if entropy else None
             dh = torch.empty(n_live, h.shape[1], dtype=h.dtype, device=h.device) if grad_h else None
             # fp32 dW: written by the first live chunk (beta = 0 ignores the empty memory), then accumulated
             dw = (torch.empty_like if dt == acc else torch.zeros_like)(weight, dtype=acc) if grad_w else None
@@ -109,14 +113,18 @@ class _LinearLogProbSum(torch.autograd.Function):
                 z.sub_(m).exp_()
                 s = z.sum(-1, keepdim=True)
                 logp[c0:c1] = (z_y - m - s.log()).squeeze(-1)
-                if not grad or c0 >= n_live:
+                if not dz_rows or c0 >= n_live:
                     continue
                 c1 = min(c1, n_live)  # a chunk that straddles n_live: its dead tail needs no gradient
                 cc = coef[rows][:c1 - c0, None].to(acc)
                 gz = z[:c1 - c0].mul_(-cc / s[:c1 - c0]).scatter_add_(-1, y[:c1 - c0], cc)  # c (onehot(y) - p): dL/dz
                 gz, hc = gz.to(dt), hc[:c1 - c0]
-                if grad_h:
-                    dh[c0:c1] = (gz @ w).to(h.dtype) / temperature
+                if grad_h or entropy:
+                    g = gz @ w  # (c, d)
+                    if entropy:
+                        ent[c0:c1] = (hc.to(acc) * g.to(acc)).sum(-1) / cc.squeeze(-1) - logp[c0:c1]
+                    if grad_h:
+                        dh[c0:c1] = g.to(h.dtype) / temperature
                 if grad_w:
                     if gz.dtype == acc:
                         dw.addmm_(gz.t(), hc, beta=1 if dw_written else 0)
@@ -128,29 +136,44 @@ class _LinearLogProbSum(torch.autograd.Function):
             coef_done = coef if order is None else coef[order]
             loss = (coef_done.to(acc) * logp).sum()
             if order is not None:  # back to the callers' row order; rows skipped: NaN
-                logp = torch.full((N,), float("nan"), dtype=acc, device=h.device).index_copy_(0, order, logp)
+                unorder = lambda t: torch.full((N,), float("nan"), dtype=acc, device=h.device).index_copy_(0, order, t)
+                logp = unorder(logp)
+                ent = None if ent is None else unorder(ent)
         ctx.n_rows = N
-        ctx.save_for_backward(dh, None if dw is None else dw.to(weight.dtype), None if n_live == N else live_idx)
-        ctx.mark_non_differentiable(logp)
-        return loss, logp
+        # dW is held on ctx, not saved: backward scales it in place and hands it over (the one (V, d) tensor
+        # autograd then accumulates, no copy), so the node's backward runs once (no retain_graph)
+        ctx.dw = None if dw is None else dw.to(weight.dtype)
+        ctx.save_for_backward(dh, None if n_live == N else live_idx)
+        if ent is None:
+            ctx.mark_non_differentiable(logp)
+            return loss, logp
+        ctx.mark_non_differentiable(logp, ent)
+        return loss, logp, ent
 
     @staticmethod
-    def backward(ctx, g, _g_logp):
-        dh, dw, live_idx = ctx.saved_tensors
+    def backward(ctx, g, _g_logp, _g_ent=None):
+        dh, live_idx = ctx.saved_tensors
         if dh is not None:
             dh = dh * g.to(dh.dtype)
             if live_idx is not None:  # only the rows with a weight have a gradient
                 dh = dh.new_zeros(ctx.n_rows, dh.shape[1]).index_copy_(0, live_idx, dh)
-        return (dh, None if dw is None else dw * g.to(dw.dtype), None, None, None, None, None, None, None, None)
+        dw, ctx.dw = ctx.dw, None
+        if dw is None and ctx.needs_input_grad[1]:
+            raise RuntimeError("linear_logprob_sum: backward ran twice through the same sum (retain_graph); its "
+                               "weight gradient is handed over on the first backward. Recompute the sum instead")
+        return (dh, None if dw is None else dw.mul_(g.to(dw.dtype)), None, None, None, None, None, None, None, None,
+                None)
 
 
 def linear_logprob_sum(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor,
                        temperature: float = 1.0, chunk: Optional[int] = None, skip_zero: bool = False,
-                       buf: Optional[LogitsBuffer] = None):
+                       buf: Optional[LogitsBuffer] = None, entropy: bool = False):
     """-> (sum_t coef_t * log softmax(h_t W^T / temperature)[targets_t], the log-probs (...,), detached),
     both fp32 (fp64 for fp64 inputs). With skip_zero, rows with coef_t = 0 cost nothing and their log-prob
     is NaN (not computed); otherwise they cost a forward sweep for their log-prob, but no gradient matmuls.
-    `buf`: the logits scratch to reuse (default: a new one for this call).
+    `buf`: the logits scratch to reuse (default: a new one for this call). With `entropy` (temperature 1),
+    a third output: the entropy of softmax(h_t W^T) (...,), detached, at the rows with coef_t != 0 (NaN at
+    the others), from the same pass.
 
     h (..., d); weight (V, d); targets, coef (...,), coef without gradient. The sum is differentiable in
     h and weight; their gradients are computed here, in chunks of `chunk` rows (default: about
@@ -162,13 +185,15 @@ def linear_logprob_sum(h: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
                          f"{tuple(coef.shape)} must share their leading dims")
     if coef.requires_grad:
         raise ValueError("linear_logprob_sum: coef must not require grad (detach it)")
+    if entropy and temperature != 1.0:
+        raise ValueError(f"linear_logprob_sum: entropy needs temperature 1, got {temperature}")
     V = weight.shape[0]
     chunk = chunk or chunk_rows(h.device, V)
     grad = torch.is_grad_enabled()
-    loss, logp = _LinearLogProbSum.apply(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), coef.reshape(-1),
-                                         float(temperature), chunk, grad and h.requires_grad,
-                                         grad and weight.requires_grad, skip_zero, buf)
-    return loss, logp.view(shape)
+    out = _LinearLogProbSum.apply(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), coef.reshape(-1),
+                                  float(temperature), chunk, grad and h.requires_grad, grad and weight.requires_grad,
+                                  skip_zero, buf, entropy)
+    return (out[0], *(t.view(shape) for t in out[1:]))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -83,7 +83,10 @@ def nll_coefficients(scope: Scope, n: int, cfg, dtype) -> tuple[torch.Tensor, to
 
     Every position thinks: base_loss_weight * mean CE_base + (1 - base_loss_weight) * mean_k mean CE_talk_k.
     Some positions think: the same per-position mixture at those, plain CE_base at the others; the talk
-    terms keep the denominators of the all-positions objective, so the mean is over positions either way."""
+    terms keep the denominators of the all-positions objective, so the mean is over positions either way.
+    A replacement may let the base weights depend on the selection only at the thinking positions: with
+    where = entropy the base term is scored before the selection, with the weights of a scope in which no
+    position thinks, and only their change at the thinking positions is scored afterwards."""
     K, B, P = scope.ok.shape
     ok = scope.ok[:, :, None].expand(K, B, n, P).to(dtype)
     if scope.positions is None:

@@ -6,10 +6,12 @@ deliberate difference from it.
 
 One training step has two phases (docs/thought-grid.md; the layout is masks.ThoughtGrid):
 
-1. rollout (no grad): the text's K/V once per unique sequence, then T - 3 decode-like grid steps that
-   sample a thought token at every position for each of the n copies (inverse-CDF sampling);
-2. learning pass (with grad): one teacher-forced forward over the whole thought grid under the grid
-   predicate (GridPass; `thought.impl` may name another registered pass, e.g. sequential.py's), then
+1. rollout (no grad): on the K/V of the text row's forward (run once per unique sequence, with grad: row 0
+   attends only to itself, so it is also the learning pass's), T - 3 decode-like grid steps that sample a
+   thought token at every position for each of the n copies (inverse-CDF sampling);
+2. learning pass (with grad): one teacher-forced forward over the thought rows under the grid predicate,
+   attending to the text row's K/V (GridPass; `thought.impl` may name another registered pass, e.g.
+   sequential.py's), then
    the objective in three stages: score (the fused LM-head sums), objective (objective.py: NLL weights,
    rewards, advantages, policy weights) and metrics (0-dim tensors).
 
@@ -251,12 +253,34 @@ class TalkScores(NamedTuple):
     mix_weight: torch.Tensor  # (K, B, n, L) w of each talk prediction
 
 
+class BaseScore(NamedTuple):
+    """The no-thought term scored before the thinking positions are known (thought.where = entropy: its pass
+    gives the selector's entropies). The objective's base weights may then change at the thinking positions
+    only; `score_talk` adds the difference there."""
+
+    weighted: torch.Tensor  # 0-dim, with grad: sum coef * log p(x_{i+1})
+    ce: torch.Tensor  # (B, L) CE of x_{i+1} without a thought, detached
+    coef: torch.Tensor  # (B, L) the weights it was scored with
+    entropy: torch.Tensor  # (B, L) next-token entropy of the base prediction (NaN where coef is 0)
+
+
 class PassResult(NamedTuple):
-    hidden: torch.Tensor  # (B, R, L, d) final-norm hidden states in the grid layout, or GridStates (subset grid)
+    hidden: torch.Tensor  # (B, R, L, d) final-norm hidden states in the grid layout, or GridStates
     thoughts: torch.Tensor  # (B, n, P, T-3)
     extra_loss: Optional[torch.Tensor]  # added to the loss (None: nothing)
     metrics: dict  # 0-dim tensors
     selection: Optional[Selection] = None  # the thinking positions (None: every position)
+    base: Optional[BaseScore] = None  # the no-thought term, when scored already (None: score_talk scores it)
+    buf: Optional[LogitsBuffer] = None  # the forward's logits scratch, for the scoring calls to reuse
+
+
+class TextPass(NamedTuple):
+    """The text row's forward (with gradient in training): row 0 of the grid attends only to itself, so it runs
+    once, before the rollout, which samples on its K/V, and the thought rows, which attend to it."""
+
+    hidden: torch.Tensor  # (B, L, d) final-norm hidden states
+    k: list  # per layer (B, G, L, D): the text row's keys (after RoPE)
+    v: list  # per layer (B, G, L, D)
 
 
 class Rollout(NamedTuple):
@@ -266,13 +290,15 @@ class Rollout(NamedTuple):
 
 
 class GridPass:
-    """The learning pass (cfg.impl = "grid"): the rollout on a branch K/V buffer, then one teacher-forced
-    forward over the whole grid (or the subset grid of the thinking positions) under the grid predicate.
-    Other passes (sequential.py) register beside it."""
+    """The learning pass (cfg.impl = "grid"): the text row's forward, the rollout on its K/V and a branch K/V
+    buffer, then one teacher-forced forward over the thought rows of the whole grid (or of the subset grid of
+    the thinking positions) under the grid predicate, attending to the text row's K/V. Other passes
+    (sequential.py) register beside it."""
 
     @staticmethod
     def hidden(qs: "QuietStar", input_ids, thoughts, lengths, doc_ids, positions=None):
-        """-> final-norm hidden states (B, R, L, d), or GridStates for the thinking positions (B, P)."""
+        """One forward over the whole grid, text row included (evaluation, tests). -> final-norm hidden
+        states (B, R, L, d), or GridStates for the thinking positions (B, P)."""
         ids, pos = qs.grid_tokens(input_ids, thoughts, positions)
         B, L, n = input_ids.shape[0], input_ids.shape[1], thoughts.shape[1]
         if positions is not None:
@@ -284,16 +310,36 @@ class GridPass:
                      attn=_GridAttention(R, L, n, lengths, doc_ids), return_hidden=True)
         return h.view(B, R, L, -1)
 
+    @staticmethod
+    def rows(qs: "QuietStar", input_ids, thoughts, lengths, doc_ids, text: TextPass, positions=None):
+        """The thought rows' forward on top of the text pass. -> final-norm hidden states (B, R - 1, P, d)."""
+        ids, pos = qs.grid_tokens(input_ids, thoughts, positions)
+        B, L, n = input_ids.shape[0], input_ids.shape[1], thoughts.shape[1]
+        if positions is None:
+            ids, pos = ids[:, 1:].reshape(B, -1), pos[:, 1:].reshape(B, -1)  # (B, (R - 1) L)
+        else:
+            ids, pos = ids[:, L:], pos[:, L:]  # (B, (R - 1) P)
+        attn = _GridRowsAttention(text, n, qs.cfg.n_grid_steps, positions, lengths, doc_ids)
+        h = qs.model(inputs_embeds=qs.embed(ids), position_ids=pos, attn=attn, return_hidden=True)
+        return h.view(B, -1, L if positions is None else positions.shape[1], h.shape[-1])
+
     @classmethod
     def run(cls, qs: "QuietStar", input_ids, lengths, doc_ids, generator, thoughts, selection=None) -> PassResult:
-        metrics = {}
+        metrics, base = {}, None
+        buf = LogitsBuffer()  # one logits scratch for every vocabulary pass of the forward (a fresh one page-faults)
+        text = qs.text_pass(input_ids, lengths, doc_ids)
         if thoughts is None:
+            scores = None
+            if qs.cfg.where == "entropy" and selection is None:  # the base NLL's pass gives the entropies
+                base = qs.score_base(text.hidden, input_ids, lengths, doc_ids, buf)
+                scores = base.entropy
             with torch.no_grad():
-                thoughts, entropy, selection = qs._rollout_lengths(input_ids, lengths, generator, doc_ids, selection)
+                thoughts, entropy, selection = qs._rollout_lengths(input_ids, lengths, generator, doc_ids, selection,
+                                                                   text, scores, buf)
             metrics["thought/entropy_first_token"] = entropy
         positions = None if selection is None else selection.positions
-        return PassResult(cls.hidden(qs, input_ids, thoughts, lengths, doc_ids, positions), thoughts, None, metrics,
-                          selection)
+        rows = cls.rows(qs, input_ids, thoughts, lengths, doc_ids, text, positions)
+        return PassResult(GridStates(text.hidden, rows, positions), thoughts, None, metrics, selection, base, buf)
 
 
 LEARNING_PASSES: dict = {"grid": GridPass}
@@ -368,6 +414,51 @@ class _SubsetGridAttention:
         from quietstar.attention import subset_grid_attention
 
         return subset_grid_attention(q, k, v, self.n, self.S, self.positions, self.lengths, self.doc_ids)
+
+
+class _TextAttention:
+    """Attention callable for the text row's forward (TextPass): causal over the text, with gradient; it keeps
+    every layer's K/V for the rollout and the thought rows."""
+
+    stateful = True  # it records K/V per call: a checkpointed block must not call it again
+
+    def __init__(self, n_layers: int, lengths, doc_ids):
+        self.k, self.v = [None] * n_layers, [None] * n_layers
+        self.lengths, self.doc_ids = lengths, doc_ids
+
+    @torch.compiler.disable
+    def __call__(self, layer_idx, q, k, v):
+        from quietstar.attention import text_attention
+
+        self.k[layer_idx], self.v[layer_idx] = k, v
+        return text_attention(q, k, v, self.lengths, self.doc_ids)
+
+
+class _GridRowsAttention:
+    """Attention callable for the thought rows on top of a TextPass: the model's (B, heads, (R - 1) P, D) tokens
+    of the branch rows (P = L: the full grid, row-major; else the subset grid of the thinking positions (B, P)).
+    The text row's K/V join as row 0 and the grid backend runs as usual; row 0's queries are zeros and their
+    outputs are dropped, so no gradient flows from them."""
+
+    def __init__(self, text: TextPass, n: int, S: int, positions, lengths, doc_ids):
+        self.text, self.n, self.S, self.positions, self.lengths, self.doc_ids = text, n, S, positions, lengths, doc_ids
+
+    @torch.compiler.disable
+    def __call__(self, layer_idx, q, k, v):
+        from quietstar.attention import grid_attention, subset_grid_attention
+
+        k0, v0 = self.text.k[layer_idx], self.text.v[layer_idx]
+        B, H, _, D = q.shape
+        G, L = k.shape[1], k0.shape[2]
+        q = torch.cat([q.new_zeros(B, H, L, D), q], 2)
+        k, v = torch.cat([k0.to(k.dtype), k], 2), torch.cat([v0.to(v.dtype), v], 2)
+        if self.positions is None:
+            R = q.shape[2] // L
+            grid = lambda t, h: t.view(B, h, R, L, D)
+            out = grid_attention(grid(q, H), grid(k, G), grid(v, G), self.n, self.lengths, self.doc_ids)
+            return out.view(B, H, R * L, D)[:, :, L:]
+        out = subset_grid_attention(q, k, v, self.n, self.S, self.positions, self.lengths, self.doc_ids)
+        return out[:, :, L:]
 
 
 class _RolloutAttention:
@@ -556,6 +647,15 @@ class QuietStar(nn.Module):
         return self.grid(thoughts.shape[1]).tokens(input_ids, thoughts, self.start_token_id, self.end_token_id,
                                                    self.pad_token_id, positions)
 
+    def text_pass(self, input_ids, lengths=None, doc_ids=None) -> TextPass:
+        """The text row's forward (with gradient when enabled): its final-norm hidden states and every layer's
+        K/V, for the rollout and the thought rows (GridPass)."""
+        B, L = input_ids.shape
+        attn = _TextAttention(self.model.cfg.n_layers, lengths, doc_ids)
+        pos = torch.arange(L, device=input_ids.device).expand(B, L)
+        h = self.model(inputs_embeds=self.embed(input_ids), position_ids=pos, attn=attn, return_hidden=True)
+        return TextPass(h, attn.k, attn.v)
+
     # ---- where to think (where.py) ----
 
     def think_scores(self, h_text: torch.Tensor, logits: Optional[torch.Tensor] = None,
@@ -572,14 +672,17 @@ class QuietStar(nn.Module):
         raise ValueError(f"thought.where={self.cfg.where!r} scores no position")
 
     def thinking_positions(self, h_text: torch.Tensor, lengths=None, doc_ids=None, generator=None,
-                           buf: Optional[LogitsBuffer] = None) -> Optional[Selection]:
-        """The thinking positions of a batch from its text hidden states (B, L, d); None when all think."""
+                           buf: Optional[LogitsBuffer] = None, scores: Optional[torch.Tensor] = None
+                           ) -> Optional[Selection]:
+        """The thinking positions of a batch from its text hidden states (B, L, d), or from the selector's
+        `scores` (B, L) when the caller has them; None when all think."""
         cfg = self.cfg
         if cfg.where == "all":
             return None
         eligible = ThoughtGrid.target_ok(h_text.shape[1], 0, lengths, doc_ids, h_text.device)  # has a next token
         eligible = eligible.expand(h_text.shape[0], -1)
-        return select(self.think_scores(h_text, buf=buf), eligible, cfg.think_fraction, cfg.think_threshold,
+        scores = self.think_scores(h_text, buf=buf) if scores is None else scores
+        return select(scores, eligible, cfg.think_fraction, cfg.think_threshold,
                       cfg.gate_explore if cfg.where == "gate" else 0.0, generator)
 
     # ---- phase 1: rollout ----
@@ -597,24 +700,31 @@ class QuietStar(nn.Module):
         return self._rollout_lengths(input_ids, self._check_input(input_ids, attention_mask), generator, doc_ids,
                                      selection)
 
-    def _rollout_lengths(self, input_ids, lengths, generator=None, doc_ids=None, selection=None) -> Rollout:
-        """The rollout for checked inputs (lengths (B,) or None): the text row, the choice of the thinking
-        positions (thought.where, unless `selection` is given), then the thought steps at those positions."""
+    def _rollout_lengths(self, input_ids, lengths, generator=None, doc_ids=None, selection=None,
+                         text: Optional[TextPass] = None, scores: Optional[torch.Tensor] = None,
+                         buf: Optional[LogitsBuffer] = None) -> Rollout:
+        """The rollout for checked inputs (lengths (B,) or None): the text row (unless `text` has run it), the
+        choice of the thinking positions (thought.where, unless `selection` is given; from the selector's
+        `scores` (B, L) when given), then the thought steps at those positions, their logits in `buf`."""
         B, L = input_ids.shape
         grid = self.grid()
         n, n_sampled = grid.n, grid.n_sampled
         entropy = torch.zeros((), device=input_ids.device)
         mcfg, model = self.model.cfg, self.model
-        x0 = self.embed(input_ids)
         attn = _RolloutAttention(mcfg.n_layers, B, mcfg.n_kv_heads, n, n_sampled, L, mcfg.head_dim, lengths,
-                                 doc_ids, x0.dtype, x0.device)
+                                 doc_ids, model.tok_embeddings.weight.dtype, input_ids.device)
         pos = torch.arange(L, device=input_ids.device)
         if n_sampled == 0 and self.cfg.where == "all":
             return Rollout(torch.zeros(B, n, L, 0, dtype=torch.long, device=input_ids.device), entropy, None)
-        h_text = model(inputs_embeds=x0, position_ids=pos.expand(B, L), attn=attn, return_hidden=True)
-        buf = LogitsBuffer()  # for every vocabulary pass of the rollout
+        if text is None:
+            h_text = model(inputs_embeds=self.embed(input_ids), position_ids=pos.expand(B, L), attn=attn,
+                           return_hidden=True)
+        else:  # the text row has run: its K/V, without gradient
+            h_text = text.hidden.detach()
+            attn.k0, attn.v0 = [k.detach() for k in text.k], [v.detach() for v in text.v]
+        buf = LogitsBuffer() if buf is None else buf  # for every vocabulary pass of the rollout
         if selection is None:
-            selection = self.thinking_positions(h_text, lengths, doc_ids, generator, buf)
+            selection = self.thinking_positions(h_text, lengths, doc_ids, generator, buf, scores)
         positions = None if selection is None else selection.positions
         where = pos.expand(B, L) if positions is None else positions  # (B, P)
         P = where.shape[1]
@@ -678,7 +788,7 @@ class QuietStar(nn.Module):
                 raise ValueError(f"thought.where={self.cfg.where!r}: thoughts given without the selection they "
                                  "were sampled at")
             p = self.learning_pass.run(self, input_ids, lengths, doc_ids, generator, thoughts, selection)
-        out = self.losses(p.hidden, input_ids, p.thoughts, attention_mask, doc_ids, p.selection)
+        out = self.losses(p.hidden, input_ids, p.thoughts, attention_mask, doc_ids, p.selection, p.base, p.buf)
         if p.extra_loss is not None:
             out.loss = out.loss + p.extra_loss
         out.metrics.update(p.metrics)
@@ -694,10 +804,12 @@ class QuietStar(nn.Module):
     # ---- the objective: score -> objective (objective.py) -> metrics ----
 
     def losses(self, hidden, input_ids, thoughts, attention_mask=None, doc_ids=None,
-               selection: Optional[Selection] = None) -> ThoughtOutput:
-        """NLL + REINFORCE from the grid's hidden states (B, R, L, d), or GridStates of the subset grid of
-        `selection`'s thinking positions. The objective's pure functions (objective.py, chosen by
-        cfg.objective) give the weights; `score_*` apply them (cfg.scoring)."""
+               selection: Optional[Selection] = None, base: Optional[BaseScore] = None,
+               buf: Optional[LogitsBuffer] = None) -> ThoughtOutput:
+        """NLL + REINFORCE from the grid's hidden states (B, R, L, d), or GridStates (of the subset grid of
+        `selection`'s thinking positions). The objective's pure functions (objective.py, chosen by
+        cfg.objective) give the weights; `score_*` apply them (cfg.scoring). `base`: the no-thought term,
+        already scored (`score_base`); `buf`, the logits scratch to reuse."""
         cfg, obj = self.cfg, get_objective(self.cfg.objective)
         states = hidden if isinstance(hidden, GridStates) else GridStates(hidden[:, 0], hidden[:, 1:], None)
         positions = states.positions
@@ -709,8 +821,8 @@ class QuietStar(nn.Module):
         scope = obj.scope(grid, B, L, lengths, doc_ids, cfg, device) if positions is None else \
             obj.scope(grid, B, L, lengths, doc_ids, cfg, device, positions, selection.valid)
         coef_base, coef_talk = obj.nll_coefficients(scope, grid.n, cfg, acc)
-        buf = LogitsBuffer()  # the logits scratch of both scoring calls
-        talk = self.score_talk(states, input_ids, grid, coef_base, coef_talk, buf)
+        buf = LogitsBuffer() if buf is None else buf  # the logits scratch of both scoring calls
+        talk = self.score_talk(states, input_ids, grid, coef_base, coef_talk, buf, base)
         reward = obj.rewards(talk.ce_base, talk.ce_talk, scope, cfg)
         adv = obj.advantages(reward, scope, cfg)
         if grid.n_sampled > 0:
@@ -742,11 +854,28 @@ class QuietStar(nn.Module):
         err = (pred - reward.detach().mean(1).float()) ** 2
         return (err * scorable).sum() / scorable.sum().clamp_min(1)
 
+    def score_base(self, h_text, input_ids, lengths=None, doc_ids=None,
+                   buf: Optional[LogitsBuffer] = None) -> BaseScore:
+        """The no-thought term before any position is chosen, with the base next-token entropies from the same
+        LM-head pass (thought.where = entropy's scores): weighted by the objective's base weights for a step
+        in which no position thinks. h_text (B, L, d)."""
+        cfg, obj = self.cfg, get_objective(self.cfg.objective)
+        B, L = input_ids.shape
+        grid = self.grid()
+        acc = torch.float64 if h_text.dtype == torch.float64 else torch.float32
+        none = input_ids.new_zeros(B, 0)
+        scope = obj.scope(grid, B, L, lengths, doc_ids, cfg, input_ids.device, none, none.bool())
+        coef, _ = obj.nll_coefficients(scope, grid.n, cfg, acc)
+        weighted, logp, entropy = self._logprob_sum(h_text.reshape(B * L, -1), grid.target(input_ids, 0).flatten(),
+                                                    coef.flatten(), buf=buf, entropy=True)
+        return BaseScore(weighted, -logp.view(B, L), coef, entropy.view(B, L))
+
     def score_talk(self, hidden, input_ids, grid: ThoughtGrid, coef_base, coef_talk,
-                   buf: Optional[LogitsBuffer] = None) -> "TalkScores":
+                   buf: Optional[LogitsBuffer] = None, base: Optional[BaseScore] = None) -> "TalkScores":
         """The no-thought prediction of x_{i+1} at every position and the K mixed talk predictions of x_{i+k+1}
         (talk step k) at the thinking positions, all in one LM-head pass: -nll = sum coef * log p.
-        hidden: GridStates; coef_base (B, L), coef_talk (K, B, n, P)."""
+        hidden: GridStates; coef_base (B, L), coef_talk (K, B, n, P). With `base` scored already, the pass
+        takes only the change of its weights, at the thinking positions (coef_base - base.coef)."""
         h0, positions = hidden.text, hidden.positions  # (B, L, d)
         B, L, d = h0.shape
         K, n, P = grid.K, grid.n, hidden.rows.shape[2]
@@ -757,10 +886,19 @@ class QuietStar(nn.Module):
             h_mix.append(hm)
             ws.append(w)
         targets = torch.stack([at_positions(grid.target(input_ids, k), positions) for k in range(K)])  # (K, B, P)
-        tgt = torch.cat([grid.target(input_ids, 0).flatten(), targets[:, :, None].expand(K, B, n, P).flatten()])
-        h_all = torch.cat([h0.reshape(-1, d), torch.stack(h_mix).view(-1, d)])
-        weighted, logp = self._logprob_sum(h_all, tgt, torch.cat([coef_base.flatten(), coef_talk.flatten()]), buf=buf)
-        return TalkScores(-weighted, -logp[:B * L].view(B, L), -logp[B * L:].view(K, B, n, P), torch.stack(ws))
+        if base is None:
+            h_first, t_first, c_first = h0, grid.target(input_ids, 0), coef_base
+        else:
+            h_first, t_first = at_positions(h0, positions), targets[0]
+            c_first = at_positions(coef_base - base.coef, positions)
+        tgt = torch.cat([t_first.flatten(), targets[:, :, None].expand(K, B, n, P).flatten()])
+        h_all = torch.cat([h_first.reshape(-1, d), torch.stack(h_mix).view(-1, d)])
+        weighted, logp = self._logprob_sum(h_all, tgt, torch.cat([c_first.flatten(), coef_talk.flatten()]), buf=buf)
+        first = t_first.numel()
+        ce_talk = -logp[first:].view(K, B, n, P)
+        if base is None:
+            return TalkScores(-weighted, -logp[:first].view(B, L), ce_talk, torch.stack(ws))
+        return TalkScores(-(base.weighted + weighted), base.ce, ce_talk, torch.stack(ws))
 
     def score_thoughts(self, hidden, thoughts, grid: ThoughtGrid, coef,
                        buf: Optional[LogitsBuffer] = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -771,19 +909,22 @@ class QuietStar(nn.Module):
         return -weighted, logp
 
     def _logprob_sum(self, h, targets, coef, temperature: float = 1.0, skip_zero: bool = False,
-                     buf: Optional[LogitsBuffer] = None):
+                     buf: Optional[LogitsBuffer] = None, entropy: bool = False):
         """(sum coef * log softmax(h W^T / temperature)[targets], log-probs detached (NaN where coef is 0 with
-        skip_zero)): the fused kernel (its logits in `buf`), or (cfg.scoring = "plain") full logits and
-        autograd, to prototype against."""
+        skip_zero)[, with `entropy` the rows' entropies (NaN where coef is 0)]): the fused kernel (its logits in
+        `buf`), or (cfg.scoring = "plain") full logits and autograd, to prototype against."""
         W = self.model.lm_head_weight
         if self.cfg.scoring == "fused":
-            return linear_logprob_sum(h, W, targets, coef, temperature, skip_zero=skip_zero, buf=buf)
+            return linear_logprob_sum(h, W, targets, coef, temperature, skip_zero=skip_zero, buf=buf, entropy=entropy)
         acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-        z = F.linear(h, W).to(acc) / temperature
-        logp = torch.log_softmax(z, -1).gather(-1, targets[..., None]).squeeze(-1)
+        z = torch.log_softmax(F.linear(h, W).to(acc) / temperature, -1)
+        logp = z.gather(-1, targets[..., None]).squeeze(-1)
         weighted = (coef.to(acc) * logp).sum()
         logp = logp.detach()
-        return weighted, logp.masked_fill(coef == 0, float("nan")) if skip_zero else logp
+        out = (weighted, logp.masked_fill(coef == 0, float("nan")) if skip_zero else logp)
+        if entropy:
+            out += (-(z.exp() * z).sum(-1).detach().masked_fill(coef == 0, float("nan")),)
+        return out
 
     @contextlib.contextmanager
     def overridden(self, **changes):

@@ -93,6 +93,25 @@ def test_split_equals_dense_with_documents(tile):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("backend", ["split", "dense"])
+@pytest.mark.parametrize("padded,docs", [(False, False), (True, False), (True, True)])
+def test_text_attention_is_the_grid_text_row(backend, padded, docs):
+    """text_attention (the text row's own forward, before the rollout) equals row 0 of the dense grid oracle,
+    forward and every gradient (fp64), GQA included."""
+    B, H, G, L, D = 2, 4, 2, 8, 8
+    q, k, v = _qkv(B, H, G, 2, 3, L, D, seed=5)
+    lengths = torch.tensor([8, 5]) if padded else None
+    doc_ids = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2], [0, 1, 1, 1, 1, 1, 2, 2]]) if docs else None
+    ref = dense_attention(q, k, v, 2, lengths, doc_ids)[:, :, 0]  # row 0 sees only row 0
+    with attention.use_backend(backend):
+        out = attention.text_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], lengths, doc_ids)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
+    grad = torch.randn_like(ref)
+    for name, a, b in zip("qkv", torch.autograd.grad((out * grad).sum(), (q, k, v)),
+                          torch.autograd.grad((ref * grad).sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=f"d{name}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("padded", [False, True])
 def test_split_error_is_that_of_pytorch_at_the_same_dtype(padded, dtype):

@@ -162,3 +162,41 @@ def test_a_shared_logits_buffer_changes_nothing():
         for a, b in zip(got, want):
             assert torch.equal(a.nan_to_num(), b.nan_to_num())
     assert buf.t is not None and buf.t.numel() == 8 * 37  # grown once, to the largest chunk
+
+
+def test_the_entropy_of_each_weighted_row_comes_from_the_same_pass():
+    """entropy=True: the entropy of softmax(h W^T) at each row with a weight (NaN where the weight is 0), to
+    fp64 precision, the sum and log-probs unchanged; the plain-logits scoring path gives the same."""
+    g = torch.Generator().manual_seed(3)
+    h = (3 * torch.randn(70, 12, generator=g, dtype=torch.float64)).requires_grad_()
+    W = torch.randn(300, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 300, (70,), generator=g)
+    c = torch.rand(70, generator=g, dtype=torch.float64)
+    c[::5] = 0
+    loss, logp, ent = linear_logprob_sum(h, W, y, c, chunk=16, entropy=True)
+    logq = torch.log_softmax(h.detach() @ W.detach().T, -1)
+    want = -(logq.exp() * logq).sum(-1)
+    live = c != 0
+    torch.testing.assert_close(ent[live], want[live], rtol=0, atol=1e-12)
+    assert bool(ent[~live].isnan().all())
+    loss0, logp0 = linear_logprob_sum(h, W, y, c, chunk=16)
+    assert torch.equal(loss, loss0) and torch.equal(logp, logp0)
+    with torch.no_grad():  # without gradients too
+        torch.testing.assert_close(linear_logprob_sum(h, W, y, c, chunk=16, entropy=True)[2], ent, rtol=0, atol=0,
+                                   equal_nan=True)
+    with pytest.raises(ValueError, match="temperature 1"):
+        linear_logprob_sum(h, W, y, c, temperature=3.0, entropy=True)
+
+
+def test_a_second_backward_through_the_same_sum_is_refused():
+    """The weight gradient is handed to autograd on the first backward (scaled in place, no copy): a second
+    backward through the same graph says so instead of returning a wrong gradient."""
+    h = torch.randn(6, 4, requires_grad=True)
+    W = torch.randn(10, 4, requires_grad=True)
+    loss, _ = linear_logprob_sum(h, W, torch.arange(6), torch.full((6,), 0.5))
+    (2 * loss).backward(retain_graph=True)
+    W_ref = W.detach().clone().requires_grad_()
+    (2 * 0.5 * torch.log_softmax(h.detach() @ W_ref.T, -1)[torch.arange(6), torch.arange(6)].sum()).backward()
+    torch.testing.assert_close(W.grad, W_ref.grad)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()

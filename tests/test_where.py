@@ -207,6 +207,58 @@ def test_subset_grid_hidden_equals_the_full_grid_at_the_thinking_positions(backe
     torch.testing.assert_close(sub.rows, want, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("backend", ["dense", "split"])
+@pytest.mark.parametrize("subset", [False, True])
+def test_the_text_row_then_the_thought_rows_is_one_grid_forward(backend, subset):
+    """The learning pass runs the text row first (the rollout samples on its K/V) and the thought rows on top of
+    it: hidden states and every parameter's gradient equal one forward over the whole (or subset) grid (fp64)."""
+    from quietstar.thinker import GridPass
+
+    qs = tiny_qs(dtype=torch.float64)
+    x, mask = batch()
+    lengths = mask.sum(-1)
+    thoughts = qs.rollout(x, mask, generator=torch.Generator().manual_seed(0))
+    positions = torch.tensor([[0, 3, 4, 9], [1, 2, 5, 7]]) if subset else None
+    if subset:
+        thoughts = thoughts.gather(2, positions[:, None, :, None].expand(-1, 2, -1, thoughts.shape[-1]))
+    sel = None if positions is None else Selection(positions, torch.ones_like(positions, dtype=torch.bool))
+    params = list(qs.parameters())
+    with attention.use_backend(backend):
+        one = GridPass.hidden(qs, x, thoughts, lengths, None, positions)
+        one = one if subset else qs.grid(2).states(one.flatten(1, 2), x.shape[1])
+        two = GridPass.run(qs, x, lengths, None, None, thoughts, sel).hidden
+    w_text, w_rows = torch.randn_like(one.text), torch.randn_like(one.rows)
+    grads = [torch.autograd.grad((h.text * w_text).sum() + (h.rows * w_rows).sum(), params, allow_unused=True)
+             for h in (one, two)]
+    torch.testing.assert_close(two.text, one.text, rtol=0, atol=1e-10)
+    torch.testing.assert_close(two.rows, one.rows, rtol=0, atol=1e-10)
+    for p, a, b in zip(params, *grads):
+        if b is None:
+            assert a is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_the_entropy_step_scores_the_base_term_before_choosing():
+    """where = entropy: the base NLL's pass gives the entropies that choose the positions, and the base weights'
+    change at the thinking positions is scored with the talk terms. The step equals the one given the same
+    thoughts and selection (the base term scored with the talk terms at its final weights), and the selection
+    is the entropy rule's on the text row."""
+    x, mask = batch(lengths=(13, 13))
+    qs = tiny_qs(dtype=torch.float64, where="entropy", think_fraction=0.4)
+    out = qs(x, mask, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        h_text = qs.model(x, return_hidden=True)
+        want = qs.thinking_positions(h_text, mask.sum(-1))
+    assert torch.equal(out.selection.positions, want.positions) and torch.equal(out.selection.valid, want.valid)
+    ref = qs(x, mask, thoughts=out.thoughts, selection=out.selection)
+    for name in ("loss", "nll", "policy_loss", "ce_base", "ce_talk", "rewards"):
+        torch.testing.assert_close(getattr(out, name), getattr(ref, name), rtol=1e-12, atol=1e-12, msg=name)
+    params = list(qs.parameters())
+    for a, b in zip(torch.autograd.grad(out.loss, params), torch.autograd.grad(ref.loss, params)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
 def _all_selected(B, L):
     return Selection(torch.arange(L)[None].expand(B, L).contiguous(), torch.ones(B, L, dtype=torch.bool))
 
