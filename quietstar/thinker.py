@@ -11,9 +11,8 @@ One training step has two phases (docs/thought-grid.md; the layout is masks.Thou
    thought token at every position for each of the n copies (inverse-CDF sampling);
 2. learning pass (with grad): one teacher-forced forward over the thought rows under the grid predicate,
    attending to the text row's K/V (GridPass; `thought.impl` may name another registered pass, e.g.
-   sequential.py's), then
-   the objective in three stages: score (the fused LM-head sums), objective (objective.py: NLL weights,
-   rewards, advantages, policy weights) and metrics (0-dim tensors).
+   sequential.py's), then the objective in three stages: score (the fused LM-head sums), objective
+   (objective.py: NLL weights, rewards, advantages, policy weights) and metrics (0-dim tensors).
 
 Mixing: w = talk_head([h_base(i+k); h_talk_k(i)]) with a zero-initialised last layer,
 h_mix = (1 - w) h_base(i+k) + w h_talk_k(i), logits = lm_head(h_mix). Note the code's w weights the
@@ -316,11 +315,13 @@ class GridPass:
         ids, pos = qs.grid_tokens(input_ids, thoughts, positions)
         B, L, n = input_ids.shape[0], input_ids.shape[1], thoughts.shape[1]
         if positions is None:
+            grid_attn = _GridAttention(ids.shape[1], L, n, lengths, doc_ids)
             ids, pos = ids[:, 1:].reshape(B, -1), pos[:, 1:].reshape(B, -1)  # (B, (R - 1) L)
         else:
+            grid_attn = _SubsetGridAttention(n, qs.cfg.n_grid_steps, positions, lengths, doc_ids)
             ids, pos = ids[:, L:], pos[:, L:]  # (B, (R - 1) P)
-        attn = _GridRowsAttention(text, n, qs.cfg.n_grid_steps, positions, lengths, doc_ids)
-        h = qs.model(inputs_embeds=qs.embed(ids), position_ids=pos, attn=attn, return_hidden=True)
+        h = qs.model(inputs_embeds=qs.embed(ids), position_ids=pos, attn=_GridRowsAttention(text, grid_attn),
+                     return_hidden=True)
         return h.view(B, -1, L if positions is None else positions.shape[1], h.shape[-1])
 
     @classmethod
@@ -330,7 +331,7 @@ class GridPass:
         text = qs.text_pass(input_ids, lengths, doc_ids)
         if thoughts is None:
             scores = None
-            if qs.cfg.where == "entropy" and selection is None:  # the base NLL's pass gives the entropies
+            if qs.prescore_base(selection):  # the base NLL's pass gives the entropies
                 base = qs.score_base(text.hidden, input_ids, lengths, doc_ids, buf)
                 scores = base.entropy
             with torch.no_grad():
@@ -436,29 +437,20 @@ class _TextAttention:
 
 class _GridRowsAttention:
     """Attention callable for the thought rows on top of a TextPass: the model's (B, heads, (R - 1) P, D) tokens
-    of the branch rows (P = L: the full grid, row-major; else the subset grid of the thinking positions (B, P)).
-    The text row's K/V join as row 0 and the grid backend runs as usual; row 0's queries are zeros and their
-    outputs are dropped, so no gradient flows from them."""
+    of the branch rows. The text row's K/V join as row 0 and `grid_attn` (_GridAttention, or
+    _SubsetGridAttention for the thinking positions) runs as over the whole grid; row 0's queries are zeros and
+    their outputs are dropped, so no gradient flows from them."""
 
-    def __init__(self, text: TextPass, n: int, S: int, positions, lengths, doc_ids):
-        self.text, self.n, self.S, self.positions, self.lengths, self.doc_ids = text, n, S, positions, lengths, doc_ids
+    def __init__(self, text: TextPass, grid_attn):
+        self.text, self.grid_attn = text, grid_attn
 
     @torch.compiler.disable
     def __call__(self, layer_idx, q, k, v):
-        from quietstar.attention import grid_attention, subset_grid_attention
-
         k0, v0 = self.text.k[layer_idx], self.text.v[layer_idx]
-        B, H, _, D = q.shape
-        G, L = k.shape[1], k0.shape[2]
-        q = torch.cat([q.new_zeros(B, H, L, D), q], 2)
+        L = k0.shape[2]
+        q = torch.cat([q.new_zeros(*q.shape[:2], L, q.shape[3]), q], 2)
         k, v = torch.cat([k0.to(k.dtype), k], 2), torch.cat([v0.to(v.dtype), v], 2)
-        if self.positions is None:
-            R = q.shape[2] // L
-            grid = lambda t, h: t.view(B, h, R, L, D)
-            out = grid_attention(grid(q, H), grid(k, G), grid(v, G), self.n, self.lengths, self.doc_ids)
-            return out.view(B, H, R * L, D)[:, :, L:]
-        out = subset_grid_attention(q, k, v, self.n, self.S, self.positions, self.lengths, self.doc_ids)
-        return out[:, :, L:]
+        return self.grid_attn(layer_idx, q, k, v)[:, :, L:]
 
 
 class _RolloutAttention:
@@ -853,6 +845,16 @@ class QuietStar(nn.Module):
         pred = self.gate(at_positions(h_text.detach(), positions))  # (B, P)
         err = (pred - reward.detach().mean(1).float()) ** 2
         return (err * scorable).sum() / scorable.sum().clamp_min(1)
+
+    def prescore_base(self, selection: Optional[Selection] = None) -> bool:
+        """Whether the learning pass scores the base term before choosing the positions (where = entropy, none
+        given): its LM-head pass then gives the entropies, and the talk call rescores the thinking positions'
+        base rows for their change of weight. That costs three vocabulary matmuls per thinking position
+        against the one per position of a separate entropy pass, so it is taken below a third of them (and
+        with a threshold, whose share is not known in advance)."""
+        cfg = self.cfg
+        return cfg.where == "entropy" and selection is None and (cfg.think_threshold is not None
+                                                                  or 3 * cfg.think_fraction < 1)
 
     def score_base(self, h_text, input_ids, lengths=None, doc_ids=None,
                    buf: Optional[LogitsBuffer] = None) -> BaseScore:

@@ -239,13 +239,16 @@ def test_the_text_row_then_the_thought_rows_is_one_grid_forward(backend, subset)
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
-def test_the_entropy_step_scores_the_base_term_before_choosing():
-    """where = entropy: the base NLL's pass gives the entropies that choose the positions, and the base weights'
-    change at the thinking positions is scored with the talk terms. The step equals the one given the same
-    thoughts and selection (the base term scored with the talk terms at its final weights), and the selection
-    is the entropy rule's on the text row."""
+@pytest.mark.parametrize("fraction,prescored", [(0.25, True), (0.5, False)])
+def test_the_entropy_step_scores_the_base_term_before_choosing(fraction, prescored):
+    """where = entropy below a third of the positions: the base NLL's pass gives the entropies that choose the
+    positions, and the base weights' change at the thinking positions is scored with the talk terms (above it,
+    a separate entropy pass). Either way the step equals the one given the same thoughts and selection (the
+    base term scored with the talk terms at its final weights), and the selection is the entropy rule's on the
+    text row."""
     x, mask = batch(lengths=(13, 13))
-    qs = tiny_qs(dtype=torch.float64, where="entropy", think_fraction=0.4)
+    qs = tiny_qs(dtype=torch.float64, where="entropy", think_fraction=fraction)
+    assert qs.prescore_base() is prescored
     out = qs(x, mask, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         h_text = qs.model(x, return_hidden=True)
