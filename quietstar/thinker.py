@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quietstar.linear_ce import LogitsBuffer, linear_logprob_sum, lm_head_chunks
+from quietstar.linear_ce import LogitsBuffer, WeightGradSum, linear_logprob_sum, lm_head_chunks
 from quietstar.masks import GridStates, ThoughtGrid, at_positions
 from quietstar.objective import OBJECTIVES, get_objective
 from quietstar.objective import metrics as objective_metrics
@@ -261,6 +261,7 @@ class BaseScore(NamedTuple):
     ce: torch.Tensor  # (B, L) CE of x_{i+1} without a thought, detached
     coef: torch.Tensor  # (B, L) the weights it was scored with
     entropy: torch.Tensor  # (B, L) next-token entropy of the base prediction (NaN where coef is 0)
+    head_grad: WeightGradSum  # the LM head's weight gradient, which the other scoring calls continue
 
 
 class PassResult(NamedTuple):
@@ -814,15 +815,17 @@ class QuietStar(nn.Module):
             obj.scope(grid, B, L, lengths, doc_ids, cfg, device, positions, selection.valid)
         coef_base, coef_talk = obj.nll_coefficients(scope, grid.n, cfg, acc)
         buf = LogitsBuffer() if buf is None else buf  # the logits scratch of both scoring calls
-        talk = self.score_talk(states, input_ids, grid, coef_base, coef_talk, buf, base)
+        head_grad = WeightGradSum() if base is None else base.head_grad  # one LM-head weight gradient (-nll, policy)
+        talk = self.score_talk(states, input_ids, grid, coef_base, coef_talk, buf, base, head_grad)
         reward = obj.rewards(talk.ce_base, talk.ce_talk, scope, cfg)
         adv = obj.advantages(reward, scope, cfg)
         if grid.n_sampled > 0:
             policy_loss, logp = self.score_thoughts(states, thoughts, grid,
-                                                    obj.policy_coefficients(adv, scope, cfg, grid.n_sampled), buf)
+                                                    obj.policy_coefficients(adv, scope, cfg, grid.n_sampled), buf,
+                                                    head_grad)
         else:
             policy_loss, logp = states.text.new_zeros(()), None
-        loss = talk.nll + cfg.policy_weight * policy_loss
+        loss = talk.nll + cfg.policy_weight * policy_loss + head_grad.attach(self.model.lm_head_weight)
         thought_ok = at_positions(grid.target_ok(L, -1, lengths, None, device).expand(B, L), positions)  # real positions
         if positions is not None:
             thought_ok = thought_ok & selection.valid
@@ -868,12 +871,15 @@ class QuietStar(nn.Module):
         none = input_ids.new_zeros(B, 0)
         scope = obj.scope(grid, B, L, lengths, doc_ids, cfg, input_ids.device, none, none.bool())
         coef, _ = obj.nll_coefficients(scope, grid.n, cfg, acc)
+        head_grad = WeightGradSum()  # -weighted enters the loss (through the NLL), and losses() attaches it
         weighted, logp, entropy = self._logprob_sum(h_text.reshape(B * L, -1), grid.target(input_ids, 0).flatten(),
-                                                    coef.flatten(), buf=buf, entropy=True)
-        return BaseScore(weighted, -logp.view(B, L), coef, entropy.view(B, L))
+                                                    coef.flatten(), buf=buf, entropy=True, head_grad=head_grad,
+                                                    scale=-1.0)
+        return BaseScore(weighted, -logp.view(B, L), coef, entropy.view(B, L), head_grad)
 
     def score_talk(self, hidden, input_ids, grid: ThoughtGrid, coef_base, coef_talk,
-                   buf: Optional[LogitsBuffer] = None, base: Optional[BaseScore] = None) -> "TalkScores":
+                   buf: Optional[LogitsBuffer] = None, base: Optional[BaseScore] = None,
+                   head_grad: Optional[WeightGradSum] = None) -> "TalkScores":
         """The no-thought prediction of x_{i+1} at every position and the K mixed talk predictions of x_{i+k+1}
         (talk step k) at the thinking positions, all in one LM-head pass: -nll = sum coef * log p.
         hidden: GridStates; coef_base (B, L), coef_talk (K, B, n, P). With `base` scored already, the pass
@@ -895,29 +901,33 @@ class QuietStar(nn.Module):
             c_first = at_positions(coef_base - base.coef, positions)
         tgt = torch.cat([t_first.flatten(), targets[:, :, None].expand(K, B, n, P).flatten()])
         h_all = torch.cat([h_first.reshape(-1, d), torch.stack(h_mix).view(-1, d)])
-        weighted, logp = self._logprob_sum(h_all, tgt, torch.cat([c_first.flatten(), coef_talk.flatten()]), buf=buf)
+        weighted, logp = self._logprob_sum(h_all, tgt, torch.cat([c_first.flatten(), coef_talk.flatten()]), buf=buf,
+                                           head_grad=head_grad, scale=-1.0)
         first = t_first.numel()
         ce_talk = -logp[first:].view(K, B, n, P)
         if base is None:
             return TalkScores(-weighted, -logp[:first].view(B, L), ce_talk, torch.stack(ws))
         return TalkScores(-(base.weighted + weighted), base.ce, ce_talk, torch.stack(ws))
 
-    def score_thoughts(self, hidden, thoughts, grid: ThoughtGrid, coef,
-                       buf: Optional[LogitsBuffer] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def score_thoughts(self, hidden, thoughts, grid: ThoughtGrid, coef, buf: Optional[LogitsBuffer] = None,
+                       head_grad: Optional[WeightGradSum] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """-policy = sum coef * tempered log pi(t_m), t_m predicted at step m. -> (policy loss, log pi
         (B, n, P, T-3), detached, NaN where coef is 0: a row without weight is not computed)."""
         weighted, logp = self._logprob_sum(grid.sampled_rows(hidden), thoughts, coef, self.cfg.policy_temperature,
-                                           skip_zero=True, buf=buf)
+                                           skip_zero=True, buf=buf, head_grad=head_grad, scale=-self.cfg.policy_weight)
         return -weighted, logp
 
     def _logprob_sum(self, h, targets, coef, temperature: float = 1.0, skip_zero: bool = False,
-                     buf: Optional[LogitsBuffer] = None, entropy: bool = False):
+                     buf: Optional[LogitsBuffer] = None, entropy: bool = False,
+                     head_grad: Optional[WeightGradSum] = None, scale: float = 1.0):
         """(sum coef * log softmax(h W^T / temperature)[targets], log-probs detached (NaN where coef is 0 with
         skip_zero)[, with `entropy` the rows' entropies (NaN where coef is 0)]): the fused kernel (its logits in
-        `buf`), or (cfg.scoring = "plain") full logits and autograd, to prototype against."""
+        `buf`; the LM head's weight gradient of `scale` x the sum added to `head_grad`, which the caller attaches
+        to the loss), or (cfg.scoring = "plain") full logits and autograd, to prototype against."""
         W = self.model.lm_head_weight
         if self.cfg.scoring == "fused":
-            return linear_logprob_sum(h, W, targets, coef, temperature, skip_zero=skip_zero, buf=buf, entropy=entropy)
+            return linear_logprob_sum(h, W, targets, coef, temperature, skip_zero=skip_zero, buf=buf, entropy=entropy,
+                                      dw_into=head_grad, dw_scale=scale)
         acc = torch.float64 if h.dtype == torch.float64 else torch.float32
         z = torch.log_softmax(F.linear(h, W).to(acc) / temperature, -1)
         logp = z.gather(-1, targets[..., None]).squeeze(-1)

@@ -200,3 +200,33 @@ def test_a_second_backward_through_the_same_sum_is_refused():
     torch.testing.assert_close(W.grad, W_ref.grad)
     with pytest.raises(RuntimeError, match="backward ran twice"):
         loss.backward()
+
+
+def test_sums_that_share_one_weight_gradient():
+    """WeightGradSum: two sums add their scaled weight gradients into one buffer and attach() hands the total to
+    the loss's backward: the gradients equal autograd's on full logits; with no weighted row, a zero gradient;
+    a second backward is refused."""
+    from quietstar.linear_ce import WeightGradSum
+
+    g = torch.Generator().manual_seed(1)
+    h1 = torch.randn(9, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    h2 = torch.randn(5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(20, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    y1, y2 = torch.randint(0, 20, (9,), generator=g), torch.randint(0, 20, (5,), generator=g)
+    c1, c2 = torch.rand(9, generator=g, dtype=torch.float64), torch.rand(5, generator=g, dtype=torch.float64)
+    acc = WeightGradSum()
+    s1, _ = linear_logprob_sum(h1, W, y1, c1, chunk=4, dw_into=acc, dw_scale=-1.0)
+    s2, _ = linear_logprob_sum(h2, W, y2, c2, chunk=4, temperature=3.0, dw_into=acc, dw_scale=-7.0)
+    loss = -s1 - 7.0 * s2 + acc.attach(W)
+    (0.5 * loss).backward(retain_graph=True)
+    ref = lambda h, y, c, t: (c * torch.log_softmax(h @ W.T / t, -1)[torch.arange(len(y)), y]).sum()
+    want = torch.autograd.grad(0.5 * (-ref(h1, y1, c1, 1.0) - 7.0 * ref(h2, y2, c2, 3.0)), (h1, h2, W))
+    for got, w in zip((h1.grad, h2.grad, W.grad), want):
+        torch.testing.assert_close(got, w, rtol=1e-12, atol=1e-14)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+    empty = WeightGradSum()
+    s, _ = linear_logprob_sum(h1, W, y1, torch.zeros(9, dtype=torch.float64), dw_into=empty)
+    W.grad = None
+    (s + empty.attach(W)).backward()
+    assert W.grad is not None and not W.grad.any()
