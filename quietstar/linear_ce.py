@@ -81,6 +81,14 @@ class WeightGradSum:
             self.t = torch.empty_like(weight, dtype=dtype)
         return self.t
 
+    def take(self, g: torch.Tensor, dtype: torch.dtype, who: str) -> torch.Tensor:
+        """The summed gradient times the incoming gradient g, scaled in place and handed over (no copy): once."""
+        dw, self.t = self.t, None
+        if dw is None:
+            raise RuntimeError(f"{who}: backward ran twice through the same sum (retain_graph); its weight gradient "
+                               "is handed over on the first backward. Recompute the sum instead")
+        return (dw.mul_(g.to(dw.dtype)) if self.written else dw.zero_()).to(dtype)
+
     def attach(self, weight: torch.Tensor) -> torch.Tensor:
         """A 0-dim zero to add to the loss: it carries the summed weight gradient back to `weight`."""
         if self.t is None:  # no call computed a weight gradient
@@ -96,13 +104,7 @@ class _AttachWeightGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        acc = ctx.acc
-        dw, acc.t = acc.t, None
-        if dw is None:
-            raise RuntimeError("WeightGradSum: backward ran twice through the same sums (retain_graph); the weight "
-                               "gradient is handed over on the first backward. Recompute them instead")
-        dw = dw.mul_(g.to(dw.dtype)) if acc.written else dw.zero_()
-        return dw.to(ctx.dtype), None
+        return ctx.acc.take(g, ctx.dtype, "WeightGradSum"), None
 
 
 class _LinearLogProbSum(torch.autograd.Function):
@@ -135,15 +137,16 @@ class _LinearLogProbSum(torch.autograd.Function):
             ent = torch.full((M,), float("nan"), dtype=acc, device=h.device) if entropy else None
             dh = torch.empty(n_live, h.shape[1], dtype=h.dtype, device=h.device) if grad_h else None
             # fp32 dW: written by the first live chunk (beta = 0 ignores the empty memory), then accumulated; into
-            # dw_into's (scaled by dw_scale) when given
-            dw, dw_written, alpha = None, False, 1.0
-            if grad_w and dw_into is not None:
-                dw, dw_written, alpha = dw_into.buffer(weight, acc), dw_into.written, dw_scale
-                if dt != acc and not dw_written:
+            # dw_into's (scaled by dw_scale) when given, else into this sum's own, which backward hands over
+            own = WeightGradSum() if grad_w and dw_into is None else None
+            dw_sum = dw_into if own is None else own
+            alpha = dw_scale if own is None else 1.0
+            dw, dw_written = None, False
+            if grad_w:
+                dw, dw_written = dw_sum.buffer(weight, acc), dw_sum.written
+                if dt != acc and not dw_written:  # accumulated by add_ below: from zero
                     dw.zero_()
                     dw_written = True
-            elif grad_w:
-                dw = (torch.empty_like if dt == acc else torch.zeros_like)(weight, dtype=acc)
             z_all = (buf or LogitsBuffer()).get(min(chunk, M), V, acc, h.device)  # one logits buffer, every chunk
             for c0 in range(0, M, chunk):
                 c1 = min(M, c0 + chunk)
@@ -180,22 +183,19 @@ class _LinearLogProbSum(torch.autograd.Function):
                     else:
                         dw.add_(gz.t() @ hc, alpha=alpha)
                     dw_written = True
-            if dw_into is not None:
-                dw_into.written = dw_into.written or dw_written
-                dw = None  # the weight's gradient goes through dw_into.attach
-            elif grad_w and not dw_written:  # no row with a weight
-                dw.zero_()
+            if grad_w:  # left unwritten (no row with a weight), take() gives a zero gradient
+                dw_sum.written = dw_written
             coef_done = coef if order is None else coef[order]
             loss = (coef_done.to(acc) * logp).sum()
             if order is not None:  # back to the callers' row order; rows skipped: NaN
                 unorder = lambda t: torch.full((N,), float("nan"), dtype=acc, device=h.device).index_copy_(0, order, t)
                 logp = unorder(logp)
                 ent = None if ent is None else unorder(ent)
-        ctx.n_rows = N
+        ctx.n_rows, ctx.w_dtype = N, weight.dtype
         # dW is held on ctx, not saved: backward scales it in place and hands it over (the one (V, d) tensor
-        # autograd then accumulates, no copy), so the node's backward runs once (no retain_graph)
-        ctx.dw = None if dw is None else dw.to(weight.dtype)
-        ctx.dw_into = dw_into is not None
+        # autograd then accumulates, no copy), so the node's backward runs once (no retain_graph); with dw_into
+        # the weight's gradient goes through dw_into.attach instead
+        ctx.own = own
         ctx.save_for_backward(dh, None if n_live == N else live_idx)
         if ent is None:
             ctx.mark_non_differentiable(logp)
@@ -210,12 +210,8 @@ class _LinearLogProbSum(torch.autograd.Function):
             dh = dh * g.to(dh.dtype)
             if live_idx is not None:  # only the rows with a weight have a gradient
                 dh = dh.new_zeros(ctx.n_rows, dh.shape[1]).index_copy_(0, live_idx, dh)
-        dw, ctx.dw = ctx.dw, None
-        if dw is None and ctx.needs_input_grad[1] and not ctx.dw_into:
-            raise RuntimeError("linear_logprob_sum: backward ran twice through the same sum (retain_graph); its "
-                               "weight gradient is handed over on the first backward. Recompute the sum instead")
-        return (dh, None if dw is None else dw.mul_(g.to(dw.dtype)), None, None, None, None, None, None, None, None,
-                None, None, None)
+        dw = None if ctx.own is None else ctx.own.take(g, ctx.w_dtype, "linear_logprob_sum")
+        return (dh, dw, None, None, None, None, None, None, None, None, None, None, None)
 
 
 def linear_logprob_sum(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor,
