@@ -108,7 +108,34 @@ def subset_grid_attention(q, k, v, n: int, S: int, positions: torch.Tensor, leng
         mask = dense_grid_mask(L, n, S, lengths, doc_ids, q.device, positions)[:, None]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
     return _SubsetSplitAttention.apply(q, k, v, n, S, positions, _key_ok(q.shape[0], L, lengths, q.device), doc_ids,
-                                       None)
+                                       None, False)
+
+
+def grid_rows_attention(q, k, v, n: int, lengths: Optional[torch.Tensor] = None,
+                        doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """grid_attention's thought rows alone: their queries q (B, H, R - 1, L, D) over the keys of the whole grid
+    k, v (B, G, R, L, D), the text row's included -> (B, H, R - 1, L, D), rows 1.. of grid_attention's output
+    (the text row ran before, on its own: text_attention). The split backend computes nothing for the text
+    row's queries; the others run the whole grid with zero queries there and drop that row's output (no
+    gradient flows from it)."""
+    if resolve_backend(q.device) == "split":
+        return _SplitAttention.apply(q, k, v, n, _key_ok(q.shape[0], q.shape[3], lengths, q.device), doc_ids, None,
+                                     True)
+    q = torch.cat([q.new_zeros(*q.shape[:2], 1, *q.shape[3:]), q], 2)
+    return grid_attention(q, k, v, n, lengths, doc_ids)[:, :, 1:]
+
+
+def subset_grid_rows_attention(q, k, v, n: int, S: int, positions: torch.Tensor,
+                               lengths: Optional[torch.Tensor] = None,
+                               doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """subset_grid_attention's branch rows alone: their queries q (B, H, (R - 1) P, D) over the keys of the whole
+    subset grid k, v (B, G, L + (R - 1) P, D) -> (B, H, (R - 1) P, D), as grid_rows_attention."""
+    L = k.shape[2] - q.shape[2]
+    if resolve_backend(q.device) == "split":
+        return _SubsetSplitAttention.apply(q, k, v, n, S, positions, _key_ok(q.shape[0], L, lengths, q.device),
+                                           doc_ids, None, True)
+    q = torch.cat([q.new_zeros(*q.shape[:2], L, q.shape[3]), q], 2)
+    return subset_grid_attention(q, k, v, n, S, positions, lengths, doc_ids)[:, :, L:]
 
 
 def text_attention(q, k, v, lengths: Optional[torch.Tensor] = None,
@@ -139,47 +166,49 @@ def split_attention(q, k, v, n, lengths=None, doc_ids=None, tile: Optional[int] 
 
     `tile` forces the pure-PyTorch prefix path, tiled over this many query positions (the path used
     off the CPU); by default the CPU runs the prefix through PyTorch's fused flash-attention kernels."""
-    return _SplitAttention.apply(q, k, v, n, _key_ok(q.shape[0], q.shape[3], lengths, q.device), doc_ids, tile)
+    return _SplitAttention.apply(q, k, v, n, _key_ok(q.shape[0], q.shape[3], lengths, q.device), doc_ids, tile, False)
 
 
 class _SplitAttention(torch.autograd.Function):
     """The split backend with its own backward. Both parts are differentiated from the merged output o
     and log-sum-exp lse (the split-KV rule of FlashAttention): with P_j = exp(S_j - lse) over part j's
-    keys, dS_j = P_j (dO V_j^T - rowsum(dO o)), so neither part's own output or lse is kept."""
+    keys, dS_j = P_j (dO V_j^T - rowsum(dO o)), so neither part's own output or lse is kept. With
+    `rows_only`, q holds the thought rows alone (R - 1 of them: grid_rows_attention)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, n, key_ok, doc_ids, tile):
-        B, H, R, L, D = q.shape
-        G = k.shape[1]
+    def forward(ctx, q, k, v, n, key_ok, doc_ids, tile, rows_only):
+        B, H, Rq, L, D = q.shape
+        G, R = k.shape[1], k.shape[2]
         S = grid_steps(R, n)
-        qg = q.view(B, G, H // G, R, L, D)  # query heads grouped by their kv head: no repeated K/V
-        o, lse = _prefix_forward(qg, k[:, :, 0], v[:, :, 0], key_ok, doc_ids, tile)  # (B,G,h,R,L,D), (B,G,h,R,L)
+        first = 0 if rows_only else 1  # q's first thought row
+        qg = q.view(B, G, H // G, Rq, L, D)  # query heads grouped by their kv head: no repeated K/V
+        o, lse = _prefix_forward(qg, k[:, :, 0], v[:, :, 0], key_ok, doc_ids, tile)  # (B,G,h,Rq,L,D), (B,G,h,Rq,L)
         if S > 1:
-            qb, kb, vb = _branch(qg, n, S, 3), _branch(k, n, S, 2), _branch(v, n, S, 2)
+            qb, kb, vb = _branch(qg, n, S, 3, first), _branch(k, n, S, 2), _branch(v, n, S, 2)
             o2, lse2 = branch_attention(qb, kb, vb, key_ok, steps_causal=True)
-            ob, lse_b = _branch(o, n, S, 3), _branch(lse, n, S, 3)
+            ob, lse_b = _branch(o, n, S, 3, first), _branch(lse, n, S, 3, first)
             lse_m = torch.logaddexp(lse_b, lse2)
             ob.copy_(torch.exp(lse_b - lse_m)[..., None] * _up(ob) + torch.exp(lse2 - lse_m)[..., None] * o2)
             lse_b.copy_(lse_m)
         ctx.save_for_backward(q, k, v, o, lse, key_ok, doc_ids)
-        ctx.n, ctx.tile = n, tile
-        return o.view(B, H, R, L, D)
+        ctx.n, ctx.tile, ctx.first = n, tile, first
+        return o.view(B, H, Rq, L, D)
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, key_ok, doc_ids = ctx.saved_tensors
-        n = ctx.n
-        B, H, R, L, D = q.shape
+        n, first = ctx.n, ctx.first
+        B, H, Rq, L, D = q.shape
         G = k.shape[1]
-        S = grid_steps(R, n)
-        qg, do = q.view(B, G, H // G, R, L, D), do.contiguous().view(B, G, H // G, R, L, D)
+        S = grid_steps(k.shape[2], n)
+        qg, do = q.view(B, G, H // G, Rq, L, D), do.contiguous().view(B, G, H // G, Rq, L, D)
         dq, dk0, dv0 = _prefix_backward(do, qg, k[:, :, 0], v[:, :, 0], o, lse, key_ok, doc_ids, ctx.tile)
         dk, dv = torch.zeros_like(k), torch.zeros_like(v)
         dk[:, :, 0], dv[:, :, 0] = dk0, dv0
         if S > 1:
-            _own_branch_backward(*(_branch(t, n, S, 3) for t in (qg, do, o, lse, dq)),
+            _own_branch_backward(*(_branch(t, n, S, 3, first) for t in (qg, do, o, lse, dq)),
                                  *(_branch(t, n, S, 2) for t in (k, v, dk, dv)), key_ok)
-        return dq.view(B, H, R, L, D).to(q.dtype), dk, dv, None, None, None, None
+        return dq.view(B, H, Rq, L, D).to(q.dtype), dk, dv, None, None, None, None, None
 
 
 def _own_branch_backward(qb, dob, ob, lse_b, dqb, kb, vb, dkb, dvb, key_ok):
@@ -198,67 +227,72 @@ def _own_branch_backward(qb, dob, ob, lse_b, dqb, kb, vb, dkb, dvb, key_ok):
 class _SubsetSplitAttention(torch.autograd.Function):
     """The split backend on the subset grid (flattened: the text row's L tokens, then R - 1 branch rows of P
     tokens). The text row is plain causal attention; the branch rows attend the text prefix of their position
-    (the prefix part at query positions `positions`) and their own branch, LSE-merged as in _SplitAttention."""
+    (the prefix part at query positions `positions`) and their own branch, LSE-merged as in _SplitAttention.
+    With `rows_only`, q holds the branch rows' queries alone (subset_grid_rows_attention)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, n, S, positions, key_ok, doc_ids, tile):
-        B, H, N, D = q.shape
+    def forward(ctx, q, k, v, n, S, positions, key_ok, doc_ids, tile, rows_only):
+        B, H, Nq, D = q.shape
         G, P = k.shape[1], positions.shape[1]
-        L = subset_text_length(N, n, S, P)
-        text = lambda t, heads: t[:, :, :L].reshape(B, G, heads // G, 1, L, D)  # (B, G, h, 1, L, D)
-        rows = lambda t, heads: t[:, :, L:].reshape(B, G, heads // G, n * (S - 1), P, D)
-        o = q.new_empty(B, G, H // G, N, D, dtype=_up(q).dtype)
-        lse = q.new_empty(B, G, H // G, N, dtype=_up(q).dtype)
+        L = subset_text_length(k.shape[2], n, S, P)
+        first = 0 if rows_only else L  # q's first branch-row token
+        rows = lambda t, heads: t[:, :, first:].reshape(B, G, heads // G, n * (S - 1), P, D)
+        o = q.new_empty(B, G, H // G, Nq, D, dtype=_up(q).dtype)
+        lse = q.new_empty(B, G, H // G, Nq, dtype=_up(q).dtype)
         k0, v0 = k[:, :, :L], v[:, :, :L]
-        o_t, lse_t = _prefix_forward(text(q, H), k0, v0, key_ok, doc_ids, tile)
-        o[:, :, :, :L], lse[:, :, :, :L] = o_t[:, :, :, 0], lse_t[:, :, :, 0]
+        if not rows_only:
+            o_t, lse_t = _prefix_forward(q[:, :, :L].reshape(B, G, H // G, 1, L, D), k0, v0, key_ok, doc_ids, tile)
+            o[:, :, :, :L], lse[:, :, :, :L] = o_t[:, :, :, 0], lse_t[:, :, :, 0]
         o_b, lse_b = _prefix_forward(rows(q, H), k0, v0, key_ok, doc_ids, tile, qpos=positions)
         if S > 1:
             key_ok_b = None if key_ok is None else key_ok.gather(1, positions)  # a branch at a padding position
             qb = rows(q, H).unflatten(3, (n, S - 1))
-            kb, vb = (rows(t, G)[:, :, 0].unflatten(2, (n, S - 1)) for t in (k, v))
+            kb, vb = (t[:, :, L:].reshape(B, G, n, S - 1, P, D) for t in (k, v))
             o2, lse2 = branch_attention(qb, kb, vb, key_ok_b, steps_causal=True)
             ob1, lb1 = o_b.unflatten(3, (n, S - 1)), lse_b.unflatten(3, (n, S - 1))
             lse_m = torch.logaddexp(lb1, lse2)
             o_b = (torch.exp(lb1 - lse_m)[..., None] * ob1 + torch.exp(lse2 - lse_m)[..., None] * o2).flatten(3, 4)
             lse_b = lse_m.flatten(3, 4)
-        o[:, :, :, L:], lse[:, :, :, L:] = o_b.flatten(3, 4), lse_b.flatten(3, 4)
+        o[:, :, :, first:], lse[:, :, :, first:] = o_b.flatten(3, 4), lse_b.flatten(3, 4)
         ctx.save_for_backward(q, k, v, o, lse, positions, key_ok, doc_ids)
-        ctx.n, ctx.S, ctx.tile = n, S, tile
-        return o.view(B, H, N, D).to(q.dtype)
+        ctx.n, ctx.S, ctx.tile, ctx.first = n, S, tile, first
+        return o.view(B, H, Nq, D).to(q.dtype)
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, positions, key_ok, doc_ids = ctx.saved_tensors
-        n, S, tile = ctx.n, ctx.S, ctx.tile
-        B, H, N, D = q.shape
+        n, S, tile, first = ctx.n, ctx.S, ctx.tile, ctx.first
+        B, H, Nq, D = q.shape
         G, P = k.shape[1], positions.shape[1]
-        L = subset_text_length(N, n, S, P)
+        L = subset_text_length(k.shape[2], n, S, P)
         h = H // G
-        do = do.contiguous().view(B, G, h, N, D)
-        qg = q.view(B, G, h, N, D)
+        do = do.contiguous().view(B, G, h, Nq, D)
+        qg = q.view(B, G, h, Nq, D)
         text = lambda t: t[:, :, :, :L].unsqueeze(3)  # (B, G, h, 1, L, ...)
-        rows = lambda t: t[:, :, :, L:].unflatten(3, (n * (S - 1), P))
+        rows = lambda t: t[:, :, :, first:].unflatten(3, (n * (S - 1), P))
         k0, v0 = k[:, :, :L], v[:, :, :L]
         dq = torch.empty(qg.shape, dtype=_up(q).dtype, device=q.device)
         dk, dv = torch.zeros_like(k), torch.zeros_like(v)
-        dq_t, dk0, dv0 = _prefix_backward(text(do), text(qg), k0, v0, text(o), text(lse), key_ok, doc_ids, tile)
-        dq_b, dk0_b, dv0_b = _prefix_backward(rows(do), rows(qg), k0, v0, rows(o), rows(lse), key_ok, doc_ids, tile,
-                                              qpos=positions)
-        dq[:, :, :, :L], dk[:, :, :L], dv[:, :, :L] = dq_t[:, :, :, 0], dk0 + dk0_b, dv0 + dv0_b
+        dq_b, dk0, dv0 = _prefix_backward(rows(do), rows(qg), k0, v0, rows(o), rows(lse), key_ok, doc_ids, tile,
+                                          qpos=positions)
+        if first:  # the text row's queries too
+            dq_t, dk0_t, dv0_t = _prefix_backward(text(do), text(qg), k0, v0, text(o), text(lse), key_ok, doc_ids, tile)
+            dq[:, :, :, :L], dk0, dv0 = dq_t[:, :, :, 0], dk0 + dk0_t, dv0 + dv0_t
+        dk[:, :, :L], dv[:, :, :L] = dk0, dv0
         if S > 1:
             key_ok_b = None if key_ok is None else key_ok.gather(1, positions)
             per_step = lambda t: rows(t).unflatten(3, (n, S - 1))
             kv_rows = lambda t: t[:, :, L:].unflatten(2, (n, S - 1, P))
             _own_branch_backward(per_step(qg), per_step(do), per_step(o), per_step(lse), dq_b.unflatten(3, (n, S - 1)),
                                  kv_rows(k), kv_rows(v), kv_rows(dk), kv_rows(dv), key_ok_b)
-        dq[:, :, :, L:] = dq_b.flatten(3, 4)
-        return dq.view(B, H, N, D).to(q.dtype), dk, dv, None, None, None, None, None, None
+        dq[:, :, :, first:] = dq_b.flatten(3, 4)
+        return dq.view(B, H, Nq, D).to(q.dtype), dk, dv, None, None, None, None, None, None, None
 
 
-def _branch(t: torch.Tensor, n: int, S: int, dim: int) -> torch.Tensor:
-    """Rows 1.. of the grid dim `dim`, split per copy and step: (..., R, ...) -> (..., n, S-1, ...). A view."""
-    return t.narrow(dim, 1, t.shape[dim] - 1).unflatten(dim, (n, S - 1))
+def _branch(t: torch.Tensor, n: int, S: int, dim: int, first: int = 1) -> torch.Tensor:
+    """The thought rows of grid dim `dim` (rows first.., 1.. when the text row is there), split per copy and
+    step: (..., R, ...) -> (..., n, S-1, ...). A view."""
+    return t.narrow(dim, first, t.shape[dim] - first).unflatten(dim, (n, S - 1))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -403,6 +403,18 @@ class _GridAttention:
         out = grid_attention(grid(q, H), grid(k, G), grid(v, G), self.n, self.lengths, self.doc_ids)
         return out.reshape(B, H, self.R * self.L, D)
 
+    @torch.compiler.disable
+    def rows(self, layer_idx, q, k, v):
+        """The thought rows' queries (B, H, (R - 1) L, D) alone, over the whole grid's k, v (B, G, R L, D)."""
+        from quietstar.attention import grid_rows_attention
+
+        B, H, _, D = q.shape
+        G = k.shape[1]
+        kv = lambda t: t.view(B, G, self.R, self.L, D)
+        out = grid_rows_attention(q.view(B, H, self.R - 1, self.L, D), kv(k), kv(v), self.n, self.lengths,
+                                  self.doc_ids)
+        return out.reshape(B, H, (self.R - 1) * self.L, D)
+
 
 class _SubsetGridAttention:
     """Attention callable for the learning pass on the subset grid of the thinking positions (B, P): the
@@ -416,6 +428,13 @@ class _SubsetGridAttention:
         from quietstar.attention import subset_grid_attention
 
         return subset_grid_attention(q, k, v, self.n, self.S, self.positions, self.lengths, self.doc_ids)
+
+    @torch.compiler.disable
+    def rows(self, layer_idx, q, k, v):
+        """The branch rows' queries (B, H, (R - 1) P, D) alone, over the whole subset grid's k, v."""
+        from quietstar.attention import subset_grid_rows_attention
+
+        return subset_grid_rows_attention(q, k, v, self.n, self.S, self.positions, self.lengths, self.doc_ids)
 
 
 class _TextAttention:
@@ -438,9 +457,9 @@ class _TextAttention:
 
 class _GridRowsAttention:
     """Attention callable for the thought rows on top of a TextPass: the model's (B, heads, (R - 1) P, D) tokens
-    of the branch rows. The text row's K/V join as row 0 and `grid_attn` (_GridAttention, or
-    _SubsetGridAttention for the thinking positions) runs as over the whole grid; row 0's queries are zeros and
-    their outputs are dropped, so no gradient flows from them."""
+    of the branch rows. The text row's K/V join as row 0, and `grid_attn` (_GridAttention, or
+    _SubsetGridAttention for the thinking positions) attends the thought rows' queries over the whole grid
+    (its `rows`)."""
 
     def __init__(self, text: TextPass, grid_attn):
         self.text, self.grid_attn = text, grid_attn
@@ -448,10 +467,8 @@ class _GridRowsAttention:
     @torch.compiler.disable
     def __call__(self, layer_idx, q, k, v):
         k0, v0 = self.text.k[layer_idx], self.text.v[layer_idx]
-        L = k0.shape[2]
-        q = torch.cat([q.new_zeros(*q.shape[:2], L, q.shape[3]), q], 2)
         k, v = torch.cat([k0.to(k.dtype), k], 2), torch.cat([v0.to(v.dtype), v], 2)
-        return self.grid_attn(layer_idx, q, k, v)[:, :, L:]
+        return self.grid_attn.rows(layer_idx, q, k, v)
 
 
 class _RolloutAttention:

@@ -112,6 +112,32 @@ def test_text_attention_is_the_grid_text_row(backend, padded, docs):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=f"d{name}")
 
 
+@pytest.mark.parametrize("backend,tile", [("split", None), ("split", 3), ("dense", None)])
+@pytest.mark.parametrize("padded,docs", [(False, False), (True, False), (True, True)])
+def test_grid_rows_attention_is_the_grid_thought_rows(backend, tile, padded, docs):
+    """grid_rows_attention (the thought rows' queries alone, over the whole grid's keys) equals rows 1.. of the
+    dense grid oracle, forward and every gradient (fp64): the split backend without the text row's queries
+    (fused CPU kernels and the tiled path), the others with zero queries there."""
+    B, H, G, n, S, L, D = 2, 4, 2, 2, 3, 8, 8
+    q, k, v = _qkv(B, H, G, n, S, L, D, seed=6)
+    lengths = torch.tensor([8, 5]) if padded else None
+    doc_ids = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2], [0, 1, 1, 1, 1, 1, 2, 2]]) if docs else None
+    ref = dense_attention(q, k, v, n, lengths, doc_ids)[:, :, 1:]
+    q_rows = q[:, :, 1:].detach().requires_grad_()
+    if tile is None:
+        with attention.use_backend(backend):
+            out = attention.grid_rows_attention(q_rows, k, v, n, lengths, doc_ids)
+    else:
+        key_ok = None if lengths is None else torch.arange(L)[None] < lengths[:, None]
+        out = attention._SplitAttention.apply(q_rows, k, v, n, key_ok, doc_ids, tile, True)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
+    grad = torch.randn_like(ref)
+    g_out = torch.autograd.grad((out * grad).sum(), (q_rows, k, v))
+    g_ref = torch.autograd.grad((ref * grad).sum(), (q, k, v))
+    for name, a, b in zip("qkv", g_out, (g_ref[0][:, :, 1:], *g_ref[1:])):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=f"d{name}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("padded", [False, True])
 def test_split_error_is_that_of_pytorch_at_the_same_dtype(padded, dtype):

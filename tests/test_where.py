@@ -77,6 +77,34 @@ def test_subset_split_and_dense_equal_the_full_grid(H, G, n, S, L, P, padded, do
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=f"d{name}")
 
 
+@pytest.mark.parametrize("backend,tile", [("split", None), ("split", 2), ("dense", None)])
+@pytest.mark.parametrize("padded,docs", [(False, False), (True, True)])
+def test_subset_grid_rows_attention_is_the_subset_grid_branch_rows(backend, tile, padded, docs):
+    """subset_grid_rows_attention (the branch rows' queries alone, over the whole subset grid's keys) equals the
+    branch rows of the dense oracle on the subset grid, forward and every gradient (fp64)."""
+    B, H, G, n, S, L, P, D = 2, 4, 2, 2, 4, 13, 5, 8
+    q, k, v = _qkv(B, H, G, n, S, L, D, seed=9)
+    positions = _positions(B, L, P, seed=6)
+    lengths = torch.tensor([13, 8]) if padded else None
+    doc_ids = (torch.arange(L)[None].expand(B, L) >= torch.tensor([[L // 3], [L // 2]])).long() if docs else None
+    qs, ks, vs = (_subset(t, positions, n, S).requires_grad_() for t in (q, k, v))
+    with attention.use_backend("dense"):
+        ref = subset_grid_attention(qs, ks, vs, n, S, positions, lengths, doc_ids)[:, :, L:]
+    q_rows = qs[:, :, L:].detach().requires_grad_()
+    if tile is None:
+        with attention.use_backend(backend):
+            out = attention.subset_grid_rows_attention(q_rows, ks, vs, n, S, positions, lengths, doc_ids)
+    else:
+        key_ok = None if lengths is None else torch.arange(L)[None] < lengths[:, None]
+        out = attention._SubsetSplitAttention.apply(q_rows, ks, vs, n, S, positions, key_ok, doc_ids, tile, True)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
+    grad = torch.randn_like(ref)
+    g_out = torch.autograd.grad((out * grad).sum(), (q_rows, ks, vs))
+    g_ref = torch.autograd.grad((ref * grad).sum(), (qs, ks, vs))
+    for name, a, b in zip("qkv", g_out, (g_ref[0][:, :, L:], *g_ref[1:])):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=f"d{name}")
+
+
 def test_subset_split_tiled_path_equals_dense():
     """The pure-PyTorch prefix path (the one off the CPU), several query tiles."""
     B, H, G, n, S, L, P, D = 2, 4, 2, 2, 3, 13, 5, 8
@@ -87,7 +115,7 @@ def test_subset_split_tiled_path_equals_dense():
     with attention.use_backend("dense"):
         ref = subset_grid_attention(qs, ks, vs, n, S, positions, lengths)
     key_ok = torch.arange(L)[None] < lengths[:, None]
-    out = attention._SubsetSplitAttention.apply(qs, ks, vs, n, S, positions, key_ok, None, 2)
+    out = attention._SubsetSplitAttention.apply(qs, ks, vs, n, S, positions, key_ok, None, 2, False)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
     for a, b in zip(torch.autograd.grad(out.sum(), (qs, ks, vs)), torch.autograd.grad(ref.sum(), (qs, ks, vs))):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
