@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from quietstar.linear_ce import linear_logprob_sum
+from quietstar import linear_ce
+from quietstar.linear_ce import linear_logprob_sum, lm_head_chunks, logits_into
 
 
 def reference(h, weight, targets, coef, temperature):
@@ -24,7 +25,10 @@ def inputs(shape=(3, 10), d=16, V=37, seed=0, dtype=torch.float64):
 
 @pytest.mark.parametrize("temperature", [1.0, 3.0])
 @pytest.mark.parametrize("chunk", [None, 1, 7, 1000])
-def test_value_logprobs_and_gradients_equal_autograd(temperature, chunk):
+@pytest.mark.parametrize("vocab_block", [None, 8])  # the logits in one matmul (V < the block) or in ragged blocks
+def test_value_logprobs_and_gradients_equal_autograd(temperature, chunk, vocab_block, monkeypatch):
+    if vocab_block:
+        monkeypatch.setitem(linear_ce.VOCAB_BLOCK, "cpu", vocab_block)
     h, weight, targets, coef = inputs()
     grads = []
     for fn in (reference, lambda *a: linear_logprob_sum(*a, chunk=chunk)):
@@ -230,3 +234,16 @@ def test_sums_that_share_one_weight_gradient():
     W.grad = None
     (s + empty.attach(W)).backward()
     assert W.grad is not None and not W.grad.any()
+
+
+@pytest.mark.parametrize("V,block", [(37, 8), (37, 37), (37, 1024), (2500, 1024)])
+def test_logits_in_vocabulary_blocks_equal_one_matmul(V, block, monkeypatch):
+    """logits_into (the CPU's logits a block of vocabulary columns at a time) and the chunks built on it equal
+    h W^T, blocks that do not divide V included (fp32, to rounding)."""
+    monkeypatch.setitem(linear_ce.VOCAB_BLOCK, "cpu", block)
+    g = torch.Generator().manual_seed(3)
+    h, weight = torch.randn(13, 24, generator=g), torch.randn(V, 24, generator=g)
+    ref = h @ weight.t()
+    torch.testing.assert_close(logits_into(h, weight, torch.full((13, V), float("nan"))), ref)
+    got = torch.cat([logits.clone() for _, _, logits in lm_head_chunks(h, weight, chunk=5)])
+    torch.testing.assert_close(got, ref)
