@@ -1,11 +1,12 @@
 """The fused RMSNorm, RMSNorm + projections, output projection + residual + norm + projections, and SwiGLU
-functions (quietstar/fused.py) against the unfused PyTorch computation they replace (forward and every gradient; fp32 and fp64 to rounding, gradcheck in fp64, bf16 and bf16 autocast by
+functions (quietstar/fused.py; SwiGLU in one block of rows and in several) against the unfused PyTorch computation they replace (forward and every gradient; fp32 and fp64 to rounding, gradcheck in fp64, bf16 and bf16 autocast by
 the tolerance rule of docs/testing.md), and what a block keeps for backward against model.py's estimate."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from quietstar import fused
 from quietstar.fused import ResidualNormLinearsFunction, RMSNormLinearsFunction, rms_norm, swiglu_down
 from quietstar.model import ModelConfig, Transformer, measure_saved_bytes, saved_bytes_per_token
 from quietstar.thinker import QuietStar, ThoughtConfig
@@ -21,6 +22,16 @@ def rms_norm_unfused(x, weight, eps):
 
 def swiglu_down_unfused(gate, up, w_down):
     return F.linear(F.silu(gate) * up, w_down)
+
+
+def swiglu_down_in_row_blocks(gate, up, w_down):
+    """swiglu_down with 4 rows a block: the inputs' 15 rows go in 4, 4, 4 and 3 (backward keeps the split)."""
+    saved, fused.SWIGLU_BLOCK_BYTES = fused.SWIGLU_BLOCK_BYTES, {"cpu": 4 * 4 * gate.shape[-1]}
+    try:
+        assert fused._block_rows(gate[..., 0].numel(), gate.shape[-1], gate.device) == 4 < gate[..., 0].numel()
+        return swiglu_down(gate, up, w_down)
+    finally:
+        fused.SWIGLU_BLOCK_BYTES = saved
 
 
 def rms_inputs(dtype, seed=0):
@@ -75,6 +86,7 @@ CASES = {"rms_norm": (rms_norm, rms_norm_unfused, rms_inputs, (1e-5,)),
          "residual_norm_linears": (residual_norm_linears, residual_norm_linears_unfused, residual_norm_linears_inputs,
                                    (1e-5,)),
          "swiglu_down": (swiglu_down, swiglu_down_unfused, swiglu_inputs, ()),
+         "swiglu_down_row_blocks": (swiglu_down_in_row_blocks, swiglu_down_unfused, swiglu_inputs, ()),
          "rms_norm_linears": (norm_linears, norm_linears_unfused, norm_linears_inputs, (1e-5,))}
 
 
