@@ -162,8 +162,8 @@ class ResidualNormLinearsFunction(torch.autograd.Function):
 
 # On CPU, SwiGLU's (tokens, I) work runs in blocks of rows whose temporaries take about this many bytes: a fresh
 # (tokens, I) tensor of a learning pass is larger than the sizes malloc reuses (32 MB), so each is mapped anew
-# and page-faulted when first written, which took longer than the elementwise op that fills it (bench_small
-# L = 256: forward 2x, backward 1.4x faster in blocks). Elsewhere one block.
+# and page-faulted when first written, which can take longer than the elementwise op that fills it (a grid of
+# 14,336 tokens: forward 1.3-1.4x, backward 1.2x faster in blocks; bench/bench_swiglu.py). Elsewhere one block.
 SWIGLU_BLOCK_BYTES = {"cpu": 1 << 23}
 
 
