@@ -36,9 +36,14 @@ def faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def run(gate, up, w, grad, block_bytes):
-    """-> (forward s, backward s, forward faults, backward faults) of one call with this block size."""
+def set_block(block_bytes):
     fused.SWIGLU_BLOCK_BYTES = {} if block_bytes is None else {"cpu": block_bytes}
+
+
+def run(gate, up, w, grad, block_bytes):
+    """-> (forward s, backward s, forward faults, backward faults, (output, its three gradients)) of one call
+    with this block size."""
+    set_block(block_bytes)
     g, u, wd = (t.detach().requires_grad_() for t in (gate, up, w))
     f0, t0 = faults(), time.perf_counter()
     out = fused.swiglu_down(g, u, wd)
@@ -71,7 +76,8 @@ def main():
         for b in BLOCK_BYTES:
             key = "one_block" if b is None else f"block_{b >> 20}MB"
             fw, bw, ff, bf = zip(*times[b])
-            row[key] = dict(rows=TOKENS if b is None else min(TOKENS, b // (4 * I)),
+            set_block(b)
+            row[key] = dict(rows=fused._block_rows(TOKENS, I, torch.device("cpu")),
                             forward_ms_min=1e3 * min(fw), forward_ms_median=1e3 * statistics.median(fw),
                             backward_ms_min=1e3 * min(bw), backward_ms_median=1e3 * statistics.median(bw),
                             forward_faults_median=statistics.median(ff), backward_faults_median=statistics.median(bf))

@@ -207,19 +207,17 @@ class SwiGLUDownFunction(torch.autograd.Function):
         w = w_down.to(dtype)
         grad_gate, grad_up = torch.empty_like(g2), torch.empty_like(u2)
         grad_w = None
-        if ctx.needs_input_grad[2]:  # summed over the blocks: in place when the blocks' matmuls give its dtype
+        if ctx.needs_input_grad[2]:  # summed over the blocks in fp32 (fp64 for fp64)
             acc = torch.float64 if dtype == torch.float64 else torch.float32
-            grad_w = (torch.empty if N else torch.zeros)(w_down.shape, dtype=acc, device=w_down.device)
+            grad_w = torch.zeros(w_down.shape, dtype=acc, device=w_down.device)
         for r0 in range(0, N, rows):
             r = slice(r0, r0 + rows)
             silu = F.silu(g2[r])
             if grad_w is not None:
                 prod = (silu * u2[r]).to(dtype)
                 if dtype == acc:
-                    grad_w.addmm_(gr[r].t(), prod, beta=0 if r0 == 0 else 1)
-                elif r0 == 0:
-                    grad_w.copy_(gr[r].t() @ prod)
-                else:
+                    grad_w.addmm_(gr[r].t(), prod)
+                else:  # the matmul in autocast's dtype, as in forward
                     grad_w.add_(gr[r].t() @ prod)
                 del prod
             grad_prod = (gr[r] @ w).to(gate.dtype)  # (rows, I)
