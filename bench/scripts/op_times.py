@@ -106,13 +106,12 @@ def main():
     step_s, faults = time.perf_counter() - t0, minflt() - f0
     stats = mode.stats
 
-    kinds = collections.defaultdict(lambda: [0.0, 0, 0])
+    kinds = collections.defaultdict(lambda: [0, 0.0, 0])  # as stats: calls, seconds, faults
     shapes = collections.defaultdict(lambda: [0, 0.0, 0])  # matmuls: calls, seconds, flops
     for (op, shp), (calls, sec, flt) in stats.items():
         kind = "matmul" if op in MATMULS else ("attention" if "scaled_dot_product" in op else op)
-        kinds[kind][0] += sec
-        kinds[kind][1] += flt
-        kinds[kind][2] += calls
+        for i, v in enumerate((calls, sec, flt)):
+            kinds[kind][i] += v
         if op in MATMULS:
             s = shapes[(op, shp)]
             s[0] += calls
@@ -123,7 +122,7 @@ def main():
     print(f"\nstep {step_s:.2f} s (under the dispatch mode), ops {op_s:.2f} s, {faults} minor page faults; "
           f"matmuls {mm_flops / 1e12:.3f} TFLOP in {mm_s:.2f} s ({mm_flops / mm_s / 1e9:.0f} GFLOP/s)")
     print("\nby kind:")
-    for kind, (sec, flt, calls) in sorted(kinds.items(), key=lambda kv: -kv[1][0])[:a.rows]:
+    for kind, (calls, sec, flt) in sorted(kinds.items(), key=lambda kv: -kv[1][1])[:a.rows]:
         print(f"  {sec * 1e3:8.1f} ms {calls:6d} calls {flt:7d} faults  {kind}")
     print("\nmatmuls by shape:")
     for (op, shp), (calls, sec, fl) in sorted(shapes.items(), key=lambda kv: -kv[1][2])[:a.rows]:
@@ -140,8 +139,8 @@ def main():
             case=dict(model=a.model, L=a.L, B=a.B, T=a.T, K=a.K, n=a.n, dtype="fp32"),
             step_s=round(step_s, 3), op_s=round(op_s, 3), minor_faults=faults,
             matmul=dict(tflop=round(mm_flops / 1e12, 4), s=round(mm_s, 3), gflop_per_s=round(mm_flops / mm_s / 1e9, 1)),
-            by_kind=[dict(kind=k, ms=round(v[0] * 1e3, 1), calls=v[2], faults=v[1])
-                     for k, v in sorted(kinds.items(), key=lambda kv: -kv[1][0])[:a.rows]],
+            by_kind=[dict(kind=k, ms=round(sec * 1e3, 1), calls=calls, faults=flt)
+                     for k, (calls, sec, flt) in sorted(kinds.items(), key=lambda kv: -kv[1][1])[:a.rows]],
             matmuls=[dict(op=op, shapes=shp, calls=c, ms=round(s * 1e3, 1), gflop=round(f / 1e9, 2),
                           gflop_per_s=round(f / s / 1e9, 1))
                      for (op, shp), (c, s, f) in sorted(shapes.items(), key=lambda kv: -kv[1][2])[:a.rows]])
