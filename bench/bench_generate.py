@@ -25,9 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from quietstar.eval.common import machine_info, write_json  # noqa: E402
 from quietstar.cli import parse_kv  # noqa: E402
 from quietstar.generate import generate_stream  # noqa: E402
+from quietstar.provenance import write_record  # noqa: E402
 from quietstar.thinker import QuietStar, ThoughtConfig  # noqa: E402
 
 PROMPT = ("Q: Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
@@ -46,7 +46,8 @@ def decode_rate(qs: QuietStar, ids: torch.Tensor, new_tokens: int, think: bool, 
 
 
 def main(argv=None):
-    args = parse_kv(sys.argv[1:] if argv is None else argv, dict(
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_kv(argv, dict(
         model="smollm2-135m", new_tokens=24, reps=3, threads=1, batches="1,8", thought_lengths="4,8,12",
         out="bench/results/generate_cpu.json"))
     if args["threads"]:
@@ -87,9 +88,8 @@ def main(argv=None):
               "reps": args["reps"], "statistic": "median over reps, runs interleaved",
               "convention": "thought length = n_ahead - 1 tokens fed per thought (<start>, n_ahead-3 sampled, "
                             "<end>); ideal ratio 1/(length+1), goal 0.8/(length+1)",
-              "machine": machine_info(), "results": results,
-              "all_goals_met": all(r["goal_met"] for r in results)}
-    write_json(args["out"], record)
+              "results": results, "all_goals_met": all(r["goal_met"] for r in results)}
+    write_record(args["out"], record, seeds=[], command=["python", "bench/bench_generate.py", *argv])
     print(f"-> {args['out']}")
 
 

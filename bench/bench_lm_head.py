@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
-from bench_train_step import machine  # noqa: E402
+sys.path.insert(0, str(ROOT))
+from quietstar.provenance import write_record  # noqa: E402
 
 SHAPES = {"bench_small": (32000, 256), "smollm2_135m": (49152, 576)}
 ROWS = (52, 104, 256, 524)
@@ -67,8 +67,7 @@ def main():
             row["speedup_min"] = {f"block_{b}": one / row[f"block_{b}"]["us_per_row_min"] for b in BLOCKS if b}
             rows_out.append(row)
             print(json.dumps(row), flush=True)
-    Path(args.out).write_text(json.dumps(dict(machine=machine(), date=time.strftime("%Y-%m-%d"),
-                                              threads=torch.get_num_threads(), results=rows_out), indent=1) + "\n")
+    write_record(args.out, dict(results=rows_out), seeds=[])
     print(f"wrote {args.out}")
 
 

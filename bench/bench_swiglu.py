@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
-from bench_train_step import machine  # noqa: E402
+sys.path.insert(0, str(ROOT))
 from quietstar import fused  # noqa: E402
+from quietstar.provenance import write_record  # noqa: E402
 
 SHAPES = {"bench_small": (256, 688), "smollm2_135m": (576, 1536)}  # (d, I)
 TOKENS = 14336
@@ -88,9 +88,7 @@ def main():
         rows_out.append(row)
         print(json.dumps(row), flush=True)
     fused.SWIGLU_BLOCK_BYTES = default
-    Path(args.out).write_text(json.dumps(dict(machine=machine(), date=time.strftime("%Y-%m-%d"),
-                                              threads=torch.get_num_threads(), default=default,
-                                              results=rows_out), indent=1) + "\n")
+    write_record(args.out, dict(default=default, results=rows_out), seeds=[])
     print(f"wrote {args.out}")
 
 

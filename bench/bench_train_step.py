@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -45,6 +44,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT))  # --saved runs in this process: this tree's quietstar, as the cases' PYTHONPATH
+
+from quietstar.provenance import write_record  # noqa: E402
 
 
 def rss_mb() -> float:
@@ -195,21 +196,6 @@ def saved_per_grid_token(model: str = "bench_small", L: int = 64, T: int = 12, K
                 intermediate=cfg.intermediate_size)
 
 
-def machine() -> dict:
-    import torch
-
-    cpu = "?"
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info = dict(platform=platform.platform(), cpu=cpu, cores=os.cpu_count(), torch=torch.__version__,
-                threads=torch.get_num_threads())
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
 def label(r: dict) -> str:
     if r.get("budget_gb"):
         return r["mode"] + "+budget"
@@ -354,9 +340,8 @@ def main():
     print(table(rows))
     summary = goals(rows)
     print(json.dumps(summary, indent=1))
-    RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / name
-    record = dict(machine=machine(), date=time.strftime("%Y-%m-%d"), goals=summary, results=rows)
+    record = dict(goals=summary, results=rows)
     if a.pairs and not a.scaling:
         first = (a.models or "bench_small").split(",")[0]
         L = int((a.lengths if first == "bench_small" else (a.large_lengths or "128")).split(",")[0])
@@ -365,7 +350,7 @@ def main():
     if a.saved:
         record["saved_per_grid_token"] = saved_per_grid_token()
         print(json.dumps(record["saved_per_grid_token"], indent=1))
-    path.write_text(json.dumps(record, indent=1))
+    write_record(path, record, seeds=[])
     print(f"\nwrote {path}")
     if a.scaling:
         plot(rows, RESULTS / name.replace(".json", ".png"))

@@ -23,7 +23,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
-from bench_train_step import machine, peak_rss_mb  # noqa: E402
+from bench_train_step import peak_rss_mb  # noqa: E402
+from quietstar.provenance import write_record  # noqa: E402
+
 FRACTIONS = (1.0, 0.5, 0.25, 0.1)
 
 
@@ -132,8 +134,7 @@ def main():
               f"(thinks at {r['gen_think_share']:.2f})")
     dev = "cuda" if args.device == "cuda" else "cpu"
     path = Path(args.out) if args.out else ROOT / "bench" / "results" / f"where_cost_{dev}.json"
-    path.write_text(json.dumps(dict(machine=machine(), date=time.strftime("%Y-%m-%d"), summary=summary, results=rows),
-                               indent=1) + "\n")
+    write_record(path, dict(summary=summary, results=rows), seeds=[])
     print(f"wrote {path}")
 
 

@@ -17,12 +17,11 @@ settings (seed, corpus), so a Quiet-STaR row is only compared with runs of its o
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from quietstar.eval.common import machine_info, write_json  # noqa: E402
+from quietstar.provenance import write_record  # noqa: E402
 
 
 def read_seed(run: Path) -> int:
@@ -92,11 +91,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("groups", nargs="+")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--command", default="")
+    ap.add_argument("--command", default="", help="how the runs were made (the record's `command`; its provenance "
+                    "block holds this summary's own command line)")
     ap.add_argument("--quietstar", nargs="*", default=[], help="GROUP=LEARN_TO_THINK_RUN (seed s: s<seed> of GROUP's "
                     "explicit runs gives its questions); the seed's Quiet-STaR rows go to GROUP")
     args = ap.parse_args()
-    out = {"date": time.strftime("%Y-%m-%d"), "machine": machine_info(), "command": args.command, "groups": {}}
+    out = {"command": args.command, "groups": {}}
     for g in args.groups:
         name, root = g.split("=", 1)
         files = sorted(Path(root).glob("*/results.json")) + sorted(Path(root).glob("s*/*/results.json"))
@@ -130,7 +130,8 @@ def main():
             summary["quietstar"]["seeds"] = sorted(seeds)
             summary["quietstar"]["median"] = {k: {f: median([s[k][f] for s in seeds.values() if k in s])
                                                   for f in ("acc", "tokens_per_answer")} for k in keys}
-    write_json(args.out, out)
+    seeds = {int(s[1:]) for summary in out["groups"].values() for m in summary.values() for s in m["seeds"]}  # "s0"
+    write_record(args.out, out, seeds=seeds)
     for name, summary in out["groups"].items():
         for method, s in summary.items():
             if method == "quietstar":

@@ -16,14 +16,13 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
-from bench_train_step import machine  # noqa: E402
+sys.path.insert(0, str(ROOT))
+from quietstar.provenance import write_record  # noqa: E402
 
 N_BUCKETS = 5
 
@@ -103,8 +102,9 @@ def main(argv):
             s["kept_per_seed"] = {r["seed"]: r["answer_gain"]["all"] / by_seed[r["seed"]] for r in rows[w]
                                   if r["seed"] in by_seed}
     out = ROOT / "bench" / "results" / "where_quality_cpu.json"
-    out.write_text(json.dumps(dict(machine=machine(), date=time.strftime("%Y-%m-%d"), summary=summary, runs=rows),
-                              indent=1) + "\n")
+    seeds = {r["seed"] for rs in rows.values() for r in rs}
+    write_record(out, dict(summary=summary, runs=rows), seeds=seeds,
+                 command=["python", "bench/where_quality.py", *argv])
     plot(summary, out.with_suffix(".png"))
     for w, s in summary.items():
         print(f"{w:8s} answer gain {s['answer_gain_all_hops']:.3f} (3 hops {s['answer_gain_3_hops']:.3f}); "

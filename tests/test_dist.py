@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-import train as train_script
+from quietstar import train as train_script
 from quietstar.checkpoint import read_model_state
 from quietstar.config import register_configs
 

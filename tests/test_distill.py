@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import train as train_script
+from quietstar import train as train_script
 from quietstar.checkpoint import find_checkpoint, read_model_state, read_train_config, save_checkpoint
 from quietstar.distill import Distiller, build_student
 from quietstar.errors import UserError, run_main

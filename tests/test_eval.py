@@ -438,3 +438,43 @@ def test_cli_errors(tmp_path, tiny_cli):
         main(["nll", f"data.path={_write(tmp_path / 'e.jsonl', [{'text': 'fine'}, {'text': ' '}])}"])
     with pytest.raises(DataError, match=r"s.jsonl:1: 1 token"):  # one byte: nothing to predict
         main(["nll", f"data.path={_write(tmp_path / 's.jsonl', [{'text': 'x'}, {'text': 'fine'}])}"])
+
+
+# --------------------------------------------------------------------------------------------------
+# The gain's record bootstrap
+
+
+def test_record_bootstrap_against_the_exact_bootstrap_distribution():
+    """Three records of one token with gains 3, 0, 0: a draw's mean gain is k, the number of times the first
+    record is drawn, k ~ Binomial(3, 1/3): P = 8/27, 12/27, 6/27, 1/27 for k = 0..3. So the 80% interval is
+    [0, 2] (P(k <= 1) = 0.74 < 0.9 < P(k <= 2) = 0.96) and the 95% interval [0, 3] (P(k = 3) = 0.037 > 0.025)."""
+    from quietstar.eval.nll import record_bootstrap
+
+    assert record_bootstrap([3.0, 0.0, 0.0], [1, 1, 1], level=0.8) == (0.0, 2.0)
+    assert record_bootstrap([3.0, 0.0, 0.0], [1, 1, 1], level=0.95) == (0.0, 3.0)
+    # token-weighted: a 1-token record with gain 1 and a 3-token record with gain 0. A draw of one of each
+    # (P = 1/2) gives 1/4 (not the mean of the two records' means, 1/2); both quantiles fall on it.
+    assert record_bootstrap([1.0, 0.0], [1, 3], level=0.4) == (0.25, 0.25)
+    assert record_bootstrap([0.5, 1.0, 1.5], [1, 2, 3], level=0.95) == pytest.approx((0.5, 0.5))
+    a = record_bootstrap(np.arange(10.0), np.full(10, 2), n_boot=500, seed=3)
+    assert a == record_bootstrap(np.arange(10.0), np.full(10, 2), n_boot=500, seed=3)
+    assert a != record_bootstrap(np.arange(10.0), np.full(10, 2), n_boot=500, seed=4)
+    with pytest.raises(ValueError, match="one gain sum"):
+        record_bootstrap([1.0, 2.0], [1])
+
+
+def test_summary_interval_is_the_bootstrap_of_the_records_gains():
+    """summarize's interval and per-record gains come from the token scores grouped by record."""
+    from quietstar.eval.nll import record_bootstrap
+
+    qs, tok = tiny_qs(), ByteTokenizer()
+    scores = score_tokens(qs, tok, TEXTS, seq_len=40, batch_size=2, generator=torch.Generator().manual_seed(0))
+    s = summarize(scores, n_buckets=2, n_boot=400, seed=1)
+    sums = [float(scores.gain[scores.record == r].sum()) for r in range(len(TEXTS))]
+    counts = [int((scores.record == r).sum()) for r in range(len(TEXTS))]
+    assert s["record_tokens"] == counts and sum(counts) == s["tokens"]
+    np.testing.assert_allclose(s["record_gain"], np.array(sums) / counts, rtol=1e-6)
+    assert s["gain_ci95_record_bootstrap"] == pytest.approx(list(record_bootstrap(sums, counts, 0.95, 400, 1)))
+    lo, hi = s["gain_ci95_record_bootstrap"]
+    assert min(s["record_gain"]) <= lo <= hi <= max(s["record_gain"])
+    assert s["records_improved_share"] == pytest.approx(np.mean(np.array(sums) > 0))

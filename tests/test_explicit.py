@@ -308,7 +308,7 @@ def test_a_star_round_end_to_end_through_the_config(tmp_path):
     from omegaconf import OmegaConf
     from test_learn_to_think import ROOT, TOY
 
-    import train as train_script
+    from quietstar import train as train_script
     from quietstar.config import register_configs
     from quietstar.recipes import run_recipe
 

@@ -149,7 +149,7 @@ def test_one_round_of_each_preference_method_end_to_end_through_the_config(tmp_p
     from omegaconf import OmegaConf
     from test_learn_to_think import ROOT, TOY
 
-    import train as train_script
+    from quietstar import train as train_script
     from quietstar.config import register_configs
     from quietstar.recipes import run_recipe
 

@@ -16,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-import train as train_script
+from quietstar import train as train_script
 from quietstar import checkpoint as ckpt_mod
 from quietstar.checkpoint import (SAVE_POINTS, CheckpointError, RunDirInUse, RunLock, find_checkpoint,
                                   prune_checkpoints, read_config_node, recover_checkpoints, verify_checkpoint)

@@ -1,12 +1,10 @@
 """The `flex` backend (quietstar/flex.py) against the dense oracle, forward and gradients where supported.
 
-At torch 2.13 FlexAttention has no CPU backward and its CPU forward is compiled by inductor's C++
-backend (tens of seconds); so on CPU the uncompiled FlexAttention path checks the block mask, the
-layout and GQA, and the compiled forward runs only with QUIETSTAR_FLEX_CPU=1. With CUDA everything
-runs compiled, gradients included. Tolerances as in test_kernels.py (docs/testing.md).
+On CPU (torch 2.13): FlexAttention's uncompiled path checks the block mask, the layout and GQA, and
+`torch.compile(flex_attention)`'s forward runs through inductor's C++ backend (the first run compiles for
+about half a minute; later ones load inductor's on-disk cache). FlexAttention has no CPU backward, so the
+gradient tests are marked `gpu` (skipped without CUDA). Tolerances as in test_kernels.py (docs/testing.md).
 """
-
-import os
 
 import pytest
 import torch
@@ -19,7 +17,6 @@ flex = pytest.importorskip("quietstar.flex", reason="torch.nn.attention.flex_att
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA (FlexAttention backward, compiled kernels)")
 
 
 def _inputs(B, H, G, n, S, L, D, seed=0):
@@ -52,11 +49,8 @@ def check_flex(B, H, G, n, S, L, D, lengths=None, docs=None, dtype=torch.float32
     dense = lambda q, k, v: dense_attention(q, k, v, n, lengths, docs)
     oracle = _run(dense, q, k, v, do, torch.float64, grads)
     base = _run(dense, q, k, v, do, dtype, grads)
-    try:
-        got = _run(lambda q, k, v: flex.flex_grid_attention(q, k, v, n, lengths, docs, compiled=compiled),
-                   q, k, v, do, dtype, grads)
-    except NotImplementedError as e:  # e.g. "FlexAttention does not support backward on CPU"
-        pytest.skip(f"FlexAttention at torch {torch.__version__} on {DEVICE.type}: {e}")
+    got = _run(lambda q, k, v: flex.flex_grid_attention(q, k, v, n, lengths, docs, compiled=compiled),
+               q, k, v, do, dtype, grads)
     for name, g_, b_, o_ in zip(("out", "dq", "dk", "dv"), got, base, oracle):
         assert_within_baseline(name, g_, b_, o_, dtype)
 
@@ -91,28 +85,46 @@ def test_flex_forward_matches_dense_uncompiled(B, H, G, n, S, L, D, lengths, doc
 
 
 def test_flex_compiled_forward():
-    if not CUDA and os.environ.get("QUIETSTAR_FLEX_CPU") != "1":
-        pytest.skip("flex is a CUDA backend; its CPU forward compiles for ~30 s (set QUIETSTAR_FLEX_CPU=1 to run)")
+    """torch.compile(flex_attention) in fp32 (inductor's C++ kernel on CPU, Triton on CUDA), padding and GQA."""
     with torch.no_grad():
         check_flex(2, 4, 2, 2, 3, 23, 16, [23, 9], grads=False)
 
 
+@pytest.mark.skipif(CUDA, reason="a CPU-only fact")
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_has_no_cpu_backward():
+    """Why the gradient tests below are `gpu` tests: FlexAttention refuses inputs that require grad on CPU.
+    Fails once torch gains a CPU backward, which the default suite should then test."""
+    q, k, v, do = _inputs(1, 2, 2, 1, 2, 8, 16)
+    with pytest.raises(NotImplementedError, match="backward on CPU"):
+        _run(lambda q, k, v: flex.flex_grid_attention(q, k, v, 1, compiled=False), q, k, v, do, torch.float32)
+
+
+@pytest.mark.gpu
 def test_flex_grads_match_dense():
-    """Forward and backward (compiled on CUDA; on CPU it skips with FlexAttention's own reason while
-    torch has no CPU backward)."""
-    check_flex(2, 4, 2, 2, 3, 23, 16, [23, 9], compiled=CUDA)
-    check_flex(1, 6, 2, 1, 5, 40, 64, [33], compiled=CUDA)
+    """Compiled forward and backward against the dense oracle's output and gradients, fp32, padding, GQA 2
+    and 3. GPU-only: torch 2.13 has no FlexAttention backward on CPU."""
+    check_flex(2, 4, 2, 2, 3, 23, 16, [23, 9])
+    check_flex(1, 6, 2, 1, 5, 40, 64, [33])
 
 
-@needs_cuda
+@pytest.mark.gpu
+def test_flex_packed_documents_grads_match_dense():
+    """Packed documents (doc_ids in the mask_mod), compiled forward and backward. GPU-only, as above."""
+    check_flex(1, 3, 1, 1, 4, 17, 32, None, [[0] * 8 + [1] * 9])
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_flex_realistic_half(dtype):
+    """bf16/fp16 at a Mistral-like head dim, compiled, output and gradients. GPU-only, as above."""
     check_flex(1, 8, 2, 2, 4, 256, 128, [200], dtype=dtype)
 
 
-@needs_cuda
+@pytest.mark.gpu
 def test_flex_through_dispatch_point():
+    """attention.backend=flex through grid_attention, bf16, output and gradients. GPU-only: the dispatcher
+    allows `flex` on CUDA alone."""
     def via(backend):
         def fn(q, k, v):
             with attention.use_backend(backend):

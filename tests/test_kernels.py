@@ -12,15 +12,14 @@ at small shapes; with CUDA the same tests run compiled, and the bf16/fp16 tests 
 import pytest
 import torch
 
-from kernels import thought_attention as ta
-from kernels.reference import thought_attention_ref
+from quietstar.kernels import thought_attention as ta
+from quietstar.kernels.reference import thought_attention_ref
 from quietstar import attention
 from quietstar.attention import dense_attention, grid_attention
 from quietstar.masks import n_grid_rows
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA (compiled Triton, bf16/fp16)")
 
 
 def _inputs(B, H, G, n, S, L, D, seed=0, device=DEVICE):
@@ -180,14 +179,14 @@ def test_input_validation():
 # compiled, on CUDA
 
 
-@needs_cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B,H,G,n,S,L,D,lengths", SHAPES[1:])
 def test_kernel_matches_reference_half(B, H, G, n, S, L, D, lengths, dtype):
     check_kernel(B, H, G, n, S, L, D, lengths, dtype=dtype)
 
 
-@needs_cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B,H,G,n,S,L,D", [
     (1, 8, 2, 2, 4, 256, 128),  # Mistral-like head dim, GQA 4, R = 7
@@ -198,7 +197,7 @@ def test_kernel_realistic_sizes(B, H, G, n, S, L, D, dtype):
     check_kernel(B, H, G, n, S, L, D, lengths, dtype=dtype, seed=4)
 
 
-@needs_cuda
+@pytest.mark.gpu
 def test_kernel_long_grid_bf16():
     """S = 16, n = 2 (R = 31 rows), L = 512: the dense oracle holds (R L)^2 = 2.5e8 scores per head."""
     check_kernel(1, 2, 1, 2, 16, 512, 64, [450], dtype=torch.bfloat16, seed=5)

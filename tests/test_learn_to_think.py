@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-import train as train_script
+from quietstar import train as train_script
 from quietstar.config import register_configs
 from quietstar.data import ByteTokenizer
 from quietstar.flops import step_flops

@@ -286,8 +286,8 @@ def test_triton_training_step_with_packed_documents_matches_the_dense_backend():
 
     from quietstar.attention import use_backend
 
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("triton needs CUDA or TRITON_INTERPRET=1")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs the kernel in the Triton interpreter on CPU tensors (TRITON_INTERPRET=1, set on CPU by conftest); the gpu-marked kernel tests cover CUDA")
     qs = tiny_qs(n_ahead=4, n_ahead_talk=2, policy_weight=3.0)
     randomize_talk_head(qs)
     x = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(8))

@@ -371,8 +371,8 @@ def test_triton_backend_training_step_matches_split():
     pytest.importorskip("triton")
     import os
 
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("triton needs CUDA or TRITON_INTERPRET=1")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs the kernel in the Triton interpreter on CPU tensors (TRITON_INTERPRET=1, set on CPU by conftest); the gpu-marked kernel tests cover CUDA")
     qs = tiny_qs(n_ahead=4, n_ahead_talk=2, n_thoughts=2, policy_weight=3.0)
     randomize_talk_head(qs)
     x, mask = batch(L=7, lengths=(7, 5))

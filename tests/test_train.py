@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-import train as train_script
+from quietstar import train as train_script
 from quietstar.checkpoint import verify_checkpoint
 from quietstar.config import OptimConfig, register_configs
 from quietstar.model import ModelConfig, Transformer
@@ -60,7 +60,7 @@ import os, signal, sys
 sys.path.insert(0, {root!r})
 from omegaconf import OmegaConf
 from tests.test_train import compose_node
-import train
+from quietstar import train
 node = compose_node(sys.argv[2:])
 train.train(OmegaConf.to_object(node),
             on_step=lambda step, result: os.kill(os.getpid(), signal.SIGKILL) if step == int(sys.argv[1]) else None)

@@ -13,12 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from quietstar.provenance import git_commit, write_record  # noqa: E402
 
 CASES = [dict(model="bench_small", L=128), dict(model="bench_small", L=256)]
 
@@ -53,14 +55,10 @@ def main():
                      "old_median_s": old, "new_median_s": new, "new / old (median)": round(new / old, 3),
                      "new / old (best)": round(best, 3)})
         print(f"{case}: new / old = {new / old:.3f} (median), {best:.3f} (best)", flush=True)
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    result = {"machine": {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(),
-                          "python": platform.python_version(), "shared": "other jobs ran on the machine too"},
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "old": str(a.old), "new": str(a.new),
-              "reps": a.reps, "steps": a.steps, "results": rows}
+    result = {"old": str(a.old), "old_tree": git_commit(a.old.resolve()), "new": str(a.new),
+              "new_tree": git_commit(a.new.resolve()), "reps": a.reps, "steps": a.steps, "results": rows}
     if a.out:
-        Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
+        write_record(a.out, result, seeds=[])
 
 
 if __name__ == "__main__":

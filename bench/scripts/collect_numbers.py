@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from quietstar.eval.common import machine_info, write_json  # noqa: E402
+from quietstar.provenance import write_record  # noqa: E402
 
 
 def load(path: Path):
@@ -24,6 +24,15 @@ def thought_or_base(rec, key_thought, key_base):
         return None
     v = rec.get(key_thought)
     return rec.get(key_base) if v is None and not rec["thought"]["thoughts_run"] else v
+
+
+def seeds(run_dir: Path, out_dir: Path) -> set:
+    """The training run's train.seed and the evaluations' seeds."""
+    import yaml
+
+    cfg = run_dir / "config.yaml"
+    found = {yaml.safe_load(cfg.read_text())["train"]["seed"]} if cfg.is_file() else set()
+    return found | {load(f)["settings"]["seed"] for f in out_dir.glob("*.json")}
 
 
 def main(out_dir, run_dir, dest):
@@ -68,12 +77,12 @@ def main(out_dir, run_dir, dest):
              "first": {k: metrics[0].get(k) for k in ("train/nll_base", "train/nll_talk", "thought/mix_weight_mean")},
              "last": {k: metrics[-1].get(k) for k in ("train/nll_base", "train/nll_talk", "thought/mix_weight_mean",
                                                       "thought/mix_weight_abs_mean", "thought/reward_mean")}}
-    rec = {"date": "2026-11-22", "what": "SmolLM2-135M base vs a short Quiet-STaR run of it, on this CPU",
+    rec = {"what": "SmolLM2-135M base vs a short Quiet-STaR run of it, on this CPU",
            "table": {who: {k: m[k] for k in ("gsm8k_soft_acc_base", "gsm8k_soft_acc_thought", "csqa_soft_acc_base",
                                              "csqa_soft_acc_thought", "gsm8k_em", "nll_base", "nll_thought",
                                              "nll_gain")} for who, m in models.items()},
-           "models": models, "training": train, "machine": machine_info()}
-    write_json(dest, rec)
+           "models": models, "training": train}
+    write_record(dest, rec, seeds=seeds(run_dir, out_dir))
     print(json.dumps(rec["table"], indent=1))
 
 

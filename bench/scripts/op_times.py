@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import resource
 import sys
 import time
@@ -25,10 +24,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_train_step import machine  # noqa: E402
 from quietstar.model import ModelConfig, Transformer  # noqa: E402
+from quietstar.provenance import write_record  # noqa: E402
 from quietstar.thinker import QuietStar, ThoughtConfig  # noqa: E402
 
 MATMULS = {"aten.mm", "aten.addmm", "aten.addmm_", "aten.bmm", "aten.baddbmm"}
@@ -133,9 +131,6 @@ def main():
 
     if a.out:
         record = dict(
-            machine=machine(),
-            date=time.strftime("%Y-%m-%d"), command="python bench/scripts/" + Path(__file__).name + " "
-            + " ".join(sys.argv[1:]),
             case=dict(model=a.model, L=a.L, B=a.B, T=a.T, K=a.K, n=a.n, dtype="fp32"),
             step_s=round(step_s, 3), op_s=round(op_s, 3), minor_faults=faults,
             matmul=dict(tflop=round(mm_flops / 1e12, 4), s=round(mm_s, 3), gflop_per_s=round(mm_flops / mm_s / 1e9, 1)),
@@ -144,7 +139,7 @@ def main():
             matmuls=[dict(op=op, shapes=shp, calls=c, ms=round(s * 1e3, 1), gflop=round(f / 1e9, 2),
                           gflop_per_s=round(f / s / 1e9, 1))
                      for (op, shp), (c, s, f) in sorted(shapes.items(), key=lambda kv: -kv[1][2])[:a.rows]])
-        Path(a.out).write_text(json.dumps(record, indent=1))
+        write_record(a.out, record, seeds=[])
         print(f"\nwrote {a.out}")
 
 

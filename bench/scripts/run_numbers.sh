@@ -5,7 +5,7 @@
 # RUN_DIR: a train.py output dir, e.g. from
 #   python train.py model=smollm2_135m data=jsonl data.path=../shared/data/math_web/train.jsonl \
 #     data.max_docs=1000 data.seq_len=128 data.batch_size=1 train.max_steps=20 logger=none hydra.run.dir=RUN_DIR
-# Then: python bench/scripts/collect_numbers.py OUT_DIR bench/results/eval_2026-11-22.json
+# Then: python bench/scripts/collect_numbers.py OUT_DIR RUN_DIR bench/results/eval_2026-11-22.json
 set -euo pipefail
 RUN=${1:?train.py run dir}
 OUT=${2:?output dir}

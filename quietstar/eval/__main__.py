@@ -13,7 +13,8 @@ project), data.start=0 (negative: from the end), limit=N (0: all), out=FILE, bat
 thoughts=auto|on|off (auto: skip sampling thoughts when the talk head is exactly zero, which makes the
 with-thought numbers equal the base ones), n_ahead=T (override the thought length, T - 1 tokens),
 threads=N (torch threads; 0 = torch's default).
-The json holds the headline figures at the top level, then the settings and per-item detail.
+The json holds its provenance (command, git commit, date, machine, seed: quietstar/provenance.py), the
+headline figures, then the settings and per-item detail.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 from quietstar.cli import AT_LEAST_1, NON_NEGATIVE, Rule, check_writable, one_of, parse_kv
 from quietstar.errors import UserError, run_main
 from quietstar.eval import common
+from quietstar.provenance import jsonable, provenance
 
 COMMON = {"ckpt": "", "model": "smollm2-135m", "data.path": "", "data.start": 0, "limit": 0, "out": "",
           "batch_size": 8, "seed": 0, "device": "cpu", "thoughts": "auto", "n_ahead": 0, "threads": 0}
@@ -74,7 +76,9 @@ def main(argv=None) -> dict:
     else:
         detail, out = score_text(task, qs, tok, data, think, g, args, record, desc, path, out)
     record.update(seconds=round(time.perf_counter() - t0, 1), thought=common.thought_info(qs, think),
-                  settings=args, machine=common.machine_info(), **detail)
+                  settings=args, **detail)
+    command = ["python", "-m", "quietstar.eval", *argv]
+    record = {"provenance": provenance([args["seed"]], command), **record}
     write_record(task, record, out)
     return record
 
@@ -133,8 +137,9 @@ def score_text(task: str, qs, tok, data, think, g, args: dict, record: dict, des
     npz = Path(args["npz"] or out.with_suffix(".npz"))
     nll.save_npz(npz, scores, args["n_buckets"])
     record.update({k: summary[k] for k in ("nll_base", "nll_thought", "gain", "ppl_base", "ppl_thought", "tokens",
-                                           "frac_improved")})
+                                           "frac_improved", "gain_ci95_record_bootstrap", "records_improved_share")})
     detail = {"buckets": summary["buckets"], "entropy_buckets": summary["entropy_buckets"],
+              "record_gain": summary["record_gain"], "record_tokens": summary["record_tokens"],
               "mix_weight_mean": summary["mix_weight_mean"], "npz": str(npz),
               "seq_len": args["seq_len"], "lines": [ln for ln, _ in data]}
     if args["report"]:  # the per-token page from the same scores, first report_records records
@@ -151,7 +156,7 @@ def write_record(task: str, record: dict, out: Path) -> None:
     try:
         common.write_json(out, record)
     except OSError as e:  # the results are printed whole, so the work is not lost
-        print(json.dumps(record, indent=1, default=common._jsonable))
+        print(json.dumps(record, indent=1, default=jsonable))
         raise UserError(f"out={out}: cannot write the results ({e.strerror or e}); they are printed above") from e
     print(f"{task}: {headline} -> {out}")
 

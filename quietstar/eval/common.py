@@ -12,8 +12,6 @@ predicate, docs/thought-grid.md), so the text's K/V is computed once and each ch
 from __future__ import annotations
 
 import json
-import os
-import platform
 import sys
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple, Optional, Sequence
@@ -22,6 +20,7 @@ import torch
 
 from quietstar.errors import UserError
 from quietstar.model import KVCache
+from quietstar.provenance import write_json  # noqa: F401  (the evaluations' json writer: atomic)
 from quietstar.thinker import QuietStar
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -224,33 +223,3 @@ def progress(items: Iterable, total: int, desc: str = "") -> Iterator:
             bar.update()
     finally:
         bar.close()
-
-
-def machine_info() -> dict:
-    cpu = None
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
-    except OSError:
-        pass
-    return {"cpu": cpu or platform.processor(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "python": platform.python_version(),
-            "platform": platform.platform()}
-
-
-def write_json(path, obj: dict):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1, default=_jsonable)
-        f.write("\n")
-
-
-def _jsonable(x):
-    if isinstance(x, torch.Tensor):
-        return x.tolist()
-    if isinstance(x, Path):
-        return str(x)
-    if hasattr(x, "item"):
-        return x.item()
-    raise TypeError(f"not json serialisable: {type(x).__name__}")

@@ -8,6 +8,10 @@ model's per-token CE over all scored tokens (bucket 0 = easiest); entropy bucket
 entropy of the base model's predictive distribution (bucket 0 = most confident: what a model can know
 before it sees the token, the signal for choosing where to think). Every token is in exactly one bucket of
 each. The paper's claim to compare with: thoughts help most on the hard tokens.
+
+The uncertainty of the overall gain is over records, not tokens (a record's tokens are not independent
+draws): `record_bootstrap` resamples the records with replacement and takes the percentile interval of
+the token-weighted gain sum(gain) / sum(tokens) of the resampled records.
 """
 
 from __future__ import annotations
@@ -134,14 +138,45 @@ def bucket_table(scores: TokenScores, values: np.ndarray, n_buckets: int, range_
     return rows
 
 
-def summarize(scores: TokenScores, n_buckets: int = 5) -> dict:
+def record_bootstrap(gain_sums, token_counts, level: float = 0.95, n_boot: int = 10_000,
+                     seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval over records of the token-weighted gain: n_boot draws of as many
+    records as there are, with replacement; each draw's statistic is sum(gain sums) / sum(token counts) of
+    the records drawn; -> its (1 - level) / 2 and (1 + level) / 2 quantiles. Seeded: the same inputs give
+    the same interval."""
+    sums, counts = np.asarray(gain_sums, dtype=np.float64), np.asarray(token_counts, dtype=np.float64)
+    if sums.shape != counts.shape or sums.ndim != 1 or not len(sums):
+        raise ValueError(f"one gain sum and one token count per record, got shapes {sums.shape} and {counts.shape}")
+    rng = np.random.default_rng(seed)
+    stats = []
+    for b0 in range(0, n_boot, 1024):  # (draws, records) index blocks of bounded size
+        idx = rng.integers(0, len(sums), size=(min(1024, n_boot - b0), len(sums)))
+        stats.append(sums[idx].sum(1) / counts[idx].sum(1))
+    lo, hi = np.quantile(np.concatenate(stats), [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def record_gains(scores: TokenScores) -> tuple[np.ndarray, np.ndarray]:
+    """-> (the summed gain, the scored tokens) of each record, in record order."""
+    n = len(scores.ids)
+    sums = np.bincount(scores.record, weights=scores.gain.astype(np.float64), minlength=n)
+    return sums, np.bincount(scores.record, minlength=n)
+
+
+def summarize(scores: TokenScores, n_buckets: int = 5, n_boot: int = 10_000, seed: int = 0) -> dict:
     """The headline numbers and the per-bucket tables, by base CE and by base entropy (token-weighted means,
-    nats)."""
+    nats); the gain's 95% record-bootstrap interval (`record_bootstrap`, n_boot draws from `seed`), the share
+    of records whose mean gain is > 0, and each record's mean gain and token count."""
     gain = scores.gain
     nb, nt = float(scores.ce_base.mean()), float(scores.ce_thought.mean())
+    sums, counts = record_gains(scores)
+    per_record = sums / np.maximum(counts, 1)
     return {"nll_base": nb, "nll_thought": nt, "gain": nb - nt, "ppl_base": float(np.exp(nb)),
             "ppl_thought": float(np.exp(nt)), "tokens": int(len(gain)), "records": len(scores.ids),
             "frac_improved": float((gain > 0).mean()), "mix_weight_mean": float(scores.mix_weight.mean()),
+            "gain_ci95_record_bootstrap": list(record_bootstrap(sums, counts, 0.95, n_boot, seed)),
+            "records_improved_share": float((per_record > 0).mean()),
+            "record_gain": per_record.tolist(), "record_tokens": counts.tolist(),
             "n_buckets": n_buckets, "buckets": bucket_table(scores, scores.ce_base, n_buckets, "base_ce_range"),
             "entropy_buckets": bucket_table(scores, scores.entropy_base, n_buckets, "base_entropy_range")}
 

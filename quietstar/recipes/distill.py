@@ -24,6 +24,7 @@ import json
 from pathlib import Path
 
 from quietstar.errors import UserError
+from quietstar.provenance import write_record
 
 
 def student_stage_config(cfg, teacher_ckpt: Path, output_dir: Path):
@@ -109,7 +110,7 @@ def run(cfg, train_fn):
     results["distill"] = {"objective": cfg.distill.objective, "nll_weight": cfg.distill.nll_weight,
                           "teacher_thoughts": cfg.distill.teacher_thoughts, "steps": cfg.train.max_steps,
                           "lr": cfg.optim.lr}
-    (root / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    write_record(root / "results.json", results, seeds=[read_train_config(teacher_ckpt).train.seed])
     print_results(results, root)
     return _Summary(root, student_ckpt)
 

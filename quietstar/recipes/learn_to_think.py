@@ -30,6 +30,7 @@ from typing import Optional
 from quietstar.checkpoint import read_train_config
 from quietstar.errors import UserError
 from quietstar.flops import step_flops
+from quietstar.provenance import write_record
 
 
 @dataclass
@@ -187,7 +188,7 @@ def run(cfg, train_fn):
         "baseline_flops": micro_step_flops(cfg, True) * bl_cfg.train.max_steps * cfg.optim.grad_accum,
         "quietstar_steps": cfg.train.max_steps, "baseline_steps": bl_cfg.train.max_steps,
         "baseline_compute": cfg.learn_to_think.baseline_compute}
-    (root / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    write_record(root / "results.json", results, seeds=[cfg.train.seed])
     plot_learning_curves(root / "quietstar" / "metrics.jsonl", root / "baseline" / "metrics.jsonl",
                          root / "learning_curves.png", results)
     print_results(results, root)

@@ -104,10 +104,12 @@ def plot_learning_curves(qs_metrics: Path, baseline_metrics: Path, out: Path, re
 
 def summarise_seeds_main(recipe: str, summarise) -> None:
     """`python -m quietstar.recipes.<recipe> RUN_DIR [RUN_DIR ...] [--out FILE]`: summarise(results.json paths)
-    over several seeds' runs, with the machine, printed and written as JSON."""
+    over several seeds' runs, printed, and written as JSON with its provenance (the runs' train.seed values)
+    and each run's own commit where its results.json records one."""
     import argparse
     import json
-    import platform
+
+    from quietstar.provenance import write_record
 
     ap = argparse.ArgumentParser(description=f"median over seeds of several {recipe} runs' results.json")
     ap.add_argument("runs", nargs="+", help="run dirs (or their results.json)")
@@ -118,9 +120,9 @@ def summarise_seeds_main(recipe: str, summarise) -> None:
     if missing:
         raise SystemExit(f"error: no results.json: {', '.join(missing)}")
     summary = summarise(files)
-    summary["machine"] = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                          "threads": torch.get_num_threads()}
-    text = json.dumps(summary, indent=1)
+    runs = [json.loads(f.read_text()) for f in files]
+    summary["run_commits"] = [r.get("provenance", {}).get("commit") for r in runs]
+    seeds = [r["eval"]["seed"] - EVAL_SEED_OFFSET for r in runs]  # both recipes score at train.seed + the offset
+    print(json.dumps(summary, indent=1))
     if args.out:
-        Path(args.out).write_text(text + "\n")
-    print(text)
+        write_record(args.out, summary, seeds=seeds)

@@ -5,9 +5,9 @@ R = 1 + n (S - 1) grid rows) and backend: forward time (no grad), forward+backwa
 memory each needs above its inputs. Run by hand, outside pytest; results go to
 bench/results/thought_attention_<device>.json and a table is printed.
 
-    python kernels/bench_thought_attention.py              # GPU: L {256, 1024, 2048} x S {8, 16} x D {64, 128}
-    python kernels/bench_thought_attention.py --cpu-small  # CPU: small cases, a couple of minutes
-    python kernels/bench_thought_attention.py --L 1024 --S 16 --D 128 --backends split triton
+    python bench/bench_thought_attention.py              # GPU: L {256, 1024, 2048} x S {8, 16} x D {64, 128}
+    python bench/bench_thought_attention.py --cpu-small  # CPU: small cases, a couple of minutes
+    python bench/bench_thought_attention.py --L 1024 --S 16 --D 128 --backends split triton
 
 Timing: triton.testing.do_bench on CUDA (after a warm-up call that also compiles, autotunes or builds
 the block mask); on CPU the best of --reps wall-clock runs (CPU cores may be shared). Peak memory:
@@ -39,6 +39,7 @@ if str(ROOT) not in sys.path:
 
 from quietstar.attention import dense_attention, split_attention  # noqa: E402
 from quietstar.masks import n_grid_rows  # noqa: E402
+from quietstar.provenance import write_record  # noqa: E402
 
 BACKENDS = ("dense", "split", "flex", "triton")
 
@@ -122,7 +123,7 @@ def backend_fn(name: str, n: int, lengths):
 
         return lambda q, k, v: flex_grid_attention(q, k, v, n, lengths)
     if name == "triton":
-        from kernels.thought_attention import thought_attention
+        from quietstar.kernels.thought_attention import thought_attention
 
         return lambda q, k, v: thought_attention(q, k, v, n, lengths)
     raise ValueError(name)
@@ -313,18 +314,17 @@ def main(argv=None):
         triton_version = None
     result = dict(
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-        device_kind=device.type, torch=torch.__version__, triton=triton_version, python=platform.python_version(),
-        cpu_threads=torch.get_num_threads(), time=time.strftime("%Y-%m-%d %H:%M:%S"),
+        device_kind=device.type, triton=triton_version,
         memory_note=("peak bytes allocated above the inputs (torch.cuda.max_memory_allocated)" if device.type == "cuda"
                      else "peak resident-set growth (VmHWM after a reset) of a fresh process per case with "
                           "MALLOC_MMAP_THRESHOLD_=65536, coarse"),
         timing_note=("triton.testing.do_bench, ms" if device.type == "cuda"
-                     else f"best of {args.reps} runs, ms, on a CPU shared with other work"),
+                     else f"best of {args.reps} runs, ms"),
         cases=cases,
     )
     out = args.out or ROOT / "bench" / "results" / f"thought_attention_{device_label(device)}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    command = None if argv is None else ["python", "bench/bench_thought_attention.py", *argv]
+    write_record(out, result, seeds=[], command=command)
     print()
     print_table(cases)
     print(f"\nwrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")

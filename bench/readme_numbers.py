@@ -1,0 +1,546 @@
+"""The numbers README.md and docs/ quote from bench/results records, each mapped to the value in its record.
+
+A `Table` maps a markdown table (found by its header row) cell by cell; a `Quote` maps a phrase (as it
+reads, line breaks aside, `{}` for each number) to the values of its numbers. A quoted number with d
+decimals matches a recorded value v when |quoted - scale * v| <= 0.5 * 10^-d: "0.997" matches 0.9968, and
+"84%" (scale 100) does not match 0.8347 (83.47 rounds to 83). A table row or a phrase that is not found
+is an error too, so an edited sentence or a new row has to be mapped again.
+
+    python bench/readme_numbers.py        # every check; exit 1 and one line per mismatch if any
+
+tests/test_readme_numbers.py runs the same checks. Not mapped here: the train-step timing section and the
+thought.where cost table (train_step_*.json, where_cost_cpu.json), and numbers that are settings.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import sys
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+# a number as prose writes it: a sign only where no digit precedes it ("0.00-0.47" is a range), thousands
+# commas, decimals ("-0.066", "+9", "3,190", "0.0018")
+NUMBER = r"(?:(?<![\w.])[-+])?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
+
+
+@dataclass(frozen=True)
+class V:
+    """A recorded value: a path into the record ("median/answer_nll/thought/3") or a function of the record,
+    times `scale` (100 for a percentage). `bound=True`: the quoted number is a bound the value stays under
+    ("under 0.015"), not the value rounded."""
+
+    get: Union[str, Callable[[dict], float]]
+    scale: float = 1.0
+    bound: bool = False
+
+    def value(self, record: dict) -> float:
+        x = self.get(record) if callable(self.get) else at(record, self.get)
+        return self.scale * float(x)
+
+
+Cell = Union[None, str, V, tuple]  # None: not a recorded number; a tuple: one value per number in the cell
+
+
+def pct(get) -> V:
+    return V(get, 100.0)
+
+
+@dataclass(frozen=True)
+class Table:
+    doc: str  # path from the repository root
+    header: str  # the header row as it reads
+    record: str  # file name in bench/results
+    rows: dict  # first cell -> one Cell per further column
+
+    @property
+    def name(self) -> str:
+        return f"{self.doc}: table '{self.header[:60]}'"
+
+
+@dataclass(frozen=True)
+class Quote:
+    doc: str
+    phrase: str  # {} for each number
+    record: str
+    values: tuple  # one V (or path) per {}
+
+    @property
+    def name(self) -> str:
+        return f"{self.doc}: '{self.phrase[:70]}'"
+
+
+def at(record, path: str):
+    """record[a][b][c] for "a/b/c"; a key that holds "/" itself ("train/nll") is taken whole where it exists."""
+    x, parts = record, path.split("/")
+    while parts:
+        if isinstance(x, list):
+            x, parts = x[int(parts[0])], parts[1:]
+            continue
+        n = next((n for n in range(len(parts), 0, -1) if "/".join(parts[:n]) in x), 1)
+        x, parts = x["/".join(parts[:n])], parts[n:]
+    return x
+
+
+@lru_cache(maxsize=None)
+def load(name: str) -> dict:
+    return json.loads((RESULTS / name).read_text())
+
+
+@lru_cache(maxsize=None)
+def read_doc(doc: str) -> str:
+    return (ROOT / doc).read_text()
+
+
+def as_v(x) -> V:
+    return x if isinstance(x, V) else V(x)
+
+
+def mismatch(quoted: str, v: float, bound: bool = False) -> Optional[str]:
+    """None if `quoted` (as written) is `v` rounded to its decimals (bound: if v < quoted); else what differs."""
+    q = float(quoted.replace(",", ""))
+    decimals = len(quoted.split(".")[1]) if "." in quoted else 0
+    if bound:
+        return None if v < q else f"{v:.{decimals + 2}f} is not under {quoted}"
+    if abs(q - v) <= 0.5 * 10 ** -decimals + 1e-9 * max(1.0, abs(v)):
+        return None
+    return f"{quoted} != {v:.{decimals + 2}f}"
+
+
+def check_table(t: Table, text: Optional[str] = None) -> list[str]:
+    text = read_doc(t.doc) if text is None else text
+    lines = text.splitlines()
+    heads = [i for i, line in enumerate(lines) if line.strip() == t.header]
+    if len(heads) != 1:
+        return [f"{t.name}: header found {len(heads)} times, not once"]
+    record, problems, seen = load(t.record), [], []
+    for line in lines[heads[0] + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        label, cells = cells[0], cells[1:]
+        seen.append(label)
+        if label not in t.rows:
+            problems.append(f"{t.name}: row '{label}' is not mapped to {t.record}")
+            continue
+        spec = t.rows[label]
+        if len(spec) != len(cells):
+            problems.append(f"{t.name}: row '{label}' has {len(cells)} cells, the map {len(spec)}")
+            continue
+        for col, (cell, want) in enumerate(zip(cells, spec), start=2):
+            if want is None:
+                continue
+            wants = want if isinstance(want, tuple) else (want,)
+            found = re.findall(NUMBER, cell)
+            if len(found) != len(wants):
+                problems.append(f"{t.name}: row '{label}' column {col} '{cell}': {len(found)} numbers, "
+                                f"the map {len(wants)}")
+                continue
+            for q, w in zip(found, wants):
+                w = as_v(w)
+                bad = mismatch(q, w.value(record), w.bound)
+                if bad:
+                    problems.append(f"{t.name}: row '{label}' column {col}: {bad} ({t.record})")
+    for label in t.rows:
+        if label not in seen:
+            problems.append(f"{t.name}: mapped row '{label}' is not in the table")
+    return problems
+
+
+def phrase_regex(phrase: str) -> re.Pattern:
+    """The phrase with each {} a captured number and each run of spaces any whitespace (lines wrap)."""
+    literals = (r"\s+".join(map(re.escape, re.split(r"\s+", lit))) for lit in phrase.split("{}"))
+    return re.compile(f"({NUMBER})".join(literals))
+
+
+def check_quote(q: Quote, text: Optional[str] = None) -> list[str]:
+    text = read_doc(q.doc) if text is None else text
+    hits = list(phrase_regex(q.phrase).finditer(text))
+    if len(hits) != 1:
+        return [f"{q.name}: found {len(hits)} times, not once"]
+    record, problems = load(q.record), []
+    if len(hits[0].groups()) != len(q.values):
+        return [f"{q.name}: {len(hits[0].groups())} numbers, the map {len(q.values)}"]
+    for i, (quoted, want) in enumerate(zip(hits[0].groups(), q.values), start=1):
+        want = as_v(want)
+        bad = mismatch(quoted, want.value(record), want.bound)
+        if bad:
+            problems.append(f"{q.name}: number {i}: {bad} ({q.record})")
+    return problems
+
+
+def check(item, text: Optional[str] = None) -> list[str]:
+    """The mismatches of one Table or Quote (`text`: the document's text instead of the file's)."""
+    try:
+        return check_table(item, text) if isinstance(item, Table) else check_quote(item, text)
+    except (OSError, ValueError, LookupError, TypeError, ZeroDivisionError) as e:  # a missing record or key
+        return [f"{item.name}: cannot read the recorded value from {item.record}: {type(e).__name__}: {e}"]
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+median = statistics.median
+SEEDS = ("0", "1", "2")
+
+
+# learn_to_think_cpu.json
+def ltt(metric: str, pred: str, hops: str) -> str:
+    return f"median/{metric}/{pred}/{hops}"
+
+
+# distill_reasoning_cpu.json
+def dist(metric: str, who: str, hops: str) -> str:
+    return f"kl_median_of_3_seeds/{metric}/{who}/{hops}"
+
+
+def kept_per_seed(metric: str, hops: str, pick) -> V:
+    return pct(lambda r: pick(x[metric][hops] for x in r["kl_median_of_3_seeds"]["gain_kept_per_run"]))
+
+
+# explicit_reasoning_cpu.json, the decoy corpus
+def ex_seed(method: str, which: str, mode: str, seed: str) -> str:
+    return f"groups/decoy/{method}/per_seed/s{seed}/{which}/{mode}/acc"
+
+
+def ex_gain(method: str, which: str, mode: str) -> V:
+    """The median over seeds of (the row's accuracy - the base model's, same mode)."""
+    def f(r):
+        g = r["groups"]["decoy"][method]["per_seed"]
+        return median([g[s][which][mode]["acc"] - g[s]["base"][mode]["acc"] for s in sorted(g)])
+    return V(f)
+
+
+def ex_row(method: str, which: str, mode: str, tokens: bool = True) -> list:
+    row = [ex_seed(method, which, mode, s) for s in SEEDS]
+    if not tokens:
+        return row + [None, None]
+    return row + [ex_gain(method, which, mode), f"groups/decoy/{method}/median/{which}/{mode}/tokens_per_answer"]
+
+
+def ex_verifier(curve: str) -> list:
+    def gain(r):
+        g = r["groups"]["decoy"]["vstar"]["per_seed"]
+        return median([g[s]["verifier"][curve]["4"] - g[s]["base"]["cot"]["acc"] for s in sorted(g)])
+
+    def tokens(r):  # k samples of a solution each
+        g = r["groups"]["decoy"]["vstar"]["per_seed"]
+        return 4 * median([g[s]["verifier"]["tokens_per_solution"] for s in sorted(g)])
+    return [f"groups/decoy/vstar/per_seed/s{s}/verifier/{curve}/4" for s in SEEDS] + [V(gain), V(tokens)]
+
+
+def ex_quietstar(kind: str, base_mode: str) -> list:
+    def gain(r):
+        g, base = r["groups"]["decoy"]["quietstar"]["per_seed"], r["groups"]["decoy"]["star"]["per_seed"]
+        return median([g[s][kind]["acc"] - base[s]["base"][base_mode]["acc"] for s in sorted(g)])
+    return ([f"groups/decoy/quietstar/per_seed/s{s}/{kind}/acc" for s in SEEDS]
+            + [V(gain), f"groups/decoy/quietstar/median/{kind}/tokens_per_answer"])
+
+
+# explicit_preference_cpu.json
+def pref_round(method: str, rnd: int, path: str) -> str:
+    return f"methods/{method}/rounds/{rnd}/{path}"
+
+
+def ntp_row(objective: str) -> list:
+    o = f"objectives_seed_0/{objective}"
+    return ([(f"{o}/answer_nll/student/{h}", f"{o}/answer_acc/student/{h}") for h in ("1", "2", "3")]
+            + [f"{o}/stages/0/final_metrics/train/nll"])
+
+
+def pref_row(method: str, rounds: Sequence[int]) -> list:
+    keys = ("cot/acc", "cot/tokens_per_answer", "sampled/acc", "direct/acc")
+    return [tuple(pref_round(method, r, k) for r in rounds) for k in keys]
+
+
+def best_of_k(curve: str) -> list:
+    return [f"methods/vstar/best_of_k/{curve}/{k - 1}" for k in (1, 2, 4, 8, 16)]
+
+
+# where_quality_cpu.json
+def wq(where: str, key: str) -> str:
+    return f"summary/{where}/{key}"
+
+
+# ------------------------------------------------------------------------------------------------ the map
+
+LTT_ROWS = {h: [ltt("answer_nll", "thought", h), ltt("answer_nll", "no_thought", h), ltt("answer_nll", "baseline", h),
+                ltt("answer_acc", "thought", h), ltt("answer_acc", "no_thought", h), ltt("answer_acc", "baseline", h)]
+            for h in ("1", "2", "3")}
+
+DISTILL_ROWS = {h: [dist("answer_nll", "base", h), dist("answer_nll", "teacher", h), dist("answer_nll", "student", h),
+                    pct(f"kl_median_of_3_seeds/gain_kept/nll/{h}"),
+                    dist("answer_acc", "base", h), dist("answer_acc", "teacher", h), dist("answer_acc", "student", h),
+                    pct(f"kl_median_of_3_seeds/gain_kept/acc/{h}")] for h in ("1", "2", "3")}
+
+EXPLICIT_HEADER = ("| model (held-out answer accuracy) | seed 0 | seed 1 | seed 2 "
+                   "| median gain over the base, same mode | tokens / answer |")
+EXPLICIT_ROWS = {
+    "base, rationale then answer": ex_row("star", "base", "cot"),
+    "base, direct answer": ex_row("star", "base", "direct"),
+    "STaR": ex_row("star", "chosen", "cot"),
+    "STaR, last round": ex_row("star", "last_round", "cot", tokens=False),
+    "RFT": ex_row("rft", "chosen", "cot"),
+    "RFT, last round": ex_row("rft", "last_round", "cot", tokens=False),
+    "V-STaR (generator)": ex_row("vstar", "chosen", "cot"),
+    "V-STaR (generator), last round": ex_row("vstar", "last_round", "cot", tokens=False),
+    "V-STaR best of k ratio at k=4": ex_verifier("best_of_k_ratio"),
+    "V-STaR majority vote at k=4": ex_verifier("majority_vote"),
+    "TPO": ex_row("tpo", "chosen", "cot"),
+    "TPO, last round": ex_row("tpo", "last_round", "cot", tokens=False),
+    "CPO": ex_row("cpo", "chosen", "cot"),
+    "CPO, last round": ex_row("cpo", "last_round", "cot", tokens=False),
+    "System-2 distillation (direct)": ex_row("system2", "chosen", "direct"),
+    "System-2 distillation (direct), last round": ex_row("system2", "last_round", "direct", tokens=False),
+    "Quiet-STaR, a thought before each answer token": ex_quietstar("quietstar_implicit", "cot"),
+    "Quiet-STaR model, no thought (direct)": ex_quietstar("quietstar_direct", "direct"),
+    "plain-LM baseline, Quiet-STaR's compute (direct)": ex_quietstar("baseline_direct", "direct"),
+}
+
+LTT, DIST, EXPL, PREF = ("learn_to_think_cpu.json", "distill_reasoning_cpu.json", "explicit_reasoning_cpu.json",
+                         "explicit_preference_cpu.json")
+WQ, WMW, MW, EVAL = ("where_quality_cpu.json", "where_math_web_cpu.json", "math_web_smollm2_cpu.json",
+                     "eval_2026-11-22.json")
+GEN, CUR, VAR, DEFAULT = ("generate_cpu.json", "curriculum_reasoning_cpu.json", "learn_to_think_variants_cpu.json",
+                          "default_run_cpu.json")
+CUR_END = "per_checkpoint/curriculum, end (step 200, n_ahead 7)"
+CUR_FIXED = "per_checkpoint/fixed n_ahead 7 (step 261, same FLOPs)"
+PW0 = "runs/policy_weight_0/result/answer_nll/thought/3"
+
+
+def where_row(where: str) -> list:
+    return ([wq(where, "flops_of_all"),
+             (pct(wq(where, "think_share")), pct(wq(where, "answer_think_share"))),
+             wq(where, "answer_gain_all_hops"),
+             (wq(where, "kept_of_all_answer_gain"), *(wq(where, f"kept_per_seed/{s}") for s in SEEDS))
+             if where != "all" else wq(where, "kept_of_all_answer_gain"),
+             wq(where, "answer_nll_thought_3_hops")])
+
+
+def gen(batch: int, length: int, key: str = "ratio") -> V:
+    return V(lambda r: next(x[key] for x in r["results"] if x["batch"] == batch and x["thought_length"] == length))
+
+
+def em_count(model: str) -> tuple:
+    """"k/n": the items right and the items asked."""
+    n = f"models/{model}/detail/gsm8k_em/n"
+    return V(lambda r: r["models"][model]["gsm8k_em"] * at(r, n)), n
+
+
+def gate_elsewhere(r: dict) -> list:
+    """The gate's thinking share in every base-entropy quintile but the answers' (the fourth)."""
+    return [x for i, x in enumerate(r["summary"]["gate"]["think_share_by_entropy_bucket"]) if i != 3]
+
+
+def clean_implicit(r: dict) -> list:
+    """Quiet-STaR's accuracy with a thought before each answer token, per seed, on the clean corpus."""
+    return [x["quietstar_implicit"]["acc"] for x in r["groups"]["clean"]["quietstar"]["per_seed"].values()]
+
+
+def ltt_run(seed: int, path: str) -> str:
+    return f"runs/{seed}/{path}"
+
+
+CHECKS: list = [
+    # ------------------------------------------------------------------ README: the default run
+    Quote("README.md", "ended at NLL {} on its last step's sequence: the mean of {} without thoughts and {} for the "
+          "predictions after a thought", DEFAULT, ("final/train/nll", "final/train/nll_base", "final/train/nll_talk")),
+    # ------------------------------------------------------------------ README: learn_to_think
+    Table("README.md", "| hops | NLL thought | NLL no thought | NLL baseline | acc thought | acc no thought | "
+          "acc baseline |", LTT, LTT_ROWS),
+    Quote("README.md", "held-out 3-hop answers go from {}% to {}% correct, while a plain-LM baseline given the same "
+          "FLOPs stays at {}%", LTT, (pct(ltt("answer_acc", "no_thought", "3")), pct(ltt("answer_acc", "thought", "3")),
+                                      pct(ltt("answer_acc", "baseline", "3")))),
+    Quote("README.md", "At 3 hops the NLL after a thought is {}x the same model's NLL without one, and {}x the "
+          "baseline's", LTT,
+          (V(lambda r: at(r, ltt("answer_nll", "thought", "3")) / at(r, ltt("answer_nll", "no_thought", "3"))),
+           V(lambda r: at(r, ltt("answer_nll", "thought", "3")) / at(r, ltt("answer_nll", "baseline", "3"))))),
+    Quote("README.md", "the 3-hop thought NLLs are {}, {} and {}", LTT,
+          tuple(ltt_run(s, "answer_nll/thought/3") for s in (0, 1, 2))),
+    Quote("README.md", "Each stage took {}-{} s (pretrain), {}-{} s (Quiet-STaR, {} steps) and {}-{} s (baseline, {} "
+          "steps), from the two seeds that had the machine to themselves", LTT,
+          (ltt_run(1, "stages_wall_s/pretrain"), ltt_run(0, "stages_wall_s/pretrain"),
+           ltt_run(0, "stages_wall_s/quietstar"), ltt_run(1, "stages_wall_s/quietstar"), "compute/quietstar_steps",
+           ltt_run(0, "stages_wall_s/baseline"), ltt_run(1, "stages_wall_s/baseline"), "compute/baseline_steps")),
+    Quote("README.md", "That buys it {} steps", LTT, ("compute/baseline_steps",)),
+    Quote("README.md", "at 3 hops {}, against {} without a thought and {} for the baseline", LTT,
+          (ltt("answer_nll_raw", "thought", "3"), ltt("answer_nll_raw", "no_thought", "3"),
+           ltt("answer_nll_raw", "baseline", "3"))),
+    Quote("README.md", "gives a 3-hop thought NLL of {} ({} with the policy term)", VAR,
+          (PW0, V(lambda r: load(LTT)["runs"]["0"]["answer_nll"]["thought"]["3"]))),
+    # ------------------------------------------------------------------ README: thought.where quality and math web
+    Table("README.md", "| where | FLOPs of `all` | thinks at (tokens / answers) | answer NLL gain over no thought | "
+          "kept of `all`'s gain (per seed) | 3-hop NLL after a thought |", WQ,
+          {"all": where_row("all"), "entropy, q = 0.25": where_row("entropy"), "gate, q = 0.25": where_row("gate")}),
+    Quote("README.md", "The gate keeps {}-{}% of the gain at {}% of the FLOPs, seed by seed, and the entropy rule "
+          "{}-{}%", WQ,
+          (pct(lambda r: min(r["summary"]["gate"]["kept_per_seed"].values())),
+           pct(lambda r: max(r["summary"]["gate"]["kept_per_seed"].values())), pct(wq("gate", "flops_of_all")),
+           pct(lambda r: min(r["summary"]["entropy"]["kept_per_seed"].values())),
+           pct(lambda r: max(r["summary"]["entropy"]["kept_per_seed"].values())))),
+    Quote("README.md", "They think at {}% of the real tokens", WQ, (pct(wq("gate", "think_share")),)),
+    Quote("README.md", "the answers after `=`: {} nats per token there, under {} elsewhere", WQ,
+          (wq("all", "gain_by_entropy_bucket/3"),
+           V(lambda r: max(x for i, x in enumerate(r["summary"]["all"]["gain_by_entropy_bucket"]) if i != 3),
+             bound=True))),
+    Quote("README.md", "at only {}% of the second quintile, which is why it misses {}% of the answers", WQ,
+          (pct(wq("entropy", "think_share_by_entropy_bucket/3")),
+           pct(lambda r: 1 - r["summary"]["entropy"]["answer_think_share"]))),
+    Quote("README.md", "The gate thinks at {}% of the answers; it spends the rest of its slots evenly ({}-{}% of each "
+          "other quintile)", WQ,
+          (pct(wq("gate", "answer_think_share")), pct(lambda r: min(gate_elsewhere(r))),
+           pct(lambda r: max(gate_elsewhere(r))))),
+    Quote("README.md", "both rules keep {}% of the all-positions gain at q = 0.25 ({} and {} nats per token against "
+          "{})", WMW,
+          (pct("results/entropy/kept_of_all_gain"), "results/entropy/gain", "results/gate/gain",
+           "results/all/gain")),
+    Quote("README.md", "spread over every entropy quintile ({}-{} nats per token for `all`)", MW,
+          (V(lambda r: min(b["gain"] for b in r["result"]["entropy_buckets"])),
+           V(lambda r: max(b["gain"] for b in r["result"]["entropy_buckets"])))),
+    Quote("README.md", "is better after a thought by {} nats per token on held-out records, and on {}% of the records",
+          MW, ("result/gain", pct("records_improved_share"))),
+    # ------------------------------------------------------------------ README and docs: distillation
+    Table("README.md", "| hops | NLL base | NLL teacher | NLL student | gain kept | acc base | acc teacher "
+          "| acc student | gain kept |", DIST, DISTILL_ROWS),
+    Table("docs/distillation.md", "| hops | NLL base | NLL teacher (thought) | NLL student | kept | acc base | "
+          "acc teacher | acc student | kept |", DIST, DISTILL_ROWS),
+    Quote("README.md", "so the 1-hop gain carries over ({}-{}% of the NLL gain and {}-{}% of the accuracy gain per "
+          "seed) and the 2- and 3-hop gains, which need the thought's serial steps, do not ({}% to {}%)", DIST,
+          (kept_per_seed("nll", "1", min), kept_per_seed("nll", "1", max), kept_per_seed("acc", "1", min),
+           kept_per_seed("acc", "1", max),
+           pct(lambda r: min(x[m][h] for x in r["kl_median_of_3_seeds"]["gain_kept_per_run"] for m in ("nll", "acc")
+                             for h in ("2", "3"))),
+           pct(lambda r: max(x[m][h] for x in r["kl_median_of_3_seeds"]["gain_kept_per_run"] for m in ("nll", "acc")
+                             for h in ("2", "3"))))),
+    Quote("docs/distillation.md", "the share of the 1-hop gain kept is {}%, {}% and {}% in NLL and {}%, {}% and {}% in "
+          "accuracy", DIST,
+          tuple(pct(f"kl_median_of_3_seeds/gain_kept_per_run/{i}/{m}/1") for m in ("nll", "acc") for i in range(3))),
+    Table("docs/distillation.md", "| objective | 1 hop NLL / acc | 2 hops | 3 hops | student training NLL, end |", DIST,
+          {"kl": ntp_row("kl"), "ntp_rl, official": ntp_row("ntp_rl_official"),
+           "ntp_rl, teacher_gain": ntp_row("ntp_rl_teacher_gain")}),
+    Quote("docs/distillation.md", "transfers, but less than the KL: {}% of the 1-hop NLL gain and {}% of the accuracy "
+          "gain, against {}% and {}% for the KL on the same teacher. Its reward was positive at {}% of positions in "
+          "the last step",
+          DIST, (pct("objectives_seed_0/ntp_rl_teacher_gain/gain_kept/nll/1"),
+                 pct("objectives_seed_0/ntp_rl_teacher_gain/gain_kept/acc/1"),
+                 pct("objectives_seed_0/kl/gain_kept/nll/1"), pct("objectives_seed_0/kl/gain_kept/acc/1"),
+                 pct("objectives_seed_0/ntp_rl_teacher_gain/stages/0/final_metrics/distill/reward_pos_frac"))),
+    Quote("docs/distillation.md", "the KL to the teacher with it ({} nats at the end)", DIST,
+          ("objectives_seed_0/ntp_rl_official/stages/0/final_metrics/distill/kl",)),
+    Quote("docs/distillation.md", "it reaches the baseline's 1-hop level in 600 steps ({} against {} median, {}% "
+          "against {}% accuracy)", DIST,
+          (dist("answer_nll", "student", "1"), V(lambda r: load(LTT)["median"]["answer_nll"]["baseline"]["1"]),
+           pct(dist("answer_acc", "student", "1")),
+           pct(lambda r: load(LTT)["median"]["answer_acc"]["baseline"]["1"]))),
+    # ------------------------------------------------------------------ README and docs: explicit thinking
+    Table("README.md", EXPLICIT_HEADER, EXPL, EXPLICIT_ROWS),
+    Table("docs/explicit.md", EXPLICIT_HEADER, EXPL, EXPLICIT_ROWS),
+    Quote("README.md", "reach the gold answer ({} -> {} on seed 0, {} -> {} on seed 1)", EXPL,
+          (ex_seed("star", "base", "cot", "0"), ex_seed("star", "chosen", "cot", "0"),
+           ex_seed("star", "base", "cot", "1"), ex_seed("star", "chosen", "cot", "1"))),
+    Quote("README.md", "On the clean corpus they match an explicit rationale ({}-{} against {})", EXPL,
+          (V(lambda r: min(clean_implicit(r))), V(lambda r: max(clean_implicit(r))),
+           "groups/clean/star/median/base/cot/acc")),
+    Quote("docs/explicit.md", "Quiet-STaR, with a thought before each answer token, is right on {}, {} and {} (seeds "
+          "0-2)", EXPL, tuple(f"groups/clean/quietstar/per_seed/s{s}/quietstar_implicit/acc" for s in SEEDS)),
+    Quote("docs/explicit.md", "Seed 1: {} -> {} (round {}; round {} reached {}, but validation had stopped improving)",
+          EXPL, (ex_seed("star", "base", "cot", "1"), ex_seed("star", "chosen", "cot", "1"),
+                 "groups/decoy/star/per_seed/s1/best_round", "groups/decoy/star/per_seed/s1/rounds_run",
+                 ex_seed("star", "last_round", "cot", "1"))),
+    Quote("README.md", "exact match {}, at about {} tokens an answer", "gsm8k_zero_shot_cpu.json",
+          ("em", "tokens_per_answer")),
+    Table("docs/explicit_preference.md", "| model | cot acc | cot tokens/answer | sampled acc (T=1.5) | direct acc |",
+          PREF, {
+              "base": [pref_round("tpo", 0, "cot/acc"), pref_round("tpo", 0, "cot/tokens_per_answer"),
+                       pref_round("tpo", 0, "sampled/acc"), pref_round("tpo", 0, "direct/acc")],
+              "V-STaR generator, round 1 / 2": pref_row("vstar", (1, 2)),
+              "TPO, round 1 / 2": pref_row("tpo", (1, 2)),
+              "CPO, round 1": pref_row("cpo", (1,))}),
+    Table("docs/explicit_preference.md", "| k | 1 | 2 | 4 | 8 | 16 |", PREF, {
+        "best-of-k, ratio": best_of_k("best_of_k_ratio"), "best-of-k, likelihood": best_of_k("best_of_k_likelihood"),
+        "majority vote": best_of_k("majority_vote"), "pass@k": best_of_k("pass_at_k")}),
+    Quote("docs/explicit_preference.md", "verifier trained on {} pairs from both rounds, DPO loss {} -> {}", PREF,
+          ("methods/vstar/best_of_k/pairs", "methods/vstar/best_of_k/loss_first", "methods/vstar/best_of_k/loss_last")),
+    Quote("docs/explicit_preference.md", "After one round greedy cot falls to {} and after two to {}, while the DPO "
+          "loss falls to {} and {} ({} pairs in round 1 and {} in round 2; {} and then {} of 1024 questions give "
+          "no pair",
+          PREF, (pref_round("tpo", 1, "cot/acc"), pref_round("tpo", 2, "cot/acc"), pref_round("tpo", 1, "loss_last"),
+                 pref_round("tpo", 2, "loss_last"), pref_round("tpo", 1, "stats/pairs"),
+                 pref_round("tpo", 2, "stats/pairs"), pref_round("tpo", 1, "skips/best and worst score the same"),
+                 pref_round("tpo", 2, "skips/best and worst score the same"))),
+    Quote("docs/explicit_preference.md", "their closing mark falls {} -> {} -> {} and tokens per answer rise {} -> {}",
+          PREF, (*(pref_round("tpo", r, "cot/rationale_closed") for r in (0, 1, 2)),
+                 pref_round("tpo", 0, "cot/tokens_per_answer"), pref_round("tpo", 2, "cot/tokens_per_answer"))),
+    # ------------------------------------------------------------------ README: curriculum, evaluation, generation
+    Quote("README.md", "It ended at a 3-hop thought NLL of {}, against {} for a fixed length of {} with the same FLOPs "
+          "(261 steps)", CUR, (f"{CUR_END}/thought_nll/3", f"{CUR_FIXED}/thought_nll/3", f"{CUR_FIXED}/n_ahead")),
+    Quote("README.md", "how well each length fits the chain, not progress: {} at {}, {} at {}", CUR,
+          ("per_checkpoint/curriculum, end of stage 1 (step 60, n_ahead 11)/thought_nll/3",
+           "per_checkpoint/curriculum, end of stage 1 (step 60, n_ahead 11)/n_ahead",
+           "per_checkpoint/curriculum, end of stage 2 (step 120, n_ahead 9)/thought_nll/3",
+           "per_checkpoint/curriculum, end of stage 2 (step 120, n_ahead 9)/n_ahead")),
+    Table("README.md", "| | base | 20 steps, no thought | 20 steps, with thought |", EVAL, {
+        "GSM8K soft accuracy (first 200 test)": [pct("table/base/gsm8k_soft_acc_base"),
+                                                 pct("table/trained/gsm8k_soft_acc_base"),
+                                                 pct("table/trained/gsm8k_soft_acc_thought")],
+        "CSQA soft accuracy (first 200 dev)": [pct("table/base/csqa_soft_acc_base"),
+                                               pct("table/trained/csqa_soft_acc_base"),
+                                               pct("table/trained/csqa_soft_acc_thought")],
+        "GSM8K exact match, zero-shot CoT, 1 sample, <=64 tokens (first 50)": [
+            em_count("base"), None, em_count("trained")],
+        "held-out NLL, math_web last 30 records (nats/token)": ["table/base/nll_base", "table/trained/nll_base",
+                                                                "table/trained/nll_thought"]}),
+    Quote("README.md", "moves the mixing weight only to about {}", EVAL, ("training/last/thought/mix_weight_mean",)),
+    Quote("README.md", "runs at {} / {} / {} of plain decoding's tokens/s for {} / {} / {}-token thoughts at batch 1, "
+          "and {} / {} / {} at batch 8 (goal: 0.8/(length+1) = {} / {} / {}", GEN,
+          (gen(1, 4), gen(1, 8), gen(1, 12), gen(1, 4, "thought_length"), gen(1, 8, "thought_length"),
+           gen(1, 12, "thought_length"),
+           gen(8, 4), gen(8, 8), gen(8, 12), gen(1, 4, "goal_ratio"), gen(1, 8, "goal_ratio"),
+           gen(1, 12, "goal_ratio"))),
+    # ------------------------------------------------------------------ docs/learning.md
+    Table("docs/learning.md", "| prediction | answer NLL | accuracy | raw NLL |", LTT, {
+        "after a thought": [ltt(m, "thought", "3") for m in ("answer_nll", "answer_acc", "answer_nll_raw")],
+        "same model, no thought": [ltt(m, "no_thought", "3") for m in ("answer_nll", "answer_acc", "answer_nll_raw")],
+        "baseline (same FLOPs)": [ltt(m, "baseline", "3") for m in ("answer_nll", "answer_acc", "answer_nll_raw")]}),
+    Quote("docs/learning.md", "gives a 3-hop thought NLL of {}, against {}", VAR,
+          (PW0, V(lambda r: load(LTT)["runs"]["0"]["answer_nll"]["thought"]["3"]))),
+    Quote("docs/learning.md", "keeps {}% (entropy) and {}% (gate) of the all-positions answer-NLL gain at {}% of the "
+          "FLOPs", WQ, (pct(wq("entropy", "kept_of_all_answer_gain")), pct(wq("gate", "kept_of_all_answer_gain")),
+                        pct(wq("gate", "flops_of_all")))),
+    Quote("docs/learning.md", "reaches only {}% of the answers (median); the gate, trained on the rewards the thoughts "
+          "earn, reaches {}%", WQ, (pct(wq("entropy", "answer_think_share")), pct(wq("gate", "answer_think_share")))),
+    Table("docs/learning.md", "| base-entropy quintile | entropy (nats) | NLL no thought | NLL thought | gain |", MW, {
+        **{label: [tuple(f"result/entropy_buckets/{k}/base_entropy_range/{i}" for i in (0, 1)),
+                   f"result/entropy_buckets/{k}/nll_base", f"result/entropy_buckets/{k}/nll_thought",
+                   f"result/entropy_buckets/{k}/gain"]
+           for k, label in enumerate(("0 (most confident)", "1", "2", "3", "4 (least confident)"))},
+        "all": [None, "result/nll_base", "result/nll_thought", "result/gain"]}),
+    Quote("docs/learning.md", "The prediction after a thought is better by {} nats per token", MW, ("result/gain",)),
+    Quote("docs/learning.md", "and {}% of the records improve", MW, (pct("records_improved_share"),)),
+    Quote("docs/learning.md", "Records 1,800-1,847, which training never saw, were then scored ({} tokens, 128 per "
+          "record)", MW, ("result/tokens",)),
+    Quote("docs/learning.md", "The mixing weight is {} after 40 steps", MW, ("train_final/thought/mix_weight_mean",)),
+    Quote("docs/learning.md", "the gain is negative on the easiest fifth ({}) and {} on the hardest", MW,
+          ("result/buckets/0/gain", "result/buckets/4/gain")),
+    Quote("docs/learning.md", "It keeps {}-{}% of the 1-hop NLL gain and {}-{}% of the accuracy gain (3 seeds)", DIST,
+          (kept_per_seed("nll", "1", min), kept_per_seed("nll", "1", max), kept_per_seed("acc", "1", min),
+           kept_per_seed("acc", "1", max))),
+]
+
+
+def main() -> int:
+    problems = [p for c in CHECKS for p in check(c)]
+    for p in problems:
+        print(p)
+    print(f"{len(CHECKS)} tables and quotes checked, {len(problems)} mismatches")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
