@@ -1,9 +1,10 @@
 """Compile every thought-attention kernel ahead of time for sm_80 and sm_90 and tabulate what it uses.
 
 Every launch the dispatch can make (kernels/aot.py: each kernel and constexpr branch, each autotune config
-its pruner can keep, fp32 / bf16 / fp16, the head dims of the model presets) is compiled by Triton for both
+its pruner can keep, bf16 / fp16, the head dims of the model presets) is compiled by Triton for both
 targets without a GPU; the table gives shared memory against the target's limit, registers and spill bytes
 from ptxas. It shows that the kernels compile and fit, not that they run correctly on a GPU (they never have).
+The record also holds fp32 rows, compiled when fp32 was still a CUDA dtype: they are why it no longer is.
 
     python bench/kernels_aot.py                 # every job -> bench/results/kernels_aot.json (1-2 h, 2 cores)
     python bench/kernels_aot.py --dtype bf16 --head-dim 128 --processes 4 --out /tmp/aot.json

@@ -53,7 +53,8 @@ TARGETS = (80, 90)  # compute capabilities: A100 (sm_80), H100 (sm_90, compiled 
 # Capability" (163 KB for 8.0, 227 KB for 9.0). Triton compares metadata.shared with the same quantity
 # (CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN) when it loads a kernel; it has no table of its own.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # thought_attention's checks
+# the dtypes thought_attention takes on CUDA (_check_cuda_dtype refuses fp32 there: its tiles do not fit)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Register spills accepted in bf16 and fp16 (none in fp32), for every variant of a kernel: (kernel, head dim,
 # arch) -> (configs, why). Each was measured (bench/results/kernels_aot.json: at most 148 B stored + loaded);

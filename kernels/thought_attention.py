@@ -937,6 +937,14 @@ def _on_device(x):
 # public function
 
 
+def _check_cuda_dtype(q: torch.Tensor) -> None:
+    """fp32 runs in the interpreter only: compiled, its tiles exceed sm_80's shared memory at head dim 128
+    and spill at every head dim (bench/results/kernels_aot.json)."""
+    if q.device.type == "cuda" and q.dtype == torch.float32:
+        raise ValueError("the Triton kernel takes fp16/bf16 on CUDA (its fp32 tiles do not fit: "
+                         "bench/results/kernels_aot.json); use train.precision=bf16 or attention.backend=split")
+
+
 def thought_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int,
                       lengths: Optional[torch.Tensor] = None, return_lse: bool = False,
                       doc_ids: Optional[torch.Tensor] = None):
@@ -945,7 +953,7 @@ def thought_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int,
     q (B, H, R, L, D); k, v (B, G, R, L, D) with H % G == 0 and R = 1 + n (S - 1); lengths (B,)
     real tokens per sequence (right padding) or None; doc_ids (B, L) the document of each position for
     packed sequences (contiguous runs), or None. Inputs may be non-contiguous views (they are
-    made contiguous). fp16/bf16/fp32 on CUDA, fp32 on CPU under TRITON_INTERPRET=1.
+    made contiguous). fp16/bf16 on CUDA, fp32 on CPU under TRITON_INTERPRET=1.
     Returns o (B, H, R, L, D) in q's dtype, and with return_lse also lse (B, H, R, L) fp32
     (natural log, -inf for a query with no visible key; not differentiable).
     """
@@ -962,6 +970,7 @@ def thought_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int,
         raise ValueError(f"q, k, v must share one of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.device.type != "cuda" and not INTERPRET:
         raise RuntimeError("thought_attention needs CUDA, or TRITON_INTERPRET=1 set before triton is imported")
+    _check_cuda_dtype(q)
     grid_steps(R, n)  # validates R against n
     o, lse2 = ThoughtAttention.apply(q, k, v, n, lengths, doc_ids)
     return (o, lse2 * LN2) if return_lse else o
@@ -980,6 +989,7 @@ def subset_thought_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         raise ValueError(f"head dim must be a power of two >= 16, got {D}")
     if q.device.type != "cuda" and not INTERPRET:
         raise RuntimeError("subset_thought_attention needs CUDA, or TRITON_INTERPRET=1 set before triton is imported")
+    _check_cuda_dtype(q)
     if S < 2 or subset_text_length(q.shape[2], n, S, positions.shape[1]) < 1:
         raise ValueError(f"{q.shape[2]} tokens do not hold a text row and n={n} x (S-1)={S - 1} rows of "
                          f"{positions.shape[1]} thinking positions")

@@ -60,10 +60,12 @@ def _check(name: str) -> None:
         raise ValueError(f"attention.backend must be one of {BACKENDS}, got {name!r}")
 
 
-def resolve_backend(device: torch.device) -> str:
+def resolve_backend(device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
+    """The backend for inputs on `device` (of `dtype`, where known). `auto`: the Triton kernel on CUDA for
+    half-precision inputs, `split` otherwise: the kernel's fp32 tiles do not fit a GPU (kernels/aot.py)."""
     name = _override or _configured
     if name == "auto":
-        return "triton" if device.type == "cuda" else "split"
+        return "triton" if device.type == "cuda" and dtype != torch.float32 else "split"
     if name in ("triton", "flex") and device.type != "cuda":
         if name == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
             return name
@@ -79,7 +81,7 @@ def resolve_backend(device: torch.device) -> str:
 def grid_attention(q, k, v, n: int, lengths: Optional[torch.Tensor] = None,
                    doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention over the whole thought grid. q (B, H, R, L, D); k, v (B, G, R, L, D) -> (B, H, R, L, D)."""
-    backend = resolve_backend(q.device)
+    backend = resolve_backend(q.device, q.dtype)
     if backend == "triton":
         from quietstar.kernels.thought_attention import thought_attention
         return thought_attention(q, k, v, n, lengths, doc_ids=doc_ids)
@@ -96,7 +98,7 @@ def subset_grid_attention(q, k, v, n: int, S: int, positions: torch.Tensor, leng
     """Attention over the subset grid of the thinking positions (B, P) (masks.grid_coords): the text row's L
     tokens, then R - 1 branch rows of P tokens, flattened. q (B, H, N, D); k, v (B, G, N, D) -> (B, H, N, D).
     A branch at position positions[b, p] sees the whole text prefix up to it and its own earlier steps."""
-    backend = resolve_backend(q.device)
+    backend = resolve_backend(q.device, q.dtype)
     if backend == "triton":
         from quietstar.kernels.thought_attention import subset_thought_attention
         return subset_thought_attention(q, k, v, n, S, positions, lengths, doc_ids)
@@ -118,7 +120,7 @@ def grid_rows_attention(q, k, v, n: int, lengths: Optional[torch.Tensor] = None,
     (the text row ran before, on its own: text_attention). The split backend computes nothing for the text
     row's queries; the others run the whole grid with zero queries there and drop that row's output (no
     gradient flows from it)."""
-    if resolve_backend(q.device) == "split":
+    if resolve_backend(q.device, q.dtype) == "split":
         return _SplitAttention.apply(q, k, v, n, _key_ok(q.shape[0], q.shape[3], lengths, q.device), doc_ids, None,
                                      True)
     q = torch.cat([q.new_zeros(*q.shape[:2], 1, *q.shape[3:]), q], 2)
@@ -131,7 +133,7 @@ def subset_grid_rows_attention(q, k, v, n: int, S: int, positions: torch.Tensor,
     """subset_grid_attention's branch rows alone: their queries q (B, H, (R - 1) P, D) over the keys of the whole
     subset grid k, v (B, G, L + (R - 1) P, D) -> (B, H, (R - 1) P, D), as grid_rows_attention."""
     L = k.shape[2] - q.shape[2]
-    if resolve_backend(q.device) == "split":
+    if resolve_backend(q.device, q.dtype) == "split":
         return _SubsetSplitAttention.apply(q, k, v, n, S, positions, _key_ok(q.shape[0], L, lengths, q.device),
                                            doc_ids, None, True)
     q = torch.cat([q.new_zeros(*q.shape[:2], L, q.shape[3]), q], 2)
@@ -143,7 +145,7 @@ def text_attention(q, k, v, lengths: Optional[torch.Tensor] = None,
     """The text row alone (row 0 sees nothing but itself: causal, within its document, real keys only), with
     gradient. q (B, H, L, D); k, v (B, G, L, D) -> (B, H, L, D). The split backend runs it as a one-row
     grid (on CPU PyTorch's flash kernels); the others through SDPA with the oracle's mask."""
-    if resolve_backend(q.device) == "split":
+    if resolve_backend(q.device, q.dtype) == "split":
         return split_attention(q[:, :, None], k[:, :, None], v[:, :, None], 1, lengths, doc_ids)[:, :, 0]
     gqa = q.shape[1] != k.shape[1]
     if lengths is None and doc_ids is None:

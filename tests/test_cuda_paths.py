@@ -198,6 +198,9 @@ def test_gpu_defaults(monkeypatch):
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     with attention.use_backend("auto"):
         assert attention.resolve_backend(cuda) == "triton" and attention.resolve_backend(cpu) == "split"
+        assert attention.resolve_backend(cuda, torch.bfloat16) == attention.resolve_backend(cuda, torch.float16) \
+            == "triton"
+        assert attention.resolve_backend(cuda, torch.float32) == "split"  # the kernel's fp32 tiles do not fit
     with attention.use_backend("flex"):
         assert attention.resolve_backend(cuda) == "flex"
         with pytest.raises(RuntimeError, match="needs a CUDA device"):
@@ -349,7 +352,8 @@ def test_experiment_gpu_trains_in_bf16(tmp_path, monkeypatch):
     node.output_dir = str(tmp_path)
     backends, autocast = [], []
     real_resolve, real_autocast = attention.resolve_backend, train_script.autocast_context
-    monkeypatch.setattr(attention, "resolve_backend", lambda device: backends.append(real_resolve(device)) or backends[-1])
+    monkeypatch.setattr(attention, "resolve_backend",
+                        lambda device, dtype=None: backends.append(real_resolve(device, dtype)) or backends[-1])
 
     def recording(device, precision):
         ctx = real_autocast(device, precision)
@@ -362,3 +366,16 @@ def test_experiment_gpu_trains_in_bf16(tmp_path, monkeypatch):
     assert len(autocast) >= 3 and set(autocast) == {("cuda", torch.bfloat16)}
     assert backends and set(backends) == {"triton"}
     verify_checkpoint(result.checkpoint)
+
+
+def test_the_triton_kernel_refuses_fp32_on_cuda():
+    """Compiled, the kernel's fp32 tiles exceed sm_80's shared memory and spill (kernels/aot.py): on CUDA it
+    takes fp16/bf16 only, with one clear error for fp32, before anything is launched."""
+    from quietstar.kernels.thought_attention import subset_thought_attention, thought_attention
+
+    q, k = on_gpu(1, 2, 3, 16, 16), on_gpu(1, 1, 3, 16, 16)
+    with pytest.raises(ValueError, match="fp16/bf16 on CUDA"):
+        thought_attention(q, k, k, 2)
+    qs, ks = on_gpu(1, 2, 16 + 2 * 4, 16), on_gpu(1, 1, 16 + 2 * 4, 16)
+    with pytest.raises(ValueError, match="fp16/bf16 on CUDA"):
+        subset_thought_attention(qs, ks, ks, 2, 2, torch.arange(4)[None])

@@ -5,12 +5,13 @@ dtype, head dim, target) through Triton's whole pipeline down to ptxas, and fail
 shared memory above the target's per-block limit, or on register spills not listed in aot.ACCEPTED_SPILLS.
 It shows that the kernels compile and fit; it does not run them (their numerics on a GPU are untested).
 
-All the launches (every reachable config x fp32/bf16/fp16 x every preset head dim x both targets, 2682
-compiles) take an hour or two on 2 cores: QUIETSTAR_AOT=all runs them here, `python bench/kernels_aot.py`
-records them. By default 75 run (default_jobs): at the largest head dim each (kernel, variant) on both
-targets in bf16 or fp16, so that every config reachable there is compiled once; fp32 once per (kernel,
-variant) at the smallest head dim. fp32 tiles at head dims 64 and 128 spill kilobytes, which takes ptxas a
-minute or two per compile (bench/results/kernels_aot.json has them all).
+The kernel takes fp16/bf16 on CUDA (fp32 only in the interpreter): compiled, its fp32 tiles exceed sm_80's
+shared memory at head dim 128 and spill at every head dim (the fp32 rows of bench/results/kernels_aot.json),
+so thought_attention refuses fp32 on CUDA and the `auto` backend runs `split` there. All the launches (every
+reachable config x bf16/fp16 x every preset head dim x both targets, 1788 compiles) take most of an hour on
+2 cores: QUIETSTAR_AOT=all runs them here, `python bench/kernels_aot.py` records them. By default 75 run
+(default_jobs): at the largest head dim each (kernel, variant) on both targets in bf16 or fp16, so that every
+config reachable there is compiled once; at the smallest head dim each (kernel, variant) once more.
 """
 
 import os
@@ -26,7 +27,8 @@ SKIP = aot.ptxas_available()
 def default_jobs(jobs: list[aot.Job]) -> list[aot.Job]:
     """At the largest head dim each (kernel, variant) once per target, in bf16 on one and fp16 on the other
     (swapped from one variant to the next), with a config of the kernel not taken yet, else its configs in
-    turn; at the smallest head dim each (kernel, variant) once in fp32, the targets in turn, first config."""
+    turn; at the smallest head dim each (kernel, variant) once, fp16 and bf16 and the targets in turn,
+    first config."""
     dims = sorted({j.head_dim for j in jobs})
     by = defaultdict(list)  # (kernel, variant, arch, dtype, head dim) -> its jobs, one per config
     for j in jobs:
@@ -42,7 +44,8 @@ def default_jobs(jobs: list[aot.Job]) -> list[aot.Job]:
             picked.append(fresh[0] if fresh else options[(2 * v + a) % len(options)])
             taken[kernel].add(picked[-1].config)
     for n, (kernel, variant) in enumerate(variants):
-        picked.append(by[kernel, variant, aot.TARGETS[n % len(aot.TARGETS)], "fp32", dims[0]][0])
+        arch, dtype = aot.TARGETS[n % len(aot.TARGETS)], ("fp16", "bf16")[n % 2]
+        picked.append(by[kernel, variant, arch, dtype, dims[0]][0])
     return picked
 
 
