@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -39,7 +38,7 @@ if str(ROOT) not in sys.path:
 
 from quietstar.attention import dense_attention, split_attention  # noqa: E402
 from quietstar.masks import n_grid_rows  # noqa: E402
-from quietstar.provenance import write_record  # noqa: E402
+from quietstar.provenance import machine, write_record  # noqa: E402
 
 BACKENDS = ("dense", "split", "flex", "triton")
 
@@ -227,17 +226,6 @@ def device_label(device: torch.device) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
 def print_table(cases):
     """One line per case and backend; the last two columns compare fwd+bwd with dense (time, memory)."""
     print(f"{'L':>5} {'S':>3} {'R':>3} {'D':>4} {'backend':>7} | {'fwd ms':>9} {'fwd+bwd ms':>11} | "
@@ -313,7 +301,7 @@ def main(argv=None):
     except ImportError:
         triton_version = None
     result = dict(
-        device=torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else machine()["cpu"],
         device_kind=device.type, triton=triton_version,
         memory_note=("peak bytes allocated above the inputs (torch.cuda.max_memory_allocated)" if device.type == "cuda"
                      else "peak resident-set growth (VmHWM after a reset) of a fresh process per case with "
