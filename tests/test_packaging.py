@@ -69,6 +69,8 @@ def test_the_wheel_installs_one_top_level_name_and_the_kernels_configs_and_comma
     assert "quietstar/configs/train.yaml" in names
     shipped = {f"quietstar/configs/{p.relative_to(ROOT / 'configs')}" for p in (ROOT / "configs").rglob("*.yaml")}
     assert shipped <= set(names), sorted(shipped - set(names))
+    tasks = {f"quietstar/eval/tasks/{p.name}" for p in (ROOT / "quietstar" / "eval" / "tasks").glob("*.yaml")}
+    assert tasks and tasks <= set(names), sorted(tasks - set(names))  # lm_eval's task YAMLs (quietstar.lm_eval)
     assert not [n for n in names if n.endswith("train.py") and n != "quietstar/train.py"]
 
 
