@@ -43,6 +43,7 @@ import torch
 
 from quietstar.cli import AT_LEAST_1, NON_NEGATIVE, UNIT_OPEN_LEFT, Rule, one_of, parse_kv
 from quietstar.errors import UserError, run_main
+from quietstar.eval.common import Progress, next_token_logits_at, talk_head_is_zero
 
 try:
     from lm_eval.api.model import TemplateLM
@@ -173,55 +174,69 @@ def score_continuations(qs, inputs: Sequence[Sequence[int]], continuations: Sequ
                         branch_memory_mb: int = 1024, thoughts: Optional[torch.Tensor] = None
                         ) -> tuple[list[Scored], Optional[torch.Tensor]]:
     """Score a batch: inputs[r] is the model's input (context + continuation without its last token), the
-    last len(continuations[r]) positions of which predict continuations[r]. -> (one Scored per row, the
-    thoughts used (n, P, T-3) for the P thinking positions in row-major order, or None).
+    last len(continuations[r]) positions of which predict continuations[r]. Requests with the same input (the
+    choices of a multiple-choice question) share its forward and, at each position, its thoughts: every
+    distinct (input, position) is predicted once. -> (one Scored per request, the thoughts used (n, U, T-3) at
+    the U distinct thinking positions in order of first use, or None).
 
-    `thoughts` (n, P, T-3) scores given thoughts instead of sampling them (tests)."""
-    from quietstar.eval.common import next_token_logits_at
-
+    `thoughts` (n, U, T-3) scores given thoughts instead of sampling them (tests)."""
     dev = qs.model.tok_embeddings.weight.device
-    L = max(len(s) for s in inputs)
-    x = torch.tensor([list(s) + [pad_id] * (L - len(s)) for s in inputs], device=dev)  # right-padded (B, L)
-    rows = [r for r, c in enumerate(continuations) for _ in c]
-    pos = [len(inputs[r]) - len(c) + j for r, c in enumerate(continuations) for j in range(len(c))]
+    uniq: dict = {}
+    row_of = [uniq.setdefault(tuple(s), len(uniq)) for s in inputs]  # request -> distinct input
+    seqs = list(uniq)
+    L = max(len(s) for s in seqs)
+    x = torch.tensor([list(s) + [pad_id] * (L - len(s)) for s in seqs], device=dev)  # right-padded (B, L)
+    pairs = [(row_of[r], len(inputs[r]) - len(c) + j) for r, c in enumerate(continuations) for j in range(len(c))]
+    at: dict = {}
+    inv = torch.tensor([at.setdefault(p, len(at)) for p in pairs], device=dev)  # token -> distinct (row, position)
+    upairs = list(at)
     target = torch.tensor([t for c in continuations for t in c], device=dev)
     if not think:
-        thinks = [False] * len(pos)
+        thinks = [False] * len(upairs)
     elif qs.cfg.where == "all":
-        thinks = [True] * len(pos)
+        thinks = [True] * len(upairs)
     else:
-        thinks = _selected(qs, x, [len(s) for s in inputs], rows, pos)
-    logp = torch.empty(len(pos), device=dev)  # (P_all,) log p(target)
-    greedy = torch.empty(len(pos), dtype=torch.bool, device=dev)
-    think_idx = [k for k, t in enumerate(thinks) if t]
-    base_idx = [k for k, t in enumerate(thinks) if not t]
+        thinks = _selected(qs, x, [len(s) for s in seqs], upairs)
+    logp = torch.empty(len(pairs), device=dev)  # log p(target) per continuation token
+    greedy = torch.empty(len(pairs), dtype=torch.bool, device=dev)
+
+    def take(u_idx: list, z: torch.Tensor):  # z (len(u_idx), V) log-probs at these distinct pairs
+        where = torch.full((len(upairs),), -1, device=dev)
+        where[u_idx] = torch.arange(len(u_idx), device=dev)
+        k = (where[inv] >= 0).nonzero().squeeze(-1)
+        zk = z[where[inv[k]]]
+        logp[k] = zk.gather(-1, target[k, None]).squeeze(-1)
+        greedy[k] = zk.argmax(-1) == target[k]
+
+    base_idx = [u for u, t in enumerate(thinks) if not t]
     if base_idx:
         h = qs.model(inputs_embeds=qs.embed(x), return_hidden=True)  # (B, L, d), causal: right padding unseen
-        z = torch.log_softmax(qs.model.head(h[[rows[k] for k in base_idx], [pos[k] for k in base_idx]]).float(), -1)
-        logp[base_idx] = z.gather(-1, target[base_idx, None]).squeeze(-1)
-        greedy[base_idx] = z.argmax(-1) == target[base_idx]
-    used = []
-    n, chunk = n_thoughts, _branch_chunk(qs, L, branch_memory_mb)
-    per_chunk = max(1, chunk // n)
+        for c0 in range(0, len(base_idx), 1024):  # the LM head at the scored positions only
+            idx = base_idx[c0:c0 + 1024]
+            hs = h[[upairs[u][0] for u in idx], [upairs[u][1] for u in idx]]
+            take(idx, torch.log_softmax(qs.model.head(hs).float(), -1))
+    think_idx = [u for u, t in enumerate(thinks) if t]
+    used, n = [], n_thoughts
+    per_chunk = max(1, _branch_chunk(qs, L, branch_memory_mb) // n)
     for c0 in range(0, len(think_idx), per_chunk):
         idx = think_idx[c0:c0 + per_chunk]
         P = len(idx)
         given = None if thoughts is None else thoughts[:, c0:c0 + P].reshape(n * P, -1)
-        out = next_token_logits_at(qs, x, [rows[k] for k in idx] * n, [pos[k] for k in idx] * n, generator, given)
+        out = next_token_logits_at(qs, x, [upairs[u][0] for u in idx] * n, [upairs[u][1] for u in idx] * n,
+                                   generator, given)
         z = torch.log_softmax(out.mixed.float(), -1).view(n, P, -1)  # (n, P, V)
-        z = torch.logsumexp(z, 0) - math.log(n)  # the mean of the n thoughts' probabilities
-        logp[idx] = z.gather(-1, target[idx, None]).squeeze(-1)
-        greedy[idx] = z.argmax(-1) == target[idx]
+        take(idx, torch.logsumexp(z, 0) - math.log(n))  # the mean of the n thoughts' probabilities
         used.append(out.thoughts.view(n, P, -1))
     scored, k = [], 0
     for c in continuations:
         lp = logp[k:k + len(c)].double()
-        scored.append(Scored(float(lp.sum()), bool(greedy[k:k + len(c)].all()), lp.tolist(), thinks[k:k + len(c)]))
+        flags = [thinks[int(u)] for u in inv[k:k + len(c)]]
+        scored.append(Scored(float(lp.sum()), bool(greedy[k:k + len(c)].all()), lp.tolist(), flags))
         k += len(c)
     return scored, (torch.cat(used, 1) if used else None)
 
 
-def _selected(qs, x, lengths: Sequence[int], rows: Sequence[int], pos: Sequence[int]) -> list[bool]:
+def _selected(qs, x, lengths: Sequence[int], pairs: Sequence[tuple[int, int]]) -> list[bool]:
     """thought.where in log-likelihoods: which of the (row, position) pairs think, chosen as training chooses
     (where.select over each row's own positions that have a next token, without the gate's exploration)."""
     from quietstar.where import select
@@ -233,7 +248,7 @@ def _selected(qs, x, lengths: Sequence[int], rows: Sequence[int], pos: Sequence[
         eligible = torch.ones(1, n, dtype=torch.bool, device=x.device)  # each input position predicts a token
         sel = select(scores[r:r + 1, :n], eligible, qs.cfg.think_fraction, qs.cfg.think_threshold)
         chosen |= {(r, int(p)) for p, ok in zip(sel.positions[0].tolist(), sel.valid[0].tolist()) if ok}
-    return [(r, p) in chosen for r, p in zip(rows, pos)]
+    return [p in chosen for p in pairs]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -287,8 +302,6 @@ class QuietStarLM(TemplateLM):
         return str(getattr(self.tokenizer, "source", "")).replace("/", "__")
 
     def get_model_info(self) -> dict:
-        from quietstar.eval.common import talk_head_is_zero
-
         cfg = self.qs.cfg
         return {"quietstar": {"ckpt": self.args["ckpt"] or None, "model": None if self.args["ckpt"] else self.args["model"],
                               "think": self.think, "num_thoughts": self.n_thoughts, "seed": self.args["seed"],
@@ -316,8 +329,6 @@ class QuietStarLM(TemplateLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """requests: ((context, continuation) or None, context ids, continuation ids), as the `hf` backend
         takes them; inputs longer than max_length + 1 lose tokens on the left, as there."""
-        from quietstar.eval.common import Progress
-
         items = []
         for _, ctx, cont in requests:
             if not cont:
@@ -326,11 +337,14 @@ class QuietStarLM(TemplateLM):
                 raise UserError(f"loglikelihood: a continuation of {len(cont)} tokens is longer than max_length="
                                 f"{self.max_length}")
             items.append(((list(ctx) + list(cont))[-(self.max_length + 1):][:-1], list(cont)))
-        order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))  # longest first: little padding
+        groups: dict = {}  # requests with the same input go in one batch (they share its forward)
+        for i, (inp, _) in enumerate(items):
+            groups.setdefault(tuple(inp), []).append(i)
+        order = sorted(groups, key=lambda inp: (-len(inp), inp))  # longest first: little padding
         out: list = [None] * len(items)
         bar = None if disable_tqdm else Progress(len(items), "loglikelihood")
-        for b0 in range(0, len(order), self.batch_size):
-            idx = order[b0:b0 + self.batch_size]
+        for b0 in range(0, len(order), self.batch_size):  # batch_size distinct inputs
+            idx = [i for inp in order[b0:b0 + self.batch_size] for i in groups[inp]]
             scored, _ = score_continuations(self.qs, [items[i][0] for i in idx], [items[i][1] for i in idx],
                                             self.think, self.n_thoughts, self.generator, self.tokenizer.pad_id,
                                             self.args["branch_memory_mb"])
@@ -366,8 +380,6 @@ class QuietStarLM(TemplateLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Batches of requests with the same gen_kwargs, longest context first, through generate_stream."""
-        from quietstar.eval.common import Progress
-
         groups: dict = {}
         for i, req in enumerate(requests):
             context, gen_kwargs = req.args

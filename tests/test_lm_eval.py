@@ -145,6 +145,12 @@ def test_num_thoughts_averages_probabilities_and_batching_equals_one_by_one(tiny
             mean = sum(math.exp(s.token_logprobs[j]) for s in singles) / 3
             assert abs(math.log(mean) - batch[r].token_logprobs[j]) < 1e-5
         k += n
+    inp = inputs[0]  # two choices after one context: one forward, one thought, each choice scored under it
+    two, th2 = score_continuations(lm.qs, [inp, inp], [[5], [9]], True, 1, torch.Generator().manual_seed(2), 2)
+    assert th2.shape[1] == 1
+    for c, s in zip(([5], [9]), two):
+        alone, _ = score_continuations(lm.qs, [inp], [c], True, 1, pad_id=2, thoughts=th2)
+        assert abs(alone[0].logprob - s.logprob) < 1e-5
     plain = [backend(ckpt, think=False, batch_size=b).loglikelihood(requests(CONTEXTS)) for b in (1, 4)]
     for (x, g), (y, h) in zip(*plain):
         assert abs(x - y) < 1e-5 and g == h

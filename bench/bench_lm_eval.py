@@ -1,0 +1,129 @@
+"""The lm_eval backend against lm_eval's `hf` backend on the same CPU, and CommonsenseQA through lm_eval (not a
+pytest test; run by hand).
+
+    python bench/bench_lm_eval.py [part=speed|csqa|all] [items=40] [reps=3] [batch_size=8] [csqa_items=500]
+                                  [out=bench/results/lm_eval_cpu.json]
+                                  [csqa_out=bench/results/lm_eval_csqa_smollm2_base_cpu.json]
+
+speed: the loglikelihood requests of the first `items` questions of the local CommonsenseQA task
+(commonsense_qa_local, five per question), scored by `quietstar` with think=false and by `hf` on the same
+SmolLM2-135M-Instruct exported with quietstar.export (fp32, batch_size each), interleaved `reps` times, the
+median requests/s kept; and the largest per-request difference between the two.
+csqa: lm_eval.simple_evaluate of commonsense_qa_local on the first `csqa_items` questions with the base model
+(think=false: its talk head is zero, so thinking would give the same numbers); lm_eval's own output (without
+the samples) is kept in the record.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from quietstar.cli import AT_LEAST_1, one_of, parse_kv  # noqa: E402
+from quietstar.provenance import write_record  # noqa: E402
+
+
+def export_base(root: Path) -> Path:
+    """SmolLM2-135M as a fresh QuietStar, saved as a training checkpoint and exported as an HF dir."""
+    from quietstar.config import OptimConfig
+    from quietstar.checkpoint import save_checkpoint
+    from quietstar.export import export
+    from quietstar.loading import load_pretrained
+    from quietstar.optim import build_optimizer
+    from quietstar.thinker import QuietStar, ThoughtConfig
+
+    base, tok = load_pretrained("smollm2-135m", dtype=torch.float32)
+    qs = QuietStar(base, tok, ThoughtConfig())
+    opt, sched = build_optimizer(qs, OptimConfig(), max_steps=1)
+    yaml = "thought:\n" + "".join(f"  {k}: {json.dumps(v)}\n" for k, v in vars(qs.cfg).items())
+    step = save_checkpoint(root / "checkpoints", 1, qs, opt, sched, data_state={}, generator=None, config_yaml=yaml,
+                           tokenizer=tok, save_optimizer=False)
+    return export(step, root / "hf")
+
+
+def csqa_requests(items: int):
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    from quietstar.lm_eval import TASKS_DIR
+
+    tm = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
+    task = get_task_dict(["commonsense_qa_local"], tm)["commonsense_qa_local"]
+    task.build_all_requests(limit=items, rank=0, world_size=1)
+    return task.instances
+
+
+def speed(args: dict, root: Path) -> dict:
+    from lm_eval.models.huggingface import HFLM
+
+    from quietstar.lm_eval import QuietStarLM
+
+    hf_dir = export_base(root)
+    reqs = csqa_requests(args["items"])
+    ours = QuietStarLM(model="smollm2-135m", think=False, batch_size=args["batch_size"])
+    hf = HFLM(pretrained=str(hf_dir), device="cpu", batch_size=args["batch_size"], dtype="float32")
+    backends = {"quietstar": ours, "hf": hf}
+    rates, scores = {k: [] for k in backends}, {}
+    for _ in range(args["reps"]):  # interleaved: other load on the machine hits both alike
+        for name, lm in backends.items():
+            t0 = time.perf_counter()
+            scores[name] = lm.loglikelihood(reqs, disable_tqdm=True)
+            rates[name].append(len(reqs) / (time.perf_counter() - t0))
+    diff = max(abs(a - b) for (a, _), (b, _) in zip(scores["quietstar"], scores["hf"]))
+    greedy_same = sum(a[1] == b[1] for a, b in zip(scores["quietstar"], scores["hf"]))
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    return {"requests": len(reqs), "questions": args["items"], "batch_size": args["batch_size"],
+            "requests_per_s": med, "requests_per_s_runs": rates, "speedup_vs_hf": med["quietstar"] / med["hf"],
+            "max_abs_logprob_diff_nats": diff, "is_greedy_agree": f"{greedy_same}/{len(reqs)}"}
+
+
+def csqa(args: dict) -> dict:
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from quietstar.lm_eval import TASKS_DIR, QuietStarLM
+
+    lm = QuietStarLM(model="smollm2-135m", think=False, batch_size=args["batch_size"])
+    t0 = time.perf_counter()
+    out = lm_eval.simple_evaluate(model=lm, tasks=["commonsense_qa_local"], limit=args["csqa_items"],
+                                  task_manager=TaskManager(include_path=str(TASKS_DIR), include_defaults=False))
+    seconds = time.perf_counter() - t0
+    out.pop("samples", None)
+    res = out["results"]["commonsense_qa_local"]
+    return {"task": "commonsense_qa_local", "questions": args["csqa_items"], "model": "smollm2-135m base (think=false)",
+            "acc": res["acc,none"], "acc_stderr": res["acc_stderr,none"], "seconds": seconds,
+            "lm_eval_output": json.loads(json.dumps(out, default=str))}
+
+
+def main(argv=None):
+    args = parse_kv(sys.argv[1:] if argv is None else argv, dict(
+        part="all", items=40, reps=3, batch_size=8, csqa_items=500, out="bench/results/lm_eval_cpu.json",
+        csqa_out="bench/results/lm_eval_csqa_smollm2_base_cpu.json"),
+        {"part": one_of("speed", "csqa", "all"), "items": AT_LEAST_1, "reps": AT_LEAST_1, "batch_size": AT_LEAST_1,
+         "csqa_items": AT_LEAST_1})
+    if args["part"] in ("speed", "all"):
+        with tempfile.TemporaryDirectory() as tmp:
+            rec = speed(args, Path(tmp))
+        rec = {"what": "lm_eval loglikelihood requests of local CommonsenseQA: the quietstar backend (think=false) "
+                       "against lm_eval's hf backend on the same SmolLM2-135M-Instruct exported by quietstar.export, "
+                       f"fp32 CPU, {torch.get_num_threads()} threads, median of interleaved runs", **rec}
+        write_record(args["out"], rec, seeds=[1234])
+        print(json.dumps({k: v for k, v in rec.items() if k != "requests_per_s_runs"}, indent=1))
+    if args["part"] in ("csqa", "all"):
+        rec = csqa(args)
+        rec = {"what": f"lm_eval commonsense_qa_local (lm_eval's commonsense_qa prompt and metric) on the first "
+                       f"{args['csqa_items']} questions of ../shared/data/commonsenseqa/dev_rand_split.jsonl, "
+                       "SmolLM2-135M-Instruct base model through the quietstar backend, think=false, fp32 CPU", **rec}
+        write_record(args["csqa_out"], rec, seeds=[1234])
+        print(json.dumps({k: v for k, v in rec.items() if k != "lm_eval_output"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
