@@ -388,10 +388,12 @@ class QuietStarLM(TemplateLM):
         bar = None if disable_tqdm else Progress(len(requests), "generate_until")
         for idx in groups.values():
             kw = self._gen_kwargs(requests[idx[0]].args[1])
-            room = self.max_length - kw["max_gen_toks"]
+            # generate_stream's cache holds the prompt, the new tokens and one thought
+            room = min(self.max_length, self.qs.model.cfg.max_seq_len - self.qs.cfg.n_ahead) - kw["max_gen_toks"]
             if room < 1:
                 raise UserError(f"generate_until: max_gen_toks={kw['max_gen_toks']} leaves no room for a context in "
-                                f"max_length={self.max_length}")
+                                f"the model's max_seq_len={self.qs.model.cfg.max_seq_len} (with n_ahead="
+                                f"{self.qs.cfg.n_ahead})")
             enc = {i: self.tok_encode(requests[i].args[0], left_truncate_len=room) for i in idx}
             idx = sorted(idx, key=lambda i: -len(enc[i]))
             for b0 in range(0, len(idx), self.batch_size):

@@ -202,6 +202,13 @@ def test_generate_until_stops_at_until_strings_and_matches_generate_stream(tiny)
     thinking = backend(ckpt, seed=3).generate_until(
         requests([(p, {"until": ["\n"], "max_gen_toks": 6, "do_sample": False}) for p in prompts], "generate_until"))
     assert len(thinking) == 2 and all("\n" not in t for t in thinking)
+    long = "The cat sat on the mat. " * 40  # longer than the tiny model's positions: its end is kept
+    assert lm.tok_encode(long).__len__() > lm.qs.model.cfg.max_seq_len
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # cut here to fit, not by generate_stream's warning
+        assert isinstance(lm.generate_until(requests([(long, {"max_gen_toks": 4})], "generate_until"))[0], str)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -267,9 +274,16 @@ def test_bad_model_args_give_one_clear_line(tiny, tmp_path, args, message):
     assert "\n" not in str(e.value) and str(e.value).startswith("model_args: ")
 
 
-def test_the_command_runs_lm_evals_cli_with_the_model_and_tasks(tiny, tmp_path, capsys):
+def test_the_command_runs_lm_evals_cli_with_the_model_and_tasks(tiny, tmp_path, monkeypatch):
+    import lm_eval.tasks
+
     from quietstar.lm_eval import main
 
+    class LocalTasksOnly(lm_eval.tasks.TaskManager):  # skips indexing lm_eval's thousands of task YAMLs
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "include_defaults": False})
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", LocalTasksOnly)
     _, ckpt, _ = tiny
     csqa = [{"question": f"Pick {i}", "choices": {"label": list("ABCDE"), "text": list("vwxyz")}, "answerKey": "B"}
             for i in range(3)]
