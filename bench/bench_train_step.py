@@ -7,6 +7,7 @@ measured in one run on one machine.
 
     python bench/bench_train_step.py                       # the README's table (bench_small + smollm2)
     python bench/bench_train_step.py --scaling             # time/memory vs L and vs T, + a PNG if matplotlib
+    python bench/bench_train_step.py --thoughts            # RLP: time/memory vs thoughts per position G and T
     python bench/bench_train_step.py --case model=bench_small L=256 mode=grid   # one case, JSON on stdout
     python bench/bench_train_step.py --models bench_small --lengths 256 --steps 2 --tensor-peak --saved --pairs 4 \
         --out train_step_lean_cpu.json                     # the lean-by-default record
@@ -62,7 +63,7 @@ def peak_rss_mb() -> float:
 
 def run_case(model: str, L: int, mode: str, T: int = 12, K: int = 4, n: int = 2, B: int = 2, steps: int = 2,
              device: str = "cpu", backend: str = "auto", checkpointing: str = "auto", budget_gb: float | None = None,
-             warmup: int = 1, tensor_peak: int = 0, autocast: str = "auto") -> dict:
+             warmup: int = 1, tensor_peak: int = 0, autocast: str = "auto", objective: str = "official") -> dict:
     import torch
 
     from quietstar import attention
@@ -83,7 +84,7 @@ def run_case(model: str, L: int, mode: str, T: int = 12, K: int = 4, n: int = 2,
     base.grad_checkpointing = {"auto": "auto", "1": True, "0": False}[str(checkpointing)]
     base.memory_budget_gb = budget_gb
     attention.set_backend(backend)
-    cfg = ThoughtConfig(n_ahead=T, n_ahead_talk=K, n_thoughts=n,
+    cfg = ThoughtConfig(n_ahead=T, n_ahead_talk=K, n_thoughts=n, objective=objective,
                         impl="sequential_dense" if mode == "sequential_dense" else "grid")
     qs = QuietStar(base, tok, cfg).to(device)
     V = base.cfg.vocab_size
@@ -120,7 +121,7 @@ def run_case(model: str, L: int, mode: str, T: int = 12, K: int = 4, n: int = 2,
         step()
         sync()
         times.append(time.perf_counter() - t0)
-    out = dict(model=model, L=L, mode=mode, T=T, K=K, n=n, B=B, S=S, R=R, device=device,
+    out = dict(model=model, L=L, mode=mode, T=T, K=K, n=n, B=B, S=S, R=R, device=device, objective=objective,
                autocast="bf16" if amp else "off",
                backend=attention.resolve_backend(torch.device(device)) if mode in ("grid",) else None,
                step_s=min(times), step_s_all=times, tokens=rows * L, grid_tokens=B * R * L,
@@ -248,6 +249,19 @@ def goals(rows: list[dict]) -> dict:
     return out
 
 
+def thought_costs(rows: list[dict]) -> dict:
+    """Step time and memory per grid row (one thought's S - 1 rows each), against the smallest case: a cost
+    per thought that stays flat as G and T grow is the grid's own per-thought cost."""
+    ok = [r for r in rows if "step_s" in r]
+    if not ok:
+        return {}
+    ref = ok[0]
+    per = lambda r, key: r[key] / (r["R"] - 1)
+    return {f"G={r['n']} T={r['T']}": {"step_s": round(r["step_s"], 3), "peak_rss_mb": round(r.get("peak_rss_mb", 0)),
+                                      "step_s per thought row / G=2 T=8's": round(per(r, "step_s") / per(ref, "step_s"), 3)}
+            for r in ok}
+
+
 def time_pairs(model: str, L: int, pairs: int, device: str, mem_limit_gb: float, autocast: str = "auto") -> dict:
     """sequential_dense / grid step time from `pairs` alternated measurements (grid, sequential_dense, grid,
     ...), each in a fresh process (1 warm-up step + 1 step): on a shared machine both drift alike. Contention
@@ -274,6 +288,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--case", nargs="*", help="run one case (key=value ...) and print its JSON")
     ap.add_argument("--scaling", action="store_true", help="time and memory vs L and vs T")
+    ap.add_argument("--thoughts", action="store_true",
+                    help="objective=rlp on bench_small at L=256: time and memory vs G (2-16) and T (8-32)")
     ap.add_argument("--device", default="cuda" if os.environ.get("CUDA_VISIBLE_DEVICES") else "cpu")
     ap.add_argument("--models", default=None, help="default: bench_small,smollm2_135m (+ llama_1b on CUDA)")
     ap.add_argument("--lengths", default="128,256,512")
@@ -319,6 +335,13 @@ def main():
                                   mem_limit_gb=a.mem_limit_gb))
                 print(table(rows[-1:]), flush=True)
         name = a.out or f"train_step_scaling_{a.device}.json"
+    elif a.thoughts:  # per-thought cost: G thoughts per position at T = 8, then T at G = 4 (one step, one warm-up)
+        sweep = [(G, 8) for G in (2, 4, 8, 16)] + [(4, T) for T in (16, 32)]
+        for G, T in sweep:
+            rows.append(spawn(dict(model="bench_small", L=256, T=T, K=1, n=G, mode="grid", device=a.device, steps=1,
+                                   objective="rlp", tensor_peak=int(a.tensor_peak)), mem_limit_gb=a.mem_limit_gb))
+            print(table(rows[-1:]), flush=True)
+        name = a.out or f"train_step_thoughts_{a.device}.json"
     else:
         models = a.models or ("bench_small,smollm2_135m" + (",llama_1b" if a.device == "cuda" else ""))
         for model in models.split(","):
@@ -338,7 +361,7 @@ def main():
         name = a.out or f"train_step_{a.device}.json"
     print()
     print(table(rows))
-    summary = goals(rows)
+    summary = thought_costs(rows) if a.thoughts else goals(rows)
     print(json.dumps(summary, indent=1))
     path = RESULTS / name
     record = dict(goals=summary, results=rows)

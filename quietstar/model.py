@@ -339,6 +339,7 @@ class Transformer(nn.Module):
         # "auto" (as many of the first blocks as the memory budget needs: checkpoint_plan).
         self.grad_checkpointing: bool | str = "auto"
         self.memory_budget_gb: Optional[float] = None  # for "auto"; None = a fraction of the device's memory
+        self.extra_state_bytes = 0  # state kept beside the weights for training (an EMA teacher), in the budget
         self._plans: dict = {}  # "auto"'s plan per call shape: decided (and printed) once
         self.apply(self._init_weights)
 
@@ -373,6 +374,7 @@ class Transformer(nn.Module):
             budget = self.memory_budget_gb
             budget = (int(budget * 2**30), "memory_budget_gb") if budget is not None else auto_budget(x.device)
             fixed = 4 * sum(p.numel() * p.element_size() for p in self.parameters())  # + grads, 2 AdamW moments
+            fixed += self.extra_state_bytes
             self._plans[key] = plan = checkpoint_plan(self.cfg, key[0], x.element_size(),
                                                       key[2].itemsize, fixed, *budget)
             dist = torch.distributed

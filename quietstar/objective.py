@@ -17,6 +17,24 @@ The official objective (the default, `thought.objective=official`):
     policy = mean over counted positions of -A(i) * mean_m log pi(t_m)  (t_m sampled, tempered log pi)
     loss   = nll + policy_weight * policy
 
+RLP (`thought.objective=rlp`; "Reinforcement as a Pretraining Objective", arXiv 2510.01265) rewards a
+thought by its effect on the prediction made *from the thought itself*, not from the mixed one, so the reward
+does not wait for the talk head to trust the thoughts (with w near 0 the official reward is near 0 for every
+thought, and nothing moves them):
+
+    R(c)   = sum_k [CE_none(x_{i+k+1}) - CE_thought_k(i, c)]    CE_thought: the LM head on the thought row itself
+                                                                CE_none: the base pass (detached) or, with
+                                                                thought.ema_decay, an EMA teacher's
+    A(c)   = G/(G-1) * (R(c) - mean over the G thoughts of R)   (unclamped unless clamp_negative_advantage)
+    policy = mean over counted positions of -A(c) * mean_m log pi(t_m)
+
+RLP's clipped surrogate min(rho A, clip(rho, 1-eps, 1+eps) A) has rho = 1 with one optimizer update per
+rollout, as here: its gradient is then A grad log pi, the policy term above (docs/learning.md says why more
+updates per rollout do not pay here). CE_none is the same for every thought of a position, so it cancels in A: it sets the reward's level (what
+the logs show), not the gradient. The G/(G-1) factor makes A an unbiased leave-one-out advantage: R(c) minus
+the mean of the *other* G-1 thoughts. `thought.reward_from=unmixed` alone gives the official objective the
+same unmixed reward (the one-flag ablation), and `thought.nll_weight=0` drops the NLL terms as RLP does.
+
 A new objective (a different baseline, a normalised advantage, an entropy bonus) replaces one of the
 functions of `Objective` and is registered under a name, which `ThoughtConfig.objective` then selects:
 
@@ -120,6 +138,16 @@ def advantages(reward: torch.Tensor, scope: Scope, cfg) -> torch.Tensor:
     return adv * scope.scorable[:, None]
 
 
+def group_relative_advantages(reward: torch.Tensor, scope: Scope, cfg) -> torch.Tensor:
+    """RLP's A = G/(G-1) * (R - mean over the G thoughts of a position): R minus the mean of the other G - 1,
+    an unbiased baseline. G = 1 has no group: A = R (the reward against the no-thought counterfactual)."""
+    G = reward.shape[1]
+    adv = (reward - reward.mean(dim=1, keepdim=True)) * (G / (G - 1)) if G > 1 else reward
+    if cfg.clamp_negative_advantage:
+        adv = adv.clamp_min(0)
+    return adv * scope.scorable[:, None]
+
+
 def policy_coefficients(adv: torch.Tensor, scope: Scope, cfg, n_sampled: int) -> torch.Tensor:
     """The weight of each sampled token's log pi in -policy: (B, n, P, T-3)."""
     B, n, L = adv.shape
@@ -135,10 +163,14 @@ class Objective:
     rewards: Callable = rewards
     advantages: Callable = advantages
     policy_coefficients: Callable = policy_coefficients
+    reward_from: str = "mixed"
+    """Which prediction after the thought the reward reads (thought.reward_from overrides it): `mixed`, the
+    talk head's mix with the base prediction (official), or `unmixed`, the thought row's own prediction."""
 
 
 OFFICIAL = Objective()
-OBJECTIVES: dict[str, Objective] = {"official": OFFICIAL}
+RLP = Objective(advantages=group_relative_advantages, reward_from="unmixed")
+OBJECTIVES: dict[str, Objective] = {"official": OFFICIAL, "rlp": RLP}
 
 
 def register_objective(name: str, objective: Objective) -> None:
@@ -172,7 +204,9 @@ def metrics(loss, nll, policy_loss, ce_base, ce_talk, reward, adv, mix_weight, s
          "thought/policy_loss": policy_loss, "thought/policy_term": cfg.policy_weight * policy_loss,
          "thought/reward_mean": masked_mean(reward, sc),
          "thought/reward_max": torch.where(sc.any(), reward_max, reward_max.new_zeros(())),
+         "thought/reward_std": _group_std(reward, sc),
          "thought/advantage_pos_frac": masked_mean((adv > 0).float(), sc),
+         "thought/advantage_neg_frac": masked_mean((adv < 0).float(), sc),
          "thought/mix_weight_mean": masked_mean(mix_weight, w_mask),
          "thought/mix_weight_abs_mean": masked_mean(mix_weight.abs(), w_mask)}
     if scope.thinking is not None:
@@ -180,6 +214,14 @@ def metrics(loss, nll, policy_loss, ce_base, ce_talk, reward, adv, mix_weight, s
     if thoughts is not None and thoughts.shape[-1] > 0:
         m["thought/distinct_token_ratio"] = distinct_ratio(thoughts, thought_ok, vocab)
     return {k: v.detach() for k, v in m.items()}
+
+
+def _group_std(reward: torch.Tensor, sc: torch.Tensor) -> torch.Tensor:
+    """Mean over scorable positions of the standard deviation of R across a position's thoughts (B, n, P):
+    the spread the policy gradient learns from (0 with one thought)."""
+    if reward.shape[1] < 2:
+        return reward.new_zeros(())
+    return masked_mean(reward.std(dim=1, unbiased=False)[:, None], sc[:, :1])
 
 
 def distinct_ratio(thoughts: torch.Tensor, ok: torch.Tensor, vocab: int) -> torch.Tensor:

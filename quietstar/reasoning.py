@@ -46,7 +46,7 @@ import random
 import string
 import zlib
 from dataclasses import dataclass, field
-from typing import List, NamedTuple, Sequence
+from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -339,15 +339,37 @@ class AnswerScores:
         return out
 
 
+def lookup_chain(doc: Document, query: str, hops: int, cfg: ReasoningConfig) -> tuple[str, str]:
+    """(the chain a worked lookup query writes, its decoy) as text: `afcd` and `aaaa` for `a3=` (chain_from_query)."""
+    letters = string.ascii_lowercase[:len(doc.key)]
+    f = dict(zip(letters, doc.key))
+    chain = [query]
+    for _ in range(hops):
+        chain.append(f[chain[-1]])
+    steps = chain if cfg.chain_from_query else chain[1:]
+    return "".join(steps), steps[0] * len(steps)
+
+
+def thought_kind(thought: str, chain: str, decoy: str) -> str:
+    """`chain` when a thought begins with the query's chain of lookups, `decoy` with its decoy (and not the
+    chain: a map's fixed point makes them equal), `other` otherwise."""
+    if thought.startswith(chain):
+        return "chain"
+    return "decoy" if thought.startswith(decoy) else "other"
+
+
 @torch.no_grad()
 def score_answers(qs, docs: Sequence[Document], tokenizer, batch_size: int = 32, seed: int = 0,
-                  thoughts: bool = True, n_examples: int = 0, device="cpu", without=()) -> dict:
+                  thoughts: bool = True, n_examples: int = 0, device="cpu", without=(),
+                  chains: Optional[ReasoningConfig] = None) -> dict:
     """Answer-token NLL and top-1 accuracy on `docs`, by difficulty: `no_thought` (the base prediction) and,
     with `thoughts`, `thought` (the talk-head-mixed prediction after one sampled thought, as the paper
     evaluates). `without`: tokens left out of the answer's distribution (chain_open_ids: the scores are then of
 the answer given that no chain follows). `examples`: the first `n_examples` decoded thoughts before an
-answer of the hardest level."""
+answer of the hardest level. With `chains` (the corpus config), `thought_kinds`: by difficulty, how many of
+the thoughts before a lookup answer write its chain, its decoy or something else (thought_kind)."""
     was_training = qs.training
+    kinds: dict = {}
     qs.eval()
     g = torch.Generator(device=device).manual_seed(seed)
     base, mixed = AnswerScores(without), AnswerScores(without)
@@ -368,9 +390,21 @@ answer of the hardest level."""
                              "thought": qs.decode_thought(out.thoughts, b, 0, p - 1),
                              "answer": tokenizer.decode([int(ids[b, p])]),
                              "mix_weight": float(out.mix_weight[b, 0, p - 1])})
+        if chains is not None:
+            for b, p in (diff > 0).nonzero().tolist():
+                doc = chunk[b]
+                if doc.family != "lookup":
+                    continue
+                query = tokenizer.decode(ids[b, :p].tolist())[-3]  # `a3=`: the query is three characters back
+                chain, decoy = lookup_chain(doc, query, int(diff[b, p]), chains)
+                kind = thought_kind(qs.decode_thought(out.thoughts, b, 0, p - 1), chain, decoy)
+                counts = kinds.setdefault(str(int(diff[b, p])), {"chain": 0, "decoy": 0, "other": 0})
+                counts[kind] += 1
     qs.train(was_training)
     res = {"no_thought": base.summary()}
     if thoughts:
         res["thought"] = mixed.summary()
         res["examples"] = examples
+        if chains is not None:
+            res["thought_kinds"] = dict(sorted(kinds.items()))
     return res

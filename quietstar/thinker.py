@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from quietstar.ema import EMATeacher
 from quietstar.linear_ce import LogitsBuffer, WeightGradSum, linear_logprob_sum, lm_head_chunks
 from quietstar.masks import GridStates, ThoughtGrid, at_positions
 from quietstar.objective import OBJECTIVES, get_objective
@@ -107,6 +108,19 @@ class ThoughtConfig:
     objective: str = "official"
     """The loss built from the scored log-probabilities: a name registered in objective.OBJECTIVES
     (`official`: the paper's NLL + REINFORCE with the official code's weights; see objective.py)."""
+    reward_from: Optional[str] = None
+    """Which prediction after a thought its reward reads: `mixed` (the talk head's mix with the base
+    prediction, the official reward), `unmixed` (the thought row's own prediction, RLP's: a reward that does
+    not wait for the talk head to trust the thoughts), or None (the objective's own: official mixed, rlp
+    unmixed)."""
+    ema_decay: Optional[float] = None
+    """The reward's no-thought counterfactual: None, the same model's base pass (detached); a decay tau in
+    (0, 1), an EMA teacher of the base model's weights (RLP: 0.999), updated after every optimizer step,
+    saved in checkpoints, never trained. It shifts every thought of a position alike, so it changes the
+    reward's level, not a group-relative advantage."""
+    nll_weight: float = 1.0
+    """Weight of the NLL terms (the no-thought and the talk-head predictions) in the loss: 1 as Quiet-STaR;
+    0 leaves the policy term alone, as RLP (the talk head then does not train)."""
     curriculum: List[CurriculumStage] = field(default_factory=list)
     """Thought and talk lengths that change during training (Fast Quiet-STaR's 16-8 -> 12-4 -> 8-4): a list of
     {n_ahead, n_ahead_talk, steps}, run in order on the same parameters; after the last stage's steps its
@@ -139,6 +153,12 @@ class ThoughtConfig:
             raise ValueError(f"ThoughtConfig.objective must be one of {sorted(OBJECTIVES)}, got {self.objective!r}")
         if self.scoring not in ("fused", "plain"):
             raise ValueError(f"ThoughtConfig.scoring must be 'fused' or 'plain', got {self.scoring!r}")
+        if self.reward_from not in (None, "mixed", "unmixed"):
+            raise ValueError(f"ThoughtConfig.reward_from must be mixed, unmixed or null, got {self.reward_from!r}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ThoughtConfig.ema_decay must be in (0, 1) or null, got {self.ema_decay}")
+        if not self.nll_weight >= 0.0:
+            raise ValueError(f"ThoughtConfig.nll_weight must be >= 0, got {self.nll_weight}")
         if self.n_ahead < 3:
             raise ValueError(f"ThoughtConfig.n_ahead must be >= 3 (<start>, <end> and the base step), got {self.n_ahead}")
         if self.n_ahead_talk < 1:
@@ -250,6 +270,7 @@ class TalkScores(NamedTuple):
     ce_base: torch.Tensor  # (B, L) CE of x_{i+1} without a thought, detached
     ce_talk: torch.Tensor  # (K, B, n, L) CE of x_{i+k+1} after the thought, detached
     mix_weight: torch.Tensor  # (K, B, n, L) w of each talk prediction
+    ce_thought: Optional[torch.Tensor] = None  # (K, B, n, L) the same from the thought row alone (unmixed)
 
 
 class BaseScore(NamedTuple):
@@ -612,6 +633,9 @@ class QuietStar(nn.Module):
         self.talk_head = TalkHead(d, cfg.talk_head_hidden).to(model.tok_embeddings.weight.dtype)
         # where = gate: the learned choice of the thinking positions (where.py); absent otherwise
         self.gate = ThinkGate(d).to(model.tok_embeddings.weight.dtype) if cfg.where == "gate" else None
+        # thought.ema_decay: the reward's no-thought teacher, an average of the base model's weights (ema.py)
+        self.ema = EMATeacher(model, cfg.ema_decay) if cfg.ema_decay is not None else None
+        model.extra_state_bytes = self.ema.nbytes() if self.ema is not None else 0  # in the memory budget
 
     # ---- embeddings and the grid layout ----
 
@@ -833,8 +857,12 @@ class QuietStar(nn.Module):
         coef_base, coef_talk = obj.nll_coefficients(scope, grid.n, cfg, acc)
         buf = LogitsBuffer() if buf is None else buf  # the logits scratch of both scoring calls
         head_grad = WeightGradSum() if base is None else base.head_grad  # one LM-head weight gradient (-nll, policy)
-        talk = self.score_talk(states, input_ids, grid, coef_base, coef_talk, buf, base, head_grad)
-        reward = obj.rewards(talk.ce_base, talk.ce_talk, scope, cfg)
+        if cfg.nll_weight != 1.0:
+            coef_base, coef_talk = cfg.nll_weight * coef_base, cfg.nll_weight * coef_talk
+        unmixed = (cfg.reward_from or obj.reward_from) == "unmixed"
+        talk = self.score_talk(states, input_ids, grid, coef_base, coef_talk, buf, base, head_grad, unmixed)
+        ce_none = talk.ce_base if self.ema is None else self.teacher_ce(input_ids, lengths, doc_ids, buf)
+        reward = obj.rewards(ce_none, talk.ce_thought if unmixed else talk.ce_talk, scope, cfg)
         adv = obj.advantages(reward, scope, cfg)
         if grid.n_sampled > 0:
             policy_loss, logp = self.score_thoughts(states, thoughts, grid,
@@ -896,18 +924,20 @@ class QuietStar(nn.Module):
 
     def score_talk(self, hidden, input_ids, grid: ThoughtGrid, coef_base, coef_talk,
                    buf: Optional[LogitsBuffer] = None, base: Optional[BaseScore] = None,
-                   head_grad: Optional[WeightGradSum] = None) -> "TalkScores":
+                   head_grad: Optional[WeightGradSum] = None, unmixed: bool = False) -> "TalkScores":
         """The no-thought prediction of x_{i+1} at every position and the K mixed talk predictions of x_{i+k+1}
         (talk step k) at the thinking positions, all in one LM-head pass: -nll = sum coef * log p.
         hidden: GridStates; coef_base (B, L), coef_talk (K, B, n, P). With `base` scored already, the pass
-        takes only the change of its weights, at the thinking positions (coef_base - base.coef)."""
+        takes only the change of its weights, at the thinking positions (coef_base - base.coef). With
+        `unmixed`, the same pass also scores the talk rows' own predictions (weight 0: for the reward only)."""
         h0, positions = hidden.text, hidden.positions  # (B, L, d)
         B, L, d = h0.shape
         K, n, P = grid.K, grid.n, hidden.rows.shape[2]
-        h_mix, ws = [], []
+        h_mix, ws, h_own = [], [], []
         for k in range(K):
             h_base = at_positions(grid.ahead(h0, k), positions)[:, None].expand(B, n, P, d)
-            hm, w = self.mix(h_base, grid.at_step(hidden, grid.talk_step(k)))
+            h_own.append(grid.at_step(hidden, grid.talk_step(k)))
+            hm, w = self.mix(h_base, h_own[-1])
             h_mix.append(hm)
             ws.append(w)
         targets = torch.stack([at_positions(grid.target(input_ids, k), positions) for k in range(K)])  # (K, B, P)
@@ -916,15 +946,35 @@ class QuietStar(nn.Module):
         else:
             h_first, t_first = at_positions(h0, positions), targets[0]
             c_first = at_positions(coef_base - base.coef, positions)
-        tgt = torch.cat([t_first.flatten(), targets[:, :, None].expand(K, B, n, P).flatten()])
-        h_all = torch.cat([h_first.reshape(-1, d), torch.stack(h_mix).view(-1, d)])
-        weighted, logp = self._logprob_sum(h_all, tgt, torch.cat([c_first.flatten(), coef_talk.flatten()]), buf=buf,
+        t_talk = targets[:, :, None].expand(K, B, n, P).flatten()
+        tgt = [t_first.flatten(), t_talk]
+        h_all = [h_first.reshape(-1, d), torch.stack(h_mix).view(-1, d)]
+        coef = [c_first.flatten(), coef_talk.flatten()]
+        if unmixed:
+            tgt.append(t_talk)
+            h_all.append(torch.stack(h_own).reshape(-1, d))
+            coef.append(torch.zeros_like(coef[1]))
+        weighted, logp = self._logprob_sum(torch.cat(h_all), torch.cat(tgt), torch.cat(coef), buf=buf,
                                            head_grad=head_grad, scale=-1.0)
-        first = t_first.numel()
-        ce_talk = -logp[first:].view(K, B, n, P)
+        first, talk = t_first.numel(), t_talk.numel()
+        ce_talk = -logp[first:first + talk].view(K, B, n, P)
+        ce_own = -logp[first + talk:].view(K, B, n, P) if unmixed else None
         if base is None:
-            return TalkScores(-weighted, -logp[:first].view(B, L), ce_talk, torch.stack(ws))
-        return TalkScores(-(base.weighted + weighted), base.ce, ce_talk, torch.stack(ws))
+            return TalkScores(-weighted, -logp[:first].view(B, L), ce_talk, torch.stack(ws), ce_own)
+        return TalkScores(-(base.weighted + weighted), base.ce, ce_talk, torch.stack(ws), ce_own)
+
+    @torch.no_grad()
+    def teacher_ce(self, input_ids, lengths=None, doc_ids=None, buf: Optional[LogitsBuffer] = None) -> torch.Tensor:
+        """The EMA teacher's CE of x_{i+1} at every position (B, L): the RLP reward's no-thought counterfactual."""
+        B, L = input_ids.shape
+        attn = _TextAttention(self.model.cfg.n_layers, lengths, doc_ids)
+        pos = torch.arange(L, device=input_ids.device).expand(B, L)
+        h = self.ema(self.model, input_ids, position_ids=pos, attn=attn, return_hidden=True)
+        head = self.ema.weights(self.model)["output.weight" if self.model.output is not None else "tok_embeddings.weight"]
+        targets = ThoughtGrid.target(input_ids, 0)
+        _, logp = linear_logprob_sum(h.reshape(B * L, -1), head, targets.flatten(),
+                                     torch.zeros(B * L, device=h.device, dtype=torch.float32), buf=buf)
+        return -logp.view(B, L)
 
     def score_thoughts(self, hidden, thoughts, grid: ThoughtGrid, coef, buf: Optional[LogitsBuffer] = None,
                        head_grad: Optional[WeightGradSum] = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,11 +9,14 @@ checkpoints, curves.png):
   baseline/   the matched no-thought baseline: the same checkpoint, the same data source and optimizer,
               trained on as a plain LM for the same model FLOPs as the Quiet-STaR stage
               (quietstar/flops.py: the matmuls each step must compute; so the baseline takes more steps)
+  policy_off/ with learn_to_think.policy_off: the Quiet-STaR stage again with thought.policy_weight=0, the
+              ablation that shows what the policy term itself did
 
 Then the held-out split (maps never seen in training) is scored on its direct answers only:
 `results.json` holds answer NLL and top-1 accuracy for `thought` (the talk-head-mixed prediction after one
 sampled thought), `no_thought` (the same model's base prediction) and `baseline`, overall and by hops, with
-decoded thoughts before and after Quiet-STaR; `learning_curves.png` shows the training curves of both runs
+decoded thoughts before and after Quiet-STaR, and `chain_share` (on the lookup corpus): the share of the thoughts
+before the hardest answers that write the query's chain, before and after; `learning_curves.png` shows the training curves of both runs
 against the shared compute axis. A stage whose final checkpoint exists is not run again, so the same
 command continues an interrupted recipe.
 """
@@ -45,6 +48,9 @@ class LearnToThinkConfig:
     steps: the same number of steps (the same tokens of text, far less compute)."""
     eval_batch_size: int = 32
     n_examples: int = 6  # decoded thoughts before a hardest-level answer, before and after training
+    policy_off: bool = False
+    """Also run the Quiet-STaR stage with thought.policy_weight=0 from the same checkpoint (`policy_off/`) and
+    score it: results.json's `policy_off` holds its answer_nll / answer_acc / chain_share."""
 
     def __post_init__(self):
         if self.pretrain_steps < 1 or self.pretrain_warmup < 0 or not self.pretrain_lr > 0:
@@ -177,10 +183,17 @@ def run(cfg, train_fn):
     bl_cfg = _stage(cfg, "baseline", init_from=str(pre), thought=_plain(cfg),
                     train=dataclasses.replace(cfg.train, max_steps=baseline_steps(cfg)))
     bl_ckpt = run_stage(bl_cfg, train_fn, stages)
+    off_ckpt = None
+    if cfg.learn_to_think.policy_off:
+        off_cfg = _stage(cfg, "policy_off", init_from=str(pre),
+                         thought=dataclasses.replace(cfg.thought, policy_weight=0.0))
+        off_ckpt = run_stage(off_cfg, train_fn, stages)
 
-    from quietstar.recipes.report import evaluate, plot_learning_curves
+    from quietstar.recipes.report import evaluate, evaluate_ablation, plot_learning_curves
 
     results = evaluate(cfg, pre, qs_ckpt, bl_ckpt)
+    if off_ckpt is not None:
+        results["policy_off"] = evaluate_ablation(cfg, off_ckpt, results)
     results["stages"] = stages
     results["compute"] = {
         "counted": "model FLOPs (quietstar/flops.py: matmuls a step must compute, backward = 2x forward)",
@@ -212,6 +225,14 @@ def print_results(results: dict, root: Path) -> None:
     for k in keys:
         print(f"  {k:>5}  {nll['thought'][k]:11.4f} {nll['no_thought'][k]:10.4f} {nll['baseline'][k]:9.4f}   "
               f"{acc['thought'][k]:11.3f} {acc['no_thought'][k]:10.3f} {acc['baseline'][k]:9.3f}")
+    if "chain_share" in results:
+        cs = results["chain_share"]
+        line = f"  chain share of the thoughts before {keys[-2]}-hop answers: {cs['before']:.3f} -> {cs['after']:.3f}"
+        if "policy_off" in results:
+            off = results["policy_off"]
+            line += (f" (policy_weight=0: {off['chain_share']['after']:.3f}; its {keys[-2]}-hop accuracy with a "
+                     f"thought {off['answer_acc']['thought'][keys[-2]]:.3f})")
+        print(line)
     for when in ("before", "after"):
         for ex in results["examples"][when][:3]:
             print(f"  thought {when:>6}: ...{ex['context']!r} <{ex['thought']}> -> {ex['answer']!r} "
@@ -223,12 +244,23 @@ def median_over_seeds(result_files: list) -> dict:
     """Median, over several runs' results.json, of every answer_nll / answer_acc entry."""
     runs = [json.loads(Path(f).read_text()) for f in result_files]
     out: dict = {"runs": [str(f) for f in result_files]}
+    out.update(_medians(runs))
+    if all("policy_off" in r for r in runs):
+        out["policy_off"] = _medians([r["policy_off"] for r in runs])
+    return out
+
+
+def _medians(runs: list) -> dict:
+    out: dict = {}
     for metric in ("answer_nll", "answer_acc", "answer_nll_raw"):
         if metric not in runs[0]:
             continue
         out[metric] = {}
         for model, by_diff in runs[0][metric].items():
             out[metric][model] = {k: _median([r[metric][model][k] for r in runs]) for k in by_diff}
+    if all("chain_share" in r for r in runs):
+        out["chain_share"] = {k: _median([r["chain_share"][k] for r in runs]) for k, v in runs[0]["chain_share"].items()
+                              if isinstance(v, (int, float))}
     return out
 
 

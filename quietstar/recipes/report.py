@@ -39,14 +39,15 @@ def evaluate(cfg, pretrain_ckpt, quietstar_ckpt, baseline_ckpt) -> dict:
             if cfg.thought.where == "gate" and qs.gate is None:  # and with a fresh gate (thought.where=gate)
                 qs.gate = ThinkGate(qs.model.cfg.dim).to(dev)
         return score_answers(qs, docs, qs.tokenizer, r.eval_batch_size, seed, thoughts, r.n_examples, dev,
-                             without=chain_open_ids(data.reasoning, qs.tokenizer))
+                             without=chain_open_ids(data.reasoning, qs.tokenizer),
+                             chains=data.reasoning if thoughts else None)
 
     before, after = score(pretrain_ckpt, True, plain_start=True), score(quietstar_ckpt, True)
     baseline = score(baseline_ckpt, False)
     pick = lambda metric: {"thought": after["thought"][metric], "no_thought": after["no_thought"][metric],
                            "baseline": baseline["no_thought"][metric], "pretrained": before["no_thought"][metric],
                            "pretrained_thought": before["thought"][metric]}
-    return {
+    out = {
         "answer_nll": pick("nll"),
         "answer_acc": pick("acc"),
         "answer_nll_raw": pick("nll_raw"),
@@ -59,6 +60,43 @@ def evaluate(cfg, pretrain_ckpt, quietstar_ckpt, baseline_ckpt) -> dict:
                  "difficulty": "hops" if data.reasoning.families == ["lookup"] else "hops (lookup) / digits (state)",
                  "thoughts_per_position": 1, "seed": seed},
     }
+    if before.get("thought_kinds"):
+        out["thought_kinds"] = {"before": before["thought_kinds"], "after": after["thought_kinds"]}
+        out["chain_share"] = {"before": chain_share(before), "after": chain_share(after),
+                              "of": f"the sampled thoughts before the held-out {top_level(before)}-hop direct answers "
+                                    f"that write the query's chain (reasoning.thought_kind)"}
+    return out
+
+
+def top_level(scores: dict) -> str:
+    return max(scores["thought_kinds"], key=int)
+
+
+def chain_share(scores: dict) -> float:
+    """Share of the thoughts before the hardest lookup answers that write the query's chain."""
+    counts = scores["thought_kinds"][top_level(scores)]
+    return counts["chain"] / max(1, sum(counts.values()))
+
+
+def evaluate_ablation(cfg, ckpt, results: dict) -> dict:
+    """The learn_to_think keys of another Quiet-STaR stage's checkpoint (the policy_weight=0 run), scored like
+    `evaluate`'s with the same held-out split and thought seed; its baseline is the recipe's."""
+    data, r = cfg.data, cfg.learn_to_think
+    _, docs = train_and_eval_documents(data.reasoning, data.max_docs or data.synthetic_docs, cfg.train.seed)
+    dev = recipe_device(cfg)
+    qs = load_thinker_checkpoint(ckpt, device=dev)
+    after = score_answers(qs, docs, qs.tokenizer, r.eval_batch_size, cfg.train.seed + EVAL_SEED_OFFSET, True,
+                          r.n_examples, dev, without=chain_open_ids(data.reasoning, qs.tokenizer),
+                          chains=data.reasoning)
+    pick = lambda metric: {"thought": after["thought"][metric], "no_thought": after["no_thought"][metric],
+                           "baseline": results[{"nll": "answer_nll", "acc": "answer_acc",
+                                                "nll_raw": "answer_nll_raw"}[metric]]["baseline"]}
+    out = {"answer_nll": pick("nll"), "answer_acc": pick("acc"), "answer_nll_raw": pick("nll_raw"),
+           "examples": after["examples"]}
+    if after.get("thought_kinds"):
+        out["thought_kinds"] = after["thought_kinds"]
+        out["chain_share"] = {"after": chain_share(after)}
+    return out
 
 
 def plot_learning_curves(qs_metrics: Path, baseline_metrics: Path, out: Path, results: dict) -> Path:
