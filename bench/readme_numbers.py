@@ -535,6 +535,13 @@ CHECKS: list = [
     Quote("docs/learning.md", "It keeps {}-{}% of the 1-hop NLL gain and {}-{}% of the accuracy gain (3 seeds)", DIST,
           (kept_per_seed("nll", "1", min), kept_per_seed("nll", "1", max), kept_per_seed("acc", "1", min),
            kept_per_seed("acc", "1", max))),
+    # ------------------------------------------------------------------ README: lm_eval backend
+    Quote("README.md", "the {} log-likelihoods of {} local CommonsenseQA questions match lm_eval's `hf` backend on the "
+          "`quietstar.export` of the same model within {} nats, at {} requests/s against {}", "lm_eval_cpu.json",
+          ("requests", "questions", V("max_abs_logprob_diff_nats", bound=True), "requests_per_s/quietstar",
+           "requests_per_s/hf")),
+    Quote("README.md", "That base model scores {}% on the first {} questions of `commonsense_qa_local`",
+          "lm_eval_csqa_smollm2_base_cpu.json", (pct("acc"), "questions")),
 ]
 
 
