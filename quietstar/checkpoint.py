@@ -613,7 +613,12 @@ def init_weights(qs: nn.Module, path) -> Path:
     # its fresh init, a run without one drops the source's
     sd = {k: v for k, v in sd.items() if not k.startswith("gate.") or k in own}
     sd.update({k: v for k, v in own.items() if k.startswith("gate.") and k not in sd})
+    # thought.ema_decay's teacher starts at the weights the new run starts from, whatever the source held
+    sd = {k: v for k, v in sd.items() if not k.startswith("ema.")}
+    sd.update({k: v for k, v in own.items() if k.startswith("ema.")})
     _load_model_state(qs, sd, path, DistInfo())
+    if getattr(qs, "ema", None) is not None:
+        qs.ema.reset(qs.model)
     return path
 
 
@@ -694,25 +699,29 @@ def step_of(path: Path) -> int:
 
 
 def set_aside_later(ckpt_root, step: int, metrics_file: Optional[Path] = None) -> Optional[Path]:
-    """Resuming step `step` into the run it came from: move that run's later checkpoints, and its
-    metrics.jsonl records of later steps, into `<ckpt_root>/abandoned_after_step_N_<time>/`, so the resumed
-    timeline never mixes with the abandoned one and nothing is deleted. -> that dir, or None."""
+    """Resuming step `step` into the run it came from: move that run's later checkpoints, and the records of
+    later steps in its metrics.jsonl (and samples.jsonl beside it), into
+    `<ckpt_root>/abandoned_after_step_N_<time>/`, so the resumed timeline never mixes with the abandoned one
+    and nothing is deleted. -> that dir, or None."""
     root = Path(ckpt_root)
     later = sorted(p for p in root.glob(f"{STEP_PREFIX}*") if p.is_dir() and step_of(p) > step)
-    kept, dropped = _split_metrics(metrics_file, step)
-    if not later and not dropped:
+    files = [] if metrics_file is None else [Path(metrics_file), Path(metrics_file).with_name("samples.jsonl")]
+    splits = [(f, *_split_metrics(f, step)) for f in files]
+    if not later and not any(dropped for _, _, dropped in splits):
         return None
     dest = root / f"abandoned_after_{step_dir_name(step)}_{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     dest.mkdir(parents=True)
     for p in later:
         os.rename(p, dest / p.name)
-    if dropped:
-        (dest / "metrics.jsonl").write_text("".join(dropped))
-        _fsync_file(dest / "metrics.jsonl")
-        tmp = metrics_file.with_name(metrics_file.name + ".tmp")
+    for f, kept, dropped in splits:
+        if not dropped:
+            continue
+        (dest / f.name).write_text("".join(dropped))
+        _fsync_file(dest / f.name)
+        tmp = f.with_name(f.name + ".tmp")
         tmp.write_text("".join(kept))
         _fsync_file(tmp)
-        os.replace(tmp, metrics_file)
+        os.replace(tmp, f)
     _fsync_dir(dest)
     _fsync_dir(root)
     return dest

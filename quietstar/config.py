@@ -231,6 +231,9 @@ class LoopConfig:
     """GB a step may use, for model.grad_checkpointing=auto. None = model.AUTO_BUDGET_FRACTION of the
     device's memory (80% of a GPU's, 50% of the machine's RAM)."""
     sample_position: int = -1  # the end-of-run summary decodes the thought after this position (-1 = middle)
+    record_samples: bool = False
+    """Write <output dir>/samples.jsonl: per step, the ids (epoch.position.offset of the data cursor) of the
+    rows each process consumed, to check that a resumed run skips and repeats none."""
 
     def __post_init__(self):
         _positive("train", "max_steps", self.max_steps)
@@ -364,6 +367,9 @@ class TrainConfig:
         _positive("thought", "policy_weight", self.thought.policy_weight, allow_zero=True)
         if self.thought.talk_head_hidden is not None:
             _positive("thought", "talk_head_hidden", self.thought.talk_head_hidden)
+        if self.thought.ema_decay is not None and self.dist.kind == "fsdp":
+            raise ConfigError("thought.ema_decay: the EMA teacher is not sharded; use dist=ddp or dist=none, or "
+                              "thought.ema_decay=null (the base pass as the counterfactual)")
         if self.data.seq_len <= self.thought.n_ahead_talk:
             raise ConfigError(f"data.seq_len={self.data.seq_len} must exceed thought.n_ahead_talk="
                              f"{self.thought.n_ahead_talk}")
@@ -380,8 +386,14 @@ def register_configs() -> None:
     from omegaconf import OmegaConf
 
     ConfigStore.instance().store(name="base_config", node=TrainConfig)
-    if not OmegaConf.has_resolver("pid"):  # ${pid:} in configs/train.yaml's default output dirs
-        OmegaConf.register_new_resolver("pid", os.getpid)
+    from quietstar.elastic import launch_time, launcher_pid
+
+    # ${launched:} and ${pid:} in configs/train.yaml's default output dirs: the launching process, torchrun's
+    # agent under torchrun, so that every rank and every elastic restart name the same dir
+    if not OmegaConf.has_resolver("pid"):
+        OmegaConf.register_new_resolver("pid", launcher_pid)
+    if not OmegaConf.has_resolver("launched"):
+        OmegaConf.register_new_resolver("launched", launch_time)
 
 
 def config_to_dict(cfg: TrainConfig) -> dict:

@@ -425,6 +425,8 @@ class SequenceStream:
         self._cur_key: Optional[tuple[int, int]] = None  # (epoch, pos) of the cached current document
         self._cur_text: str = ""
         self._cur_tokens: Optional[list[int]] = None
+        self.record = False  # keep the id of every row this rank reads (take_row_ids)
+        self._row_ids: list[str] = []
 
     # ---- cursor ----
 
@@ -498,12 +500,21 @@ class SequenceStream:
                 self.pos, self.offset = self.pos + 1, 0
         return ids, [1] * self.L, docs
 
+    def take_row_ids(self) -> list[str]:
+        """The ids of the rows this rank read since the last call, when `record` is set: `epoch.position.offset`
+        of the cursor where each row starts, the same for any number of processes."""
+        ids, self._row_ids = self._row_ids, []
+        return ids
+
     def next_batch(self) -> Batch:
         """This rank's next micro-batch (B = batch_size rows of L tokens)."""
         rows = []
         for slot in range(self.world):
             for _ in range(self.batch_size):
                 keep = slot == self.rank
+                if keep and self.record:
+                    self._doc()  # the cursor on the document the row starts in (past empty records)
+                    self._row_ids.append(f"{self.epoch}.{self.pos}.{self.offset}")
                 row = self._crop_row(keep) if self.mode == "crop" else self._pack_row()
                 if keep:
                     rows.append(row)

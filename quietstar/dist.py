@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -101,9 +102,34 @@ def setup(cfg, device_name: str = "auto") -> DistInfo:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not tdist.is_initialized():
-        tdist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=cfg.timeout_s),
+        timeout = datetime.timedelta(seconds=cfg.timeout_s)
+        store = attempt_store(world, timeout)
+        tdist.init_process_group(backend=backend, timeout=timeout, store=store,
+                                 rank=rank if store is not None else -1, world_size=world if store is not None else -1,
                                  device_id=device if device.type == "cuda" else None)
     return DistInfo(cfg.kind, rank, world, local, device)
+
+
+def restart_count() -> int:
+    """How many times torchrun's elastic agent has restarted this group (0 for a first start or no torchrun)."""
+    try:
+        return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    except ValueError:
+        return 0
+
+
+def attempt_store(world: int, timeout: datetime.timedelta):
+    """Under torchrun's agent store: the agent's TCPStore with a key prefix of its own for this attempt; None
+    elsewhere (init_process_group's env:// then makes the store).
+
+    The agent keeps one store for all the restarts of a group. Without a prefix per attempt, a restarted rank
+    can read the peer addresses the previous, dead group left there (gloo connects to a closed port and the
+    restart fails, or waits on a peer that will never answer)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = tdist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                           timeout=timeout)
+    return tdist.PrefixStore(f"quietstar/attempt_{restart_count()}", store)
 
 
 def wrap(qs: nn.Module, info: DistInfo, cfg) -> nn.Module:
@@ -112,7 +138,7 @@ def wrap(qs: nn.Module, info: DistInfo, cfg) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [info.device.index] if info.device.type == "cuda" else None
-        return DDP(qs, device_ids=ids)
+        return DDP(qs, device_ids=ids, broadcast_buffers=False)  # buffers: constants and the EMA teacher, equal on every rank
     if info.kind == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -144,6 +170,14 @@ def no_sync(model: nn.Module, info: DistInfo, sync: bool):
 
 
 def teardown(info: DistInfo) -> None:
+    """End the process group: a barrier, then a moment for gloo's worker threads before the group goes.
+
+    A gloo worker thread drops each finished collective, and the tensors a Python caller handed it, a little
+    after the caller has gone on; freeing such a tensor takes the GIL. The group's destructor joins that
+    thread while holding the GIL, so a process that frees its last reference to the group (the one DDP's
+    reducer holds, when train() returns) while the thread still holds the final barrier's work waits forever
+    (seen as a restarted rank that finished its steps and never exited). Sleeping releases the GIL."""
     if info.active:
         tdist.barrier()
+        time.sleep(0.2)
         tdist.destroy_process_group()

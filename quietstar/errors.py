@@ -58,5 +58,6 @@ def run_main(fn: Callable, *args, **kwargs):
         message = str(e) if isinstance(e, UserError) else out_of_memory_message(e)
         if message is None or tracebacks_wanted():
             raise
-        print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+        if not getattr(e, "quiet", False):  # quiet: another process of the run printed this error already
+            print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USER_ERROR)

@@ -59,6 +59,23 @@ class Step:
     thinking: Optional[torch.Tensor] = None  # (B,) bool: the rows whose token followed a thought (thought.where)
 
 
+def crop_to_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor, room: int):
+    """A left-padded batch cut to its last `room` columns, with a warning, when its longest prompt has more
+    tokens than the positions the model leaves it (`room`: max_seq_len - max_new_tokens - n_ahead); a UserError
+    when there is no room at all. Every caller of generate_stream, whatever its tokenizer, goes through this."""
+    import warnings
+
+    if room < 1:
+        raise UserError(f"max_new_tokens: too large: with the thought's n_ahead it leaves no room for a prompt "
+                        f"in the model's max_seq_len ({room} positions)")
+    longest = int(attention_mask.sum(-1).max()) if attention_mask.numel() else 0
+    if longest <= room:
+        return input_ids, attention_mask
+    warnings.warn(f"prompt: {longest} tokens, more than the {room} the model's max_seq_len leaves beside "
+                  f"max_new_tokens; keeping its last {room} tokens")
+    return input_ids[:, -room:], attention_mask[:, -room:]
+
+
 @torch.no_grad()
 def generate_stream(qs: QuietStar, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                     max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0,
@@ -79,6 +96,8 @@ def generate_stream(qs: QuietStar, input_ids: torch.Tensor, attention_mask: Opti
     if bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("prompts must be left-padded: the last column of attention_mask has a 0")
     T = cfg.n_ahead
+    input_ids, attention_mask = crop_to_positions(input_ids, attention_mask, model.cfg.max_seq_len - max_new_tokens - T)
+    P = input_ids.shape[1]
     dtype = model.tok_embeddings.weight.dtype
     cache = KVCache(model.cfg, B, P + max_new_tokens + T, dtype=dtype, device=dev)
     cache.key_valid[:, :P] = attention_mask.bool()

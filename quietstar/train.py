@@ -21,10 +21,11 @@ per step is the finiteness check that decides whether the optimizer steps.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -37,7 +38,8 @@ from quietstar.checkpoint import (NonFiniteStateError, RunLock, find_checkpoint,
 from quietstar.config import TrainConfig, build_config, check_device_dtype, config_to_dict
 from quietstar.data import Batch, ByteTokenizer, build_stream
 from quietstar.dist import DistInfo, no_sync, setup, teardown, wrap
-from quietstar.errors import ConfigError
+from quietstar.elastic import choose_resume
+from quietstar.errors import ConfigError, UserError
 from quietstar.health import RunWatch
 from quietstar.logging import Progress, start_run
 from quietstar.model import Transformer
@@ -141,6 +143,7 @@ class Session:
     start_step: int = 0
     wandb_id: Optional[str] = None
     tokens_seen: int = 0
+    resume_reason: str = ""  # why the run resumes without resume=<path> (elastic.choose_resume)
 
 
 def start_session(cfg: TrainConfig) -> Session:
@@ -156,11 +159,9 @@ def start_session(cfg: TrainConfig) -> Session:
     out_dir = Path(cfg.output_dir or default_output_dir()).resolve()
     out_dir = dist.broadcast_object(out_dir)  # every rank writes (checkpoint shards) where rank 0 does
     lock = RunLock(out_dir)
-    if dist.is_main:
-        lock.acquire()  # before anything is written: a second run into this dir fails here
-        for line in recover_checkpoints(out_dir / "checkpoints") + (recover_run(cfg.resume) if cfg.resume else []):
-            print(line, flush=True)
-        (out_dir / "config.yaml").write_text(config_yaml(cfg))
+    choice = claim_run_dir(cfg, dist, lock, out_dir)
+    if choice.path is not None and str(choice.path) != cfg.resume:
+        cfg = replace(cfg, resume=str(choice.path))
 
     # ---------------------------------------------------------------- model
     qs, tok = build_thinker(cfg, device)
@@ -176,15 +177,50 @@ def start_session(cfg: TrainConfig) -> Session:
     optimizer, scheduler = build_optimizer(qs, cfg.optim, cfg.train.max_steps)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     s = Session(cfg, dist, device, precision, out_dir, qs, tok, model, generator, stream, skipped, optimizer,
-                scheduler, params, lock, RunWatch(cfg.health, dist.is_main))
+                scheduler, params, lock, RunWatch(cfg.health, dist.is_main), resume_reason=choice.reason)
+    stream.record = cfg.train.record_samples
     resume(s)
     return s
+
+
+class FailedOnRankZero(UserError):
+    """Rank 0 refused to start (its own error says why, once): the other ranks stop with it."""
+
+    quiet = True  # run_main prints nothing for it
+
+
+def claim_run_dir(cfg: TrainConfig, dist: DistInfo, lock: RunLock, out_dir: Path):
+    """Rank 0: take the run dir's lock, finish or roll back an interrupted save, choose what to resume
+    (elastic.choose_resume), write config.yaml. A user error there stops every rank at once (the others
+    would otherwise wait for rank 0 in the next collective). -> the ResumeChoice, the same on every rank."""
+    choice, failure = None, None
+    if dist.is_main:
+        try:
+            lock.acquire()  # before anything is written: a second run into this dir fails here
+            lines = recover_checkpoints(out_dir / "checkpoints")
+            if cfg.resume and cfg.resume != "auto":
+                lines += recover_run(cfg.resume)
+            for line in lines:
+                print(line, flush=True)
+            choice = choose_resume(cfg, out_dir)
+            (out_dir / "config.yaml").write_text(config_yaml(cfg))
+        except UserError as e:
+            lock.release()
+            failure = e
+    choice, message = dist.broadcast_object((choice, None if failure is None else str(failure)))
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise FailedOnRankZero(message)
+    return choice
 
 
 def resume(s: Session) -> None:
     """Continue from cfg.resume's newest checkpoint: weights, optimizer, schedule, RNG and data position."""
     cfg, dist = s.cfg, s.dist
     # ---------------------------------------------------------------- resume
+    if s.resume_reason and dist.is_main and not cfg.resume:
+        print(s.resume_reason, flush=True)  # resume=auto or a restart, with nothing to resume: a new run
     if cfg.resume:
         state = load_checkpoint(cfg.resume, s.qs, s.optimizer, s.scheduler, s.generator, dist,
                                 cfg.checkpoint.verify_hashes)
@@ -196,11 +232,30 @@ def resume(s: Session) -> None:
             raise ConfigError(f"resume: {where} is at step {s.start_step}, and train.max_steps="
                               f"{cfg.train.max_steps}: nothing to train; raise train.max_steps")
         if dist.is_main:
-            print(f"resumed from {where} at step {s.start_step}", flush=True)
+            why = f" ({s.resume_reason})" if s.resume_reason else ""
+            print(f"resumed from {where} at step {s.start_step}{why}", flush=True)
+            saved_world = int(state.get("world_size") or 1)
+            if saved_world != dist.world_size:
+                print(world_change_note(cfg, where, saved_world, dist.world_size), flush=True)
             if where.parent.resolve() == (s.out_dir / "checkpoints").resolve():  # an earlier step of this run
                 aside = set_aside_later(s.out_dir / "checkpoints", s.start_step, s.out_dir / "metrics.jsonl")
                 if aside:
                     print(f"later checkpoints and metrics of this run moved to {aside}", flush=True)
+
+
+def world_change_note(cfg: TrainConfig, where: Path, saved_world: int, world: int) -> str:
+    """One line on a resume with another number of processes: what carries over and what does not."""
+    saved = read_train_config(where)
+    was = saved.data.batch_size * saved.optim.grad_accum * saved_world
+    now = cfg.data.batch_size * cfg.optim.grad_accum * world
+    batch = (f"the global batch stays {now} rows" if was == now else
+             f"the global batch changes from {was} to {now} rows a step (data.batch_size * optim.grad_accum * "
+             f"processes; set data.batch_size={was // world} to keep it)" if was % world == 0 else
+             f"the global batch changes from {was} to {now} rows a step")
+    return (f"{where} was written by {saved_world} process(es), this run has {world}: the data cursor is shared, so "
+            f"no row is skipped or repeated, and {batch}; the optimizer state is resharded; each process's "
+            f"thought-sampling generator and torch/numpy/python RNG state carry over only for ranks below "
+            f"{min(saved_world, world)}, so rows sampled by another rank's generator than before draw other thoughts")
 
 
 def checkpoint(s: Session, run, step: int) -> Path:
@@ -253,6 +308,8 @@ def train_step(s: Session) -> StepResult:
     if finite:
         s.optimizer.step()
         s.scheduler.step()
+        if getattr(s.qs, "ema", None) is not None:  # thought.ema_decay: the teacher follows the update
+            s.qs.ema.update(s.qs.model)
     s.optimizer.zero_grad(set_to_none=True)
     sums["train/grad_norm"] = grad_norm.detach()
     return StepResult(sums, sums["train/loss"], finite, finite or bool(finite_loss), n_tokens, batch, out)
@@ -312,6 +369,8 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int, TrainResult], None]
             extra.update({"thought/curriculum_stage": stage, "thought/n_ahead": s.qs.cfg.n_ahead,
                           "thought/n_ahead_talk": s.qs.cfg.n_ahead_talk})
         pending.append((step, r.metrics, extra))
+        if cfg.train.record_samples:
+            record_samples(s, step)
         every = cfg.checkpoint.every
         save = (every and step % every == 0) or (step == cfg.train.max_steps and cfg.checkpoint.save_final)
         if (step % cfg.train.log_every == 0 or step == cfg.train.max_steps or save) and \
@@ -332,6 +391,21 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int, TrainResult], None]
     progress.close()
     finish(s, run, result, last)
     return result
+
+
+def record_samples(s: Session, step: int) -> None:
+    """Append the ids of the rows every process consumed in `step` to <output dir>/samples.jsonl (rank 0)."""
+    rows = s.stream.take_row_ids()
+    if s.dist.active:
+        import torch.distributed as tdist
+
+        gathered = [None] * s.dist.world_size
+        tdist.all_gather_object(gathered, rows)
+    else:
+        gathered = [rows]
+    if s.dist.is_main:
+        with open(s.out_dir / "samples.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "rows": gathered}) + "\n")
 
 
 def log_pending(pending: list, s: Session, run, result: TrainResult, write: bool = True) -> bool:
@@ -457,7 +531,7 @@ def main() -> None:
 
     def run(node: DictConfig) -> None:
         hc = HydraConfig.get()
-        if node.resume:
+        if node.resume and node.resume != "auto":  # auto: this command line's config (elastic.choose_resume)
             node = resume_config(node, list(hc.overrides.task))
         node.output_dir = hc.runtime.output_dir
         cfg: TrainConfig = build_config(node)

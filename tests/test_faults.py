@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -484,3 +485,220 @@ def test_bad_export_arguments_are_one_line(argv, says, capsys):
         run_main(main, ["ckpt=x", "out=y", *argv])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith(f"error: {says}") and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------------------------------- 11. distributed runs
+# torchrun with gloo on CPU, 2 processes. A near-zero thought temperature makes every thought the argmax, so
+# the losses do not depend on which process's generator samples a row (as in test_dist.py).
+
+DIST = ["model=tiny", "logger=none", "data.seq_len=24", "thought.n_ahead=4", "thought.n_ahead_talk=2",
+        "thought.gumbel_temperature=1e-6", "train.progress=false", "train.device=cpu", "optim.lr=1e-3",
+        "optim.warmup_steps=0", "train.seed=3", "train.record_samples=true", "checkpoint.keep_last=0"]
+DIST_ENV = {**{k: v for k, v in ENV.items() if k != "HYDRA_FULL_ERROR"}, "OMP_NUM_THREADS": "1"}
+needs_gloo = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()
+                                     and Path("/proc/self/environ").exists()),
+                                reason="needs torch.distributed with gloo, and /proc to find a worker to kill")
+
+
+def torchrun(*args, restarts=0):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            f"--max-restarts={restarts}", str(ROOT / "train.py"), *args]
+
+
+def one_process(*args):
+    return [sys.executable, str(ROOT / "train.py"), *args]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(cmd, cwd, check=True):
+    proc = subprocess.Popen(cmd, cwd=cwd, env={**DIST_ENV, "MASTER_PORT": str(free_port())}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        proc.stdout, proc.stderr = proc.communicate(timeout=300)
+    finally:
+        kill_group(proc)
+    if check:
+        assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def kill_group(proc) -> None:
+    """SIGKILL a launch and every process it started (torchrun's workers), if any is left."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def first_workers(cwd: Path, local_rank: int) -> list[int]:
+    """The pids of the torchrun workers of local rank `local_rank`, first attempt, running in `cwd`."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            if not d.name.isdigit() or os.readlink(d / "cwd") != str(cwd):
+                continue
+            env = (d / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"LOCAL_RANK={local_rank}".encode() in env and b"TORCHELASTIC_RESTART_COUNT=0" in env:
+            pids.append(int(d.name))
+    return pids
+
+
+def by_step(path) -> dict:
+    """{step: record} of a metrics.jsonl or samples.jsonl."""
+    return {r["step"]: r for r in map(json.loads, Path(path).read_text().splitlines())}
+
+
+def rows(samples: dict, steps) -> list[str]:
+    """The ids of the rows all processes consumed in `steps`, sorted."""
+    return sorted(i for s in steps for per_rank in samples[s]["rows"] for i in per_rank)
+
+
+@pytest.fixture(scope="module")
+def elastic_run(tmp_path_factory):
+    """8 DDP steps on 2 processes under `torchrun --max-restarts=1`, checkpoints at 4 and 8, in the default
+    output dir; worker 1 is killed (SIGKILL) once step 5 is logged. -> (process, run dir)."""
+    cwd = tmp_path_factory.mktemp("elastic")
+    cmd = torchrun("dist=ddp", "data.batch_size=2", "train.max_steps=8", "checkpoint.every=4", *DIST, restarts=1)
+    logs = cwd / "stdout", cwd / "stderr"  # files, not pipes: a full pipe would stall the run
+    with open(logs[0], "w") as out, open(logs[1], "w") as err:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=DIST_ENV, stdout=out, stderr=err, text=True, start_new_session=True)
+    killed, deadline = False, time.time() + 240
+    try:
+        while not killed and proc.poll() is None and time.time() < deadline:
+            logged = [by_step(m) for m in cwd.glob("outputs/*/*/metrics.jsonl")]
+            if logged and 5 in logged[0]:
+                for pid in first_workers(cwd, 1):
+                    os.kill(pid, signal.SIGKILL)
+                    killed = True
+            time.sleep(0.02)
+        proc.wait(timeout=max(1, deadline - time.time()))
+    finally:
+        kill_group(proc)
+    proc.stdout, proc.stderr = logs[0].read_text(), logs[1].read_text()
+    assert killed, f"worker 1 was never killed:\n{proc.stderr[-3000:]}"
+    return proc, cwd
+
+
+@needs_gloo
+def test_an_elastic_restart_resumes_its_own_run_and_repeats_the_lost_steps_bitwise(elastic_run):
+    proc, cwd = elastic_run
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    dirs = list(cwd.glob("outputs/*/*"))
+    assert len(dirs) == 1, dirs  # every rank and the restart used the one default dir
+    run = dirs[0]
+    assert f"resumed from {run / 'checkpoints' / 'step_0000004'} at step 4 (elastic restart 1)" in proc.stdout
+    metrics, samples = by_step(run / "metrics.jsonl"), by_step(run / "samples.jsonl")
+    assert sorted(metrics) == sorted(samples) == list(range(1, 9))  # one timeline
+    # the steps the killed group logged after its step-4 checkpoint, run again after the restart: bitwise
+    aside = list((run / "checkpoints").glob("abandoned_after_step_0000004_*"))
+    assert len(aside) == 1
+    lost, lost_samples = by_step(aside[0] / "metrics.jsonl"), by_step(aside[0] / "samples.jsonl")
+    assert 5 in lost and set(lost) <= set(range(5, 9))
+    for step in lost:
+        assert metrics[step]["loss"] == lost[step]["loss"], step
+        assert samples[step]["rows"] == lost_samples.get(step, samples[step])["rows"]
+    every = rows(samples, range(1, 9))
+    assert len(every) == len(set(every)) == 8 * 2 * 2  # steps x processes x rows: none skipped or repeated
+
+
+@needs_gloo
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_a_checkpoint_moves_between_world_sizes_without_skipping_data(elastic_run, tmp_path, kind, monkeypatch,
+                                                                      capsys):
+    """2 processes -> 1 (steps 5-6) -> 2 (steps 7-8), against the elastic run (DDP, 2 processes, 8 steps). The
+    one-process leg runs in this process: dist=none for DDP (the same checkpoint format), a world of one for
+    FSDP (its sharded checkpoints)."""
+    ref_proc, cwd = elastic_run
+    assert ref_proc.returncode == 0
+    ref = next(cwd.glob("outputs/*/*"))
+    source = ref
+    if kind == "fsdp":  # its own first 4 steps on 2 processes, sharded checkpoint at 4
+        source = tmp_path / "two"
+        launch(torchrun("dist=fsdp", "data.batch_size=2", "train.max_steps=4", "checkpoint.every=4", *DIST,
+                        f"hydra.run.dir={source}"), tmp_path)
+        assert (source / "checkpoints" / "step_0000004" / "sharded").is_dir()
+        for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                         MASTER_PORT=str(free_port())).items():
+            monkeypatch.setenv(k, v)
+    one, two = tmp_path / "one", tmp_path / "two_again"
+    train_script.train(tiny_cfg(one, *DIST, f"dist={'fsdp' if kind == 'fsdp' else 'none'}", "data.batch_size=4",
+                                "train.max_steps=6", "checkpoint.every=4",
+                                f"resume={source / 'checkpoints' / 'step_0000004'}"))
+    out = capsys.readouterr().out
+    assert "was written by 2 process(es), this run has 1" in out and "global batch stays 4 rows" in out
+    p2 = launch(torchrun(f"resume={one / 'checkpoints' / 'step_0000006'}", f"dist={kind}", "data.batch_size=2",
+                         "train.max_steps=8", f"hydra.run.dir={two}"), tmp_path)
+    assert "was written by 1 process(es), this run has 2" in p2.stdout
+    expect, expect_rows = by_step(ref / "metrics.jsonl"), by_step(ref / "samples.jsonl")
+    for run, steps in ((one, (5, 6)), (two, (7, 8))):
+        got, got_rows = by_step(run / "metrics.jsonl"), by_step(run / "samples.jsonl")
+        assert sorted(got) == list(steps)
+        assert rows(got_rows, steps) == rows(expect_rows, steps)  # the same rows, none skipped or repeated
+        torch.testing.assert_close(torch.tensor([got[s]["loss"] for s in steps]),
+                                   torch.tensor([expect[s]["loss"] for s in steps]), rtol=1e-5, atol=1e-6)
+    if kind == "fsdp":
+        assert (one / "checkpoints" / "step_0000006" / "sharded").is_dir()
+        assert (two / "checkpoints" / "step_0000008" / "sharded").is_dir()
+    ours = ckpt_mod.read_model_state(two / "checkpoints" / "step_0000008")
+    theirs = ckpt_mod.read_model_state(ref / "checkpoints" / "step_0000008")
+    for k in theirs:  # weights after 8 steps: the optimizer state carried over through both moves
+        torch.testing.assert_close(ours[k], theirs[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@needs_gloo
+def test_a_locked_run_dir_stops_every_process_with_one_line_and_no_traceback(tmp_path):
+    with RunLock(tmp_path / "run"):
+        proc = launch(torchrun("dist=ddp", "train.max_steps=2", *DIST, f"hydra.run.dir={tmp_path / 'run'}"),
+                      tmp_path, check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"in use by another run (pid {os.getpid()})" in errors[0], proc.stderr[-3000:]
+    assert "Error executing job" not in proc.stderr and "quietstar/" not in proc.stderr  # torchrun's own summary only
+    assert "exitcode  : 2" in proc.stderr and "exitcode  : 1" not in proc.stderr  # both ranks: a user error
+
+
+def test_a_run_started_again_in_its_dir_resumes_it_and_never_another_run(tmp_path, capsys):
+    train_script.train(tiny_cfg(tmp_path, "train.max_steps=2", "checkpoint.every=1"))
+    again = train_script.train(tiny_cfg(tmp_path, "train.max_steps=3"))  # the same dir, no resume=: its own
+    assert len(again.losses) == 1 and again.step == 3 and [r["step"] for r in records(tmp_path)] == [1, 2, 3]
+    assert (f"resumed from {tmp_path / 'checkpoints' / 'step_0000002'} at step 2 (the run dir holds this run's "
+            "checkpoints)") in capsys.readouterr().out
+    with pytest.raises(UserError, match=r"holds the checkpoints of another run \(step_0000003 differs in "
+                                        r"optim.lr: 1e-05 -> 0.002\): continue it with resume="):
+        train_script.train(tiny_cfg(tmp_path, "train.max_steps=6", "optim.lr=2e-3", "resume=auto"))
+    assert [r["step"] for r in records(tmp_path)] == [1, 2, 3]
+    with RunLock(tmp_path):  # the refused run let go of the dir
+        pass
+
+
+def test_a_lock_left_by_a_dead_process_never_blocks(tmp_path):
+    pid = os.fork()
+    if pid == 0:  # takes the lock and dies holding it, as a killed rank 0 does
+        RunLock(tmp_path).acquire()
+        os.kill(os.getpid(), signal.SIGKILL)
+    os.waitpid(pid, 0)
+    assert (tmp_path / ".lock").read_text().strip() == str(pid)
+    with RunLock(tmp_path):
+        assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
+
+
+def test_a_prompt_past_the_models_positions_is_cropped_with_a_warning_on_every_path():
+    from quietstar.generate import generate_stream
+
+    qs, tok = tiny_thinker().eval(), ByteTokenizer()
+    ids = torch.tensor([[tok.bos_id] + tok.encode("7 + 8 = 15. " * 300)])  # 3,601 byte tokens
+    assert ids.shape[1] > qs.model.cfg.max_seq_len
+    with pytest.warns(UserWarning, match=r"prompt: 3601 tokens, more than the .* keeping its last"):
+        steps = list(generate_stream(qs, ids, max_new_tokens=3, temperature=0, think=True))
+    assert len(steps) == 3
+    with pytest.raises(UserError, match="max_new_tokens: too large"):
+        list(generate_stream(qs, ids[:, :8], max_new_tokens=qs.model.cfg.max_seq_len))
