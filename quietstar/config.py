@@ -246,6 +246,8 @@ class LoopConfig:
         if self.memory_budget_gb is not None:
             _positive("train", "memory_budget_gb", self.memory_budget_gb)
         _positive("train", "seed", self.seed, allow_zero=True)
+        if self.seed > 2**63 - 1:  # every derived seed fits torch's and numpy's generators (quietstar/seeds.py)
+            raise ConfigError(f"train.seed must be at most 2**63 - 1 = {2**63 - 1}, got {self.seed}")
         if self.sample_position < -1:
             raise ConfigError(f"train.sample_position must be >= -1 (-1 = the middle), got {self.sample_position}")
 

@@ -352,7 +352,8 @@ class ListDocs:
     def order(self, epoch: int) -> list[int]:
         if self._order_epoch != epoch:
             if self.shuffle:
-                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                # mod 2**64, manual_seed's range: the identity for every seed below about 1.8e13
+                g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**64)
                 self._order = torch.randperm(len(self.docs), generator=g).tolist()
             else:
                 self._order = list(range(len(self.docs)))

@@ -42,6 +42,7 @@ from quietstar.explicit.losses import fit_dpo, fit_sft
 from quietstar.explicit.preference import collect_cpo, collect_tpo, collect_vstar, verify
 from quietstar.explicit.sample import sample
 from quietstar.explicit.tasks import normalise_answer, reasoning_questions, reasoning_stop_rule
+from quietstar.seeds import derive_seed
 
 EVAL_MODES = {"star": "cot", "rft": "cot", "system2": "direct", "vstar": "cot", "tpo": "cot", "cpo": "cot"}
 DPO_METHODS = ("tpo", "cpo")  # their rounds train on preference pairs (V-STaR's generator is STaR's SFT)
@@ -100,7 +101,7 @@ def collect_star(ctx: Context, qs, questions, r: int, seed: int, skips: Skips):
             wrong.append(q)
     stats["generated_correct"] = len(out)
     if ex.rationalize and wrong:
-        comps = ctx.sample(qs, [q.prompt(few, hint=True) for q in wrong], 1, "cot", seed + 1,
+        comps = ctx.sample(qs, [q.prompt(few, hint=True) for q in wrong], 1, "cot", derive_seed(seed, "rationalise"),
                            desc=f"round {r}: star rationalise")
         for q, (c,) in zip(wrong, comps):
             s = ctx.check.score(q, c)
@@ -154,6 +155,12 @@ def collect_system2(ctx: Context, qs, questions, r: int, seed: int, skips: Skips
             out.append(e)
             stats["kept_label_correct"] += s.value == 1
     return out, dict(stats)
+
+
+def round_seeds(seed: int, r: int) -> dict:
+    """Round r's seeds under the run's seed: its samples (`collect`, which derives its own streams from it) and
+    its optimizer's batch order (`fit`). Hashed (quietstar.seeds), valid for any train.seed."""
+    return {"collect": derive_seed(seed, "explicit collect", r), "fit": derive_seed(seed, "explicit fit", r)}
 
 
 COLLECT = {"star": collect_star, "rft": collect_rft, "system2": collect_system2, "vstar": collect_vstar,
@@ -269,7 +276,8 @@ def run(cfg, train_fn):
         e = {m: evaluate(ctx, qs, eval_q, m, f"{name}: eval {m}") for m in ("cot", "direct")}
         e["val"] = evaluate(ctx, qs, val_q, mode)["acc"]
         if ex.eval_samples:
-            e["sampled"] = evaluate_sampled(ctx, qs, eval_q, ex.eval_samples, cfg.train.seed, f"{name}: eval sampled")
+            e["sampled"] = evaluate_sampled(ctx, qs, eval_q, ex.eval_samples,  # every round: the same stream
+                                            derive_seed(cfg.train.seed, "explicit eval sampled"), f"{name}: eval sampled")
             print(f"{name + ' sampled':>14}: acc {e['sampled']['acc']:.3f} (T={ex.temperature:g}, "
                   f"{ex.eval_samples} per question)", flush=True)
         for m in ("cot", "direct"):
@@ -283,17 +291,18 @@ def run(cfg, train_fn):
     dpo = ex.method in DPO_METHODS
     for r in range(1, ex.iterations + 1):
         skips, t_r = Skips(), time.time()
-        examples, stats = COLLECT[ex.method](ctx, latest, train_q, r, cfg.train.seed * 1000 + r, skips)
+        seeds = round_seeds(cfg.train.seed, r)
+        examples, stats = COLLECT[ex.method](ctx, latest, train_q, r, seeds["collect"], skips)
         data_path = write_jsonl(root / f"round_{r}" / ("pairs.jsonl" if dpo else "sft.jsonl"), examples)
         print(f"[explicit] round {r}: {len(examples)} {'pairs' if dpo else 'examples'} -> {data_path} ({stats}; "
               f"skipped: {skips})", flush=True)
         init = base if ex.train_from == "base" else latest
         model = copy.deepcopy(init)
         if dpo:  # the round's starting model is the frozen reference
-            losses = fit_dpo(model, init, examples, ex.beta, ex.steps, ex.batch_size, cfg.optim, cfg.train.seed + r,
+            losses = fit_dpo(model, init, examples, ex.beta, ex.steps, ex.batch_size, cfg.optim, seeds["fit"],
                              ctx.end_target, tok.pad_id, _fit_progress(r, ex.steps, "dpo"))
         else:
-            losses = fit_sft(model, examples, ex.steps, ex.batch_size, cfg.optim, cfg.train.seed + r, ctx.end_target,
+            losses = fit_sft(model, examples, ex.steps, ex.batch_size, cfg.optim, seeds["fit"], ctx.end_target,
                              tok.pad_id, _fit_progress(r, ex.steps))
         e = assess(model, f"round {r}")
         rec = {"round": r, "examples": len(examples), "stats": stats, "skips": skips.as_dict(),

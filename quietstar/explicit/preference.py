@@ -40,6 +40,7 @@ from quietstar.explicit.judge import ModelJudge
 from quietstar.explicit.losses import fit_dpo, sequence_logprobs, token_batch
 from quietstar.explicit.sample import Completion, sample_rows
 from quietstar.explicit.tasks import normalise_answer
+from quietstar.seeds import derive_seed
 
 # TPO's judge sees the response, not the thought (the paper's point: thoughts are optimised only through the
 # responses they lead to).
@@ -83,7 +84,8 @@ def collect_vstar(ctx, qs, questions, r: int, seed: int, skips: Skips):
     from quietstar.explicit.loop import collect_star
 
     examples, stats = collect_star(ctx, qs, questions, r, seed, skips)
-    comps = ctx.k_rationales(qs, questions, seed + 2, f"round {r}: vstar verifier samples")
+    comps = ctx.k_rationales(qs, questions, derive_seed(seed, "vstar verifier samples"),
+                             f"round {r}: vstar verifier samples")
     stats = defaultdict(int, stats)
     n0 = len(ctx.verifier_pairs)
     for q, cs in zip(questions, comps):
@@ -114,11 +116,12 @@ def verify(ctx, base, generator, questions, seed: int, log=print) -> dict:
     ex, pairs = ctx.ex, ctx.verifier_pairs
     verifier = copy.deepcopy(base)
     losses = fit_dpo(verifier, base, pairs, ex.beta, ex.verifier_steps if pairs else 0, ex.batch_size,
-                     ctx.cfg.optim, seed, ctx.end_target, ctx.tok.pad_id)
+                     ctx.cfg.optim, derive_seed(seed, "vstar verifier fit"), ctx.end_target, ctx.tok.pad_id)
     log(f"[explicit] vstar verifier: {len(pairs)} pairs, {len(losses)} DPO steps"
         + (f", loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else " (no pairs: the verifier is the base)"))
     n = ex.best_of_n
-    comps = ctx.sample(generator, [q.prompt() for q in questions], n, "cot", seed, desc="vstar: best-of-n samples")
+    comps = ctx.sample(generator, [q.prompt() for q in questions], n, "cot", derive_seed(seed, "vstar best-of-n"),
+                       desc="vstar: best-of-n samples")
     flat = [c for cs in comps for c in cs]
     ids = [prompt_ids(generator, ctx.tok, q.prompt(), True) for q in questions for _ in range(n)]
     scores = verifier_scores(ctx, verifier, base, ids, flat)
@@ -207,7 +210,7 @@ class StepSearch:
 
     def _seeds(self, n: int) -> List[int]:
         self.calls += 1
-        g = torch.Generator().manual_seed(self.seed * 1000003 + self.calls)
+        g = torch.Generator().manual_seed(derive_seed(self.seed, "cpo sampler call", self.calls))
         return torch.randint(0, 2**62, (n,), generator=g).tolist()
 
     def ids(self, prefix) -> List[int]:
@@ -312,7 +315,7 @@ def collect_cpo(ctx, qs, questions, r: int, seed: int, skips: Skips):
     ex, out, stats = ctx.ex, [], defaultdict(int)
     bar = Progress(len(questions), f"round {r}: cpo search")
     for i, q in enumerate(questions):
-        s = StepSearch(ctx, qs, q, seed * 100003 + i)
+        s = StepSearch(ctx, qs, q, derive_seed(seed, "cpo question", i))
         t = tree.search(s.propose, s.evaluate, s.is_final, beam=ex.beam, n=ex.proposals,
                         max_depth=ctx.rules["cot"].max_rationale + 1)
         path = tree.winning_path(t)
