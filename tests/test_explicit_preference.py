@@ -1,21 +1,118 @@
-"""The preference-based explicit methods (quietstar/explicit/preference.py) on tiny random models: TPO's best-vs-
-worst pairs and what it skips, V-STaR's verifier pairs from every round and its best-of-k wired to bestofk,
-CPO's tree search over the real sampler, and one round of each end to end through the config entry point."""
+"""The preference-based explicit methods (quietstar/explicit/preference.py) on tiny random models: the preference
+losses (DPO, RPO, IPO, SimPO) against hand computations, TPO's best-vs-worst pairs and what it skips, V-STaR's
+verifier pairs from every round and its best-of-k wired to bestofk, CPO's tree search over the real sampler (its
+step filter, proposal temperature and pairs per question), and one round of each end to end through the config
+entry point."""
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import pytest
 
+import torch
+import torch.nn.functional as F
+
 from quietstar.explicit import preference, tree
 from quietstar.explicit.bestofk import accuracy_vs_k
-from quietstar.explicit.dataset import Skips
+from quietstar.explicit.dataset import PreferencePair, Skips
 from quietstar.explicit.judge import Score
+from quietstar.explicit.losses import (PreferenceLoss, fit_dpo, pair_batch, preference_loss, reference_logprobs,
+                                      sequence_logprobs)
 from quietstar.explicit.tasks import Question
-from test_explicit import Q1, Q2, TOK, comp, method_ctx, scripted, tiny_qs
+from test_explicit import DOT, Q1, Q2, TOK, comp, method_ctx, reference_seq_logprob, scripted, tiny_qs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# ---------------------------------------------------------------------------------------------- losses
+
+
+def _pairs(qs):
+    S, E = qs.start_token_id, qs.end_token_id  # sides and prompts of different lengths: every row is padded
+    return [PreferencePair([1, 40, 41, S], [60, E, 70, 32], [61, 62, 63, E, 71, 32]),
+            PreferencePair([1, 50, 51, 52, 53, S], [64, 65, E, 72], [66, E, 73, 32]),
+            PreferencePair([1, 54, S], [67, 68, 69, 70, E, 74, 32], [75, E, 76])]
+
+
+def _hand_loss(kind, qs, pairs, ref_lp, beta, nll_weight, gamma):
+    """The loss written out per pair from full-logit autograd log-probs and the sides' token counts."""
+    terms = []
+    for p, (rc, rr) in zip(pairs, ref_lp):
+        pc = reference_seq_logprob(qs, p.prompt_ids, p.chosen_ids, DOT)
+        pr = reference_seq_logprob(qs, p.prompt_ids, p.rejected_ids, DOT)
+        nc, nr = len(p.chosen_ids), len(p.rejected_ids)
+        h = (pc - rc) - (pr - rr)
+        if kind == "dpo":
+            terms.append(-F.logsigmoid(beta * h))
+        elif kind == "rpo":
+            terms.append(-F.logsigmoid(beta * h) + nll_weight * (-pc / nc))
+        elif kind == "ipo":
+            terms.append((h - 1 / (2 * beta)) ** 2)
+        else:
+            terms.append(-F.logsigmoid(beta * (pc / nc - pr / nr) - gamma))
+    return torch.stack(terms).mean()
+
+
+@pytest.mark.parametrize("kind", ["dpo", "rpo", "ipo", "simpo"])
+def test_each_preference_loss_and_its_gradients_equal_a_hand_computation(kind):
+    qs, ref = tiny_qs(0, torch.float64), tiny_qs(1, torch.float64)
+    pairs, E = _pairs(qs), qs.end_token_id
+    spec = PreferenceLoss(kind, beta=0.3, nll_weight=0.7, gamma=0.4)
+    ref_lp = reference_logprobs(ref, pairs, TOK.pad_id, E, DOT)
+    # simpo reads no reference: it is given none
+    loss, m = preference_loss(qs, pair_batch(pairs, TOK.pad_id, E, DOT), ref_lp if spec.needs_reference else None, spec)
+    assert spec.needs_reference == (kind != "simpo")
+    loss.backward()
+    got = {n: p.grad.clone() for n, p in qs.named_parameters() if p.grad is not None}
+    qs.zero_grad()
+    want = _hand_loss(kind, qs, pairs, ref_lp, 0.3, 0.7, 0.4)
+    want.backward()
+    torch.testing.assert_close(loss.detach(), want.detach(), rtol=1e-10, atol=1e-10)
+    assert got and {n for n, p in qs.named_parameters() if p.grad is not None} == set(got)
+    for n, p in qs.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(got[n], p.grad, rtol=1e-8, atol=1e-10, msg=n)
+    assert 0 <= m[f"{kind}/accuracy"] <= 1 and (f"{kind}/chosen_nll" in m) == (kind == "rpo")
+    if kind != "dpo":  # the losses differ: a wrong branch would not match the hand computation of another
+        other = _hand_loss("dpo", qs, pairs, ref_lp, 0.3, 0.7, 0.4)
+        assert abs(float(other.detach()) - float(loss.detach())) > 1e-3
+
+
+def test_rpo_raises_the_chosen_likelihood_above_where_dpo_leaves_it():
+    from quietstar.config import OptimConfig
+
+    base = tiny_qs(0)
+    pairs, E = _pairs(base), base.end_token_id
+    batch = pair_batch(pairs, TOK.pad_id, E, DOT)
+    chosen = {}
+    for kind in ("dpo", "rpo"):
+        qs = tiny_qs(0)
+        fit_dpo(qs, base, pairs, 0.1, steps=15, batch_size=3, optim_cfg=OptimConfig(lr=1e-2, warmup_steps=0), seed=0,
+                end_target=DOT, pad_id=TOK.pad_id, loss=PreferenceLoss(kind, 0.1, nll_weight=1.0))
+        chosen[kind] = float(sequence_logprobs(qs, batch)[:len(pairs)].sum())
+    start = float(sequence_logprobs(base, batch)[:len(pairs)].sum())
+    assert chosen["rpo"] > chosen["dpo"] + 1.0 and chosen["rpo"] > start  # the same pairs, steps and seed
+
+
+def test_a_reference_free_loss_never_runs_the_reference_and_the_option_is_checked():
+    from quietstar.config import OptimConfig
+    from quietstar.errors import ConfigError
+    from quietstar.explicit.config import ExplicitConfig
+
+    qs, ref = tiny_qs(0), tiny_qs(1)
+    calls = []
+    forward = ref.model.forward
+    ref.model.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+    losses = fit_dpo(qs, ref, _pairs(qs), 2.0, steps=2, batch_size=2, optim_cfg=OptimConfig(lr=1e-2, warmup_steps=0),
+                     seed=0, end_target=DOT, pad_id=TOK.pad_id, loss=PreferenceLoss("simpo", 2.0, gamma=1.0))
+    assert calls == [] and len(losses) == 2
+    assert ExplicitConfig(method="tpo").loss == "dpo"  # the default: recorded runs are DPO
+    with pytest.raises(ConfigError, match="explicit.loss"):
+        ExplicitConfig(method="tpo", loss="kto")
+    with pytest.raises(ConfigError, match="explicit.nll_weight"):
+        ExplicitConfig(method="tpo", loss="rpo", nll_weight=-1.0)
 
 
 # ---------------------------------------------------------------------------------------------- TPO
@@ -139,10 +236,53 @@ def test_cpo_counts_an_unparseable_self_evaluation():
     assert preference.SEARCH_SKIPS["unscored"] == "judge output could not be parsed"
 
 
+def _search(ctx, qs, q=Q1, seed=5):
+    s = preference.StepSearch(ctx, qs, q, seed=seed)
+    return s, tree.search(s.propose, s.evaluate, s.is_final, beam=ctx.ex.beam, n=ctx.ex.proposals, max_depth=5)
+
+
+def test_cpo_step_filter_drops_proposals_that_are_not_chain_symbols():
+    qs = tiny_qs()
+    kw = dict(temperature=1.0, propose_temperature=3.0, beam=2, proposals=6, self_eval="likelihood")
+    letters = [TOK.encode(ch)[0] for ch in "abcdefg"]
+    assert method_ctx("cpo", **kw).step_alphabet == set(letters)  # the default corpus's 7 map letters
+    found = {}
+    for on in (False, True):
+        ctx = method_ctx("cpo", step_filter=on, **kw)
+        ctx.rules["cot"] = dataclasses.replace(ctx.rules["cot"], max_rationale=3)
+        s, t = _search(ctx, qs)
+        found[on] = [n.step for n in t.nodes[1:]]
+        assert (s.malformed > 0) == on  # a random model at temperature 3 proposes bytes that are no symbol
+        assert all(s.well_formed(step) for step in found[on]) == on
+    # the step itself: chain symbols; a final step's answer a symbol, not empty
+    s, E, sp = preference.StepSearch(method_ctx("cpo"), qs, Q1, 0), qs.end_token_id, TOK.encode(" ")[0]
+    a, d, junk = letters[0], letters[3], TOK.encode("#")[0]
+    assert s.well_formed((a,)) and s.well_formed((a, E, d, sp)) and s.well_formed((E, d))
+    assert not s.well_formed((junk,)) and not s.well_formed((a, E, sp)) and not s.well_formed((a, E, junk, sp))
+
+
+def test_cpo_proposes_at_its_own_temperature_and_reports_pairs_per_question():
+    qs = tiny_qs()
+    for propose_t, want_more_than_one in ((None, False), (2.0, True)):
+        # greedy sampling everywhere else: at temperature 0 the n proposals are the same step, merged into one
+        ctx = method_ctx("cpo", temperature=0.0, propose_temperature=propose_t, beam=1, proposals=5,
+                         self_eval="likelihood")
+        ctx.rules["cot"] = dataclasses.replace(ctx.rules["cot"], max_rationale=3)
+        _, t = _search(ctx, qs)
+        assert (len(t.nodes[0].children) > 1) == want_more_than_one
+    ctx.ex.pair_kept_siblings = True
+    out, stats = preference.collect_cpo(ctx, qs, [Q1, Q2], 1, 3, Skips())
+    per_q = [sum(p.meta["question_id"] == q.id for p in out) for q in (Q1, Q2)]
+    assert stats["pairs"] == len(out) > 0 and stats["pairs_per_question"] == len(out) / 2
+    assert stats["questions_with_pairs"] == sum(n > 0 for n in per_q) and stats["max_pairs_per_question"] == max(per_q)
+    assert stats["malformed_steps"] == 0  # the filter is off
+    assert {p.meta["depth"] for p in out} == set(range(1, max(p.meta["depth"] for p in out) + 1))  # every level
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 
 
-@pytest.mark.parametrize("method", ["vstar", "tpo", "cpo"])
+@pytest.mark.parametrize("method", ["vstar", "tpo", "cpo", "cpo/rpo"])
 def test_one_round_of_each_preference_method_end_to_end_through_the_config(tmp_path, method):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -153,12 +293,15 @@ def test_one_round_of_each_preference_method_end_to_end_through_the_config(tmp_p
     from quietstar.config import register_configs
     from quietstar.recipes import run_recipe
 
+    method, _, loss = method.partition("/")
     GlobalHydra.instance().clear()
     register_configs()
     overrides = [f"explicit={method}", *TOY[1:], "learn_to_think.pretrain_steps=80", "learn_to_think.pretrain_lr=1e-2",
                  "learn_to_think.pretrain_warmup=5", "explicit.train_questions=16", "explicit.val_questions=8",
                  "explicit.eval_questions=8", "explicit.steps=2", "explicit.batch_size=4", "explicit.iterations=1",
                  "explicit.verifier_steps=2", "explicit.best_of_n=4", "explicit.eval_samples=2", "train.threads=null"]
+    if loss:
+        overrides += [f"explicit.loss={loss}", "explicit.nll_weight=0.5"]
     if method == "vstar":  # a toy model trained longer, whose chains are right often enough for verifier pairs
         overrides += ["explicit.temperature=1.0", "explicit.train_questions=48", "learn_to_think.pretrain_steps=300"]
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
@@ -181,6 +324,12 @@ def test_one_round_of_each_preference_method_end_to_end_through_the_config(tmp_p
             assert x["chosen_ids"] != x["rejected_ids"]
     if method != "vstar" and lines:
         assert r1["loss_last"] is not None  # DPO ran
+        # the first step's model is its reference: DPO's loss is log 2; RPO's adds the chosen side's NLL
+        assert res["settings"]["loss"] == (loss or "dpo")
+        if loss:
+            assert r1["loss_first"] > math.log(2) + 0.1
+        else:
+            assert r1["loss_first"] == pytest.approx(math.log(2), abs=1e-5)
     assert 0 <= r1["eval"]["sampled"]["acc"] <= 1 and r1["eval"]["sampled"]["n"] == 16
     assert lines or method == "vstar"  # a round with pairs to train on
     if method == "vstar":

@@ -121,6 +121,24 @@ def test_preference_pairs_chosen_on_path_rejected_pruned_siblings_none_identical
         assert p.rejected.strip() != p.chosen.strip() and p.chosen_score >= p.rejected_score
 
 
+def test_kept_siblings_scored_below_the_path_step_are_rejected_with_kept_below():
+    script = {(): [("p", 0.9), ("q", 0.8), ("r", 0.1)], ("p",): [("p1 ANSWER", 0.95)], ("q",): [("q1 ANSWER", 0.3)]}
+    scores = {prefix + (step,): score for prefix, cands in script.items() for step, score in cands}
+    propose, evaluate, _ = scripted(script, scores)
+    tree = search(propose, evaluate, is_final, beam=2, n=3, max_depth=3)
+    path = winning_path(tree)
+    assert [nd.step for nd in path] == ["p", "p1 ANSWER"]
+    pairs, skipped = preference_pairs(tree, path)  # q was kept (beam 2): no pair from it
+    assert [(p.chosen, p.rejected) for p in pairs] == [("p", "r")] and skipped == Counter(kept_sibling=1)
+    pairs, skipped = preference_pairs(tree, path, kept_below=True)
+    assert [(p.chosen, p.rejected, p.rejected_score) for p in pairs] == [("p", "q", 0.8), ("p", "r", 0.1)]
+    assert skipped == Counter()
+    # a kept sibling scored above the path's step is never rejected: "a" (0.9) against the path's "b" (0.5)
+    tree, _ = run(beam=2)
+    path = winning_path(tree)
+    assert preference_pairs(tree, path, kept_below=True) == preference_pairs(tree, path)
+
+
 def test_depth_limit_and_fallback_path():
     def propose(prefixes, n):  # an endless chain of non-final steps
         return [[f"{len(p)}.{i}" for i in range(n)] for p in prefixes]

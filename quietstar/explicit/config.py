@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from quietstar.errors import ConfigError
+from quietstar.explicit.losses import PREFERENCE_LOSSES
 
 METHODS = ("star", "rft", "system2", "vstar", "tpo", "cpo")
 JUDGES = ("answer", "model")
@@ -48,7 +49,16 @@ class ExplicitConfig:
     keep_checkpoints: bool = True  # save each round's model under <run dir>/round_<n>/checkpoints
     eval_samples: int = 0  # rationales sampled per held-out question at `temperature` for a sampled accuracy; 0: off
     # -- the preference-based methods (explicit/preference.py)
-    beta: float = 0.1  # DPO's beta: the scale of the implicit reward beta * log(pi / pi_ref)
+    beta: float = 0.1
+    """The preference loss's scale: DPO's and RPO's implicit reward beta * log(pi / pi_ref); IPO's tau (its
+    target margin is 1 / (2 beta)); SimPO's scale of the mean per-token log-prob margin (its paper uses 2-10)."""
+    loss: str = "dpo"
+    """tpo, cpo: the rounds' preference loss (explicit/losses.py): dpo | rpo (DPO plus the chosen side's
+    length-normalised NLL, weight nll_weight; Pang et al. 2024) | ipo (Azar et al. 2023) | simpo (reference-free,
+    length-normalised margin with target simpo_gamma; Meng et al. 2024). V-STaR's verifier is always DPO: its
+    best-of-k score is DPO's implicit reward."""
+    nll_weight: float = 1.0  # loss=rpo: the weight of the chosen sequence's length-normalised NLL
+    simpo_gamma: float = 0.5  # loss=simpo: the target margin gamma in -log sigmoid(beta * margin - gamma)
     judge: str = "answer"
     """tpo: what scores a response: answer (its answer against the gold, AnswerCheck) | model (the base model
     reads the question and the response, never the thought, through ModelJudge's rubric prompt)."""
@@ -61,6 +71,15 @@ class ExplicitConfig:
     beam: int = 2  # cpo: candidates kept per depth of the tree search
     proposals: int = 3  # cpo: next steps sampled per kept prefix (duplicates are merged)
     step_tokens: int = 1  # cpo: chain tokens per step (a step ends early at the chain's closing mark)
+    propose_temperature: Optional[float] = None
+    """cpo: the temperature the next steps are proposed at (None: `temperature`). Higher: siblings that differ,
+    where a peaked model proposes the same step `proposals` times (duplicates are merged)."""
+    step_filter: bool = False
+    """cpo: drop proposals that are not well-formed steps: a chain token, or a final step's answer, that is not
+    one of the corpus's symbols (tasks.step_alphabet), or an empty answer. Counted as malformed_steps."""
+    pair_kept_siblings: bool = False
+    """cpo: a kept sibling of a winning-path step, scored below it, is a rejected side too (by default only the
+    pruned ones are; with beam > 1 most alternatives are kept and give no pair)."""
     self_eval: str = "agreement"
     """cpo: how the model rates a partial chain: agreement (the share of `rollouts` sampled continuations from
     it whose answer is the model's own majority answer to the question) | likelihood (the mean per-token
@@ -72,7 +91,8 @@ class ExplicitConfig:
             raise ConfigError(f"explicit.method must be one of {METHODS}, got {self.method!r}")
         if self.train_from not in ("base", "latest"):
             raise ConfigError(f"explicit.train_from must be base or latest, got {self.train_from!r}")
-        for name, allowed in (("judge", JUDGES), ("self_eval", SELF_EVALS), ("verifier_score", VERIFIER_SCORES)):
+        for name, allowed in (("judge", JUDGES), ("self_eval", SELF_EVALS), ("verifier_score", VERIFIER_SCORES),
+                              ("loss", PREFERENCE_LOSSES)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"explicit.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("iterations", "train_questions", "val_questions", "eval_questions", "k", "batch_size",
@@ -80,11 +100,13 @@ class ExplicitConfig:
                      "rollouts"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"explicit.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("patience", "few_shot", "steps", "verifier_steps", "eval_samples"):
+        for name in ("patience", "few_shot", "steps", "verifier_steps", "eval_samples", "nll_weight", "simpo_gamma"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"explicit.{name} must be >= 0, got {getattr(self, name)}")
         if not self.temperature >= 0:
             raise ConfigError(f"explicit.temperature must be >= 0, got {self.temperature}")
+        if self.propose_temperature is not None and not self.propose_temperature >= 0:
+            raise ConfigError(f"explicit.propose_temperature must be >= 0 (or null), got {self.propose_temperature}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"explicit.top_p must be in (0, 1], got {self.top_p}")
         if not self.beta > 0:

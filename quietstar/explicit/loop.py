@@ -38,10 +38,10 @@ import torch
 
 from quietstar.explicit.dataset import Skips, majority, make_sft, normalise_rationale, write_jsonl
 from quietstar.explicit.judge import AnswerCheck
-from quietstar.explicit.losses import fit_dpo, fit_sft
+from quietstar.explicit.losses import PreferenceLoss, fit_dpo, fit_sft
 from quietstar.explicit.preference import collect_cpo, collect_tpo, collect_vstar, verify
 from quietstar.explicit.sample import sample
-from quietstar.explicit.tasks import normalise_answer, reasoning_questions, reasoning_stop_rule
+from quietstar.explicit.tasks import normalise_answer, reasoning_questions, reasoning_stop_rule, step_alphabet
 from quietstar.seeds import derive_seed
 
 EVAL_MODES = {"star": "cot", "rft": "cot", "system2": "direct", "vstar": "cot", "tpo": "cot", "cpo": "cot"}
@@ -56,6 +56,7 @@ class Context:
         rc = cfg.data.reasoning
         self.rules = {"cot": reasoning_stop_rule(rc, tok, True), "direct": reasoning_stop_rule(rc, tok, False)}
         self.end_target = self.rules["cot"].rationale_stop[0]
+        self.step_alphabet = step_alphabet(rc, tok)  # CPO's step filter: the tokens a chain step is made of
         self.check = AnswerCheck()
         self.base = None  # the model the run starts from (set by run): TPO's fixed model judge
         self.verifier_pairs: list = []  # V-STaR: the verifier's pairs, from every round
@@ -276,8 +277,8 @@ def run(cfg, train_fn):
         e = {m: evaluate(ctx, qs, eval_q, m, f"{name}: eval {m}") for m in ("cot", "direct")}
         e["val"] = evaluate(ctx, qs, val_q, mode)["acc"]
         if ex.eval_samples:
-            e["sampled"] = evaluate_sampled(ctx, qs, eval_q, ex.eval_samples,  # every round: the same stream
-                                            derive_seed(cfg.train.seed, "explicit eval sampled"), f"{name}: eval sampled")
+            seed = derive_seed(cfg.train.seed, "explicit eval sampled")  # every round: the same stream
+            e["sampled"] = evaluate_sampled(ctx, qs, eval_q, ex.eval_samples, seed, f"{name}: eval sampled")
             print(f"{name + ' sampled':>14}: acc {e['sampled']['acc']:.3f} (T={ex.temperature:g}, "
                   f"{ex.eval_samples} per question)", flush=True)
         for m in ("cot", "direct"):
@@ -300,7 +301,8 @@ def run(cfg, train_fn):
         model = copy.deepcopy(init)
         if dpo:  # the round's starting model is the frozen reference
             losses = fit_dpo(model, init, examples, ex.beta, ex.steps, ex.batch_size, cfg.optim, seeds["fit"],
-                             ctx.end_target, tok.pad_id, _fit_progress(r, ex.steps, "dpo"))
+                             ctx.end_target, tok.pad_id, _fit_progress(r, ex.steps, ex.loss),
+                             loss=PreferenceLoss(ex.loss, ex.beta, ex.nll_weight, ex.simpo_gamma))
         else:
             losses = fit_sft(model, examples, ex.steps, ex.batch_size, cfg.optim, seeds["fit"], ctx.end_target,
                              tok.pad_id, _fit_progress(r, ex.steps))

@@ -1,22 +1,33 @@
-"""SFT and DPO on completion tokens, through the fused LM head, and the small loop that fits them.
+"""SFT and the preference losses (DPO, RPO, IPO, SimPO) on completion tokens, through the fused LM head, and the
+small loop that fits them.
 
-Both losses read only the completion's tokens: the prompt (with the <start> the sampler feeds) is context.
+Every loss reads only the completion's tokens: the prompt (with the <start> the sampler feeds) is context.
 The position that predicts <end> has no LM-head row to score (the marker is not in the vocabulary); its
 target is the rationale's stop token instead (`end_target`: the closing mark the sampler reads as the end
 of the rationale), so a trained model ends its rationale the way the sampler will see it end.
 
 SFT:  mean over completion tokens of -log p(y_t), one linear_logprob_sum (no (tokens, V) tensor is kept).
-DPO (Rafailov et al. 2023): with sequence log-probs s = sum_t log p(y_t) over the completion,
-      L = -log sigmoid(beta * ((s_c - ref_c) - (s_r - ref_r))),  mean over pairs.
-      The reference log-probs come from a frozen copy of the model, computed once per dataset.
-      dL/ds is one number per sequence, known once s is: a first LM-head sweep (no grad) gives s, a second
-      one applies the per-token weight -dL/ds with its gradient (linear_ce's contract: weights carry no
-      gradient). Two sweeps over the completion tokens, no full logits.
+Preference losses (PreferenceLoss.kind), over P pairs, with s = sum_t log p(y_t) a completion's sequence
+log-prob, n its token count, ref the frozen reference's s (computed once per dataset), h the log-ratio margin
+(s_c - ref_c) - (s_r - ref_r); each is a mean over pairs:
+  dpo    (Rafailov et al. 2023)  -log sigmoid(beta * h)
+  rpo    (Pang et al. 2024, "Iterative Reasoning Preference Optimization")  dpo + nll_weight * (-s_c / n_c):
+         DPO plus the chosen sequence's length-normalised NLL, which holds its likelihood up (DPO alone acts
+         only where the two sides diverge, and can lower both)
+  ipo    (Azar et al. 2023)  (h - 1 / (2 * beta))^2: a squared loss to a fixed margin, which does not push
+         the margin without bound on pairs it already orders
+  simpo  (Meng et al. 2024)  -log sigmoid(beta * (s_c / n_c - s_r / n_r) - gamma): no reference model; the
+         margin is between mean per-token log-probs, and gamma is the target margin
+The loss is a function of the 2P sequence log-probs, so dL/ds is one number per sequence, known once s is:
+a first LM-head sweep (no grad) gives s, autograd on those 2P numbers gives dL/ds, and a second sweep
+applies the per-token weight -dL/ds with its gradient (linear_ce's contract: weights carry no gradient).
+Two sweeps over the completion tokens, no full logits.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import torch
@@ -83,24 +94,73 @@ def pair_batch(pairs, pad_id: int, end_id: int, end_target: int, device=None) ->
                        end_target, device)
 
 
-def dpo_loss(qs, batch: TokenBatch, ref_logps: torch.Tensor, beta: float):
-    """DPO over P pairs in a pair_batch; ref_logps (P, 2): the reference's (chosen, rejected) sequence log-probs.
-    -> (loss with the DPO gradient, metrics). The value is the DPO loss; its gradient is DPO's, applied
-    through a second fused sweep with the per-token weights -dL/ds (see the module docstring)."""
+PREFERENCE_LOSSES = ("dpo", "rpo", "ipo", "simpo")
+
+
+@dataclass(frozen=True)
+class PreferenceLoss:
+    """Which preference loss, and its settings (the module docstring has the formulas)."""
+    kind: str = "dpo"  # dpo | rpo | ipo | simpo
+    beta: float = 0.1  # dpo, rpo: the implicit reward's scale; ipo: tau (target margin 1 / (2 beta)); simpo: scale
+    nll_weight: float = 1.0  # rpo: the weight of the chosen side's length-normalised NLL
+    gamma: float = 0.5  # simpo: the target margin between mean per-token log-probs (times beta)
+
+    def __post_init__(self):
+        if self.kind not in PREFERENCE_LOSSES:
+            raise ValueError(f"preference loss must be one of {PREFERENCE_LOSSES}, got {self.kind!r}")
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.kind != "simpo"
+
+    def value(self, s: torch.Tensor, n: torch.Tensor, ref: Optional[torch.Tensor]):
+        """s (2P,) sequence log-probs, chosen rows then rejected; n (2P,) their token counts; ref (P, 2) the
+        reference's (chosen, rejected) log-probs, or None for simpo. -> (loss, metrics), differentiable in s."""
+        P = s.shape[0] // 2
+        sc, sr, nc, nr = s[:P], s[P:], n[:P], n[P:]
+        metrics = {}
+        if self.kind == "simpo":
+            margin = sc / nc - sr / nr
+            loss = -F.logsigmoid(self.beta * margin - self.gamma).mean()
+        else:
+            margin = (sc - ref[:, 0].to(s)) - (sr - ref[:, 1].to(s))
+            if self.kind == "ipo":
+                loss = ((margin - 1 / (2 * self.beta)) ** 2).mean()
+            else:
+                loss = -F.logsigmoid(self.beta * margin).mean()
+            if self.kind == "rpo":
+                nll = -(sc / nc).mean()
+                loss = loss + self.nll_weight * nll
+                metrics[f"{self.kind}/chosen_nll"] = float(nll.detach())
+        metrics[f"{self.kind}/margin"] = float(margin.detach().mean())
+        metrics[f"{self.kind}/accuracy"] = float((margin.detach() > 0).float().mean())
+        return loss, metrics
+
+
+def preference_loss(qs, batch: TokenBatch, ref_logps: Optional[torch.Tensor], spec: PreferenceLoss):
+    """`spec`'s loss over P pairs in a pair_batch; ref_logps (P, 2): the reference's (chosen, rejected) sequence
+    log-probs (None for a reference-free loss). -> (loss with its gradient, metrics). The value is the loss;
+    its gradient is applied through a second fused sweep with the per-token weights -dL/ds (see the module
+    docstring)."""
     h, tgt, rows = _hidden(qs, batch)
-    B, P, W = batch.ids.shape[0], batch.ids.shape[0] // 2, qs.model.lm_head_weight
+    B, W = batch.ids.shape[0], qs.model.lm_head_weight
     with torch.no_grad():
         _, logp = linear_logprob_sum(h.detach(), W.detach(), tgt, torch.zeros_like(tgt, dtype=h.dtype))
         s = _sequence_sums(logp, rows, B)
-        margin = (s[:P] - ref_logps[:, 0].to(s)) - (s[P:] - ref_logps[:, 1].to(s))  # (P,)
-        z = beta * margin
-        loss = -F.logsigmoid(z).mean()
-        g = beta * torch.sigmoid(-z) / P  # -dL/ds_chosen = dL/ds_rejected
-        coef = torch.cat([g, -g])[rows].to(h.dtype)  # -dL/ds of each token's row
+        n = batch.weight.sum(1).to(s)  # completion tokens per row (pads carry no weight)
+    s = s.requires_grad_()
+    with torch.enable_grad():
+        loss, metrics = spec.value(s, n, ref_logps)
+        (dl_ds,) = torch.autograd.grad(loss, s)  # (2P,): one number per sequence
+    coef = (-dl_ds)[rows].to(h.dtype)  # -dL/ds of each token's row
     weighted, _ = linear_logprob_sum(h, W, tgt, coef)
     surrogate = -weighted  # its gradient is dL/dtheta
-    metrics = {"dpo/margin": float(margin.mean()), "dpo/accuracy": float((margin > 0).float().mean())}
-    return loss + (surrogate - surrogate.detach()), metrics
+    return loss.detach() + (surrogate - surrogate.detach()), metrics
+
+
+def dpo_loss(qs, batch: TokenBatch, ref_logps: torch.Tensor, beta: float):
+    """DPO over P pairs in a pair_batch (preference_loss with kind dpo)."""
+    return preference_loss(qs, batch, ref_logps, PreferenceLoss("dpo", beta))
 
 
 @torch.no_grad()
@@ -157,12 +217,14 @@ def fit_sft(qs, examples, steps: int, batch_size: int, optim_cfg, seed: int, end
 
 
 def fit_dpo(qs, ref_qs, pairs, beta: float, steps: int, batch_size: int, optim_cfg, seed: int, end_target: int,
-            pad_id: int, progress=None) -> List[float]:
-    """DPO against `ref_qs` (frozen); its log-probs are computed here, once, before the first step."""
+            pad_id: int, progress=None, loss: Optional[PreferenceLoss] = None) -> List[float]:
+    """A preference loss (`loss`; None: DPO with `beta`) against `ref_qs` (frozen); its log-probs are computed
+    here, once, before the first step (not at all for a reference-free loss)."""
+    spec = loss if loss is not None else PreferenceLoss("dpo", beta)
     dev = qs.model.tok_embeddings.weight.device
-    ref = reference_logprobs(ref_qs, pairs, pad_id, qs.end_token_id, end_target)
+    ref = reference_logprobs(ref_qs, pairs, pad_id, qs.end_token_id, end_target) if spec.needs_reference else None
 
     def loss_fn(idx):
         batch = pair_batch([pairs[i] for i in idx], pad_id, qs.end_token_id, end_target, dev)
-        return dpo_loss(qs, batch, ref[idx], beta)
+        return preference_loss(qs, batch, ref[idx] if ref is not None else None, spec)
     return fit(qs, len(pairs), loss_fn, steps, batch_size, optim_cfg, seed, progress)

@@ -206,6 +206,7 @@ class StepSearch:
         self.root = prompt_ids(qs, ctx.tok, q.prompt(), True)  # BOS, question, <start>
         self.end = qs.end_token_id
         self.calls = 0
+        self.malformed = 0  # proposals dropped by the step filter (explicit.step_filter)
         self._target: Optional[str] = None  # the model's own majority answer (self_eval=agreement)
 
     def _seeds(self, n: int) -> List[int]:
@@ -240,15 +241,32 @@ class StepSearch:
 
     def propose(self, prefixes, n: int):
         ex, out = self.ctx.ex, []
-        comps = self._sample(prefixes, n, lambda p: min(ex.step_tokens, self._left(p)), ex.temperature)
+        t = ex.temperature if ex.propose_temperature is None else ex.propose_temperature
+        comps = self._sample(prefixes, n, lambda p: min(ex.step_tokens, self._left(p)), t)
         for p, cs in zip(prefixes, comps):
             steps = []
             for c in cs:
                 s = self._step(p, c)
-                if s and s not in steps:  # the same step sampled twice is one candidate
-                    steps.append(s)
+                if not s or s in steps:  # the same step sampled twice is one candidate
+                    continue
+                if ex.step_filter and not self.well_formed(s):
+                    self.malformed += 1
+                    continue
+                steps.append(s)
             out.append(steps)
         return out
+
+    def well_formed(self, step) -> bool:
+        """Every chain token of `step` is one of the corpus's symbols (ctx.step_alphabet); a final step's answer
+        too, and it is not empty."""
+        ok = self.ctx.step_alphabet
+        cut = step.index(self.end) if self.end in step else len(step)
+        if any(t not in ok for t in step[:cut]):
+            return False
+        if cut == len(step):
+            return True
+        answer = [t for t in step[cut + 1:] if t not in self.rule.answer_stop]
+        return bool(answer) and all(t in ok for t in answer)
 
     def is_final(self, step) -> bool:
         return self.end in step
@@ -312,14 +330,16 @@ SEARCH_SKIPS = {"identical": "identical pair", "duplicate": "duplicate rejected 
 def collect_cpo(ctx, qs, questions, r: int, seed: int, skips: Skips):
     from quietstar.eval.common import Progress
 
-    ex, out, stats = ctx.ex, [], defaultdict(int)
+    ex, out, stats, per_question = ctx.ex, [], defaultdict(int), []
     bar = Progress(len(questions), f"round {r}: cpo search")
     for i, q in enumerate(questions):
         s = StepSearch(ctx, qs, q, derive_seed(seed, "cpo question", i))
         t = tree.search(s.propose, s.evaluate, s.is_final, beam=ex.beam, n=ex.proposals,
                         max_depth=ctx.rules["cot"].max_rationale + 1)
         path = tree.winning_path(t)
-        pairs, skipped = tree.preference_pairs(t, path)
+        pairs, skipped = tree.preference_pairs(t, path, kept_below=ex.pair_kept_siblings)
+        per_question.append(len(pairs))
+        stats["malformed_steps"] += s.malformed
         for reason, count in skipped.items():
             if reason == "kept_sibling":
                 stats["kept_siblings"] += count  # not bad input: the search kept both, neither is preferred
@@ -338,4 +358,8 @@ def collect_cpo(ctx, qs, questions, r: int, seed: int, skips: Skips):
         bar.update(1)
     bar.close()
     stats["pairs"] = len(out)
+    # pairs found per question: the mean, how many questions gave any, and the most from one
+    stats["pairs_per_question"] = len(out) / max(1, len(questions))
+    stats["questions_with_pairs"] = sum(n > 0 for n in per_question)
+    stats["max_pairs_per_question"] = max(per_question, default=0)
     return out, dict(stats)

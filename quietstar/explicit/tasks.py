@@ -15,8 +15,9 @@ gold answer. Two sources:
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import FrozenSet, List, Optional, Sequence
 
 from quietstar.eval.cot import COT_PROMPT, first_integer
 
@@ -103,3 +104,13 @@ def reasoning_stop_rule(rcfg, tokenizer, rationale: bool = True) -> StopRule:
     enc = lambda s: tokenizer.encode(s, add_bos=False)  # noqa: E731
     longest = rcfg.max_hops + 2 if "lookup" in rcfg.families else rcfg.max_digits + 1
     return StopRule(enc(rcfg.chain_close), longest if rationale else 0, enc(" \n"), 2, enc(rcfg.chain_open))
+
+
+def step_alphabet(rcfg, tokenizer) -> FrozenSet[int]:
+    """The token ids a well-formed chain step and answer of the reasoning corpus are made of: the map's letters
+    (lookup) and the digits (state), each a single token. A sampled step with any other token (a control byte,
+    half of a UTF-8 character, a space) is not a step of the corpus's chains."""
+    chars = (string.ascii_lowercase[:rcfg.n_symbols] if "lookup" in rcfg.families else "") + \
+        (string.digits if "state" in rcfg.families else "")
+    ids = (tokenizer.encode(ch, add_bos=False) for ch in chars)
+    return frozenset(t[0] for t in ids if len(t) == 1)

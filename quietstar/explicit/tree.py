@@ -34,7 +34,9 @@ What is chosen here:
   whose two sides are the same text (strings compared after stripping whitespace) are skipped, and so is
   a second copy of the same rejected text at the same step; unscored siblings are skipped too; each skip
   is counted under its reason. Kept siblings that are not on the path are neither preferred nor
-  dispreferred (the search still thought them good), and are counted as "kept_sibling".
+  dispreferred (the search still thought them good), and are counted as "kept_sibling"; with
+  `kept_below=True`, a kept sibling scored strictly below the path's step is dispreferred too (with a beam
+  above 1, most alternatives are kept, not pruned, and would give no pair).
 """
 
 from __future__ import annotations
@@ -167,9 +169,10 @@ def _same_text(a: Step, b: Step) -> bool:
     return a == b
 
 
-def preference_pairs(tree: Tree, path: Optional[list[Node]]) -> tuple[list[Pair], Counter]:
-    """Per-step pairs along `path`: (prefix, the path's step, each pruned sibling's step), and a Counter
-    of what was skipped: "identical", "duplicate", "unscored", "kept_sibling", "no_path"."""
+def preference_pairs(tree: Tree, path: Optional[list[Node]], kept_below: bool = False) -> tuple[list[Pair], Counter]:
+    """Per-step pairs along `path`: (prefix, the path's step, each pruned sibling's step; with kept_below, each
+    kept sibling's scored below it too), and a Counter of what was skipped: "identical", "duplicate",
+    "unscored", "kept_sibling", "no_path"."""
     pairs, skipped = [], Counter()
     if path is None:
         skipped["no_path"] += 1
@@ -183,7 +186,7 @@ def preference_pairs(tree: Tree, path: Optional[list[Node]]) -> tuple[list[Pair]
                 continue
             if sib.status == UNSCORED:
                 skipped["unscored"] += 1
-            elif sib.status == KEPT:
+            elif sib.status == KEPT and not (kept_below and sib.score < node.score):
                 skipped["kept_sibling"] += 1
             elif _same_text(sib.step, node.step):
                 skipped["identical"] += 1
