@@ -314,6 +314,7 @@ def test_one_round_of_each_preference_method_end_to_end_through_the_config(tmp_p
     res = json.loads((tmp_path / "results.json").read_text())
     assert [r["round"] for r in res["rounds"]] == [0, 1] and summary.status == "done"
     r1 = res["rounds"][1]
+    assert r1["from_round"] == 0 and res["seed"] == cfg.train.seed and res["optim"]["lr"] == cfg.optim.lr
     data = Path(r1["dataset"])
     assert data.name == ("sft.jsonl" if method == "vstar" else "pairs.jsonl")
     lines = [json.loads(x) for x in data.read_text().splitlines()]

@@ -31,7 +31,11 @@ class ExplicitConfig:
     methods never sample; the held-out split is never used for a decision). 0: run every round."""
     train_from: str = "base"
     """Each round fine-tunes `base` (STaR's choice: no drift across rounds) or `latest` (the previous round's
-    model). Sampling always uses the latest model."""
+    model, or the best one with iterate_from=best). Sampling always uses the latest model."""
+    iterate_from: str = "latest"
+    """What the next round builds on (samples with, and trains from with train_from=latest): latest (the round
+    just trained, whatever its validation accuracy) | best (the round with the best validation accuracy so far,
+    base included: a round that made the model worse on validation is not iterated on)."""
     train_questions: int = 1024  # training-split questions sampled each round (the first documents' queries)
     val_questions: int = 256  # training-split questions of later documents, for the stopping rule
     eval_questions: int = 512  # held-out-split questions scored after every round (the first documents' queries)
@@ -91,6 +95,8 @@ class ExplicitConfig:
             raise ConfigError(f"explicit.method must be one of {METHODS}, got {self.method!r}")
         if self.train_from not in ("base", "latest"):
             raise ConfigError(f"explicit.train_from must be base or latest, got {self.train_from!r}")
+        if self.iterate_from not in ("latest", "best"):
+            raise ConfigError(f"explicit.iterate_from must be latest or best, got {self.iterate_from!r}")
         for name, allowed in (("judge", JUDGES), ("self_eval", SELF_EVALS), ("verifier_score", VERIFIER_SCORES),
                               ("loss", PREFERENCE_LOSSES)):
             if getattr(self, name) not in allowed:

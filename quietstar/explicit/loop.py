@@ -158,6 +158,26 @@ def collect_system2(ctx: Context, qs, questions, r: int, seed: int, skips: Skips
     return out, dict(stats)
 
 
+class Rounds:
+    """The best round by validation accuracy (base = round 0) and the model the next round builds on: the
+    round just trained (iterate_from=latest) or the best so far (best: a round that did not beat validation
+    is not built on)."""
+
+    def __init__(self, base, base_val: float, iterate_from: str = "latest"):
+        self.iterate_from = iterate_from
+        self.best_val, self.best_round, self.best_model, self.since_best = base_val, 0, base, 0
+        self.latest, self.latest_round = base, 0
+
+    def update(self, r: int, model, val: float) -> None:
+        self.latest, self.latest_round = model, r
+        if val > self.best_val:
+            self.best_val, self.best_round, self.best_model, self.since_best = val, r, model, 0
+            return
+        self.since_best += 1
+        if self.iterate_from == "best":
+            self.latest, self.latest_round = self.best_model, self.best_round
+
+
 def round_seeds(seed: int, r: int) -> dict:
     """Round r's seeds under the run's seed: its samples (`collect`, which derives its own streams from it) and
     its optimizer's batch order (`fit`). Hashed (quietstar.seeds), valid for any train.seed."""
@@ -288,11 +308,12 @@ def run(cfg, train_fn):
     print(f"[explicit] {ex.method}: {len(train_q)} training questions, {len(val_q)} validation, {len(eval_q)} "
           f"held-out; base {base_path}", flush=True)
     rounds = [{"round": 0, "eval": assess(base, "base")}]
-    latest, best, since_best, best_round, best_model = base, rounds[0]["eval"]["val"], 0, 0, base
+    track = Rounds(base, rounds[0]["eval"]["val"], ex.iterate_from)
     dpo = ex.method in DPO_METHODS
     for r in range(1, ex.iterations + 1):
         skips, t_r = Skips(), time.time()
         seeds = round_seeds(cfg.train.seed, r)
+        latest = track.latest
         examples, stats = COLLECT[ex.method](ctx, latest, train_q, r, seeds["collect"], skips)
         data_path = write_jsonl(root / f"round_{r}" / ("pairs.jsonl" if dpo else "sft.jsonl"), examples)
         print(f"[explicit] round {r}: {len(examples)} {'pairs' if dpo else 'examples'} -> {data_path} ({stats}; "
@@ -307,22 +328,19 @@ def run(cfg, train_fn):
             losses = fit_sft(model, examples, ex.steps, ex.batch_size, cfg.optim, seeds["fit"], ctx.end_target,
                              tok.pad_id, _fit_progress(r, ex.steps))
         e = assess(model, f"round {r}")
-        rec = {"round": r, "examples": len(examples), "stats": stats, "skips": skips.as_dict(),
-               "skip_examples": skips.examples, "loss_first": losses[0] if losses else None,
+        rec = {"round": r, "from_round": track.latest_round, "examples": len(examples), "stats": stats,
+               "skips": skips.as_dict(), "skip_examples": skips.examples, "loss_first": losses[0] if losses else None,
                "loss_last": losses[-1] if losses else None, "wall_s": round(time.time() - t_r, 1), "eval": e,
                "dataset": str(data_path)}
         if ex.keep_checkpoints:
             rec["checkpoint"] = str(_save(cfg, model, tok, root / f"round_{r}" / "checkpoints", max(1, len(losses))))
         rounds.append(rec)
         run_log.log(_flat(rec), step=r)
-        latest = model
-        if e["val"] > best:
-            best, since_best, best_round, best_model = e["val"], 0, r, model
-        else:
-            since_best += 1
-            if ex.patience and since_best >= ex.patience:
-                print(f"[explicit] validation accuracy has not improved for {since_best} round(s): stop", flush=True)
-                break
+        track.update(r, model, e["val"])
+        if ex.patience and track.since_best >= ex.patience:
+            print(f"[explicit] validation accuracy has not improved for {track.since_best} round(s): stop", flush=True)
+            break
+    best_round, best_model = track.best_round, track.best_model
     verifier = None
     if ex.method == "vstar":  # the best round's generator, the verifier trained on every round's pairs
         verifier = verify(ctx, base, best_model, eval_q, cfg.train.seed)
@@ -334,7 +352,7 @@ def run(cfg, train_fn):
                "rounds": rounds, "stages": stages, "wall_s": round(time.time() - t0, 1),
                "questions": {"train": len(train_q), "val": len(val_q), "eval": len(eval_q),
                              "eval_split": "held-out (maps never seen in training)", "decoding": "greedy"},
-               "settings": dataclasses.asdict(ex)}
+               "settings": dataclasses.asdict(ex), "optim": dataclasses.asdict(cfg.optim), "seed": cfg.train.seed}
     if verifier is not None:
         results["verifier"] = verifier
     (root / "results.json").write_text(json.dumps(results, indent=1) + "\n")
