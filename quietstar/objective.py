@@ -120,14 +120,18 @@ def nll_coefficients(scope: Scope, n: int, cfg, dtype) -> tuple[torch.Tensor, to
 
 
 def rewards(ce_base: torch.Tensor, ce_talk: torch.Tensor, scope: Scope, cfg) -> torch.Tensor:
-    """R(i) = sum_k [CE_base(x_{i+k+1}) - CE_talk_k(i)] over the real targets, on scorable positions.
+    """R(i) = sum_k [CE_base(x_{i+k+1}) - CE_talk_k(i)] over the real targets, on scorable positions, raised to
+    cfg.reward_floor where it is below it (None: no floor).
     ce_base (B, L) (no thought, at each position), ce_talk (K, B, n, P) -> (B, n, P)."""
     K = ce_talk.shape[0]
     base = torch.stack([ThoughtGrid.ahead(ce_base, k) for k in range(K)])  # CE_base(i+k): (K, B, L)
     if scope.positions is not None:
         base = base.gather(2, scope.positions[None].expand(K, -1, -1))  # at the thinking positions (K, B, P)
     ok = scope.ok[:, :, None]
-    return ((base[:, :, None] - ce_talk) * ok).sum(0) * scope.scorable[:, None]
+    reward = ((base[:, :, None] - ce_talk) * ok).sum(0)
+    if cfg.reward_floor is not None:  # a thought worse than this counts as this (0: as no thought)
+        reward = reward.clamp_min(cfg.reward_floor)
+    return reward * scope.scorable[:, None]
 
 
 def advantages(reward: torch.Tensor, scope: Scope, cfg) -> torch.Tensor:

@@ -113,6 +113,12 @@ class ThoughtConfig:
     prediction, the official reward), `unmixed` (the thought row's own prediction, RLP's: a reward that does
     not wait for the talk head to trust the thoughts), or None (the objective's own: official mixed, rlp
     unmixed)."""
+    reward_floor: Optional[float] = None
+    """Rewards below this are raised to it before the advantages (None: none). With 0 a thought that predicts
+    worse than no thought counts as no thought, as the talk head can ignore it: where no thought can help (most
+    positions of most text) every thought then scores 0 and the position teaches the policy nothing, instead of
+    rewarding whichever thought disturbs the prediction least (measured: such a thought takes over every
+    position, docs/learning.md)."""
     ema_decay: Optional[float] = None
     """The reward's no-thought counterfactual: None, the same model's base pass (detached); a decay tau in
     (0, 1), an EMA teacher of the base model's weights (RLP: 0.999), updated after every optimizer step,

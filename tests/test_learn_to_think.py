@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from quietstar import train as train_script
 from quietstar.config import register_configs
 from quietstar.data import ByteTokenizer
+from quietstar.errors import UserError
 from quietstar.flops import step_flops
 from quietstar.model import ModelConfig, Transformer
 from quietstar.plain import PlainLM
@@ -61,6 +62,44 @@ def test_the_recipe_runs_its_stages_and_writes_results_and_curves(tmp_path, caps
     with pytest.raises(UserError, match=r"quietstar stage run with other settings \(thought.policy_weight\)"):
         run_recipe(toy_cfg(tmp_path, "thought.policy_weight=2"), lambda c: calls.append(c))
     assert calls == []
+
+
+def test_the_policy_recipes_write_the_ablation_and_the_chain_share(tmp_path):
+    from quietstar.recipes import run_recipe
+
+    experiment = "policy_decoy"
+    cfg = toy_cfg(tmp_path, f"experiment={experiment}")
+    assert cfg.thought.objective == "rlp" and cfg.learn_to_think.policy_off and cfg.data.reasoning.decoy_share == 0.5
+    discovery = toy_cfg(tmp_path, "experiment=policy_discovery")  # the same recipe from a space
+    assert discovery.thought.objective == "rlp" and discovery.thought.init_token == discovery.thought.end_init_token == " "
+    run_recipe(cfg, train_script.train)
+    res = json.loads((tmp_path / "results.json").read_text())
+    off = res["policy_off"]
+    for metric in ("answer_nll", "answer_acc"):
+        assert {"thought", "no_thought", "baseline"} <= set(off[metric])
+        assert off[metric]["baseline"] == res[metric]["baseline"]  # one baseline for both
+    assert 0 <= res["chain_share"]["before"] <= 1 and 0 <= res["chain_share"]["after"] <= 1
+    assert 0 <= off["chain_share"]["after"] <= 1
+    kinds = res["thought_kinds"]["after"]["3"]
+    assert sum(kinds.values()) == res["answer_count"]["3"]  # every 3-hop answer's thought is classified
+    assert read_config(tmp_path / "policy_off").thought.policy_weight == 0
+    # another setting of the policy term alone retrains the Quiet-STaR stage, and reuses the ablation
+    calls = []
+    with pytest.raises(UserError, match=r"quietstar stage run with other settings \(thought.reward_floor\)"):
+        run_recipe(toy_cfg(tmp_path, f"experiment={experiment}", "thought.reward_floor=-1"), calls.append)
+    from quietstar.recipes.learn_to_think import changed_fields
+
+    saved, now = read_config(tmp_path / "policy_off"), read_config(tmp_path / "policy_off")
+    now.thought.reward_floor, now.thought.objective = -1.0, "official"
+    assert changed_fields(saved, now) == []
+    now.thought.n_thoughts = 3  # the NLL's talk terms average over the thoughts: read without the policy
+    assert changed_fields(saved, now) == ["thought.n_thoughts"]
+
+
+def read_config(stage_dir):
+    from quietstar.checkpoint import read_train_config
+
+    return read_train_config(sorted((stage_dir / "checkpoints").iterdir())[-1])
 
 
 def test_the_baseline_gets_the_quietstar_stage_s_flops(tmp_path):
@@ -118,6 +157,16 @@ def test_median_over_seeds(tmp_path):
     med = median_over_seeds(files)
     assert med["answer_nll"]["thought"] == {"all": 0.2, "3": 0.4}
     assert med["answer_acc"]["thought"]["all"] == pytest.approx(0.8)
+    for i, f in enumerate(files):  # the policy recipes' keys
+        r = json.loads(f.read_text())
+        r["chain_share"] = {"before": 0.5, "after": [0.9, 0.7, 0.8][i], "of": "text"}
+        r["policy_off"] = {"answer_nll": r["answer_nll"], "answer_acc": r["answer_acc"],
+                           "chain_share": {"after": [0.4, 0.6, 0.5][i]}}
+        f.write_text(json.dumps(r))
+    med = median_over_seeds(files)
+    assert med["chain_share"] == {"before": 0.5, "after": 0.8}
+    assert med["policy_off"]["chain_share"] == {"after": 0.5}
+    assert med["policy_off"]["answer_nll"]["thought"] == {"all": 0.2, "3": 0.4}
 
 
 def test_quietstar_from_a_plain_lm_checkpoint_starts_its_thoughts_at_the_trained_init_token(tmp_path):

@@ -115,16 +115,31 @@ def changed_fields(saved, now) -> list:
     on which two TrainConfigs differ, as dotted names (the thought settings only where one of them thinks)."""
     out = []
     plain = not saved.thought.enabled and not now.thought.enabled  # a plain LM reads no thought setting
+    unread = {"grad_checkpointing"}  # recomputing changes no result
+    if saved.thought.policy_weight == 0 and now.thought.policy_weight == 0 and _same_nll(saved.thought, now.thought):
+        unread |= POLICY_ONLY  # a run without the policy term reads no setting that only shapes it
     for section in ("model", "data", "optim", "distill") if plain else ("model", "data", "thought", "optim", "distill"):
         a, b = dataclasses.asdict(getattr(saved, section)), dataclasses.asdict(getattr(now, section))
-        out += [f"{section}.{k}" for k in sorted(set(a) | set(b))
-                if a.get(k) != b.get(k) and k != "grad_checkpointing"]  # recomputing changes no result
+        out += [f"{section}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in unread]
     for key in ("max_steps", "seed"):
         if getattr(saved.train, key) != getattr(now.train, key):
             out.append(f"train.{key}")
     if _within_recipe(saved) != _within_recipe(now):
         out.append("init_from")
     return out
+
+
+POLICY_ONLY = {"objective", "reward_from", "reward_floor", "clamp_negative_advantage", "policy_temperature",
+               "policy_mean_over_padding", "reward_drop_last_position", "ema_decay"}
+"""Thought settings that reach the weights only through the policy term (with policy_weight=0 a run's updates
+are the same whatever they are; the objective too where its NLL weights and scope are the same)."""
+
+
+def _same_nll(a, b) -> bool:
+    from quietstar.objective import get_objective
+
+    x, y = get_objective(a.objective), get_objective(b.objective)
+    return x.nll_coefficients is y.nll_coefficients and x.scope is y.scope
 
 
 def _within_recipe(cfg) -> Optional[str]:
