@@ -347,6 +347,22 @@ def ltt_run(seed: int, path: str) -> str:
     return f"runs/{seed}/{path}"
 
 
+PD, PDN, PDD = "policy_decoy_cpu.json", "policy_decoy_nofloor_cpu.json", "policy_decoy_diagnosis_cpu.json"
+PD_HEADER = ("| seed | chain share before | after | after, policy off | acc. with a thought | policy off | no thought | "
+             "baseline |")
+
+
+def pd_row(prefix: str) -> list:
+    """A policy_decoy row: chain share before / after / after with the policy term off, then 3-hop accuracy with a
+    thought, with it off, without a thought, and the baseline's."""
+    return [f"{prefix}chain_share/before", f"{prefix}chain_share/after", f"{prefix}policy_off/chain_share/after",
+            f"{prefix}answer_acc/thought/3", f"{prefix}policy_off/answer_acc/thought/3",
+            f"{prefix}answer_acc/no_thought/3", f"{prefix}answer_acc/baseline/3"]
+
+
+PD_ROWS = {**{str(s): pd_row(f"per_run/{s}/") for s in (0, 1, 2)}, "median": pd_row("")}
+
+
 CHECKS: list = [
     # ------------------------------------------------------------------ README: the default run
     Quote("README.md", "ended at NLL {} on its last step's sequence: the mean of {} without thoughts and {} for the "
@@ -535,6 +551,30 @@ CHECKS: list = [
     Quote("docs/learning.md", "It keeps {}-{}% of the 1-hop NLL gain and {}-{}% of the accuracy gain (3 seeds)", DIST,
           (kept_per_seed("nll", "1", min), kept_per_seed("nll", "1", max), kept_per_seed("acc", "1", min),
            kept_per_seed("acc", "1", max))),
+    # ------------------------------------------------------------------ README, docs/learning.md: the RLP objective
+    Table("README.md", PD_HEADER, PD, PD_ROWS),
+    Table("docs/learning.md", PD_HEADER, PD, PD_ROWS),
+    Table("docs/learning.md", "| seed | 3-hop chain share, pretrained | after (RLP) | after (policy_weight=0) | "
+          "3-hop acc. with a thought (RLP) | (policy_weight=0) | no thought | baseline |", PDN,
+          {str(s): pd_row(f"per_run/{s}/") for s in (0, 1)}),
+    Quote("README.md", "It takes the chains from {}% to {}% of the thoughts,\nand 3-hop accuracy with a thought to {}, "
+          "against {} with the term off", PD,
+          (pct("per_run/0/chain_share/before"), pct("per_run/0/chain_share/after"), "per_run/0/answer_acc/thought/3",
+           "per_run/0/policy_off/answer_acc/thought/3")),
+    Quote("README.md", "write the correct chain in only {}-{}% of their\nthoughts before 3-hop answers, and the chain "
+          "still gains them about {} nats on the answer", PD,
+          (pct("per_run/2/chain_share/before"), pct("per_run/1/chain_share/before"),
+           V(lambda r: load(PDD)["thought_gains"][1]["chain_gain_nats"]))),
+    Quote("docs/learning.md", "raises the answer's log-probability by {} nats on\n  average, and the decoy by {}", PDD,
+          ("thought_gains/1/chain_gain_nats", "thought_gains/1/decoy_gain_nats")),
+    Quote("docs/learning.md", "reached 3-hop accuracy {} with a thought, against {} at 200 steps", PDD,
+          ("checkpoints/1/answer_acc/thought/3", "checkpoints/0/answer_acc/thought/3")),
+    Quote("docs/learning.md", "3-hop accuracy with a thought\n  {} (goal 0.90 on every seed), chain share {} (goal "
+          "0.90), ablation {} lower (goal 0.2)", PD,
+          ("answer_acc/thought/3", "chain_share/after",
+           V(lambda r: r["answer_acc"]["thought"]["3"] - r["policy_off"]["answer_acc"]["thought"]["3"]))),
+    Quote("docs/learning.md", "and the ablation goal with {}.", PD,
+          (V(lambda r: at(r, "per_run/0/answer_acc/thought/3") - at(r, "per_run/0/policy_off/answer_acc/thought/3")),)),
     # ------------------------------------------------------------------ README: lm_eval backend
     Quote("README.md", "the {} log-likelihoods of {} local CommonsenseQA questions match lm_eval's `hf` backend on the "
           "`quietstar.export` of the same model within {} nats, at {} requests/s against {}", "lm_eval_cpu.json",

@@ -9,8 +9,9 @@ that hides the thought, thought embeddings that no longer start at the chain mar
 
 What it does not catch: at this scale the pretrained model already writes correct chains, so the gain is
 the talk head learning to use them, and 60 steps of REINFORCE at weight 1 move the thoughts too little to
-measure (a zeroed or sign-flipped policy term passes here). The policy term's sign and scale are pinned by
-the objective tests (tests/test_objective.py) and the gradients against the reference (tests/test_thinker.py).
+measure (a zeroed or sign-flipped policy term passes here). tests/test_learning_policy.py is the learning
+test of the policy term; its sign and scale are also pinned by the objective tests (tests/test_objective.py,
+tests/test_rlp.py) and the gradients against the reference (tests/test_thinker.py).
 """
 
 import dataclasses
@@ -55,20 +56,26 @@ def _answer_in_thought(result) -> float:
     return sum(e["answer"] in e["thought"] for e in ex) / max(1, len(ex))
 
 
-@pytest.fixture(scope="module")
-def pretrained():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(min(2, threads))
+def pretrain(corpus: ReasoningConfig, steps: int, threads: int):
+    """A plain LM pretrained on the corpus from a seeded random init. -> (state dict, training documents,
+    held-out documents)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(min(threads, before))
     try:
         torch.manual_seed(0)
         tok = ByteTokenizer()
         lm = PlainLM(Transformer(ModelConfig.from_preset("tiny", **MODEL)), tok, dataclasses.replace(THOUGHT, enabled=False))
-        docs = make_documents(CORPUS, 4000, seed=0)
-        _train(lm, docs, PRETRAIN_STEPS, OptimConfig(lr=1e-3, beta2=0.95, warmup_steps=50, weight_decay=0.0,
-                                                     schedule="cosine"), 0, 16)
-        yield lm.state_dict(), docs, make_documents(CORPUS, CORPUS.eval_docs, seed=0, split="eval")
+        docs = make_documents(corpus, 4000, seed=0)
+        _train(lm, docs, steps, OptimConfig(lr=1e-3, beta2=0.95, warmup_steps=50, weight_decay=0.0,
+                                            schedule="cosine"), 0, 16)
+        return lm.state_dict(), docs, make_documents(corpus, corpus.eval_docs, seed=0, split="eval")
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def pretrained():
+    return pretrain(CORPUS, PRETRAIN_STEPS, threads=2)
 
 
 def learn(pretrained, thought: ThoughtConfig):

@@ -262,6 +262,10 @@ def median_over_seeds(result_files: list) -> dict:
     out.update(_medians(runs))
     if all("policy_off" in r for r in runs):
         out["policy_off"] = _medians([r["policy_off"] for r in runs])
+    out["per_run"] = [{k: r[k] for k in ("answer_acc", "answer_nll", "chain_share") if k in r} |
+                      ({"policy_off": {k: r["policy_off"][k] for k in ("answer_acc", "answer_nll", "chain_share")
+                                       if k in r["policy_off"]}} if "policy_off" in r else {})
+                      for r in runs]
     return out
 
 

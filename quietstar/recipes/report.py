@@ -152,6 +152,7 @@ def summarise_seeds_main(recipe: str, summarise) -> None:
     ap = argparse.ArgumentParser(description=f"median over seeds of several {recipe} runs' results.json")
     ap.add_argument("runs", nargs="+", help="run dirs (or their results.json)")
     ap.add_argument("--out", help="write the summary here as JSON")
+    ap.add_argument("--runs-command", help="the command that trained the runs, recorded beside this one")
     args = ap.parse_args()
     files = [Path(r) / "results.json" if Path(r).is_dir() else Path(r) for r in args.runs]
     missing = [str(f) for f in files if not f.is_file()]
@@ -162,5 +163,7 @@ def summarise_seeds_main(recipe: str, summarise) -> None:
     summary["run_commits"] = [r.get("provenance", {}).get("commit") for r in runs]
     seeds = [r["eval"]["seed"] - EVAL_SEED_OFFSET for r in runs]  # both recipes score at train.seed + the offset
     print(json.dumps(summary, indent=1))
+    if args.runs_command:
+        summary = {"runs_command": args.runs_command, **summary}
     if args.out:
         write_record(args.out, summary, seeds=seeds)

@@ -1,0 +1,95 @@
+"""Diagnosis of policy_decoy runs on a validation split (never the held-out one): the unseen documents of the
+training split, past the ones the runs trained on.
+
+    python bench/policy_diagnosis.py --runs RUN0 RUN1 RUN2 --checkpoints CKPT ... --out FILE
+
+For each run's pretrained checkpoint: the mean gain, in nats, of the answer's log-probability after a
+teacher-forced thought over the base prediction before 3-hop direct answers, for the query's chain and for
+its decoy (what the RLP reward can rank). For each extra checkpoint (e.g. a longer Quiet-STaR run): its chain
+share by hops and its answer accuracy with and without a thought.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from quietstar.checkpoint import find_checkpoint, load_thinker_checkpoint, read_train_config  # noqa: E402
+from quietstar.plain import reset_thought_embeddings  # noqa: E402
+from quietstar.provenance import write_record  # noqa: E402
+from quietstar.reasoning import batches, chain_open_ids, lookup_chain, make_documents, score_answers  # noqa: E402
+
+VALIDATION_DOCS = 256
+
+
+def validation_docs(cfg):
+    n = cfg.data.max_docs or cfg.data.synthetic_docs
+    return make_documents(cfg.data.reasoning, n + VALIDATION_DOCS, cfg.train.seed, "train")[n:]
+
+
+@torch.no_grad()
+def thought_gains(run: Path, hops: int = 3) -> dict:
+    """Mean gain of the answer's log-probability after the chain / the decoy over no thought."""
+    ckpt = find_checkpoint(run / "quietstar")  # the Quiet-STaR stage's settings, its starting weights below
+    cfg = read_train_config(ckpt)
+    qs = load_thinker_checkpoint(ckpt)
+    start = load_thinker_checkpoint(find_checkpoint(run / "pretrain"))
+    qs.load_state_dict({**qs.state_dict(), **{f"model.{k}": v for k, v in start.model.state_dict().items()}})
+    reset_thought_embeddings(qs)  # as the stage starts from the pretrained model
+    qs.eval()
+    tok, T = qs.tokenizer, qs.cfg.n_ahead
+    gains: dict = {"chain": [], "decoy": []}
+    for ids, mask, diff, chunk in batches(validation_docs(cfg), tok, 32):
+        B, L = ids.shape
+        at = (diff == hops).nonzero().tolist()
+        for which, name in ((0, "chain"), (1, "decoy")):
+            thoughts = torch.zeros(B, 1, L, T - 3, dtype=torch.long)
+            for b, p in at:
+                query = tok.decode(ids[b, :p].tolist())[-3]
+                thoughts[b, 0, p - 1] = torch.tensor(tok.encode(lookup_chain(chunk[b], query, hops, cfg.data.reasoning)[which],
+                                                                add_bos=False))
+            logits = qs.grid_logits(ids, thoughts, mask)  # (B, 1, S, L, V); step T - 1 (<end>) predicts x_{i+1}
+            after, base = torch.log_softmax(logits[:, 0, T - 1].float(), -1), torch.log_softmax(logits[:, 0, 0].float(), -1)
+            gains[name] += [float(after[b, p - 1, ids[b, p]] - base[b, p - 1, ids[b, p]]) for b, p in at]
+    return {"seed": cfg.train.seed, "answers": len(gains["chain"]),
+            **{f"{k}_gain_nats": sum(v) / len(v) for k, v in gains.items()},
+            **{f"{k}_gain_positive_share": sum(x > 0 for x in v) / len(v) for k, v in gains.items()}}
+
+
+def checkpoint_scores(path: str) -> dict:
+    ckpt = find_checkpoint(path)
+    cfg = read_train_config(ckpt)
+    qs = load_thinker_checkpoint(ckpt)
+    r = score_answers(qs, validation_docs(cfg), qs.tokenizer, 32, cfg.train.seed + 7919, True, 0, "cpu",
+                      without=chain_open_ids(cfg.data.reasoning, qs.tokenizer), chains=cfg.data.reasoning)
+    share = {h: c["chain"] / max(1, sum(c.values())) for h, c in r["thought_kinds"].items()}
+    return {"checkpoint": str(ckpt), "seed": cfg.train.seed, "step": int(ckpt.name.rsplit("_", 1)[-1]),
+            "run_steps": cfg.train.max_steps, "chain_share": share,
+            "answer_acc": {"thought": r["thought"]["acc"], "no_thought": r["no_thought"]["acc"]}}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", nargs="*", default=[], help="policy_decoy run dirs (pretrain/ and quietstar/ inside)")
+    ap.add_argument("--checkpoints", nargs="*", default=[], help="checkpoints (or run dirs) to score")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    gains = [thought_gains(Path(r)) for r in a.runs]
+    scores = [checkpoint_scores(c) for c in a.checkpoints]
+    for row in gains + scores:
+        print(row, flush=True)
+    seeds = sorted({r["seed"] for r in gains + scores})
+    write_record(a.out, {"split": f"validation: the {VALIDATION_DOCS} documents of the training split after the "
+                                  f"ones the runs trained on", "thought_gains": gains, "checkpoints": scores},
+                 seeds=seeds)
+
+
+if __name__ == "__main__":
+    main()
