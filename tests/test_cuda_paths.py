@@ -99,9 +99,11 @@ def test_ddp_and_fsdp_are_placed_on_the_gpu(monkeypatch):
     qs = nn.Module()
     qs.model = nn.Module()
     qs.model.layers = nn.ModuleList([nn.Linear(2, 2), nn.Linear(2, 2)])
-    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", lambda m, device_ids: ("ddp", m, device_ids))
-    assert qdist.wrap(qs, qdist.DistInfo("ddp", device=GPU), DistConfig()) == ("ddp", qs, [1])
-    assert qdist.wrap(qs, qdist.DistInfo("ddp"), DistConfig()) == ("ddp", qs, None)
+    # buffers are constants and the EMA teacher, equal on every rank: not broadcast at each forward
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel",
+                        lambda m, device_ids, broadcast_buffers: ("ddp", m, device_ids, broadcast_buffers))
+    assert qdist.wrap(qs, qdist.DistInfo("ddp", device=GPU), DistConfig()) == ("ddp", qs, [1], False)
+    assert qdist.wrap(qs, qdist.DistInfo("ddp"), DistConfig()) == ("ddp", qs, None, False)
     meshes, sharded = [], []
     monkeypatch.setattr(torch.distributed.device_mesh, "init_device_mesh",
                         lambda kind, shape: meshes.append((kind, shape)) or "mesh")
