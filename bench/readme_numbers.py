@@ -347,6 +347,7 @@ def ltt_run(seed: int, path: str) -> str:
     return f"runs/{seed}/{path}"
 
 
+THOUGHTS = "train_step_thoughts_cpu.json"
 PD, PDN, PDD = "policy_decoy_cpu.json", "policy_decoy_nofloor_cpu.json", "policy_decoy_diagnosis_cpu.json"
 PD_HEADER = ("| seed | chain share before | after | after, policy off | acc. with a thought | policy off | no thought | "
              "baseline |")
@@ -575,6 +576,10 @@ CHECKS: list = [
            V(lambda r: r["answer_acc"]["thought"]["3"] - r["policy_off"]["answer_acc"]["thought"]["3"]))),
     Quote("docs/learning.md", "and the ablation goal with {}.", PD,
           (V(lambda r: at(r, "per_run/0/answer_acc/thought/3") - at(r, "per_run/0/policy_off/answer_acc/thought/3")),)),
+    Table("docs/learning.md", "| thoughts G, length T | grid rows | step (s) | peak RSS (MB) | step time per row, vs "
+          "G=2 T=8 |", THOUGHTS, {f"G={G} T={T}": [f"results/{i}/R", f"results/{i}/step_s", f"results/{i}/peak_rss_mb",
+                                                 f"goals/G={G} T={T}/step_s per thought row / G=2 T=8's"]
+                                  for i, (G, T) in enumerate([(2, 8), (4, 8), (8, 8), (16, 8), (4, 16), (4, 32)])}),
     # ------------------------------------------------------------------ README: lm_eval backend
     Quote("README.md", "the {} log-likelihoods of {} local CommonsenseQA questions match lm_eval's `hf` backend on the "
           "`quietstar.export` of the same model within {} nats, at {} requests/s against {}", "lm_eval_cpu.json",
