@@ -23,7 +23,8 @@ sys.path.insert(0, str(ROOT))
 from quietstar.checkpoint import find_checkpoint, load_thinker_checkpoint, read_train_config  # noqa: E402
 from quietstar.plain import reset_thought_embeddings  # noqa: E402
 from quietstar.provenance import write_record  # noqa: E402
-from quietstar.reasoning import batches, chain_open_ids, lookup_chain, make_documents, score_answers  # noqa: E402
+from quietstar.reasoning import (batches, chain_open_ids, lookup_chain, make_documents, query_symbol,  # noqa: E402
+                                 score_answers)
 
 VALIDATION_DOCS = 256
 
@@ -51,7 +52,7 @@ def thought_gains(run: Path, hops: int = 3) -> dict:
         for which, name in ((0, "chain"), (1, "decoy")):
             thoughts = torch.zeros(B, 1, L, T - 3, dtype=torch.long)
             for b, p in at:
-                query = tok.decode(ids[b, :p].tolist())[-3]
+                query = query_symbol(tok, ids[b], p)
                 thoughts[b, 0, p - 1] = torch.tensor(tok.encode(lookup_chain(chunk[b], query, hops, cfg.data.reasoning)[which],
                                                                 add_bos=False))
             logits = qs.grid_logits(ids, thoughts, mask)  # (B, 1, S, L, V); step T - 1 (<end>) predicts x_{i+1}

@@ -4,8 +4,8 @@
 
 The averages are buffers, not parameters: the optimizer never sees them and they carry no gradient, but they
 are in the state dict, so a checkpoint holds them and a resumed run continues them bitwise. They are kept in
-fp32 when the weights are 16-bit (a 1e-3 step of a bf16 weight would round away), and the teacher runs the
-model's own forward with the averaged weights swapped in (torch.func.functional_call): no second module.
+fp32 when the weights are 16-bit (a 1e-3 step of a bf16 weight would round away); the teacher is the model's
+own forward with `weights()` swapped in (torch.func.functional_call): no second module.
 """
 
 from __future__ import annotations
@@ -51,8 +51,3 @@ class EMATeacher(nn.Module):
     def weights(self, model: nn.Module) -> dict:
         """{parameter name: averaged weight in the parameter's dtype}, for functional_call on `model`."""
         return {name: getattr(self, _key(name)).to(p.dtype) for name, p in model.named_parameters()}
-
-    @torch.no_grad()
-    def forward(self, model: nn.Module, *args, **kwargs):
-        """`model(*args, **kwargs)` with the averaged weights."""
-        return torch.func.functional_call(model, self.weights(model), args, kwargs, tie_weights=True)

@@ -350,6 +350,12 @@ def lookup_chain(doc: Document, query: str, hops: int, cfg: ReasoningConfig) -> 
     return "".join(steps), steps[0] * len(steps)
 
 
+def query_symbol(tokenizer, ids: torch.Tensor, p: int) -> str:
+    """The queried symbol of the direct answer at token p: `a` in `a3=`, three characters back (decoded from the
+    last three tokens, which hold at least three characters, not from the whole prefix)."""
+    return tokenizer.decode(ids[max(0, p - 3):p].tolist())[-3]
+
+
 def thought_kind(thought: str, chain: str, decoy: str) -> str:
     """`chain` when a thought begins with the query's chain of lookups, `decoy` with its decoy (and not the
     chain: a map's fixed point makes them equal), `other` otherwise."""
@@ -395,7 +401,7 @@ the thoughts before a lookup answer write its chain, its decoy or something else
                 doc = chunk[b]
                 if doc.family != "lookup":
                     continue
-                query = tokenizer.decode(ids[b, :p].tolist())[-3]  # `a3=`: the query is three characters back
+                query = query_symbol(tokenizer, ids[b], p)
                 chain, decoy = lookup_chain(doc, query, int(diff[b, p]), chains)
                 kind = thought_kind(qs.decode_thought(out.thoughts, b, 0, p - 1), chain, decoy)
                 counts = kinds.setdefault(str(int(diff[b, p])), {"chain": 0, "decoy": 0, "other": 0})

@@ -975,8 +975,10 @@ class QuietStar(nn.Module):
         B, L = input_ids.shape
         attn = _TextAttention(self.model.cfg.n_layers, lengths, doc_ids)
         pos = torch.arange(L, device=input_ids.device).expand(B, L)
-        h = self.ema(self.model, input_ids, position_ids=pos, attn=attn, return_hidden=True)
-        head = self.ema.weights(self.model)["output.weight" if self.model.output is not None else "tok_embeddings.weight"]
+        weights = self.ema.weights(self.model)  # cast once (16-bit models): the forward and the head share it
+        h = torch.func.functional_call(self.model, weights, (input_ids,), dict(position_ids=pos, attn=attn,
+                                                                                return_hidden=True), tie_weights=True)
+        head = weights["output.weight" if self.model.output is not None else "tok_embeddings.weight"]
         targets = ThoughtGrid.target(input_ids, 0)
         _, logp = linear_logprob_sum(h.reshape(B * L, -1), head, targets.flatten(),
                                      torch.zeros(B * L, device=h.device, dtype=torch.float32), buf=buf)

@@ -18,7 +18,7 @@ from quietstar.config import OptimConfig
 from quietstar.data import ByteTokenizer
 from quietstar.model import ModelConfig, Transformer
 from quietstar.plain import reset_thought_embeddings
-from quietstar.reasoning import ReasoningConfig, batches, lookup_chain
+from quietstar.reasoning import ReasoningConfig, batches, lookup_chain, query_symbol
 from quietstar.thinker import QuietStar, ThoughtConfig
 from tests.test_learning import MODEL, _train, pretrain
 
@@ -46,7 +46,7 @@ def chain_preference(qs, docs, tok, hops: int = CORPUS.max_hops) -> float:
         for which in (0, 1):  # the chain, the decoy
             thoughts = torch.zeros(B, 1, L, THOUGHT.n_ahead - 3, dtype=torch.long)
             for b, p in at:
-                query = tok.decode(ids[b, :p].tolist())[-3]
+                query = query_symbol(tok, ids[b], p)
                 text = lookup_chain(chunk[b], query, hops, CORPUS)[which]
                 thoughts[b, 0, p - 1] = torch.tensor(tok.encode(text, add_bos=False))
             logits = qs.grid_logits(ids, thoughts, mask)  # (B, 1, S, L, V): step m + 1 predicts token m
