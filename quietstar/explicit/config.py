@@ -8,7 +8,7 @@ from typing import Optional
 from quietstar.errors import ConfigError
 from quietstar.explicit.losses import PREFERENCE_LOSSES
 
-METHODS = ("star", "rft", "system2", "vstar", "tpo", "cpo")
+METHODS = ("star", "rft", "system2", "vstar", "tpo", "cpo", "cai")
 JUDGES = ("answer", "model")
 SELF_EVALS = ("agreement", "likelihood", "model")
 VERIFIER_SCORES = ("ratio", "likelihood")
@@ -20,7 +20,9 @@ class ExplicitConfig:
     """star (Zelikman et al. 2022) | rft (rejection-sampling fine-tuning) | system2 (System-2 distillation,
     Yu et al. 2024); docs/explicit.md. The preference-based ones (docs/explicit_preference.md): vstar (a STaR
     generator and a DPO verifier for best-of-k, Hosseini et al. 2024) | tpo (thought preference optimisation,
-    Wu et al. 2024) | cpo (chain of preference optimisation over a tree search, Zhang et al. 2024)."""
+    Wu et al. 2024) | cpo (chain of preference optimisation over a tree search, Zhang et al. 2024) | cai
+    (Constitutional AI: SFT on the model's own critiqued revisions, then preference pairs it labels itself,
+    Bai et al. 2022; explicit/constitutional.py)."""
     base: Optional[str] = None
     """The model every method starts from: a plain-LM checkpoint trained on the reasoning corpus. None: the
     learn_to_think recipe's pretrain stage, run (or reused, when finished with the same settings) in
@@ -89,6 +91,21 @@ class ExplicitConfig:
     it whose answer is the model's own majority answer to the question) | likelihood (the mean per-token
     probability of the chain so far) | model (ModelJudge's rubric prompt)."""
     rollouts: int = 4  # cpo, self_eval=agreement: continuations sampled per rated prefix (and for the root's vote)
+    # -- Constitutional AI (explicit/constitutional.py)
+    cai_sl_rounds: int = 1
+    """cai: rounds 1 .. cai_sl_rounds are the supervised stage (SFT on critiqued revisions); the later rounds
+    are the AI-feedback stage (pairs of the model's k responses labelled against a principle, trained with
+    explicit.loss). 0: AI feedback only; >= iterations: the supervised stage only."""
+    cai_shots: int = 2  # cai: worked critiques (and labelled pairs) in the critique, revision and label prompts
+    cai_critique_tokens: int = 48  # cai: a critique's length cap, in tokens (it ends at a newline)
+    cai_labeller: str = "base"
+    """cai: the model that labels the pairs: base (the run's base model, fixed across rounds, as CAI's
+    feedback model is a separate one) | latest (the model that wrote the responses)."""
+    cai_swap: bool = True  # cai: label each pair in both orders and average (cancels a preference for (A) or (B))
+    cai_soft_label: str = "weight"
+    """cai: how the label p (the probability that the chosen side is better, >= 0.5) enters the loss: weight
+    (the pair's term is scaled by its confidence |2p - 1|) | hard (every kept pair weighs 1)."""
+    cai_min_confidence: float = 0.0  # cai: pairs whose label confidence |2p - 1| is below this are dropped (counted)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -98,15 +115,17 @@ class ExplicitConfig:
         if self.iterate_from not in ("latest", "best"):
             raise ConfigError(f"explicit.iterate_from must be latest or best, got {self.iterate_from!r}")
         for name, allowed in (("judge", JUDGES), ("self_eval", SELF_EVALS), ("verifier_score", VERIFIER_SCORES),
-                              ("loss", PREFERENCE_LOSSES)):
+                              ("loss", PREFERENCE_LOSSES), ("cai_labeller", ("base", "latest")),
+                              ("cai_soft_label", ("weight", "hard"))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"explicit.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("iterations", "train_questions", "val_questions", "eval_questions", "k", "batch_size",
                      "sample_batch", "pairs_per_question", "best_of_n", "beam", "proposals", "step_tokens",
-                     "rollouts"):
+                     "rollouts", "cai_critique_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"explicit.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("patience", "few_shot", "steps", "verifier_steps", "eval_samples", "nll_weight", "simpo_gamma"):
+        for name in ("patience", "few_shot", "steps", "verifier_steps", "eval_samples", "nll_weight", "simpo_gamma",
+                     "cai_sl_rounds", "cai_shots"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"explicit.{name} must be >= 0, got {getattr(self, name)}")
         if not self.temperature >= 0:
@@ -119,3 +138,8 @@ class ExplicitConfig:
             raise ConfigError(f"explicit.beta must be > 0, got {self.beta}")
         if not 0 < self.consistency <= 1:
             raise ConfigError(f"explicit.consistency must be in (0, 1], got {self.consistency}")
+        if not 0 <= self.cai_min_confidence <= 1:
+            raise ConfigError(f"explicit.cai_min_confidence must be in [0, 1], got {self.cai_min_confidence}")
+        if self.method == "cai" and self.cai_sl_rounds < self.iterations and self.k < 2:
+            raise ConfigError(f"explicit.k must be >= 2 for cai's AI-feedback rounds (two responses to compare), "
+                              f"got {self.k}")

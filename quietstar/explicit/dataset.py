@@ -59,6 +59,7 @@ class PreferencePair:
     chosen_ids: List[int]
     rejected_ids: List[int]
     meta: dict = field(default_factory=dict)
+    weight: float = 1.0  # the pair's weight in the preference loss (a soft label's confidence; 1: a hard label)
 
 
 def prompt_ids(qs, tokenizer, text: str, rationale: bool) -> List[int]:

@@ -1,5 +1,5 @@
-"""The explicit-thinking recipe: `python train.py explicit=star` (or rft, system2, vstar, tpo, cpo); docs/explicit.md
-and docs/explicit_preference.md.
+"""The explicit-thinking recipe: `python train.py explicit=star` (or rft, system2, vstar, tpo, cpo, cai);
+docs/explicit.md and docs/explicit_preference.md.
 
     base model (learn_to_think's pretrain stage)
     round r = 1 .. iterations:
@@ -22,6 +22,8 @@ The methods differ only in how a round's dataset is chosen (`collect_*`):
              (no gold used), train the direct answer: the prompt, then that answer, no rationale
     vstar, tpo, cpo  the preference-based methods (explicit/preference.py); V-STaR also trains a verifier after
              the last round and reports best-of-k on the held-out questions (preference.verify)
+    cai      Constitutional AI (explicit/constitutional.py): the first cai_sl_rounds rounds are SFT on the model's
+             critiqued revisions of its responses, the later ones preference pairs the model labels itself
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from typing import List
 
 import torch
 
+from quietstar.explicit.constitutional import collect_cai, preference_round
 from quietstar.explicit.dataset import Skips, majority, make_sft, normalise_rationale, write_jsonl
 from quietstar.explicit.judge import AnswerCheck
 from quietstar.explicit.losses import PreferenceLoss, fit_dpo, fit_sft
@@ -44,7 +47,8 @@ from quietstar.explicit.sample import sample
 from quietstar.explicit.tasks import normalise_answer, reasoning_questions, reasoning_stop_rule, step_alphabet
 from quietstar.seeds import derive_seed
 
-EVAL_MODES = {"star": "cot", "rft": "cot", "system2": "direct", "vstar": "cot", "tpo": "cot", "cpo": "cot"}
+EVAL_MODES = {"star": "cot", "rft": "cot", "system2": "direct", "vstar": "cot", "tpo": "cot", "cpo": "cot",
+              "cai": "cot"}
 DPO_METHODS = ("tpo", "cpo")  # their rounds train on preference pairs (V-STaR's generator is STaR's SFT)
 
 
@@ -185,7 +189,7 @@ def round_seeds(seed: int, r: int) -> dict:
 
 
 COLLECT = {"star": collect_star, "rft": collect_rft, "system2": collect_system2, "vstar": collect_vstar,
-           "tpo": collect_tpo, "cpo": collect_cpo}
+           "tpo": collect_tpo, "cpo": collect_cpo, "cai": collect_cai}
 
 
 @torch.no_grad()
@@ -309,9 +313,9 @@ def run(cfg, train_fn):
           f"held-out; base {base_path}", flush=True)
     rounds = [{"round": 0, "eval": assess(base, "base")}]
     track = Rounds(base, rounds[0]["eval"]["val"], ex.iterate_from)
-    dpo = ex.method in DPO_METHODS
     for r in range(1, ex.iterations + 1):
         skips, t_r = Skips(), time.time()
+        dpo = ex.method in DPO_METHODS or (ex.method == "cai" and preference_round(ex, r))
         seeds = round_seeds(cfg.train.seed, r)
         latest = track.latest
         examples, stats = COLLECT[ex.method](ctx, latest, train_q, r, seeds["collect"], skips)

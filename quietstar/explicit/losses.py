@@ -18,6 +18,8 @@ log-prob, n its token count, ref the frozen reference's s (computed once per dat
          the margin without bound on pairs it already orders
   simpo  (Meng et al. 2024)  -log sigmoid(beta * (s_c / n_c - s_r / n_r) - gamma): no reference model; the
          margin is between mean per-token log-probs, and gamma is the target margin
+A pair may carry a weight (PreferencePair.weight, 1 by default): its term is scaled by it before the mean over P
+(Constitutional AI's soft labels, explicit/constitutional.py).
 The loss is a function of the 2P sequence log-probs, so dL/ds is one number per sequence, known once s is:
 a first LM-head sweep (no grad) gives s, autograd on those 2P numbers gives dL/ds, and a second sweep
 applies the per-token weight -dL/ds with its gradient (linear_ce's contract: weights carry no gradient).
@@ -113,23 +115,27 @@ class PreferenceLoss:
     def needs_reference(self) -> bool:
         return self.kind != "simpo"
 
-    def value(self, s: torch.Tensor, n: torch.Tensor, ref: Optional[torch.Tensor]):
+    def value(self, s: torch.Tensor, n: torch.Tensor, ref: Optional[torch.Tensor],
+              weights: Optional[torch.Tensor] = None):
         """s (2P,) sequence log-probs, chosen rows then rejected; n (2P,) their token counts; ref (P, 2) the
-        reference's (chosen, rejected) log-probs, or None for simpo. -> (loss, metrics), differentiable in s."""
+        reference's (chosen, rejected) log-probs, or None for simpo; weights (P,) each pair's weight (None: 1
+        each; a pair's whole term, RPO's NLL included, is scaled, and the mean is over P). -> (loss, metrics),
+        differentiable in s."""
         P = s.shape[0] // 2
         sc, sr, nc, nr = s[:P], s[P:], n[:P], n[P:]
+        mean = (lambda x: x.mean()) if weights is None else (lambda x: (x * weights.to(x)).mean())  # noqa: E731
         metrics = {}
         if self.kind == "simpo":
             margin = sc / nc - sr / nr
-            loss = -F.logsigmoid(self.beta * margin - self.gamma).mean()
+            loss = mean(-F.logsigmoid(self.beta * margin - self.gamma))
         else:
             margin = (sc - ref[:, 0].to(s)) - (sr - ref[:, 1].to(s))
             if self.kind == "ipo":
-                loss = ((margin - 1 / (2 * self.beta)) ** 2).mean()
+                loss = mean((margin - 1 / (2 * self.beta)) ** 2)
             else:
-                loss = -F.logsigmoid(self.beta * margin).mean()
+                loss = mean(-F.logsigmoid(self.beta * margin))
             if self.kind == "rpo":
-                nll = -(sc / nc).mean()
+                nll = mean(-(sc / nc))
                 loss = loss + self.nll_weight * nll
                 metrics[f"{self.kind}/chosen_nll"] = float(nll.detach())
         metrics[f"{self.kind}/margin"] = float(margin.detach().mean())
@@ -137,9 +143,11 @@ class PreferenceLoss:
         return loss, metrics
 
 
-def preference_loss(qs, batch: TokenBatch, ref_logps: Optional[torch.Tensor], spec: PreferenceLoss):
+def preference_loss(qs, batch: TokenBatch, ref_logps: Optional[torch.Tensor], spec: PreferenceLoss,
+                    weights: Optional[torch.Tensor] = None):
     """`spec`'s loss over P pairs in a pair_batch; ref_logps (P, 2): the reference's (chosen, rejected) sequence
-    log-probs (None for a reference-free loss). -> (loss with its gradient, metrics). The value is the loss;
+    log-probs (None for a reference-free loss); weights (P,): each pair's weight (None: 1 each). -> (loss with
+    its gradient, metrics). The value is the loss;
     its gradient is applied through a second fused sweep with the per-token weights -dL/ds (see the module
     docstring)."""
     h, tgt, rows = _hidden(qs, batch)
@@ -150,7 +158,7 @@ def preference_loss(qs, batch: TokenBatch, ref_logps: Optional[torch.Tensor], sp
         n = batch.weight.sum(1).to(s)  # completion tokens per row (pads carry no weight)
     s = s.requires_grad_()
     with torch.enable_grad():
-        loss, metrics = spec.value(s, n, ref_logps)
+        loss, metrics = spec.value(s, n, ref_logps, weights)
         (dl_ds,) = torch.autograd.grad(loss, s)  # (2P,): one number per sequence
     coef = (-dl_ds)[rows].to(h.dtype)  # -dL/ds of each token's row
     weighted, _ = linear_logprob_sum(h, W, tgt, coef)
@@ -219,12 +227,15 @@ def fit_sft(qs, examples, steps: int, batch_size: int, optim_cfg, seed: int, end
 def fit_dpo(qs, ref_qs, pairs, beta: float, steps: int, batch_size: int, optim_cfg, seed: int, end_target: int,
             pad_id: int, progress=None, loss: Optional[PreferenceLoss] = None) -> List[float]:
     """A preference loss (`loss`; None: DPO with `beta`) against `ref_qs` (frozen); its log-probs are computed
-    here, once, before the first step (not at all for a reference-free loss)."""
+    here, once, before the first step (not at all for a reference-free loss). Each pair's term is scaled by its
+    `weight` (a soft label's confidence, explicit/constitutional.py) where any weight is not 1."""
     spec = loss if loss is not None else PreferenceLoss("dpo", beta)
     dev = qs.model.tok_embeddings.weight.device
     ref = reference_logprobs(ref_qs, pairs, pad_id, qs.end_token_id, end_target) if spec.needs_reference else None
+    weights = torch.tensor([p.weight for p in pairs]) if any(p.weight != 1.0 for p in pairs) else None
 
     def loss_fn(idx):
         batch = pair_batch([pairs[i] for i in idx], pad_id, qs.end_token_id, end_target, dev)
-        return preference_loss(qs, batch, ref[idx] if ref is not None else None, spec)
+        return preference_loss(qs, batch, ref[idx] if ref is not None else None, spec,
+                               weights[idx] if weights is not None else None)
     return fit(qs, len(pairs), loss_fn, steps, batch_size, optim_cfg, seed, progress)
