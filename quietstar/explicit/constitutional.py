@@ -131,7 +131,8 @@ class Constitution:
         if q.kind == "gsm8k":
             from quietstar.eval.cot import COT_PROMPT
 
-            return [Example(f"{pq}{COT_PROMPT}\n", resp, crit, rev) for pq, resp, crit, rev in GSM8K_EXAMPLES[principle]][:n]
+            shots = GSM8K_EXAMPLES[principle]
+            return [Example(f"{pq}{COT_PROMPT}\n", resp, crit, rev) for pq, resp, crit, rev in shots][:n]
         out = []
         for query, chain, answer in self._clean_worked(q):
             if len(out) == n:
@@ -244,7 +245,8 @@ def soft_label(logits: torch.Tensor) -> torch.Tensor:
 
 
 def preference_probs(ctx, labeller, questions: Sequence[Question], principles: Sequence[str],
-                     pairs: Sequence[Tuple[str, str]], examples: Sequence[Sequence[Example]]) -> List[Tuple[float, float]]:
+                     pairs: Sequence[Tuple[str, str]],
+                     examples: Sequence[Sequence[Example]]) -> List[Tuple[float, Optional[float]]]:
     """Per pair (a, b): (p that a is better asked with a as (A), the same asked with b as (A)), the second None
     without cai_swap."""
     con = ctx.constitution
