@@ -234,7 +234,7 @@ def option_logits(qs, tokenizer, prompts: Sequence[str], options: Sequence[int],
         for b, r in enumerate(chunk):
             ids[b, :len(r)] = torch.tensor(r)
         h = qs.model(inputs_embeds=qs.embed(ids.to(dev)), return_hidden=True)  # (B, L, d)
-        last = h[torch.arange(len(chunk)), torch.tensor([len(r) - 1 for r in chunk])]  # (B, d)
+        last = h[torch.arange(len(chunk), device=dev), torch.tensor([len(r) - 1 for r in chunk], device=dev)]  # (B, d)
         out.append((last.float() @ W[list(options)].float().T).cpu())  # (B, n_options)
     return torch.cat(out) if out else torch.zeros(0, len(options))
 
