@@ -35,6 +35,7 @@ from quietstar.explicit.config import ExplicitConfig
 from quietstar.model import PRESETS, ModelConfig
 from quietstar.reasoning import ReasoningConfig
 from quietstar.recipes.learn_to_think import LearnToThinkConfig
+from quietstar.recipes.math_web import PolicyMathWebConfig
 from quietstar.thinker import ThoughtConfig
 
 __all__ = ["ModelSpec", "ThoughtConfig", "DataConfig", "OptimConfig", "LoopConfig", "CheckpointConfig",
@@ -344,8 +345,9 @@ class TrainConfig:
     fresh optimizer, schedule and data order, unlike `resume`."""
     recipe: Optional[str] = None
     """A multi-stage experiment run by train.py in place of one training run (quietstar/recipes/):
-    learn_to_think, distill_reasoning (experiment presets), explicit (configs/explicit/*.yaml)."""
+    learn_to_think, policy_math_web, distill_reasoning (experiment presets), explicit (configs/explicit/*.yaml)."""
     learn_to_think: LearnToThinkConfig = field(default_factory=LearnToThinkConfig)  # that recipe's settings
+    policy_math_web: PolicyMathWebConfig = field(default_factory=PolicyMathWebConfig)  # and this one's
     distill: DistillConfig = field(default_factory=DistillConfig)
     """Distillation of a thinking checkpoint into this run's plain model (quietstar/distill.py): set
     distill.teacher to train a student that does not think."""
