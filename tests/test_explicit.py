@@ -94,6 +94,23 @@ def test_reasoning_questions_are_the_documents_queries_with_their_gold_and_hint(
     assert worked and all(e.rsplit(cfg.chain_close, 1)[1].strip() for q in worked for e in q.examples)
 
 
+@pytest.mark.parametrize("family", ["lookup", "state"])
+def test_reasoning_questions_carry_the_chain_their_query_writes_and_its_decoy(family):
+    from quietstar.reasoning import thought_kind
+
+    for decoy_share, kind in ((0.0, "chain"), (1.0, "decoy")):  # every worked query writes its chain, its decoy
+        cfg = ReasoningConfig(families=[family], decoy_share=decoy_share, worked_share=1.0)
+        docs = make_documents(cfg, 4, seed=3, split="train")
+        qs = reasoning_questions(docs, "train", cfg.chain_close, corpus=cfg)
+        assert not any(q.chain for q in reasoning_questions(docs, "train", cfg.chain_close))  # no corpus: unknown
+        for q in qs:
+            doc = docs[int(q.id.split("/")[1])].text  # the steps as the document wrote them: `a3=-afcd.d`
+            steps = doc.split(f"{q.query}{cfg.chain_open}", 1)[1].split(cfg.chain_close, 1)[0]
+            assert q.chain[-1] == q.gold and len(q.chain) == len(q.decoy) == len(steps)
+            assert thought_kind(steps, q.chain, q.decoy) == kind or q.chain == q.decoy
+            assert q.decoy == q.chain[0] * len(q.chain)
+
+
 # ---------------------------------------------------------------------------------------------- losses
 
 

@@ -157,6 +157,126 @@ def test_tpo_collects_one_pair_per_question_with_a_contrast_judged_on_the_answer
     assert "SECRET" not in text and Q1.prompt() in text and "Answer: d" in text
 
 
+# TPO's questions on the reasoning corpus carry their chain and its decoy (tasks.query_chain)
+C1 = dataclasses.replace(Q1, chain="afcd", decoy="aaaa")
+C2 = dataclasses.replace(Q2, chain="bce", decoy="bbb")
+SIG = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+
+
+def _choice_labeller(monkeypatch, favoured):
+    """A scripted multiple-choice judge: the asked option whose response is in `favoured` gets logit +2, and
+    (A) always +1 more (a position bias, which asking both orders cancels). Records the prompts."""
+    from quietstar.explicit import constitutional
+
+    asked = []
+
+    def fake(qs, tok, prompts, options, batch_rows=64):
+        rows = []
+        for text in prompts:
+            asked.append(text)
+            a, b = text.rsplit("(A) ", 1)[1].split("\nBetter: (")[0].split("\n(B) ")
+            rows.append([1.0 + 2.0 * (a in favoured), 2.0 * (b in favoured)])
+        return torch.tensor(rows)
+    monkeypatch.setattr(constitutional, "option_logits", fake)
+    return asked
+
+
+def test_tpo_records_which_pairs_choose_the_querys_chain():
+    qs, ctx = tiny_qs(), method_ctx("tpo", k=2)
+    scripted(ctx, [[[comp("afcd", "d"), comp("aaaa", "x")],  # C1 (gold d): the chain right, the decoy wrong
+                    [comp("bbb", "e"), comp("bcx", "q")],  # C2 (gold e): the decoy right, another chain wrong
+                    [comp("ab", "d"), comp("ac", "x")]]])  # Q1: its chain not known, not counted
+    pairs, stats = preference.collect_tpo(ctx, qs, [C1, C2, Q1], 1, 0, Skips())
+    assert [p.meta["kinds"] for p in pairs[:2]] == [["chain", "decoy"], ["decoy", "other"]]
+    assert "kinds" not in pairs[2].meta
+    assert stats == {"samples_scored_1": 3, "pairs": 3, "pairs_with_chains": 2,
+                     "chosen_chain": 1, "chosen_decoy": 1, "chosen_other": 0,
+                     "rejected_chain": 0, "rejected_decoy": 1, "rejected_other": 1,
+                     "chosen_chain_share": 0.5, "chosen_decoy_share": 0.5, "chosen_other_share": 0.0,
+                     "rejected_chain_share": 0.0, "rejected_decoy_share": 0.5, "rejected_other_share": 0.5}
+    # a chain that runs on past the query's is still its chain (reasoning.thought_kind: it begins with it)
+    scripted(ctx, [[[comp("afcdd", "d"), comp("afcb", "b")]]])
+    (p,), stats = preference.collect_tpo(ctx, qs, [C1], 1, 0, Skips())
+    assert p.meta["kinds"] == ["chain", "other"] and stats["chosen_chain_share"] == 1.0
+
+
+def test_the_choice_judge_ranks_by_mean_win_probability_and_its_agreement_with_the_answer_check_is_recorded(
+        monkeypatch):
+    qs, ctx = tiny_qs(), method_ctx("tpo", k=4, judge="choice", judge_shots=1)
+    asked = _choice_labeller(monkeypatch, {"a3=d", "b2=q"})  # right on C1, a wrong answer on C2
+    scripted(ctx, [[[comp("afcd", "d"), comp("aaaa", "x"), comp("abc", "y"), comp("afcd", "d")],
+                    [comp("bce", "e"), comp("bbb", "q"), comp("bcx", "e"), comp("bq", "")]]])
+    skips = Skips()
+    pairs, stats = preference.collect_tpo(ctx, qs, [C1, C2], 1, 0, skips)
+    win = (SIG(3.0) + 1 - SIG(-1.0)) / 2  # the favoured response against another, asked in both orders
+    c1, c2 = pairs
+    # C1: d beats x and y; x and y tie each other (0.5): the first d against the first of x, y
+    assert c1.meta["samples"] == [0, 1] and c1.meta["scores"] == pytest.approx([win, (1 - win + 0.5) / 2])
+    assert c1.meta["kinds"] == ["chain", "decoy"]
+    # C2: the judge prefers the wrong q; the empty answer is not asked about and is counted
+    assert c2.meta["samples"] == [1, 0] and c2.meta["scores"] == pytest.approx([win, 1 - win])
+    assert c2.meta["kinds"] == ["decoy", "chain"] and skips.as_dict() == {"empty generation": 1}
+    # 3 distinct responses of C1 (3 pairs) and 2 of C2 (1 pair), each pair asked in both orders
+    assert len(asked) == 8 and asked[0].endswith("(A) a3=d\n(B) a3=x\nBetter: (")
+    assert asked[1].endswith("(A) a3=x\n(B) a3=d\nBetter: (")
+    assert all("afcd" not in t and "aaaa" not in t and "bbb" not in t for t in asked)  # never the thought
+    assert asked[0].startswith("!#$\nWhich response better follows the principle: the answer is correct?\n"
+                               "(A) b1=c\n(B) b1=b\nBetter: (A)\n")  # a worked question: C1's worked b1=-bc.c
+    # against the answer check: C1's 2 right x 2 wrong samples ranked right, C2's 2 right x 1 wrong not
+    assert stats["samples_right"] == 4 and stats["judge_ranked"] == 6 and stats["judge_ranked_agree"] == 4
+    assert stats["judge_ranking_agreement"] == pytest.approx(4 / 6) and stats["judge_ranked_ties"] == 0
+    assert stats["judge_checkable_pairs"] == 2 and stats["judge_pair_agreement"] == 0.5
+    assert stats["chosen_chain_share"] == 0.5 and stats["rejected_chain_share"] == 0.5
+
+
+def test_the_choice_judges_scores_equal_a_hand_computation_from_the_full_logits():
+    from quietstar.explicit import constitutional as cai
+
+    qs, ctx = tiny_qs(0, torch.float64), method_ctx("tpo", k=3, judge="choice")
+    judge = preference.response_judge(ctx, qs)
+    assert isinstance(judge, preference.ChoiceJudge) and judge.model is qs  # no base model set: the latest
+    cs = [comp("afcd", "d"), comp("aaaa", "x"), comp("abc", "f")]
+    (scores,) = judge.score_groups([C1], [cs])
+    texts = ["a3=d", "a3=x", "a3=f"]
+    shots = judge.examples(C1)
+
+    def p_first(a, b):  # p(A) / (p(A) + p(B)) from the model's full next-token distribution
+        text = cai.label_prompt(C1, preference.CHOICE_PRINCIPLE, shots, a, b, judge.con)
+        ids = torch.tensor([[TOK.bos_id] + TOK.encode(text)] if TOK.bos_id is not None else [TOK.encode(text)])
+        with torch.no_grad():
+            probs = torch.softmax(qs.model(ids)[0, -1].double(), -1)
+        pa, pb = probs[TOK.encode("A")[0]], probs[TOK.encode("B")[0]]
+        return float(pa / (pa + pb))
+    win = {(i, j): (p_first(texts[i], texts[j]) + 1 - p_first(texts[j], texts[i])) / 2
+           for i in range(3) for j in range(3) if i != j}
+    for i, s in enumerate(scores):
+        assert s.value == pytest.approx(sum(win[i, j] for j in range(3) if j != i) / 2, abs=1e-6)
+    assert win[0, 1] == pytest.approx(1 - win[1, 0], abs=1e-9)
+    # the same response twice shares its score; one distinct response has no contrast (0.5)
+    (dup,) = judge.score_groups([C1], [cs + [comp("zz", "d")]])
+    assert dup[3].value == dup[0].value
+    assert [s.value for s in judge.score_groups([C1], [[cs[0], cs[0]]])[0]] == [0.5, 0.5]
+
+
+def test_the_judge_model_is_the_base_the_latest_or_a_checkpoint_with_the_runs_tokenizer(tmp_path):
+    from quietstar.errors import ConfigError, UserError
+    from quietstar.explicit.config import ExplicitConfig
+
+    qs, base = tiny_qs(0), tiny_qs(1)
+    ctx = method_ctx("tpo", judge="choice")
+    ctx.base = base
+    assert preference.judge_model(ctx, qs) is base
+    ctx.ex.judge_model = "latest"
+    assert preference.judge_model(ctx, qs) is qs
+    ctx.ex.judge_model = str(tmp_path / "missing")
+    with pytest.raises(UserError, match="missing"):
+        preference.judge_model(ctx, qs)
+    with pytest.raises(ConfigError, match="explicit.judge "):
+        ExplicitConfig(method="tpo", judge="pairs")
+    with pytest.raises(ConfigError, match="explicit.judge_model"):
+        ExplicitConfig(method="tpo", judge_model=" ")
+
+
 # ---------------------------------------------------------------------------------------------- V-STaR
 
 
@@ -282,7 +402,7 @@ def test_cpo_proposes_at_its_own_temperature_and_reports_pairs_per_question():
 # ---------------------------------------------------------------------------------------------- end to end
 
 
-@pytest.mark.parametrize("method", ["vstar", "tpo", "cpo", "cpo/rpo"])
+@pytest.mark.parametrize("method", ["vstar", "tpo", "tpo/choice", "cpo", "cpo/rpo"])
 def test_one_round_of_each_preference_method_end_to_end_through_the_config(tmp_path, method):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -293,7 +413,8 @@ def test_one_round_of_each_preference_method_end_to_end_through_the_config(tmp_p
     from quietstar.config import register_configs
     from quietstar.recipes import run_recipe
 
-    method, _, loss = method.partition("/")
+    method, _, variant = method.partition("/")
+    loss, judge = (variant, "") if variant in ("dpo", "rpo", "ipo", "simpo") else ("", variant)
     GlobalHydra.instance().clear()
     register_configs()
     overrides = [f"explicit={method}", *TOY[1:], "learn_to_think.pretrain_steps=80", "learn_to_think.pretrain_lr=1e-2",
@@ -302,6 +423,8 @@ def test_one_round_of_each_preference_method_end_to_end_through_the_config(tmp_p
                  "explicit.verifier_steps=2", "explicit.best_of_n=4", "explicit.eval_samples=2", "train.threads=null"]
     if loss:
         overrides += [f"explicit.loss={loss}", "explicit.nll_weight=0.5"]
+    if judge:
+        overrides += [f"explicit.judge={judge}"]
     if method == "vstar":  # a toy model trained longer, whose chains are right often enough for verifier pairs
         overrides += ["explicit.temperature=1.0", "explicit.train_questions=48", "learn_to_think.pretrain_steps=300"]
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
@@ -333,6 +456,11 @@ def test_one_round_of_each_preference_method_end_to_end_through_the_config(tmp_p
             assert r1["loss_first"] == pytest.approx(math.log(2), abs=1e-5)
     assert 0 <= r1["eval"]["sampled"]["acc"] <= 1 and r1["eval"]["sampled"]["n"] == 16
     assert lines or method == "vstar"  # a round with pairs to train on
+    if method == "tpo":  # the corpus's questions carry their chains: every pair is classified
+        st = r1["stats"]
+        assert st["pairs_with_chains"] == st["pairs"] == len(lines) and all(len(x["meta"]["kinds"]) == 2 for x in lines)
+        assert sum(st[f"chosen_{k}_share"] for k in ("chain", "decoy", "other")) == pytest.approx(1.0)
+        assert ("judge_ranked" in st) == (judge == "choice")  # a model judge is measured against the answer check
     if method == "vstar":
         v = res["verifier"]
         assert v["n"] == 4 and len(v["best_of_k"]) == len(v["majority_vote"]) == len(v["pass_at_k"]) == 4

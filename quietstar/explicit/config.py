@@ -9,7 +9,7 @@ from quietstar.errors import ConfigError
 from quietstar.explicit.losses import PREFERENCE_LOSSES
 
 METHODS = ("star", "rft", "system2", "vstar", "tpo", "cpo", "cai")
-JUDGES = ("answer", "model")
+JUDGES = ("answer", "model", "choice")
 SELF_EVALS = ("agreement", "likelihood", "model")
 VERIFIER_SCORES = ("ratio", "likelihood")
 
@@ -66,8 +66,18 @@ class ExplicitConfig:
     nll_weight: float = 1.0  # loss=rpo: the weight of the chosen sequence's length-normalised NLL
     simpo_gamma: float = 0.5  # loss=simpo: the target margin gamma in -log sigmoid(beta * margin - gamma)
     judge: str = "answer"
-    """tpo: what scores a response: answer (its answer against the gold, AnswerCheck) | model (the base model
-    reads the question and the response, never the thought, through ModelJudge's rubric prompt)."""
+    """tpo: what ranks a question's k responses: answer (each answer against the gold, AnswerCheck) | model (the
+    judge model reads the question and one response, never the thought, through ModelJudge's rubric prompt and
+    writes a score) | choice (the judge model reads two responses as a multiple-choice question, "which answer
+    is correct? (A) ... (B) ...", as Constitutional AI's labeller does; its probabilities of A and B, asked in
+    both orders, are averaged over every pair of distinct responses: each response's score is its mean win
+    probability; preference.ChoiceJudge). With a model judge each round records its agreement with the
+    answer check."""
+    judge_model: str = "base"
+    """tpo, judge=model|choice: the model that judges: base (the run's base model, fixed across rounds) | latest
+    (the model that wrote the responses) | a checkpoint path (a step, checkpoints/ or run dir; its tokenizer
+    must be the run's)."""
+    judge_shots: int = 2  # tpo, judge=choice: worked multiple-choice questions before each asked one
     pairs_per_question: int = 4  # vstar: (correct, incorrect) verifier pairs kept per question and round, at most
     verifier_steps: int = 200  # vstar: DPO steps of the verifier, trained once on every round's pairs
     verifier_score: str = "ratio"
@@ -125,7 +135,7 @@ class ExplicitConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"explicit.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("patience", "few_shot", "steps", "verifier_steps", "eval_samples", "nll_weight", "simpo_gamma",
-                     "cai_sl_rounds", "cai_shots"):
+                     "cai_sl_rounds", "cai_shots", "judge_shots"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"explicit.{name} must be >= 0, got {getattr(self, name)}")
         if not self.temperature >= 0:
@@ -138,6 +148,8 @@ class ExplicitConfig:
             raise ConfigError(f"explicit.beta must be > 0, got {self.beta}")
         if not 0 < self.consistency <= 1:
             raise ConfigError(f"explicit.consistency must be in (0, 1], got {self.consistency}")
+        if not str(self.judge_model).strip():
+            raise ConfigError("explicit.judge_model must be base, latest or a checkpoint path, got ''")
         if not 0 <= self.cai_min_confidence <= 1:
             raise ConfigError(f"explicit.cai_min_confidence must be in [0, 1], got {self.cai_min_confidence}")
         if self.method == "cai" and self.cai_sl_rounds < self.iterations and self.k < 2:

@@ -234,10 +234,11 @@ def _questions(cfg):
     per_doc = rc.n_queries
     n_train, n_val = -(-ex.train_questions // per_doc), -(-ex.val_questions // per_doc)
     docs = make_documents(rc, n_train + n_val, seed, "train")
-    train = reasoning_questions(docs[:n_train], "train", rc.chain_close)[:ex.train_questions]
-    val = reasoning_questions(docs[n_train:], "train", rc.chain_close, n_train)[:ex.val_questions]
+    train = reasoning_questions(docs[:n_train], "train", rc.chain_close, corpus=rc)[:ex.train_questions]
+    val = reasoning_questions(docs[n_train:], "train", rc.chain_close, n_train, corpus=rc)[:ex.val_questions]
     n_eval = min(rc.eval_docs, -(-ex.eval_questions // per_doc))
-    evq = reasoning_questions(make_documents(rc, n_eval, seed, "eval"), "eval", rc.chain_close)[:ex.eval_questions]
+    evq = reasoning_questions(make_documents(rc, n_eval, seed, "eval"), "eval", rc.chain_close,
+                              corpus=rc)[:ex.eval_questions]
     return train, val, evq
 
 

@@ -11,8 +11,10 @@ computed once, beta) except V-STaR's generator, which is STaR's SFT data.
          and held-out questions are answered best-of-k by its score (`verify`).
   tpo    Thought Preference Optimisation (Wu et al. 2024, "Thinking LLMs: General Instruction Following with
          Thought Generation"). k samples of thought + response per question; the judge scores the response
-         only (AnswerCheck on this task, or ModelJudge reading the question and the response, never the
-         thought); the best and the worst of the k form a pair over thought + response; DPO; iterate.
+         only (AnswerCheck on this task; or a judge model, never reading the thought: ModelJudge's rubric
+         score, or ChoiceJudge's multiple-choice comparisons of the responses); the best and the worst of the
+         k form a pair over thought + response; DPO; iterate. Each round records the judge's agreement with
+         the answer check and, on the reasoning corpus, how many pairs choose (and reject) the query's chain.
   cpo    Chain of Preference Optimisation (Zhang et al. 2024). Per question, tree.search over chain steps: the
          model proposes next steps (`StepSearch.propose`, the real sampler), rates each partial chain itself
          (`StepSearch.evaluate`), keeps the best `beam`; the winning chain's per-step pairs
@@ -36,7 +38,7 @@ import torch
 from quietstar.explicit import tree
 from quietstar.explicit.bestofk import accuracy_vs_k
 from quietstar.explicit.dataset import PreferencePair, Skips, completion_ids, majority, make_pair, prompt_ids
-from quietstar.explicit.judge import ModelJudge
+from quietstar.explicit.judge import ModelJudge, Score
 from quietstar.explicit.losses import fit_dpo, sequence_logprobs, token_batch
 from quietstar.explicit.sample import Completion, sample_rows
 from quietstar.explicit.tasks import normalise_answer
@@ -144,11 +146,126 @@ def verify(ctx, base, generator, questions, seed: int, log=print) -> dict:
 # ---------------------------------------------------------------------------------------------- TPO
 
 
+def judge_model(ctx, qs):
+    """The model behind TPO's model judges (explicit.judge_model): the run's base model (ctx.base, fixed across
+    rounds), the latest one (`qs`), or a checkpoint, loaded once and kept on ctx."""
+    how = ctx.ex.judge_model
+    if how == "latest" or (how == "base" and ctx.base is None):
+        return qs
+    if how == "base":
+        return ctx.base
+    if getattr(ctx, "judge_checkpoint", None) is None:
+        ctx.judge_checkpoint = load_judge(how, ctx.tok, qs.model.tok_embeddings.weight.device)
+    return ctx.judge_checkpoint
+
+
+def load_judge(path, tokenizer, device):
+    """A judge model from a checkpoint; UserError when its tokenizer writes text otherwise than the run's."""
+    from quietstar.checkpoint import load_thinker_checkpoint
+    from quietstar.errors import UserError
+
+    judge = load_thinker_checkpoint(path, device=device).eval()
+    probe = "Which answer is correct? (A) a3=d\n(B) 12\nBetter: ("
+    if judge.tokenizer.encode(probe, add_bos=False) != tokenizer.encode(probe, add_bos=False):
+        raise UserError(f"explicit.judge_model={path}: its tokenizer is not the run's (a judge reads the run's "
+                        f"token ids)")
+    return judge
+
+
 def response_judge(ctx, qs):
-    """TPO's judge: the answer check, or the base model (ctx.base, fixed across rounds) reading the response."""
+    """TPO's judge: the answer check, ModelJudge's rubric score, or ChoiceJudge's pairwise ranking."""
     if ctx.ex.judge == "answer":
         return ctx.check
-    return ModelJudge(ctx.base if ctx.base is not None else qs, ctx.tok, template=RESPONSE_JUDGE_TEMPLATE)
+    if ctx.ex.judge == "choice":
+        return ChoiceJudge(ctx, judge_model(ctx, qs))
+    return ModelJudge(judge_model(ctx, qs), ctx.tok, template=RESPONSE_JUDGE_TEMPLATE)
+
+
+CHOICE_PRINCIPLE = "the answer is correct"
+
+
+class ChoiceJudge:
+    """The judge model ranks a question's responses by multiple-choice questions (Constitutional AI's label,
+    constitutional.label_prompt and option_logits): for every pair of distinct responses, "which better follows
+    the principle: the answer is correct? (A) ... (B) ... Better: (", asked in both orders; p = the mean of the
+    two orders' probability (over A and B only) that the first is better. A response's score is its mean p
+    against each other distinct response: 1 if it wins every comparison, 0 if it loses every one; responses
+    with the same text share a score, and a question with one distinct response scores 0.5 throughout (no
+    contrast). The judge reads the response, never the thought: a chain's query and answer (`a3=d`), or
+    GSM8K's final answer. Worked questions come first (judge_shots): the document's other worked queries, the
+    right answer against another symbol of its chain (the reasoning corpus), or two written-out GSM8K
+    problems."""
+
+    def __init__(self, ctx, model):
+        from quietstar.explicit.constitutional import _constitution
+
+        self.ctx, self.model, self.con = ctx, model, _constitution(ctx)
+
+    @staticmethod
+    def response(q, c: Completion) -> str:
+        return f"The answer is {c.answer.strip()}." if q.kind == "gsm8k" else f"{q.query}{c.answer.strip()}"
+
+    def examples(self, q) -> list:
+        """Worked multiple-choice questions for `q` (constitutional.Example: response = the wrong answer,
+        revision = the right one)."""
+        from quietstar.explicit.constitutional import Example, GSM8K_EXAMPLES, GSM8K_PRINCIPLES
+        from quietstar.eval.cot import COT_PROMPT
+
+        n = self.ctx.ex.judge_shots
+        if q.kind == "gsm8k":  # the flawed responses of two of Constitutional AI's worked critiques, answers only
+            final = lambda t: t.rsplit(" ", 1)[1]  # noqa: E731  ("... The answer is 11." -> "11.")
+            shots = [GSM8K_EXAMPLES[p][0] for p in GSM8K_PRINCIPLES[:2]]
+            return [Example(f"{pq}{COT_PROMPT}\n", f"The answer is {final(wrong)}", "", f"The answer is {final(right)}")
+                    for pq, wrong, _, right in shots][:n]
+        out = []
+        for w in q.examples:
+            query, _, rest = w.strip().partition("=")
+            chain, sep, answer = rest.rpartition(self.con.close)
+            other = next((s for s in chain.removeprefix(self.con.open) if s != answer), None)
+            if sep and answer and other is not None:
+                out.append(Example("", f"{query}={other}", "", f"{query}={answer}"))
+            if len(out) == n:
+                break
+        return out
+
+    def score_groups(self, questions, groups) -> List[List[Score]]:
+        """Per question, the Scores of its responses (a list of Completions)."""
+        from quietstar.explicit.constitutional import label_prompt, option_ids, option_logits, soft_label
+
+        prompts, where = [], []  # where: (question index, i, j) of each distinct pair, asked (i, j) then (j, i)
+        texts = []
+        for g, (q, cs) in enumerate(zip(questions, groups)):
+            distinct = list(dict.fromkeys(self.response(q, c) for c in cs if c.answer_ids))
+            texts.append(distinct)
+            shots = self.examples(q)
+            for i in range(len(distinct)):
+                for j in range(i + 1, len(distinct)):
+                    prompts += [label_prompt(q, CHOICE_PRINCIPLE, shots, distinct[i], distinct[j], self.con),
+                                label_prompt(q, CHOICE_PRINCIPLE, shots, distinct[j], distinct[i], self.con)]
+                    where.append((g, i, j))
+        p = soft_label(option_logits(self.model, self.ctx.tok, prompts, option_ids(self.ctx.tok))).tolist()
+        wins = [[[] for _ in d] for d in texts]
+        for n, (g, i, j) in enumerate(where):
+            pij = (p[2 * n] + 1 - p[2 * n + 1]) / 2  # the chance response i is the better one, both orders
+            wins[g][i].append(pij)
+            wins[g][j].append(1 - pij)
+        out = []
+        for q, cs, d, w in zip(questions, groups, texts, wins):
+            score = {t: (sum(x) / len(x) if x else 0.5) for t, x in zip(d, w)}
+            out.append([Score(score[self.response(q, c)], f"judge: wins {score[self.response(q, c)]:.3f}")
+                        if c.answer_ids else Score(None, "empty generation") for c in cs])
+        return out
+
+    def score_many(self, questions, completions) -> List[Score]:
+        """Each completion scored against the others of the same question (consecutive runs of one question)."""
+        groups, qs_ = [], []
+        for q, c in zip(questions, completions):
+            if qs_ and qs_[-1] is q:
+                groups[-1].append(c)
+            else:
+                qs_.append(q)
+                groups.append([c])
+        return [s for ss in self.score_groups(qs_, groups) for s in ss]
 
 
 def best_and_worst(ctx, qs, q, comps, scores, r: int, skips: Skips) -> Optional[PreferencePair]:
@@ -173,18 +290,74 @@ def best_and_worst(ctx, qs, q, comps, scores, r: int, skips: Skips) -> Optional[
     return make_pair(qs, ctx.tok, q.prompt(), comps[a], comps[b], skips, meta)  # None (counted) if the same text
 
 
+def judge_agreement(checks, scores, pair, stats) -> None:
+    """How a model judge's ranking of one question's samples agrees with the answer check: over every (right,
+    wrong) pair of samples by the check, whether the judge scores the right one higher (a tie is not agreement);
+    and whether the built pair's chosen side is the right one, where exactly one side is."""
+    right = [j for j, s in enumerate(checks) if s.value == 1]
+    wrong = [j for j, s in enumerate(checks) if s.value == 0]
+    stats["samples_right"] += len(right)
+    for a in right:
+        for b in wrong:
+            x, y = scores[a].value, scores[b].value
+            if x is None or y is None:
+                continue
+            stats["judge_ranked"] += 1
+            stats["judge_ranked_agree"] += x > y
+            stats["judge_ranked_ties"] += x == y
+    if pair is not None:
+        a, b = pair.meta["samples"]
+        if {checks[a].value, checks[b].value} == {0.0, 1.0}:
+            stats["judge_checkable_pairs"] += 1
+            stats["judge_pairs_agree"] += checks[a].value == 1
+
+
+def pair_chains(q, pair, stats) -> None:
+    """Which rationales a pair holds, on the reasoning corpus (the question's chain known): each side's
+    reasoning.thought_kind, chain | decoy | other, recorded in the pair's meta and counted."""
+    from quietstar.reasoning import thought_kind
+
+    if not q.chain:
+        return
+    kinds = [thought_kind(side[0], q.chain, q.decoy) for side in (pair.meta["chosen"], pair.meta["rejected"])]
+    pair.meta["kinds"] = kinds
+    stats["pairs_with_chains"] += 1
+    for side, kind in zip(("chosen", "rejected"), kinds):
+        stats[f"{side}_{kind}"] += 1
+
+
+def shares(stats) -> None:
+    """The rates of the round's counts, where their denominators are not zero: the judge's agreement with the
+    answer check, and the share of pairs whose chosen (rejected) side is the query's chain (its decoy)."""
+    if stats.get("judge_ranked"):
+        stats["judge_ranking_agreement"] = stats["judge_ranked_agree"] / stats["judge_ranked"]
+    if stats.get("judge_checkable_pairs"):
+        stats["judge_pair_agreement"] = stats["judge_pairs_agree"] / stats["judge_checkable_pairs"]
+    n = stats.get("pairs_with_chains", 0)
+    for side in ("chosen", "rejected") if n else ():
+        for kind in ("chain", "decoy", "other"):
+            stats[f"{side}_{kind}_share"] = stats[f"{side}_{kind}"] / n  # a defaultdict: 0 where none was
+
+
 def collect_tpo(ctx, qs, questions, r: int, seed: int, skips: Skips):
     comps = ctx.k_rationales(qs, questions, seed, f"round {r}: tpo sample")
     judge, out, stats = response_judge(ctx, qs), [], defaultdict(int)
     flat_q = [q for q, cs in zip(questions, comps) for _ in cs]
-    flat = judge.score_many(flat_q, [c for cs in comps for c in cs])
+    flat_c = [c for cs in comps for c in cs]
+    flat = judge.score_many(flat_q, flat_c)
+    checks = flat if judge is ctx.check else ctx.check.score_many(flat_q, flat_c)  # recorded, never used to choose
     k = ctx.ex.k
     for i, (q, cs) in enumerate(zip(questions, comps)):
         scores = flat[i * k:(i + 1) * k]
         stats["samples_scored_1"] += sum(s.value == 1 for s in scores)
         p = best_and_worst(ctx, qs, q, cs, scores, r, skips)
-        out += [p] if p else []
+        if judge is not ctx.check:
+            judge_agreement(checks[i * k:(i + 1) * k], scores, p, stats)
+        if p:
+            pair_chains(q, p, stats)
+            out.append(p)
     stats["pairs"] = len(out)
+    shares(stats)
     return out, dict(stats)
 
 

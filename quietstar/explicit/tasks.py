@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import string
 from dataclasses import dataclass, field
-from typing import FrozenSet, List, Optional, Sequence
+from typing import FrozenSet, List, Optional, Sequence, Tuple
 
 from quietstar.eval.cot import COT_PROMPT, first_integer
 
@@ -32,6 +32,8 @@ class Question:
     hint: str = ""  # text that gives the answer away, for STaR's rationalisation ("a3=d ")
     difficulty: int = 0  # hops / digits (reasoning corpus); 0 = not graded
     kind: str = "reasoning"  # how an answer is normalised: reasoning | gsm8k
+    chain: str = ""  # the reasoning corpus: the chain a worked query writes ("afcd" for a3=); "" = not known
+    decoy: str = ""  # its decoy, the first step repeated ("aaaa"; reasoning.thought_kind tells them apart)
 
     def prompt(self, few_shot: int = 0, hint: bool = False) -> str:
         """The prompt text: context, the first `few_shot` worked examples, the hint (if asked), the query."""
@@ -48,9 +50,24 @@ def normalise_answer(text: str, kind: str) -> Optional[str]:
     return text or None
 
 
-def reasoning_questions(docs, split: str, chain_close: str, first_doc: int = 0) -> List[Question]:
+def query_chain(doc, query: str, hops: int, corpus) -> Tuple[str, str]:
+    """(the chain a worked `query` of `doc` writes, its decoy) as text, as the corpus `corpus` writes them:
+    `afcd` and `aaaa` for lookup's `a3=`, the running sums `6891` and `6666` for state's `6321=`."""
+    if doc.family == "lookup":
+        from quietstar.reasoning import lookup_chain
+
+        return lookup_chain(doc, query[0], hops, corpus)
+    running, total = [], 0
+    for ch in query[:-1]:
+        total = (total + int(ch)) % 10
+        running.append(str(total))
+    return "".join(running), running[0] * len(running)
+
+
+def reasoning_questions(docs, split: str, chain_close: str, first_doc: int = 0, corpus=None) -> List[Question]:
     """Every query of the reasoning-corpus documents `docs` (document i has index first_doc + i in its
-    split) as a Question, in document order."""
+    split) as a Question, in document order. With `corpus` (the documents' ReasoningConfig) each carries the
+    chain its query writes and that chain's decoy (query_chain)."""
     out = []
     for i, doc in enumerate(docs, first_doc):
         segs, header, queries = doc.segments, "", []
@@ -68,8 +85,9 @@ def reasoning_questions(docs, split: str, chain_close: str, first_doc: int = 0) 
         for q, (query, answer, worked) in enumerate(queries):
             examples = [w + " " for k, (_, _, w) in enumerate(queries) if w is not None and k != q]
             hard = int(query[1:-1]) if doc.family == "lookup" else len(query) - 1
+            chain, decoy = query_chain(doc, query, hard, corpus) if corpus is not None else ("", "")
             out.append(Question(f"{split}/{i}/{q}", query, normalise_answer(answer, "reasoning"), header, examples,
-                                f"{query}{answer} ", hard))
+                                f"{query}{answer} ", hard, chain=chain, decoy=decoy))
     return out
 
 
