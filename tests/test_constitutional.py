@@ -117,7 +117,7 @@ def test_the_principle_is_drawn_by_the_seed_from_the_tasks_list():
         assert [e.violates for e in shots] == [True, False]
         assert [cai.parse_critique(e.critique)[0] for e in shots] == ["violates", "follows"]
         text = cai.critique_prompt(gsm, p, shots, con.render(gsm, comp("5 + 2 = 7 pens.", "7")), con)
-        assert text.endswith(f"{gsm.query}\nResponse: 5 + 2 = 7 pens. The answer is 7.\nCritique:")
+        assert text.endswith(f"{gsm.query}\nResponse: 5 + 2 = 7 pens. #### 7\nCritique:")
     # the reasoning corpus' worked critiques: the decoy repeated first step, an answer that is not the last symbol
     steps, answer = (con.examples(QA, p, 2) for p in cai.REASONING_PRINCIPLES["lookup"])
     assert steps[0].response == "b1=-bb.c" and answer[0].response == "b1=-bc.b" and steps[0].revision == "b1=-bc.c"

@@ -9,6 +9,7 @@ from quietstar.errors import ConfigError
 from quietstar.explicit.losses import PREFERENCE_LOSSES
 
 METHODS = ("star", "rft", "system2", "vstar", "tpo", "cpo", "cai")
+TASKS = ("reasoning", "gsm8k")
 JUDGES = ("answer", "model", "choice")
 SELF_EVALS = ("agreement", "likelihood", "model")
 VERIFIER_SCORES = ("ratio", "likelihood")
@@ -23,10 +24,18 @@ class ExplicitConfig:
     Wu et al. 2024) | cpo (chain of preference optimisation over a tree search, Zhang et al. 2024) | cai
     (Constitutional AI: SFT on the model's own critiqued revisions, then preference pairs it labels itself,
     Bai et al. 2022; explicit/constitutional.py)."""
+    task: str = "reasoning"
+    """What the questions are: reasoning (the reasoning corpus's queries, data.reasoning) | gsm8k (grade-school
+    math word problems from gsm8k_dir, a pretrained model as the base; explicit/tasks.py gsm8k_splits)."""
+    gsm8k_dir: str = "../shared/data/gsm8k"
+    """task=gsm8k: the directory of train.jsonl (training, validation and worked-example problems) and test.jsonl
+    (the held-out split: its first eval_questions problems)."""
+    rationale_tokens: int = 256  # task=gsm8k: a rationale's length cap, in tokens (then <end> is forced)
     base: Optional[str] = None
     """The model every method starts from: a plain-LM checkpoint trained on the reasoning corpus. None: the
     learn_to_think recipe's pretrain stage, run (or reused, when finished with the same settings) in
-    <run dir>/pretrain."""
+    <run dir>/pretrain. task=gsm8k: a checkpoint, or a pretrained model's name or HF dir (loading.load_pretrained);
+    None: model.name, or smollm2-135m (SmolLM2-135M-Instruct) where that is unset."""
     iterations: int = 1  # sample -> score -> dataset -> train -> evaluate rounds
     patience: int = 1
     """Stop after this many rounds without a better validation accuracy (training-split questions the
@@ -124,14 +133,15 @@ class ExplicitConfig:
             raise ConfigError(f"explicit.train_from must be base or latest, got {self.train_from!r}")
         if self.iterate_from not in ("latest", "best"):
             raise ConfigError(f"explicit.iterate_from must be latest or best, got {self.iterate_from!r}")
-        for name, allowed in (("judge", JUDGES), ("self_eval", SELF_EVALS), ("verifier_score", VERIFIER_SCORES),
+        for name, allowed in (("task", TASKS), ("judge", JUDGES), ("self_eval", SELF_EVALS),
+                              ("verifier_score", VERIFIER_SCORES),
                               ("loss", PREFERENCE_LOSSES), ("cai_labeller", ("base", "latest")),
                               ("cai_soft_label", ("weight", "hard"))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"explicit.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("iterations", "train_questions", "val_questions", "eval_questions", "k", "batch_size",
                      "sample_batch", "pairs_per_question", "best_of_n", "beam", "proposals", "step_tokens",
-                     "rollouts", "cai_critique_tokens"):
+                     "rollouts", "cai_critique_tokens", "rationale_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"explicit.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("patience", "few_shot", "steps", "verifier_steps", "eval_samples", "nll_weight", "simpo_gamma",
@@ -148,6 +158,8 @@ class ExplicitConfig:
             raise ConfigError(f"explicit.beta must be > 0, got {self.beta}")
         if not 0 < self.consistency <= 1:
             raise ConfigError(f"explicit.consistency must be in (0, 1], got {self.consistency}")
+        if self.task == "gsm8k" and self.step_filter:
+            raise ConfigError("explicit.step_filter: the reasoning corpus's chain symbols; task=gsm8k has none")
         if not str(self.judge_model).strip():
             raise ConfigError("explicit.judge_model must be base, latest or a checkpoint path, got ''")
         if not 0 <= self.cai_min_confidence <= 1:

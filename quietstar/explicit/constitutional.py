@@ -39,7 +39,7 @@ import torch
 from quietstar.errors import UserError
 from quietstar.explicit.dataset import PreferencePair, Skips, completion_ids, make_sft, prompt_ids
 from quietstar.explicit.sample import Completion
-from quietstar.explicit.tasks import Question, StopRule
+from quietstar.explicit.tasks import GSM8K_MARK, Question, StopRule
 from quietstar.generate import encode_prompt
 from quietstar.seeds import derive_seed
 
@@ -74,19 +74,19 @@ class Example:
 
 _APPLES = "Q: Sam has 3 bags with 4 apples each. He eats 2 apples. How many apples are left?"
 _BOOKS = "Q: A book costs 8 dollars. Ana buys 5 books and pays with 50 dollars. How much change does she get?"
-_APPLES_RIGHT = "3 * 4 = 12 apples. 12 - 2 = 10 apples are left. The answer is 10."
-_BOOKS_RIGHT = "5 * 8 = 40 dollars. 50 - 40 = 10 dollars of change. The answer is 10."
+_APPLES_RIGHT = "3 * 4 = 12 apples. 12 - 2 = 10 apples are left. #### 10"
+_BOOKS_RIGHT = "5 * 8 = 40 dollars. 50 - 40 = 10 dollars of change. #### 10"
 GSM8K_EXAMPLES = {  # per principle: a response that violates it (with its revision), one that follows it
     GSM8K_PRINCIPLES[0]: (
-        (_APPLES, "3 * 4 = 12 apples. 12 - 2 = 11 apples are left. The answer is 11.",
+        (_APPLES, "3 * 4 = 12 apples. 12 - 2 = 11 apples are left. #### 11",
          "step 2 says 12 - 2 = 11, but 12 - 2 is 10: violates", _APPLES_RIGHT),
         (_BOOKS, _BOOKS_RIGHT, "5 * 8 = 40 and 50 - 40 = 10 are both right: follows", _BOOKS_RIGHT)),
     GSM8K_PRINCIPLES[1]: (
-        (_BOOKS, "5 * 6 = 30 dollars. 50 - 30 = 20 dollars of change. The answer is 20.",
+        (_BOOKS, "5 * 6 = 30 dollars. 50 - 30 = 20 dollars of change. #### 20",
          "step 1 uses 6, which is not in the question; a book costs 8: violates", _BOOKS_RIGHT),
         (_APPLES, _APPLES_RIGHT, "3, 4 and 2 are in the question and 12 comes from step 1: follows", _APPLES_RIGHT)),
     GSM8K_PRINCIPLES[2]: (
-        (_APPLES, "3 * 4 = 12 apples. 12 - 2 = 10 apples are left. The answer is 12.",
+        (_APPLES, "3 * 4 = 12 apples. 12 - 2 = 10 apples are left. #### 12",
          "the last step gives 10, but the answer is 12: violates", _APPLES_RIGHT),
         (_BOOKS, _BOOKS_RIGHT, "the last step gives 10 and the answer is 10: follows", _BOOKS_RIGHT)),
 }
@@ -114,9 +114,10 @@ class Constitution:
         return ps[random.Random(seed).randrange(len(ps))]
 
     def render(self, q: Question, c: Completion) -> str:
-        """A response as text: a chain as the corpus writes it (`a3=-afcd.d`), or GSM8K's steps and answer."""
+        """A response as text: a chain as the corpus writes it (`a3=-afcd.d`), or GSM8K's steps, its final-answer
+        marker and answer (`... 12 - 2 = 10 apples are left. #### 10`)."""
         if q.kind == "gsm8k":
-            return f"{c.rationale.strip()} The answer is {c.answer.strip()}."
+            return f"{c.rationale.strip()}{GSM8K_MARK} {c.answer.strip()}"  # the task's marker, as it samples them
         return f"{q.query}{self.open}{c.rationale}{self.close}{c.answer.strip()}"
 
     def question_line(self, q: Question) -> str:

@@ -44,7 +44,8 @@ from quietstar.explicit.judge import AnswerCheck
 from quietstar.explicit.losses import PreferenceLoss, fit_dpo, fit_sft
 from quietstar.explicit.preference import collect_cpo, collect_tpo, collect_vstar, verify
 from quietstar.explicit.sample import sample
-from quietstar.explicit.tasks import normalise_answer, reasoning_questions, reasoning_stop_rule, step_alphabet
+from quietstar.explicit.tasks import (GSM8K_MARK, GSM8K_START, gsm8k_splits, gsm8k_stop_rule, normalise_answer,
+                                      reasoning_questions, reasoning_stop_rule, step_alphabet)
 from quietstar.seeds import derive_seed
 
 EVAL_MODES = {"star": "cot", "rft": "cot", "system2": "direct", "vstar": "cot", "tpo": "cot", "cpo": "cot",
@@ -58,9 +59,14 @@ class Context:
     def __init__(self, cfg, tok):
         self.cfg, self.ex, self.tok = cfg, cfg.explicit, tok
         rc = cfg.data.reasoning
-        self.rules = {"cot": reasoning_stop_rule(rc, tok, True), "direct": reasoning_stop_rule(rc, tok, False)}
-        self.end_target = self.rules["cot"].rationale_stop[0]
-        self.step_alphabet = step_alphabet(rc, tok)  # CPO's step filter: the tokens a chain step is made of
+        if self.ex.task == "gsm8k":
+            n = self.ex.rationale_tokens
+            self.rules = {"cot": gsm8k_stop_rule(tok, n, True), "direct": gsm8k_stop_rule(tok, n, False)}
+            self.step_alphabet = frozenset()
+        else:
+            self.rules = {"cot": reasoning_stop_rule(rc, tok, True), "direct": reasoning_stop_rule(rc, tok, False)}
+            self.step_alphabet = step_alphabet(rc, tok)  # CPO's step filter: the tokens a chain step is made of
+        self.end_target = self.rules["cot"].rationale_stop[0]  # <end> is scored as the closing mark
         self.check = AnswerCheck()
         self.base = None  # the model the run starts from (set by run): TPO's fixed model judge
         self.verifier_pairs: list = []  # V-STaR: the verifier's pairs, from every round
@@ -227,10 +233,14 @@ def evaluate_sampled(ctx: Context, qs, questions, n: int, seed: int, desc: str =
 
 def _questions(cfg):
     """(train, validation, eval) questions: the first documents of the training split, later training
-    documents, the first documents of the held-out split."""
+    documents, the first documents of the held-out split (GSM8K: tasks.gsm8k_splits)."""
     from quietstar.reasoning import make_documents
 
     rc, ex, seed = cfg.data.reasoning, cfg.explicit, cfg.train.seed
+    if ex.task == "gsm8k":
+        root = Path(ex.gsm8k_dir).expanduser()
+        return gsm8k_splits(root / "train.jsonl", root / "test.jsonl", ex.train_questions, ex.val_questions,
+                            ex.eval_questions)
     per_doc = rc.n_queries
     n_train, n_val = -(-ex.train_questions // per_doc), -(-ex.val_questions // per_doc)
     docs = make_documents(rc, n_train + n_val, seed, "train")
@@ -248,14 +258,33 @@ def _base(cfg, train_fn, stages):
     from quietstar.recipes.learn_to_think import pretrain_config, run_stage
     from quietstar.recipes.report import recipe_device
 
-    path = find_checkpoint(cfg.explicit.base) if cfg.explicit.base else \
-        run_stage(pretrain_config(cfg), train_fn, stages, "explicit", ("train/",))
-    qs = load_thinker_checkpoint(path, device=recipe_device(cfg))
+    ex, marks = cfg.explicit, (cfg.thought.init_token, cfg.thought.end_init_token)
+    if ex.task == "gsm8k":  # a pretrained model; <start> reads as a new line, <end> as the final-answer marker
+        path, qs = _pretrained(cfg, ex.base or cfg.model.name or "smollm2-135m", recipe_device(cfg))
+        marks = (GSM8K_START, GSM8K_MARK)
+    else:
+        path = find_checkpoint(ex.base) if ex.base else \
+            run_stage(pretrain_config(cfg), train_fn, stages, "explicit", ("train/",))
+        qs = load_thinker_checkpoint(path, device=recipe_device(cfg))
     qs.model.grad_checkpointing = False  # short SFT sequences: nothing to save
-    qs.cfg = dataclasses.replace(qs.cfg, init_token=cfg.thought.init_token, end_init_token=cfg.thought.end_init_token)
+    qs.cfg = dataclasses.replace(qs.cfg, init_token=marks[0], end_init_token=marks[1])
     with torch.no_grad():  # <start> / <end> read as the chain's marks (never trained by a plain LM)
         reset_thought_embeddings(qs)
     return path, qs.eval()
+
+
+def _pretrained(cfg, name: str, device):
+    """(what was loaded, QuietStar) for task=gsm8k: a training checkpoint, or a pretrained model by name or HF dir."""
+    from quietstar.checkpoint import find_checkpoint, load_thinker_checkpoint
+    from quietstar.loading import load_pretrained
+    from quietstar.thinker import QuietStar
+
+    where = Path(name).expanduser()
+    if where.is_dir() and not (where / "config.json").is_file():  # an HF dir has a config.json
+        path = find_checkpoint(where)  # a run, checkpoints/ or step dir
+        return path, load_thinker_checkpoint(path, device=device)
+    model, tok = load_pretrained(name, dtype=getattr(torch, cfg.model.dtype))
+    return name, QuietStar(model, tok, cfg.thought).to(device)
 
 
 def _save(cfg, qs, tok, out: Path, step: int):
@@ -281,7 +310,7 @@ def run(cfg, train_fn):
     from quietstar.logging import start_run
     from quietstar.recipes.learn_to_think import _Summary
 
-    if cfg.data.source != "reasoning":
+    if cfg.explicit.task == "reasoning" and cfg.data.source != "reasoning":
         raise UserError(f"explicit: needs data=reasoning (its questions have checkable answers), got "
                         f"data.source={cfg.data.source!r}")
     if cfg.train.threads:
@@ -353,10 +382,13 @@ def run(cfg, train_fn):
         run_log.log({f"vstar/{name}@{k}": verifier[name][k - 1] for name in ("best_of_k", "majority_vote", "pass_at_k")
                      for k in (1, verifier["n"])}, step=len(rounds))
     run_log.finish()
-    results = {"method": ex.method, "eval_mode": mode, "base": str(base_path), "best_round": best_round,
+    results = {"method": ex.method, "task": ex.task, "eval_mode": mode, "base": str(base_path),
+               "best_round": best_round,
                "rounds": rounds, "stages": stages, "wall_s": round(time.time() - t0, 1),
                "questions": {"train": len(train_q), "val": len(val_q), "eval": len(eval_q),
-                             "eval_split": "held-out (maps never seen in training)", "decoding": "greedy"},
+                             "eval_split": "held-out (maps never seen in training)" if ex.task == "reasoning" else
+                             f"the first {len(eval_q)} problems of {Path(ex.gsm8k_dir) / 'test.jsonl'}",
+                             "decoding": "greedy"},
                "settings": dataclasses.asdict(ex), "optim": dataclasses.asdict(cfg.optim), "seed": cfg.train.seed}
     if verifier is not None:
         results["verifier"] = verifier

@@ -213,10 +213,10 @@ class ChoiceJudge:
 
         n = self.ctx.ex.judge_shots
         if q.kind == "gsm8k":  # the flawed responses of two of Constitutional AI's worked critiques, answers only
-            final = lambda t: t.rsplit(" ", 1)[1]  # noqa: E731  ("... The answer is 11." -> "11.")
+            final = lambda t: t.rsplit(" ", 1)[1]  # noqa: E731  ("... #### 11" -> "11")
             shots = [GSM8K_EXAMPLES[p][0] for p in GSM8K_PRINCIPLES[:2]]
-            return [Example(f"{pq}{COT_PROMPT}\n", f"The answer is {final(wrong)}", "", f"The answer is {final(right)}")
-                    for pq, wrong, _, right in shots][:n]
+            return [Example(f"{pq}{COT_PROMPT}\n", f"The answer is {final(wrong)}.", "",
+                            f"The answer is {final(right)}.") for pq, wrong, _, right in shots][:n]
         out = []
         for w in q.examples:
             query, _, rest = w.strip().partition("=")
@@ -296,6 +296,9 @@ def judge_agreement(checks, scores, pair, stats) -> None:
     and whether the built pair's chosen side is the right one, where exactly one side is."""
     right = [j for j, s in enumerate(checks) if s.value == 1]
     wrong = [j for j, s in enumerate(checks) if s.value == 0]
+    for name in ("judge_ranked", "judge_ranked_agree", "judge_ranked_ties", "judge_checkable_pairs",
+                 "judge_pairs_agree"):
+        stats[name] += 0  # recorded even where nothing could be compared
     stats["samples_right"] += len(right)
     for a in right:
         for b in wrong:

@@ -7,14 +7,18 @@ gold answer. Two sources:
       the document's header (the lookup map), so the prompt reads exactly like the start of a training
       document (`<map>\\na3=`). The document's other worked queries (`f2=-fjb.b`) are its few-shot examples;
       the hint for STaR's rationalisation is the query answered directly (`a3=d `), written before the question.
-  GSM8K (quietstar/eval/gsm8k.py): "Q: <question>\\nA: Let's think step by step." as the zero-shot-CoT
-      evaluation writes it; the gold is the integer after "####".
+  GSM8K (quietstar/eval/gsm8k.py; explicit.task=gsm8k): "Q: <question>\\nA: Let's think step by step." as the
+      zero-shot-CoT evaluation writes it; the gold is the integer after "####". A rationale ends at GSM8K's own
+      final-answer marker, " ####" (gsm8k_stop_rule), and the answer after it is read as its first integer.
+      Splits (gsm8k_splits): training and validation from train.jsonl, the held-out split test.jsonl's first
+      problems; worked examples (gsm8k_worked) from train.jsonl's last problems, never asked.
 
 `StopRule` says where a sampled rationale and answer end (explicit/sample.py).
 """
 
 from __future__ import annotations
 
+import re
 import string
 from dataclasses import dataclass, field
 from typing import FrozenSet, List, Optional, Sequence, Tuple
@@ -91,16 +95,51 @@ def reasoning_questions(docs, split: str, chain_close: str, first_doc: int = 0, 
     return out
 
 
-def gsm8k_questions(problems) -> List[Question]:
-    """GSM8K problems (eval/gsm8k.load_gsm8k) as zero-shot-CoT questions with their integer gold."""
+GSM8K_MARK = " ####"  # GSM8K's final-answer marker (its answers end "#### 72"): closes a rationale
+GSM8K_START = "\n"  # <start>'s embedding starts from this token's on GSM8K (a new line of reasoning)
+GSM8K_SHOTS = 8  # the last problems of train.jsonl: the worked examples, never asked
+CALCULATION = re.compile(r"<<[^>]*>>")
+
+
+def gsm8k_worked(p) -> str:
+    """A problem as a worked example: its question, the zero-shot-CoT cue, its steps on one line (the
+    calculator annotations `<<48/2=24>>` removed) and its marked answer: "Q: ...\nA: Let's think step by step.
+    Natalia sold 48/2 = 24 clips in May. ... #### 72\n\n"."""
+    steps, _, final = p.answer.rpartition("####")
+    steps = " ".join(CALCULATION.sub("", steps).split())
+    return f"Q: {p.question}{COT_PROMPT} {steps}{GSM8K_MARK} {final.strip()}\n\n"
+
+
+def gsm8k_questions(problems, examples: Sequence[str] = ()) -> List[Question]:
+    """GSM8K problems (eval/gsm8k.load_gsm8k) as zero-shot-CoT questions with their integer gold; `examples`
+    (gsm8k_worked texts) are their few-shot examples."""
     from quietstar.eval.gsm8k import gold_integer
 
     out = []
     for p in problems:
         gold = gold_integer(p)
         out.append(Question(f"gsm8k/{p.line}", f"Q: {p.question}{COT_PROMPT}", None if gold is None else str(gold),
-                            hint=f"(The answer is {gold}.)\n" if gold is not None else "", kind="gsm8k"))
+                            examples=list(examples), hint=f"(The answer is {gold}.)\n" if gold is not None else "",
+                            kind="gsm8k"))
     return out
+
+
+def gsm8k_splits(train_path, test_path, n_train: int, n_val: int, n_eval: int):
+    """(train, validation, held-out) GSM8K questions: the training questions are train.jsonl's first n_train
+    problems, the validation ones the n_val before its last GSM8K_SHOTS (the worked examples of every prompt,
+    never asked), the held-out ones test.jsonl's first n_eval. Never a test problem outside the held-out split."""
+    from quietstar.errors import UserError
+    from quietstar.eval.gsm8k import load_gsm8k
+
+    problems = load_gsm8k(train_path)
+    need = n_train + n_val + GSM8K_SHOTS
+    if len(problems) < need:
+        raise UserError(f"{train_path}: {len(problems)} problems, the GSM8K task needs {need} (explicit.train_questions"
+                        f"={n_train} + explicit.val_questions={n_val} + {GSM8K_SHOTS} worked examples)")
+    shots = [gsm8k_worked(p) for p in problems[-GSM8K_SHOTS:]]
+    val = problems[-GSM8K_SHOTS - n_val:-GSM8K_SHOTS]
+    held = load_gsm8k(test_path, limit=n_eval)
+    return (gsm8k_questions(problems[:n_train], shots), gsm8k_questions(val, shots), gsm8k_questions(held, shots))
 
 
 @dataclass
@@ -122,6 +161,17 @@ def reasoning_stop_rule(rcfg, tokenizer, rationale: bool = True) -> StopRule:
     enc = lambda s: tokenizer.encode(s, add_bos=False)  # noqa: E731
     longest = rcfg.max_hops + 2 if "lookup" in rcfg.families else rcfg.max_digits + 1
     return StopRule(enc(rcfg.chain_close), longest if rationale else 0, enc(" \n"), 2, enc(rcfg.chain_open))
+
+
+def gsm8k_stop_rule(tokenizer, max_rationale: int, rationale: bool = True, max_answer: int = 10) -> StopRule:
+    """GSM8K's marks: a rationale is the reasoning up to the final-answer marker (GSM8K_MARK, or the marker
+    without its space: whichever is one token; with a tokenizer that splits it, its first token), or
+    max_rationale tokens; the answer, after <end>, runs to the end of its line (or EOS). The answer's integer is
+    read by normalise_answer (cot.first_integer), as the official exact match reads it."""
+    enc = lambda s: tokenizer.encode(s, add_bos=False)  # noqa: E731
+    marks = [enc(m)[0] for m in (GSM8K_MARK, GSM8K_MARK.strip()) if tokenizer.decode(enc(m)[:1]).strip()]
+    lines = {enc("\n")[0], *enc("\n\n")[:1]} | ({tokenizer.eos_id} if tokenizer.eos_id is not None else set())
+    return StopRule(list(dict.fromkeys(marks)), max_rationale if rationale else 0, sorted(lines), max_answer)
 
 
 def step_alphabet(rcfg, tokenizer) -> FrozenSet[int]:
