@@ -68,7 +68,7 @@ def test_the_policy_recipes_write_the_ablation_and_the_chain_share(tmp_path):
     from quietstar.recipes import run_recipe
 
     experiment = "policy_decoy"
-    cfg = toy_cfg(tmp_path, f"experiment={experiment}")
+    cfg = toy_cfg(tmp_path, f"experiment={experiment}", "checkpoint.every=1")
     assert cfg.thought.objective == "rlp" and cfg.learn_to_think.policy_off and cfg.data.reasoning.decoy_share == 0.5
     discovery = toy_cfg(tmp_path, "experiment=policy_discovery")  # the same recipe from a space
     assert discovery.thought.objective == "rlp" and discovery.thought.init_token == discovery.thought.end_init_token == " "
@@ -83,6 +83,17 @@ def test_the_policy_recipes_write_the_ablation_and_the_chain_share(tmp_path):
     kinds = res["thought_kinds"]["after"]["3"]
     assert sum(kinds.values()) == res["answer_count"]["3"]  # every 3-hop answer's thought is classified
     assert read_config(tmp_path / "policy_off").thought.policy_weight == 0
+    # every saved step of both thought stages, from the pretrained start; the last is the final checkpoint,
+    # scored with the same split and thought seed as the results above
+    curves = res["over_training"]
+    assert [p["step"] for p in curves["quietstar"]] == [p["step"] for p in curves["policy_off"]] == [1, 2]
+    start, last = curves["start"], curves["quietstar"][-1]
+    assert start["step"] == 0 and start["chain_share"] == res["chain_share"]["before"]
+    assert last["nll_thought"] == pytest.approx(res["answer_nll"]["thought"][last["hops"]], abs=1e-9)
+    assert last["nll_no_thought"] == pytest.approx(res["answer_nll"]["no_thought"][last["hops"]], abs=1e-9)
+    assert last["chain_share"] == pytest.approx(res["chain_share"]["after"])
+    assert curves["policy_off"][-1]["chain_share"] == pytest.approx(off["chain_share"]["after"])
+    assert (tmp_path / "over_training.png").stat().st_size > 10_000
     # another setting of the policy term alone retrains the Quiet-STaR stage, and reuses the ablation
     calls = []
     with pytest.raises(UserError, match=r"quietstar stage run with other settings \(thought.reward_floor\)"):
@@ -192,3 +203,4 @@ def test_end_init_token_starts_end_elsewhere_and_an_empty_one_is_refused():
     assert torch.equal(same.end_embedding, emb("-"))
     with pytest.raises(ValueError, match="thought.end_init_token=''"):
         QuietStar(base, tok, ThoughtConfig(end_init_token=""))
+

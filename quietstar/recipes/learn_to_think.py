@@ -16,8 +16,10 @@ Then the held-out split (maps never seen in training) is scored on its direct an
 `results.json` holds answer NLL and top-1 accuracy for `thought` (the talk-head-mixed prediction after one
 sampled thought), `no_thought` (the same model's base prediction) and `baseline`, overall and by hops, with
 decoded thoughts before and after Quiet-STaR, and `chain_share` (on the lookup corpus): the share of the thoughts
-before the hardest answers that write the query's chain, before and after; `learning_curves.png` shows the training curves of both runs
-against the shared compute axis. A stage whose final checkpoint exists is not run again, so the same
+before the hardest answers that write the query's chain, before and after; `learning_curves.png` shows the
+training curves of both runs against the shared compute axis. With `checkpoint.every`, `over_training` (and
+`over_training.png`) holds the hardest answers' chain share and NLL with and without a thought at every saved
+step of the thought stages. A stage whose final checkpoint exists is not run again, so the same
 command continues an interrupted recipe.
 """
 
@@ -204,11 +206,16 @@ def run(cfg, train_fn):
                          thought=dataclasses.replace(cfg.thought, policy_weight=0.0))
         off_ckpt = run_stage(off_cfg, train_fn, stages)
 
-    from quietstar.recipes.report import evaluate, evaluate_ablation, plot_learning_curves
+    from quietstar.recipes.report import (evaluate, evaluate_ablation, over_training, plot_learning_curves,
+                                          plot_over_training)
 
     results = evaluate(cfg, pre, qs_ckpt, bl_ckpt)
     if off_ckpt is not None:
         results["policy_off"] = evaluate_ablation(cfg, off_ckpt, results)
+    if cfg.checkpoint.every:  # every saved step of the thought stages, from the pretrained starting point
+        results["over_training"] = {name: over_training(cfg, root / name)
+                                    for name in ("quietstar", "policy_off") if (root / name).is_dir()}
+        results["over_training"]["start"] = start_point(results)
     results["stages"] = stages
     results["compute"] = {
         "counted": "model FLOPs (quietstar/flops.py: matmuls a step must compute, backward = 2x forward)",
@@ -219,8 +226,23 @@ def run(cfg, train_fn):
     write_record(root / "results.json", results, seeds=[cfg.train.seed])
     plot_learning_curves(root / "quietstar" / "metrics.jsonl", root / "baseline" / "metrics.jsonl",
                          root / "learning_curves.png", results)
+    if "over_training" in results:
+        curves = {k: v for k, v in results["over_training"].items() if k != "start"}
+        plot_over_training(curves, results["over_training"]["start"], root / "over_training.png")
     print_results(results, root)
     return _Summary(root, qs_ckpt)
+
+
+def start_point(results: dict) -> dict:
+    """The pretrained model's point of the over-training curves (step 0), from the held-out scores."""
+    nll, acc = results["answer_nll"], results["answer_acc"]
+    top = max((k for k in nll["pretrained"] if k != "all"), key=int)
+    point = {"step": 0, "hops": top, "nll_thought": nll["pretrained_thought"][top],
+             "nll_no_thought": nll["pretrained"][top], "acc_thought": acc["pretrained_thought"][top],
+             "acc_no_thought": acc["pretrained"][top]}
+    if "chain_share" in results:
+        point["chain_share"] = results["chain_share"]["before"]
+    return point
 
 
 @dataclass

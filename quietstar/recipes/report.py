@@ -99,6 +99,57 @@ def evaluate_ablation(cfg, ckpt, results: dict) -> dict:
     return out
 
 
+def over_training(cfg, stage_dir: Path) -> list:
+    """At every checkpoint a Quiet-STaR stage saved (checkpoint.every): the held-out chain share and the hardest
+    level's answer NLL and accuracy with and without a thought, scored like `evaluate`'s."""
+    from quietstar.checkpoint import step_of
+
+    data, r = cfg.data, cfg.learn_to_think
+    _, docs = train_and_eval_documents(data.reasoning, data.max_docs or data.synthetic_docs, cfg.train.seed)
+    dev = recipe_device(cfg)
+    out = []
+    ckpts = sorted((p for p in (Path(stage_dir) / "checkpoints").glob("step_*") if (p / "manifest.json").is_file()),
+                   key=step_of)
+    for ckpt in ckpts:
+        qs = load_thinker_checkpoint(ckpt, device=dev)
+        s = score_answers(qs, docs, qs.tokenizer, r.eval_batch_size, cfg.train.seed + EVAL_SEED_OFFSET, True, 0, dev,
+                          without=chain_open_ids(data.reasoning, qs.tokenizer), chains=data.reasoning)
+        top = max((k for k in s["thought"]["nll"] if k != "all"), key=int)
+        point = {"step": step_of(ckpt), "hops": top, "nll_thought": s["thought"]["nll"][top],
+                 "nll_no_thought": s["no_thought"]["nll"][top], "acc_thought": s["thought"]["acc"][top],
+                 "acc_no_thought": s["no_thought"]["acc"][top]}
+        if s.get("thought_kinds"):
+            point["chain_share"] = chain_share(s)
+        out.append(point)
+    return out
+
+
+def plot_over_training(curves: dict, before: dict, out: Path) -> Path:
+    """Chain share and hardest-level answer NLL with / without a thought against the step, per stage."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, pts in curves.items():
+        steps = [0] + [p["step"] for p in pts]
+        if all("chain_share" in p for p in pts) and "chain_share" in before:
+            axes[0].plot(steps, [before["chain_share"]] + [p["chain_share"] for p in pts], marker="o", label=name)
+        line, = axes[1].plot(steps, [before["nll_thought"]] + [p["nll_thought"] for p in pts], marker="o",
+                             label=f"{name}: thought")
+        axes[1].plot(steps, [before["nll_no_thought"]] + [p["nll_no_thought"] for p in pts], ls="--",
+                     color=line.get_color(), label=f"{name}: no thought")
+    axes[0].set_title("share of thoughts that write the query's chain", fontsize=10)
+    axes[1].set_title(f"held-out {before['hops']}-hop answer NLL", fontsize=10)
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("learn_to_think: the hardest answers over training")
+    return save_figure(fig, out)
+
+
 def plot_learning_curves(qs_metrics: Path, baseline_metrics: Path, out: Path, results: dict) -> Path:
     """The Quiet-STaR stage's curves and the baseline's NLL, on a shared axis: the fraction of the compute."""
     qs, bl = read_metrics(qs_metrics), read_metrics(baseline_metrics)
