@@ -7,6 +7,12 @@ For each run's pretrained checkpoint: the mean gain, in nats, of the answer's lo
 teacher-forced thought over the base prediction before 3-hop direct answers, for the query's chain and for
 its decoy (what the RLP reward can rank). For each extra checkpoint (e.g. a longer Quiet-STaR run): its chain
 share by hops and its answer accuracy with and without a thought.
+
+    python bench/policy_diagnosis.py --discovery RUN --lengths 7 12 16 --out FILE
+
+For a policy_discovery run (<start>/<end> at a space): the pretrained model's thoughts before 3-hop answers,
+4 per position, at each thought length n_ahead, and how many of them contain the query's chain anywhere (a
+thought from a space must restate the query, `a3=-`, before it can write the chain) or restate the query.
 """
 
 from __future__ import annotations
@@ -75,13 +81,54 @@ def checkpoint_scores(path: str) -> dict:
             "answer_acc": {"thought": r["thought"]["acc"], "no_thought": r["no_thought"]["acc"]}}
 
 
+@torch.no_grad()
+def discovery_lengths(run: Path, lengths: list, hops: int = 3, n_thoughts: int = 4) -> list:
+    """Per thought length: the share of sampled thoughts before `hops`-hop answers containing the chain."""
+    import dataclasses
+
+    cfg = read_train_config(find_checkpoint(run / "quietstar"))
+    rows = []
+    for T in lengths:
+        qs = load_thinker_checkpoint(find_checkpoint(run / "pretrain"))
+        qs.cfg = dataclasses.replace(cfg.thought, n_ahead=T)
+        reset_thought_embeddings(qs)  # as the stage starts from the pretrained model
+        qs.eval()
+        tok, g = qs.tokenizer, torch.Generator().manual_seed(cfg.train.seed + 7919)
+        total = chain = restated = 0
+        examples = []
+        for ids, mask, diff, chunk in batches(validation_docs(cfg), tok, 32):
+            out = qs.next_token_logits(ids, mask, generator=g, n_thoughts=n_thoughts).full()
+            for b, p in (diff == hops).nonzero().tolist():
+                query = query_symbol(tok, ids[b], p)
+                want = lookup_chain(chunk[b], query, hops, cfg.data.reasoning)[0]
+                for j in range(n_thoughts):
+                    t = qs.decode_thought(out.thoughts, b, j, p - 1)
+                    total, chain, restated = total + 1, chain + (want in t), restated + (f"{query}{hops}=" in t)
+                    if want in t and len(examples) < 3:
+                        examples.append(t)
+        rows.append({"n_ahead": T, "sampled_tokens": T - 3, "thoughts": total, "contain_chain": chain / total,
+                     "restate_query": restated / total, "examples": examples})
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", nargs="*", default=[], help="policy_decoy run dirs (pretrain/ and quietstar/ inside)")
     ap.add_argument("--checkpoints", nargs="*", default=[], help="checkpoints (or run dirs) to score")
+    ap.add_argument("--discovery", help="a policy_discovery run dir: thoughts by length (--lengths)")
+    ap.add_argument("--lengths", nargs="*", type=int, default=[7, 12, 16])
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     torch.set_num_threads(1)
+    if a.discovery:
+        rows = discovery_lengths(Path(a.discovery), a.lengths)
+        for row in rows:
+            print(row, flush=True)
+        seed = read_train_config(find_checkpoint(Path(a.discovery) / "quietstar")).train.seed
+        write_record(a.out, {"split": f"validation: the {VALIDATION_DOCS} documents of the training split after the "
+                                      f"ones the run trained on", "model": "the run's pretrained checkpoint, "
+                                      "<start>/<end> at the run's init tokens", "by_length": rows}, seeds=[seed])
+        return
     gains = [thought_gains(Path(r)) for r in a.runs]
     scores = [checkpoint_scores(c) for c in a.checkpoints]
     for row in gains + scores:
