@@ -373,7 +373,8 @@ def score_answers(qs, docs: Sequence[Document], tokenizer, batch_size: int = 32,
     evaluates). `without`: tokens left out of the answer's distribution (chain_open_ids: the scores are then of
 the answer given that no chain follows). `examples`: the first `n_examples` decoded thoughts before an
 answer of the hardest level. With `chains` (the corpus config), `thought_kinds`: by difficulty, how many of
-the thoughts before a lookup answer write its chain, its decoy or something else (thought_kind)."""
+the thoughts before a lookup answer write its chain, its decoy or something else (thought_kind), with
+`chain_later` for the others that hold the chain after something else."""
     was_training = qs.training
     kinds: dict = {}
     qs.eval()
@@ -403,8 +404,11 @@ the thoughts before a lookup answer write its chain, its decoy or something else
                     continue
                 query = query_symbol(tokenizer, ids[b], p)
                 chain, decoy = lookup_chain(doc, query, int(diff[b, p]), chains)
-                kind = thought_kind(qs.decode_thought(out.thoughts, b, 0, p - 1), chain, decoy)
-                counts = kinds.setdefault(str(int(diff[b, p])), {"chain": 0, "decoy": 0, "other": 0})
+                thought = qs.decode_thought(out.thoughts, b, 0, p - 1)
+                kind = thought_kind(thought, chain, decoy)
+                if kind == "other" and chain in thought:  # e.g. `a3=-afcd` from a <start> that restates the query
+                    kind = "chain_later"
+                counts = kinds.setdefault(str(int(diff[b, p])), {"chain": 0, "chain_later": 0, "decoy": 0, "other": 0})
                 counts[kind] += 1
     qs.train(was_training)
     res = {"no_thought": base.summary()}

@@ -80,6 +80,8 @@ def test_the_policy_recipes_write_the_ablation_and_the_chain_share(tmp_path):
         assert off[metric]["baseline"] == res[metric]["baseline"]  # one baseline for both
     assert 0 <= res["chain_share"]["before"] <= 1 and 0 <= res["chain_share"]["after"] <= 1
     assert 0 <= off["chain_share"]["after"] <= 1
+    for r in (res, off):  # the chain-like thoughts include the chains
+        assert r["chain_like_share"]["after"] >= r["chain_share"]["after"]
     kinds = res["thought_kinds"]["after"]["3"]
     assert sum(kinds.values()) == res["answer_count"]["3"]  # every 3-hop answer's thought is classified
     assert read_config(tmp_path / "policy_off").thought.policy_weight == 0
@@ -92,6 +94,7 @@ def test_the_policy_recipes_write_the_ablation_and_the_chain_share(tmp_path):
     assert last["nll_thought"] == pytest.approx(res["answer_nll"]["thought"][last["hops"]], abs=1e-9)
     assert last["nll_no_thought"] == pytest.approx(res["answer_nll"]["no_thought"][last["hops"]], abs=1e-9)
     assert last["chain_share"] == pytest.approx(res["chain_share"]["after"])
+    assert last["chain_like_share"] == pytest.approx(res["chain_like_share"]["after"])
     assert curves["policy_off"][-1]["chain_share"] == pytest.approx(off["chain_share"]["after"])
     assert (tmp_path / "over_training.png").stat().st_size > 10_000
     # another setting of the policy term alone retrains the Quiet-STaR stage, and reuses the ablation

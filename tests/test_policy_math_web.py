@@ -84,7 +84,8 @@ def test_launches_per_stage_share_a_run_dir_and_the_last_writes_results(tmp_path
     assert res["models"]["before"]["gain"] == 0 and res["models"]["baseline"]["gain"] == 0
     assert res["models"]["rlp"]["gain"] != 0
     assert {s: [p["step"] for p in pts] for s, pts in res["curves"].items()} == {
-        "official": [1, 2], "rlp": [1, 2], "policy_off": [1, 2]}
+        "official": [0, 1, 2], "rlp": [0, 1, 2], "policy_off": [0, 1, 2]}
+    assert res["curves"]["rlp"][0] == res["curves"]["official"][0] and res["curves"]["rlp"][0]["gain"] == 0
     assert res["compute"]["baseline_flops"] == pytest.approx(res["compute"]["thought_stage_flops"], rel=0.5)
     assert [s["stage"] for s in res["stages"]] == ["official", "rlp", "policy_off", "baseline"]
     assert res["stages"][1]["reused"] and res["stages"][3]["reused"]  # trained by the first launch

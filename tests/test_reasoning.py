@@ -165,3 +165,31 @@ def test_decoys_repeat_the_first_step_and_leave_the_answers_alone():
             else:
                 assert rest == x
     assert n_worked > 20
+
+
+def test_thoughts_are_sorted_into_chain_chain_later_decoy_and_other(monkeypatch):
+    import itertools
+
+    from quietstar import reasoning
+    from quietstar.model import ModelConfig, Transformer
+    from quietstar.recipes.report import chain_share
+    from quietstar.thinker import QuietStar, ThoughtConfig
+
+    torch.manual_seed(0)
+    tok = ByteTokenizer()
+    qs = QuietStar(Transformer(ModelConfig.from_preset("tiny")), tok, ThoughtConfig(n_ahead=5, n_ahead_talk=1))
+    cfg = ReasoningConfig(n_queries=4)
+    docs = make_documents(cfg, 6, seed=0)
+    # every query's chain is `xyz` and its decoy `xxx`; the thoughts cycle through the four kinds
+    monkeypatch.setattr(reasoning, "lookup_chain", lambda *a, **k: ("xyz", "xxx"))
+    thoughts = itertools.cycle(["xyz.", "a3=-xyz.", "xxx.", "b2=c"])
+    monkeypatch.setattr(qs, "decode_thought", lambda *a: next(thoughts))
+    res = score_answers(qs, docs, tok, batch_size=4, seed=0, chains=cfg)
+    kinds = res["thought_kinds"]
+    n = sum(sum(c.values()) for c in kinds.values())
+    assert n == sum(1 for d in docs for s in d.segments if s.difficulty)
+    totals = [sum(c[k] for c in kinds.values()) for k in ("chain", "chain_later", "decoy", "other")]
+    assert totals == [len(range(i, n, 4)) for i in range(4)]
+    top = kinds[max(kinds, key=int)]
+    assert chain_share(res) == top["chain"] / sum(top.values())
+    assert chain_share(res, later=True) == (top["chain"] + top["chain_later"]) / sum(top.values())

@@ -242,6 +242,7 @@ def start_point(results: dict) -> dict:
              "acc_no_thought": acc["pretrained"][top]}
     if "chain_share" in results:
         point["chain_share"] = results["chain_share"]["before"]
+        point["chain_like_share"] = results["chain_like_share"]["before"]
     return point
 
 
@@ -284,9 +285,10 @@ def median_over_seeds(result_files: list) -> dict:
     out.update(_medians(runs))
     if all("policy_off" in r for r in runs):
         out["policy_off"] = _medians([r["policy_off"] for r in runs])
-    out["per_run"] = [{k: r[k] for k in ("answer_acc", "answer_nll", "chain_share") if k in r} |
-                      ({"policy_off": {k: r["policy_off"][k] for k in ("answer_acc", "answer_nll", "chain_share")
-                                       if k in r["policy_off"]}} if "policy_off" in r else {})
+    keys = ("answer_acc", "answer_nll", "chain_share", "chain_like_share")
+    out["per_run"] = [{k: r[k] for k in keys if k in r} |
+                      ({"policy_off": {k: r["policy_off"][k] for k in keys if k in r["policy_off"]}}
+                       if "policy_off" in r else {})
                       for r in runs]
     return out
 
@@ -299,9 +301,9 @@ def _medians(runs: list) -> dict:
         out[metric] = {}
         for model, by_diff in runs[0][metric].items():
             out[metric][model] = {k: _median([r[metric][model][k] for r in runs]) for k in by_diff}
-    if all("chain_share" in r for r in runs):
-        out["chain_share"] = {k: _median([r["chain_share"][k] for r in runs]) for k, v in runs[0]["chain_share"].items()
-                              if isinstance(v, (int, float))}
+    for key in ("chain_share", "chain_like_share"):
+        if all(key in r for r in runs):
+            out[key] = {k: _median([r[key][k] for r in runs]) for k, v in runs[0][key].items() if isinstance(v, (int, float))}
     return out
 
 

@@ -15,7 +15,8 @@ on held-out records of the same file (`policy_math_web.eval_start` on, never tra
 
   nll      NLL per token with and without a thought (quietstar.eval nll) by base-entropy quintile, on
            `eval_docs` records, at the last step
-  curve    the same on the first `curve_docs` records at every saved step: does the gain grow with training?
+  curve    the same on the first `curve_docs` records at every saved step (step 0: the starting model): does
+           the gain grow with training?
   gsm8k    the paper's soft accuracy (quietstar.eval gsm8k / csqa) on the first `qa_limit` items, with and
   csqa     without a thought (qa_limit=0: not scored)
 
@@ -167,8 +168,8 @@ def run(cfg, train_fn):
     log: list = []
     last = None
     for name in cfg.policy_math_web.stages:
-        if name == "before":
-            score(cfg, root, "before", before_args(cfg), "off", [])
+        if name == "before":  # step 0 of every stage's curve
+            score(cfg, root, "before", before_args(cfg), "off", [(0, before_args(cfg))])
             continue
         stage = stage_config(cfg, name)
         last = run_stage(stage, train_fn, log, recipe="policy_math_web")
@@ -209,11 +210,13 @@ def collect(cfg, root: Path) -> dict:
             if qa is not None:
                 m[f"{task}_soft"] = {"no_thought": qa["soft_acc_base"], "thought": qa["soft_acc_thought"], "n": qa["n"]}
         out["models"][name] = m
-        curve = sorted((root / "eval").glob(f"{name}_curve_*.json"))
-        if curve:
-            out["curves"][name] = [{"step": int(f.stem.rsplit("_", 1)[1]),
-                                    **{k: v for k, v in json.loads(f.read_text()).items() if k in NLL_KEYS[:3]}}
-                                   for f in curve]
+        if name in ("before", "baseline"):
+            continue
+        start = sorted((root / "eval").glob("before_curve_*.json"))  # the starting model: step 0
+        curve = start + sorted((root / "eval").glob(f"{name}_curve_*.json"))
+        out["curves"][name] = [{"step": int(f.stem.rsplit("_", 1)[1]),
+                                **{k: v for k, v in json.loads(f.read_text()).items() if k in NLL_KEYS[:3]}}
+                               for f in curve]
     r = cfg.policy_math_web
     out["eval"] = {"data": cfg.data.path, "train_records": f"0..{cfg.data.max_docs - 1}",
                    "held_out_records": f"{r.eval_start}..{r.eval_start + r.eval_docs - 1}",

@@ -65,6 +65,8 @@ def evaluate(cfg, pretrain_ckpt, quietstar_ckpt, baseline_ckpt) -> dict:
         out["chain_share"] = {"before": chain_share(before), "after": chain_share(after),
                               "of": f"the sampled thoughts before the held-out {top_level(before)}-hop direct answers "
                                     f"that write the query's chain (reasoning.thought_kind)"}
+        out["chain_like_share"] = {"before": chain_share(before, later=True), "after": chain_share(after, later=True),
+                                   "of": "the same thoughts that hold the query's chain anywhere"}
     return out
 
 
@@ -72,10 +74,11 @@ def top_level(scores: dict) -> str:
     return max(scores["thought_kinds"], key=int)
 
 
-def chain_share(scores: dict) -> float:
-    """Share of the thoughts before the hardest lookup answers that write the query's chain."""
+def chain_share(scores: dict, later: bool = False) -> float:
+    """Share of the thoughts before the hardest lookup answers that write the query's chain (`later`: also
+    those that hold it after something else, the chain-like thoughts of a <start> that restates the query)."""
     counts = scores["thought_kinds"][top_level(scores)]
-    return counts["chain"] / max(1, sum(counts.values()))
+    return (counts["chain"] + later * counts.get("chain_later", 0)) / max(1, sum(counts.values()))
 
 
 def evaluate_ablation(cfg, ckpt, results: dict) -> dict:
@@ -96,6 +99,7 @@ def evaluate_ablation(cfg, ckpt, results: dict) -> dict:
     if after.get("thought_kinds"):
         out["thought_kinds"] = after["thought_kinds"]
         out["chain_share"] = {"after": chain_share(after)}
+        out["chain_like_share"] = {"after": chain_share(after, later=True)}
     return out
 
 
@@ -119,7 +123,7 @@ def over_training(cfg, stage_dir: Path) -> list:
                  "nll_no_thought": s["no_thought"]["nll"][top], "acc_thought": s["thought"]["acc"][top],
                  "acc_no_thought": s["no_thought"]["acc"][top]}
         if s.get("thought_kinds"):
-            point["chain_share"] = chain_share(s)
+            point["chain_share"], point["chain_like_share"] = chain_share(s), chain_share(s, later=True)
         out.append(point)
     return out
 
