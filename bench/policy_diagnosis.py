@@ -76,8 +76,9 @@ def checkpoint_scores(path: str) -> dict:
     r = score_answers(qs, validation_docs(cfg), qs.tokenizer, 32, cfg.train.seed + 7919, True, 0, "cpu",
                       without=chain_open_ids(cfg.data.reasoning, qs.tokenizer), chains=cfg.data.reasoning)
     share = {h: c["chain"] / max(1, sum(c.values())) for h, c in r["thought_kinds"].items()}
+    like = {h: (c["chain"] + c["chain_later"]) / max(1, sum(c.values())) for h, c in r["thought_kinds"].items()}
     return {"checkpoint": str(ckpt), "seed": cfg.train.seed, "step": int(ckpt.name.rsplit("_", 1)[-1]),
-            "run_steps": cfg.train.max_steps, "chain_share": share,
+            "run_steps": cfg.train.max_steps, "chain_share": share, "chain_like_share": like,
             "answer_acc": {"thought": r["thought"]["acc"], "no_thought": r["no_thought"]["acc"]}}
 
 

@@ -90,6 +90,9 @@ def test_launches_per_stage_share_a_run_dir_and_the_last_writes_results(tmp_path
     assert [s["stage"] for s in res["stages"]] == ["official", "rlp", "policy_off", "baseline"]
     assert res["stages"][1]["reused"] and res["stages"][3]["reused"]  # trained by the first launch
     assert (tmp_path / "curves.png").stat().st_size > 10_000
+    rows = [json.loads(x) for x in (tmp_path / "rlp" / "metrics.jsonl").read_text().splitlines()]
+    last = res["training"]["rlp"]["last"]["thought/mix_weight_mean"]
+    assert last == pytest.approx(sum(r["thought/mix_weight_mean"] for r in rows[-4:]) / len(rows[-4:]))
     # the stages' starting point is the same checkpoint: their first-step base NLL on the same batch agrees
     first_nll = {s: json.loads((tmp_path / s / "metrics.jsonl").read_text().splitlines()[0])["train/nll_base"]
                  for s in ("official", "rlp", "policy_off")}

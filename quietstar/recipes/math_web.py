@@ -217,6 +217,7 @@ def collect(cfg, root: Path) -> dict:
         out["curves"][name] = [{"step": int(f.stem.rsplit("_", 1)[1]),
                                 **{k: v for k, v in json.loads(f.read_text()).items() if k in NLL_KEYS[:3]}}
                                for f in curve]
+    out["training"] = {s: training_summary(root / s / "metrics.jsonl") for s in STAGES[:3]}
     r = cfg.policy_math_web
     out["eval"] = {"data": cfg.data.path, "train_records": f"0..{cfg.data.max_docs - 1}",
                    "held_out_records": f"{r.eval_start}..{r.eval_start + r.eval_docs - 1}",
@@ -229,6 +230,23 @@ def collect(cfg, root: Path) -> dict:
                       "baseline_flops": micro_step_flops(cfg, True) * bl.train.max_steps * cfg.optim.grad_accum,
                       "thought_stage_steps": cfg.train.max_steps, "baseline_steps": bl.train.max_steps}
     return out
+
+
+TRAINING_KEYS = ("thought/reward_mean", "thought/reward_std", "thought/advantage_pos_frac", "thought/mix_weight_mean",
+                 "thought/entropy_first_token", "train/nll_base", "train/nll_talk")
+
+
+def training_summary(metrics: Path, window: int = 4) -> dict:
+    """The thought stages' diagnostics: the mean of each of TRAINING_KEYS over the first and the last `window`
+    logged steps, and the step at which the first thought token's entropy first fell under 0.1 nats (None: never)."""
+    from quietstar.plots import read_metrics
+
+    rows = read_metrics(metrics)
+    mean = lambda part, k: sum(r[k] for r in part if k in r) / max(1, sum(k in r for r in part))
+    collapsed = next((r["step"] for r in rows if r.get("thought/entropy_first_token", 1.0) < 0.1), None)
+    return {"first": {k: mean(rows[:window], k) for k in TRAINING_KEYS},
+            "last": {k: mean(rows[-window:], k) for k in TRAINING_KEYS},
+            "steps_logged": [rows[0]["step"], rows[-1]["step"]] if rows else [], "entropy_under_0.1_at": collapsed}
 
 
 def plot(results: dict, root: Path, out: Path) -> Path:
