@@ -348,6 +348,13 @@ def ltt_run(seed: int, path: str) -> str:
 
 
 THOUGHTS = "train_step_thoughts_cpu.json"
+PMW = "policy_math_web_cpu.json"
+
+
+def pmw_qa(model: str, task: str) -> V:
+    """policy_math_web's soft accuracy of a model: after a thought where it was scored with one."""
+    return V(lambda r: r["models"][model][f"{task}_soft"]["thought"] if r["models"][model][f"{task}_soft"]["thought"]
+             is not None else r["models"][model][f"{task}_soft"]["no_thought"])
 PD, PDN, PDD = "policy_decoy_cpu.json", "policy_decoy_nofloor_cpu.json", "policy_decoy_diagnosis_cpu.json"
 PD_HEADER = ("| seed | chain share before | after | after, policy off | acc. with a thought | policy off | no thought | "
              "baseline |")
@@ -580,6 +587,75 @@ CHECKS: list = [
           "G=2 T=8 |", THOUGHTS, {f"G={G} T={T}": [f"results/{i}/R", f"results/{i}/step_s", f"results/{i}/peak_rss_mb",
                                                  f"goals/G={G} T={T}/step_s per thought row / G=2 T=8's"]
                                   for i, (G, T) in enumerate([(2, 8), (4, 8), (8, 8), (16, 8), (4, 16), (4, 32)])}),
+    # ------------------------------------------------------------------ docs: discovery and the policy weight
+    Quote("docs/learning.md", "(chain share {} -> {}, and {} with the term off)", "policy_discovery_cpu.json",
+          ("chain_share/before", "chain_share/after", "policy_off/chain_share/after")),
+    Quote("docs/learning.md", "The 3-hop answer NLL is {} with a\nthought and {} without, so the thought adds nothing, "
+          "and the 3-hop accuracy is {} in both runs", "policy_discovery_cpu.json",
+          ("answer_nll/thought/3", "answer_nll/no_thought/3", "answer_acc/thought/3")),
+    Quote("docs/learning.md", "and the 3-hop accuracy is {} in both runs", "policy_discovery_cpu.json",
+          ("policy_off/answer_acc/thought/3",)),
+    Table("docs/learning.md", "| n_ahead | sampled tokens | thoughts that restate the query | thoughts that hold the "
+          "chain |", "policy_discovery_lengths_cpu.json",
+          {str(T): [f"by_length/{i}/sampled_tokens", pct(f"by_length/{i}/restate_query"),
+                    pct(f"by_length/{i}/contain_chain")] for i, T in enumerate((7, 12, 16))}),
+    Quote("docs/learning.md", "one thought in {} holds the chain", "policy_discovery_lengths_cpu.json",
+          (V(lambda r: 1 / r["by_length"][2]["contain_chain"]),)),
+    Quote("docs/learning.md", "The 3-hop chain share\nwas {} at weight 1 after 200 steps. At weight 10 it was {} at "
+          "step 100 and {} at step 200, and the\n3-hop accuracy with a thought stayed at {}",
+          "policy_decoy_weight_cpu.json",
+          ("rows/0/chain_share/3", "rows/1/chain_share/3", "rows/2/chain_share/3", "rows/2/answer_acc/thought/3")),
+    Quote("docs/learning.md", "ends with a 3-hop thought NLL of {} and 3-hop accuracy {}. The\nofficial "
+          "objective's seed-0 run ended at {}", "policy_clean_cpu.json",
+          ("answer_nll/thought/3", "answer_acc/thought/3", V(lambda r: load(LTT)["runs"]["0"]["answer_nll"]["thought"]["3"]))),
+    Quote("docs/learning.md", "the same stage with `policy_weight=0` ends at {}.", "policy_clean_cpu.json",
+          ("policy_off/answer_nll/thought/3",)),
+    Quote("README.md", "at 13 sampled tokens {}% of them do", "policy_discovery_lengths_cpu.json",
+          (pct("by_length/2/contain_chain"),)),
+    Table("docs/learning.md", "| model | NLL no thought | NLL after a thought | gain (95% interval) | GSM8K soft | "
+          "CommonsenseQA soft |", PMW,
+          {"before (the starting model)": ["models/before/nll_base", None, None, pmw_qa("before", "gsm8k"),
+                                           pmw_qa("before", "csqa")],
+           **{label: [f"models/{n}/nll_base", f"models/{n}/nll_thought",
+                      (f"models/{n}/gain", f"models/{n}/gain_ci95_record_bootstrap/0",
+                       f"models/{n}/gain_ci95_record_bootstrap/1"), pmw_qa(n, "gsm8k"), pmw_qa(n, "csqa")]
+              for label, n in (("official", "official"), ("RLP", "rlp"), ("RLP, policy_weight=0", "policy_off"))},
+           "continued pretraining": ["models/baseline/nll_base", None, None, pmw_qa("baseline", "gsm8k"),
+                                     pmw_qa("baseline", "csqa")]}),
+    Quote("docs/learning.md", "for RLP's model FLOPs (`baseline/`, {} steps)", PMW, ("compute/baseline_steps",)),
+    Quote("docs/learning.md", "falls from {} nats to under 0.1 by step {}", PMW,
+          ("training/official/first/thought/entropy_first_token", "training/official/entropy_under_0.1_at")),
+    Quote("docs/learning.md", "the held-out NLL without a thought rises from {} to {}. The gain after a thought,\n  {}, "
+          "is real but measured against that damaged prediction, which stays {} nats worse", PMW,
+          ("models/before/nll_base", "models/official/nll_base", "models/official/gain",
+           V(lambda r: r["models"]["official"]["nll_thought"] - r["models"]["before"]["nll_base"]))),
+    Quote("docs/learning.md", "differ by {} nats on average at the end, and w grows to {} (the official\n  run's: {})",
+          PMW, ("training/rlp/last/thought/reward_std", "training/rlp/last/thought/mix_weight_mean",
+                "training/official/last/thought/mix_weight_mean")),
+    Quote("docs/learning.md", "is\n  {} nats worse than no thought at the end of the run", PMW,
+          (V(lambda r: -r["training"]["rlp"]["last"]["thought/reward_mean"]),)),
+    Quote("docs/learning.md", "The held-out gain is {}, and the run without the policy term ends at {}", PMW,
+          ("models/rlp/gain", "models/policy_off/gain")),
+    Quote("docs/learning.md", "ends at {} without any thought, {} nats better than RLP's\n  prediction after a thought "
+          "and {} better", PMW,
+          ("models/baseline/nll_base", V(lambda r: r["models"]["rlp"]["nll_thought"] - r["models"]["baseline"]["nll_base"]),
+           V(lambda r: r["models"]["policy_off"]["nll_thought"] - r["models"]["baseline"]["nll_base"]))),
+    Quote("docs/learning.md", "CommonsenseQA's falls\n  from {} to {}-{} after the thought stages (scored after a "
+          "thought) and to {} after", PMW,
+          ("models/before/csqa_soft/no_thought",
+           V(lambda r: min(r["models"][n]["csqa_soft"]["thought"] for n in ("official", "rlp", "policy_off"))),
+           V(lambda r: max(r["models"][n]["csqa_soft"]["thought"] for n in ("official", "rlp", "policy_off"))),
+           "models/baseline/csqa_soft/no_thought")),
+    Quote("docs/learning.md", "at steps 100 and 200 it is {} and {} for the official objective, {} and {} for RLP,\nand "
+          "{} and {} without the policy term", PMW,
+          tuple(f"curves/{n}/{i}/gain" for n in ("official", "rlp", "policy_off") for i in (1, 2))),
+    Quote("README.md", "continued pretraining with the same FLOPs ends at a\nheld-out NLL of {}, better than any "
+          "model after a thought: {} for the official objective, whose\npolicy term at 1e6 collapses the thoughts and "
+          "raises the model's own NLL from {}, and {} for RLP,\nwhose thoughts gain {} nats per token", PMW,
+          ("models/baseline/nll_base", "models/official/nll_thought", "models/before/nll_base", "models/rlp/nll_thought",
+           "models/rlp/gain")),
+    Quote("README.md", "(seed 0: 3-hop thought NLL {}\nagainst {})", "policy_clean_cpu.json",
+          ("answer_nll/thought/3", V(lambda r: load(LTT)["runs"]["0"]["answer_nll"]["thought"]["3"]))),
     # ------------------------------------------------------------------ README: lm_eval backend
     Quote("README.md", "the {} log-likelihoods of {} local CommonsenseQA questions match lm_eval's `hf` backend on the "
           "`quietstar.export` of the same model within {} nats, at {} requests/s against {}", "lm_eval_cpu.json",

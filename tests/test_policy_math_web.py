@@ -105,3 +105,17 @@ def test_a_split_that_trains_on_scored_records_is_refused(tmp_path, corpus):
     with pytest.raises(UserError, match="data.path"):
         run_recipe(recipe_cfg(tmp_path, corpus, f"data.path={tmp_path / 'missing.jsonl'}"), train_script.train)
     assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_the_summary_prints_question_scores_of_models_scored_without_thoughts(tmp_path, capsys):
+    from quietstar.recipes.math_web import print_results
+
+    nll = {"nll_base": 2.5, "nll_thought": 2.5, "gain": 0.0}
+    models = {"before": {**nll, "gsm8k_soft": {"no_thought": 0.011, "thought": None, "n": 2},
+                         "csqa_soft": {"no_thought": 0.139, "thought": None, "n": 2}},
+              "rlp": {**nll, "gain": 0.001, "gsm8k_soft": {"no_thought": 0.02, "thought": 0.031, "n": 2}}}
+    print_results({"models": models, "eval": {"held_out_records": "1800..1847"}}, tmp_path)
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()
+            if line.split() and line.split()[0] in models}
+    assert rows["before"][-2:] == ["0.011", "0.139"]  # no thought: its no-thought accuracy
+    assert rows["rlp"][-2:] == ["0.031", "-"]  # with thoughts: the accuracy after one; CSQA not scored

@@ -294,6 +294,7 @@ def print_results(results: dict, root: Path) -> None:
     print(f"\n[policy_math_web] held-out records {results['eval']['held_out_records']}: NLL per token")
     print(f"  {'model':>10}  {'no thought':>10} {'thought':>8} {'gain':>8}   {'GSM8K soft':>10} {'CSQA soft':>9}")
     for name, m in models.items():
-        qa = [f"{m[t]['thought']:.3f}" if t in m else "-" for t in ("gsm8k_soft", "csqa_soft")]
+        qa = [f"{m[t]['thought'] if m[t]['thought'] is not None else m[t]['no_thought']:.3f}" if t in m else "-"
+              for t in ("gsm8k_soft", "csqa_soft")]  # a model scored without thoughts: its no-thought accuracy
         print(f"  {name:>10}  {m['nll_base']:10.4f} {m['nll_thought']:8.4f} {m['gain']:+8.4f}   {qa[0]:>10} {qa[1]:>9}")
     print(f"  results: {root / 'results.json'}\n  curves:  {root / 'curves.png'}")
