@@ -168,11 +168,18 @@ def find_checkpoint(path) -> Path:
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     if path.name.startswith(STEP_PREFIX) or (path / "manifest.json").exists() or (path / "model.safetensors").exists():
         return path
-    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    steps = sorted(p for p in root.glob(f"{STEP_PREFIX}*") if p.is_dir() and (p / "manifest.json").is_file())
+    steps = complete_checkpoints(path)
     if not steps:
         raise CheckpointError(f"no complete checkpoint ({STEP_PREFIX}XXXXXXX/manifest.json) under {str(path)!r}")
     return steps[-1]
+
+
+def complete_checkpoints(path) -> list[Path]:
+    """The complete step dirs (manifest written) under a `checkpoints/` dir or a run dir, oldest first."""
+    path = Path(path).expanduser()
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    return sorted((p for p in root.glob(f"{STEP_PREFIX}*") if p.is_dir() and (p / "manifest.json").is_file()),
+                  key=step_of)
 
 
 def verify_checkpoint(path, check_hashes: bool = True) -> dict:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from quietstar.checkpoint import (STEP_PREFIX, CheckpointError, read_config_node, set_aside_later, step_of,
+from quietstar.checkpoint import (CheckpointError, complete_checkpoints, read_config_node, set_aside_later,
                                   verify_checkpoint)
 from quietstar.dist import restart_count
 from quietstar.errors import UserError
@@ -109,10 +109,7 @@ def config_differences(saved: dict, ours: dict) -> list[str]:
 def own_checkpoints(run_dir: Path) -> list[Path]:
     """The complete checkpoints of a run dir, newest first."""
     root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    steps = [p for p in root.glob(f"{STEP_PREFIX}*") if p.is_dir() and (p / "manifest.json").is_file()]
-    return sorted(steps, key=step_of, reverse=True)
+    return complete_checkpoints(root)[::-1] if root.is_dir() else []
 
 
 def choose_resume(cfg, run_dir: Path) -> ResumeChoice:

@@ -147,11 +147,9 @@ def before_args(cfg) -> list:
 
 def saved_steps(stage_dir: Path) -> list:
     """(step, eval arguments) of every checkpoint a stage saved, in step order."""
-    from quietstar.checkpoint import step_of
+    from quietstar.checkpoint import complete_checkpoints, step_of
 
-    ckpts = sorted((p for p in (stage_dir / "checkpoints").glob("step_*") if (p / "manifest.json").is_file()),
-                   key=step_of)
-    return [(step_of(p), [f"ckpt={p}"]) for p in ckpts]
+    return [(step_of(p), [f"ckpt={p}"]) for p in complete_checkpoints(stage_dir)]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -106,15 +106,13 @@ def evaluate_ablation(cfg, ckpt, results: dict) -> dict:
 def over_training(cfg, stage_dir: Path) -> list:
     """At every checkpoint a Quiet-STaR stage saved (checkpoint.every): the held-out chain share and the hardest
     level's answer NLL and accuracy with and without a thought, scored like `evaluate`'s."""
-    from quietstar.checkpoint import step_of
+    from quietstar.checkpoint import complete_checkpoints, step_of
 
     data, r = cfg.data, cfg.learn_to_think
     _, docs = train_and_eval_documents(data.reasoning, data.max_docs or data.synthetic_docs, cfg.train.seed)
     dev = recipe_device(cfg)
     out = []
-    ckpts = sorted((p for p in (Path(stage_dir) / "checkpoints").glob("step_*") if (p / "manifest.json").is_file()),
-                   key=step_of)
-    for ckpt in ckpts:
+    for ckpt in complete_checkpoints(stage_dir):
         qs = load_thinker_checkpoint(ckpt, device=dev)
         s = score_answers(qs, docs, qs.tokenizer, r.eval_batch_size, cfg.train.seed + EVAL_SEED_OFFSET, True, 0, dev,
                           without=chain_open_ids(data.reasoning, qs.tokenizer), chains=data.reasoning)
