@@ -1,9 +1,11 @@
-"""The lm_eval backend against lm_eval's `hf` backend on the same CPU, and CommonsenseQA through lm_eval (not a
+"""The lm_eval backend against lm_eval's `hf` backend on the same CPU, and local tasks through lm_eval (not a
 pytest test; run by hand).
 
     python bench/bench_lm_eval.py [part=speed|csqa|all] [items=40] [reps=3] [batch_size=8] [csqa_items=500]
                                   [out=bench/results/lm_eval_cpu.json]
                                   [csqa_out=bench/results/lm_eval_csqa_smollm2_base_cpu.json]
+    python bench/bench_lm_eval.py part=task task=gsm8k_local|commonsense_qa_local limit=N [ckpt=RUN] think=true|false
+                                  [batch_size=8] [model_name=TEXT] task_out=bench/results/...json
 
 speed: the loglikelihood requests of the first `items` questions of the local CommonsenseQA task
 (commonsense_qa_local, five per question), scored by `quietstar` with think=false and by `hf` on the same
@@ -12,6 +14,9 @@ median requests/s kept; and the largest per-request difference between the two.
 csqa: lm_eval.simple_evaluate of commonsense_qa_local on the first `csqa_items` questions with the base model
 (think=false: its talk head is zero, so thinking would give the same numbers); lm_eval's own output (without
 the samples) is kept in the record.
+task: lm_eval.simple_evaluate of one local task on its first `limit` items with a checkpoint (or the base model
+without ckpt=), think=true or false; lm_eval's own output is kept, and for generation tasks each item's
+response, extracted answer, target answer and score (the prompts, being the 5-shot context, are left out).
 """
 
 from __future__ import annotations
@@ -102,12 +107,54 @@ def csqa(args: dict) -> dict:
             "lm_eval_output": json.loads(json.dumps(out, default=str))}
 
 
+def task(args: dict) -> dict:
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from quietstar.lm_eval import TASKS_DIR, QuietStarLM
+
+    kw = {"ckpt": args["ckpt"]} if args["ckpt"] else {"model": "smollm2-135m"}
+    lm = QuietStarLM(**kw, think=args["think"], batch_size=args["batch_size"], seed=args["seed"])
+    name = args["task"]
+    t0 = time.perf_counter()
+    out = lm_eval.simple_evaluate(model=lm, tasks=[name], limit=args["limit"], log_samples=True,
+                                  task_manager=TaskManager(include_path=str(TASKS_DIR), include_defaults=False))
+    seconds = time.perf_counter() - t0
+    samples = out.pop("samples")[name]
+    res = {k: v for k, v in out["results"][name].items() if k != "alias"}
+    rec = {"task": name, "items": args["limit"], "model": args["model_name"] or args["ckpt"] or "smollm2-135m base",
+           "checkpoint": args["ckpt"], "think": args["think"], "batch_size": args["batch_size"], "scores": res,
+           "seconds": seconds}
+    if samples and isinstance(samples[0]["resps"][0][0], str):  # generate_until: one sample per item and filter
+        items: dict = {}
+        for smp in samples:
+            it = items.setdefault(smp["doc_id"], {"doc_id": smp["doc_id"], "response": smp["resps"][0][0],
+                                                  "target": str(smp["target"]).split("#### ")[-1]})
+            got = smp["filtered_resps"][0]
+            it[smp.get("filter", "none")] = {"extracted": got[0] if isinstance(got, list) else got,
+                                            "exact_match": smp.get("exact_match")}
+        rec["items_scored"] = [items[k] for k in sorted(items)]
+    rec["lm_eval_output"] = json.loads(json.dumps(out, default=str))
+    return rec
+
+
 def main(argv=None):
     args = parse_kv(sys.argv[1:] if argv is None else argv, dict(
         part="all", items=40, reps=3, batch_size=8, csqa_items=500, out="bench/results/lm_eval_cpu.json",
-        csqa_out="bench/results/lm_eval_csqa_smollm2_base_cpu.json"),
-        {"part": one_of("speed", "csqa", "all"), "items": AT_LEAST_1, "reps": AT_LEAST_1, "batch_size": AT_LEAST_1,
-         "csqa_items": AT_LEAST_1})
+        csqa_out="bench/results/lm_eval_csqa_smollm2_base_cpu.json", task="gsm8k_local", limit=200, ckpt="",
+        think=True, seed=1234, model_name="", task_out=""),
+        {"part": one_of("speed", "csqa", "all", "task"), "items": AT_LEAST_1, "reps": AT_LEAST_1,
+         "batch_size": AT_LEAST_1, "csqa_items": AT_LEAST_1, "limit": AT_LEAST_1})
+    if args["part"] == "task":
+        if not args["task_out"]:
+            raise SystemExit("bench_lm_eval.py: part=task needs task_out=PATH")
+        rec = task(args)
+        think = "think=true" if args["think"] else "think=false"
+        rec = {"what": f"lm_eval {args['task']} on the first {args['limit']} items of its local file, {rec['model']} "
+                       f"through the quietstar backend, {think}, fp32 CPU, {torch.get_num_threads()} threads", **rec}
+        write_record(args["task_out"], rec, seeds=[args["seed"]])
+        print(json.dumps(rec["scores"], indent=1))
+        return
     if args["part"] in ("speed", "all"):
         with tempfile.TemporaryDirectory() as tmp:
             rec = speed(args, Path(tmp))
