@@ -1,15 +1,18 @@
-"""The numbers README.md and docs/ quote from bench/results records, each mapped to the value in its record.
+"""The numbers the README, the results pages and the benchmarks page quote from bench/results records, each
+mapped to the value in its record.
 
-A `Table` maps a markdown table (found by its header row) cell by cell; a `Quote` maps a phrase (as it
-reads, line breaks aside, `{}` for each number) to the values of its numbers. A quoted number with d
+The documents: README.md, every docs/results/*.md, bench/README.md, and the docs/ pages named below
+(`DOCS`). A `Table` maps a markdown table (found by its header row) cell by cell; a `Quote` maps a phrase
+(as it reads, line breaks aside, `{}` for each number) to the values of its numbers. A quoted number with d
 decimals matches a recorded value v when |quoted - scale * v| <= 0.5 * 10^-d: "0.997" matches 0.9968, and
 "84%" (scale 100) does not match 0.8347 (83.47 rounds to 83). A table row or a phrase that is not found
-is an error too, so an edited sentence or a new row has to be mapped again.
+is an error too, so an edited sentence or a new row has to be mapped again. Every results page must have
+at least one check, and every `bench/results/<name>.json` (or .png) a document names must exist.
 
     python bench/readme_numbers.py        # every check; exit 1 and one line per mismatch if any
 
-tests/test_readme_numbers.py runs the same checks. Not mapped here: the train-step timing section and the
-thought.where cost table (train_step_*.json, where_cost_cpu.json), and numbers that are settings.
+tests/test_readme_numbers.py runs the same checks. Not mapped here: the prose of bench/README.md's timing
+sections (its two tables are), and numbers that are settings.
 """
 
 from __future__ import annotations
@@ -51,6 +54,11 @@ Cell = Union[None, str, V, tuple]  # None: not a recorded number; a tuple: one v
 
 def pct(get) -> V:
     return V(get, 100.0)
+
+
+def recorded(name: str, path: str, scale: float = 1.0) -> V:
+    """A value from another record than the table's or the phrase's (a table whose rows are records)."""
+    return V(lambda r: scale * float(at(load(name), path)))
 
 
 @dataclass(frozen=True)
@@ -279,6 +287,12 @@ DISTILL_ROWS = {h: [dist("answer_nll", "base", h), dist("answer_nll", "teacher",
                     dist("answer_acc", "base", h), dist("answer_acc", "teacher", h), dist("answer_acc", "student", h),
                     pct(f"kl_median_of_3_seeds/gain_kept/acc/{h}")] for h in ("1", "2", "3")}
 
+LTT_HEADER = "| hops | NLL thought | NLL no thought | NLL baseline | acc thought | acc no thought | acc baseline |"
+WQ_HEADER = ("| where | FLOPs of `all` | thinks at (tokens / answers) | answer NLL gain over no thought | "
+             "kept of `all`'s gain (per seed) | 3-hop NLL after a thought |")
+DISTILL_HEADER = ("| hops | NLL base | NLL teacher | NLL student | gain kept | acc base | acc teacher | acc student "
+                  "| gain kept |")
+
 EXPLICIT_HEADER = ("| model (held-out answer accuracy) | seed 0 | seed 1 | seed 2 "
                    "| median gain over the base, same mode | tokens / answer |")
 EXPLICIT_ROWS = {
@@ -302,6 +316,13 @@ EXPLICIT_ROWS = {
     "Quiet-STaR model, no thought (direct)": ex_quietstar("quietstar_direct", "direct"),
     "plain-LM baseline, Quiet-STaR's compute (direct)": ex_quietstar("baseline_direct", "direct"),
 }
+
+# the documents that quote recorded numbers
+README, BENCH = "README.md", "bench/README.md"
+R_LTT, R_POLICY, R_WHERE, R_DIST = ("docs/results/learn_to_think.md", "docs/results/policy.md",
+                                    "docs/results/selective_thinking.md", "docs/results/distillation.md")
+R_EXPL, R_CUR, R_EVAL, R_LM_EVAL = ("docs/results/explicit.md", "docs/results/curriculum.md",
+                                    "docs/results/evaluation.md", "docs/results/lm_eval.md")
 
 LTT, DIST, EXPL, PREF = ("learn_to_think_cpu.json", "distill_reasoning_cpu.json", "explicit_reasoning_cpu.json",
                          "explicit_preference_cpu.json")
@@ -348,6 +369,30 @@ def ltt_run(seed: int, path: str) -> str:
 
 
 THOUGHTS = "train_step_thoughts_cpu.json"
+LEAN = "train_step_lean_cpu.json"
+LEAN_HEADER = "| L=256 | step | peak RSS | peak tensor memory | sequential_dense / ours: time, RSS, tensors |"
+LEAN_GOALS = "goals/bench_small L=256/sequential_dense / "
+
+
+def lean_row(i: int, ours: Optional[str]) -> list:
+    """One case of the lean-step record (results/i): step time, peak RSS and peak tensor memory in GB, and
+    sequential_dense's time, RSS and tensor memory over ours (none for sequential_dense itself)."""
+    gb = 1e-3
+    return [f"results/{i}/step_s", V(f"results/{i}/peak_rss_mb", gb), V(f"results/{i}/peak_tensor_mb", gb),
+            tuple(f"{LEAN_GOALS}{ours} {what}" for what in ("time", "memory", "tensor memory")) if ours else None]
+
+
+LEAN_ROWS = {"grid, default (`auto`: no block checkpointed, the estimate 0.86 GB fits 11.8 GB)": lean_row(2, "grid"),
+             "grid+ckpt (every block)": lean_row(3, "grid+ckpt"),
+             "sequential_dense (the official way)": lean_row(4, None)}
+
+
+def where_cost(i: int, key: str, scale: float = 1.0) -> V:
+    """where_cost_cpu.json: a case's value (results/i: 0 all positions, then q = 1.0, 0.5, 0.25, 0.1)."""
+    return V(f"results/{i}/{key}", scale)
+
+
+LM_EVAL, LM_EVAL_CSQA = "lm_eval_cpu.json", "lm_eval_csqa_smollm2_base_cpu.json"
 PMW = "policy_math_web_cpu.json"
 
 
@@ -376,67 +421,64 @@ CHECKS: list = [
     Quote("README.md", "ended at NLL {} on its last step's sequence: the mean of {} without thoughts and {} for the "
           "predictions after a thought", DEFAULT, ("final/train/nll", "final/train/nll_base", "final/train/nll_talk")),
     # ------------------------------------------------------------------ README: learn_to_think
-    Table("README.md", "| hops | NLL thought | NLL no thought | NLL baseline | acc thought | acc no thought | "
-          "acc baseline |", LTT, LTT_ROWS),
+    *(Table(doc, LTT_HEADER, LTT, LTT_ROWS) for doc in (README, R_LTT)),
     Quote("README.md", "held-out 3-hop answers go from {}% to {}% correct, while a plain-LM baseline given the same "
           "FLOPs stays at {}%", LTT, (pct(ltt("answer_acc", "no_thought", "3")), pct(ltt("answer_acc", "thought", "3")),
                                       pct(ltt("answer_acc", "baseline", "3")))),
-    Quote("README.md", "At 3 hops the NLL after a thought is {}x the same model's NLL without one, and {}x the "
+    Quote(R_LTT, "At 3 hops the NLL after a thought is {}x the same model's NLL without one, and {}x the "
           "baseline's", LTT,
           (V(lambda r: at(r, ltt("answer_nll", "thought", "3")) / at(r, ltt("answer_nll", "no_thought", "3"))),
            V(lambda r: at(r, ltt("answer_nll", "thought", "3")) / at(r, ltt("answer_nll", "baseline", "3"))))),
-    Quote("README.md", "the 3-hop thought NLLs are {}, {} and {}", LTT,
+    Quote(R_LTT, "the 3-hop thought NLLs are {}, {} and {}", LTT,
           tuple(ltt_run(s, "answer_nll/thought/3") for s in (0, 1, 2))),
-    Quote("README.md", "Each stage took {}-{} s (pretrain), {}-{} s (Quiet-STaR, {} steps) and {}-{} s (baseline, {} "
+    Quote(R_LTT, "Each stage took {}-{} s (pretrain), {}-{} s (Quiet-STaR, {} steps) and {}-{} s (baseline, {} "
           "steps), from the two seeds that had the machine to themselves", LTT,
           (ltt_run(1, "stages_wall_s/pretrain"), ltt_run(0, "stages_wall_s/pretrain"),
            ltt_run(0, "stages_wall_s/quietstar"), ltt_run(1, "stages_wall_s/quietstar"), "compute/quietstar_steps",
            ltt_run(0, "stages_wall_s/baseline"), ltt_run(1, "stages_wall_s/baseline"), "compute/baseline_steps")),
-    Quote("README.md", "That buys it {} steps", LTT, ("compute/baseline_steps",)),
-    Quote("README.md", "at 3 hops {}, against {} without a thought and {} for the baseline", LTT,
+    Quote(R_LTT, "That buys it {} steps", LTT, ("compute/baseline_steps",)),
+    Quote(R_LTT, "at 3 hops {}, against {} without a thought and {} for the baseline", LTT,
           (ltt("answer_nll_raw", "thought", "3"), ltt("answer_nll_raw", "no_thought", "3"),
            ltt("answer_nll_raw", "baseline", "3"))),
-    Quote("README.md", "gives a 3-hop thought NLL of {} ({} with the policy term)", VAR,
+    Quote(R_LTT, "gives a 3-hop thought NLL of {} ({} with the policy term)", VAR,
           (PW0, V(lambda r: load(LTT)["runs"]["0"]["answer_nll"]["thought"]["3"]))),
     # ------------------------------------------------------------------ README: thought.where quality and math web
-    Table("README.md", "| where | FLOPs of `all` | thinks at (tokens / answers) | answer NLL gain over no thought | "
-          "kept of `all`'s gain (per seed) | 3-hop NLL after a thought |", WQ,
-          {"all": where_row("all"), "entropy, q = 0.25": where_row("entropy"), "gate, q = 0.25": where_row("gate")}),
-    Quote("README.md", "The gate keeps {}-{}% of the gain at {}% of the FLOPs, seed by seed, and the entropy rule "
+    *(Table(doc, WQ_HEADER, WQ, {"all": where_row("all"), "entropy, q = 0.25": where_row("entropy"),
+                                  "gate, q = 0.25": where_row("gate")}) for doc in (README, R_WHERE)),
+    Quote(R_WHERE, "The gate keeps {}-{}% of the gain at {}% of the FLOPs, seed by seed, and the entropy rule "
           "{}-{}%", WQ,
           (pct(lambda r: min(r["summary"]["gate"]["kept_per_seed"].values())),
            pct(lambda r: max(r["summary"]["gate"]["kept_per_seed"].values())), pct(wq("gate", "flops_of_all")),
            pct(lambda r: min(r["summary"]["entropy"]["kept_per_seed"].values())),
            pct(lambda r: max(r["summary"]["entropy"]["kept_per_seed"].values())))),
-    Quote("README.md", "They think at {}% of the real tokens", WQ, (pct(wq("gate", "think_share")),)),
-    Quote("README.md", "the answers after `=`: {} nats per token there, under {} elsewhere", WQ,
+    Quote(R_WHERE, "They think at {}% of the real tokens", WQ, (pct(wq("gate", "think_share")),)),
+    Quote(R_WHERE, "the answers after `=`: {} nats per token there, under {} elsewhere", WQ,
           (wq("all", "gain_by_entropy_bucket/3"),
            V(lambda r: max(x for i, x in enumerate(r["summary"]["all"]["gain_by_entropy_bucket"]) if i != 3),
              bound=True))),
-    Quote("README.md", "at only {}% of the second quintile, which is why it misses {}% of the answers", WQ,
+    Quote(R_WHERE, "at only {}% of the second quintile, which is why it misses {}% of the answers", WQ,
           (pct(wq("entropy", "think_share_by_entropy_bucket/3")),
            pct(lambda r: 1 - r["summary"]["entropy"]["answer_think_share"]))),
-    Quote("README.md", "The gate thinks at {}% of the answers; it spends the rest of its slots evenly ({}-{}% of each "
+    Quote(R_WHERE, "The gate thinks at {}% of the answers; it spends the rest of its slots evenly ({}-{}% of each "
           "other quintile)", WQ,
           (pct(wq("gate", "answer_think_share")), pct(lambda r: min(gate_elsewhere(r))),
            pct(lambda r: max(gate_elsewhere(r))))),
-    Quote("README.md", "both rules keep {}% of the all-positions gain at q = 0.25 ({} and {} nats per token against "
+    Quote(R_WHERE, "both rules keep {}% of the all-positions gain at q = 0.25 ({} and {} nats per token against "
           "{})", WMW,
           (pct("results/entropy/kept_of_all_gain"), "results/entropy/gain", "results/gate/gain",
            "results/all/gain")),
-    Quote("README.md", "spread over every entropy quintile ({}-{} nats per token for `all`)", MW,
+    Quote(R_WHERE, "spread over every entropy quintile ({}-{} nats per token for `all`)", MW,
           (V(lambda r: min(b["gain"] for b in r["earlier"][0]["result"]["entropy_buckets"])),  # where's `all` run
            V(lambda r: max(b["gain"] for b in r["earlier"][0]["result"]["entropy_buckets"])))),
-    Quote("README.md", "is better after a thought by {} nats per token on held-out records (95% record-bootstrap "
+    Quote(R_LTT, "is better after a thought by {} nats per token on held-out records (95% record-bootstrap "
           "interval {}-{}), and on {}% of the", MW,
           ("result/gain", "gain_ci95_record_bootstrap/0", "gain_ci95_record_bootstrap/1",
            pct("records_improved_share"))),
     # ------------------------------------------------------------------ README and docs: distillation
-    Table("README.md", "| hops | NLL base | NLL teacher | NLL student | gain kept | acc base | acc teacher "
-          "| acc student | gain kept |", DIST, DISTILL_ROWS),
+    *(Table(doc, DISTILL_HEADER, DIST, DISTILL_ROWS) for doc in (README, R_DIST)),
     Table("docs/distillation.md", "| hops | NLL base | NLL teacher (thought) | NLL student | kept | acc base | "
           "acc teacher | acc student | kept |", DIST, DISTILL_ROWS),
-    Quote("README.md", "so the 1-hop gain carries over ({}-{}% of the NLL gain and {}-{}% of the accuracy gain per "
+    Quote(R_DIST, "so the 1-hop gain carries over ({}-{}% of the NLL gain and {}-{}% of the accuracy gain per "
           "seed) and the 2- and 3-hop gains, which need the thought's serial steps, do not ({}% to {}%)", DIST,
           (kept_per_seed("nll", "1", min), kept_per_seed("nll", "1", max), kept_per_seed("acc", "1", min),
            kept_per_seed("acc", "1", max),
@@ -465,12 +507,13 @@ CHECKS: list = [
            pct(dist("answer_acc", "student", "1")),
            pct(lambda r: load(LTT)["median"]["answer_acc"]["baseline"]["1"]))),
     # ------------------------------------------------------------------ README and docs: explicit thinking
-    Table("README.md", EXPLICIT_HEADER, EXPL, EXPLICIT_ROWS),
+    Table(R_EXPL, EXPLICIT_HEADER, EXPL, EXPLICIT_ROWS),
+    Table(README, EXPLICIT_HEADER, EXPL, {k: v for k, v in EXPLICIT_ROWS.items() if not k.endswith(", last round")}),
     Table("docs/explicit.md", EXPLICIT_HEADER, EXPL, EXPLICIT_ROWS),
-    Quote("README.md", "reach the gold answer ({} -> {} on seed 0, {} -> {} on seed 1)", EXPL,
+    Quote(R_EXPL, "reach the gold answer ({} -> {} on seed 0, {} -> {} on seed 1)", EXPL,
           (ex_seed("star", "base", "cot", "0"), ex_seed("star", "chosen", "cot", "0"),
            ex_seed("star", "base", "cot", "1"), ex_seed("star", "chosen", "cot", "1"))),
-    Quote("README.md", "On the clean corpus they match an explicit rationale ({}-{} against {})", EXPL,
+    Quote(R_EXPL, "On the clean corpus they match an explicit rationale ({}-{} against {})", EXPL,
           (V(lambda r: min(clean_implicit(r))), V(lambda r: max(clean_implicit(r))),
            "groups/clean/star/median/base/cot/acc")),
     Quote("docs/explicit.md", "Quiet-STaR, with a thought before each answer token, is right on {}, {} and {} (seeds "
@@ -479,7 +522,7 @@ CHECKS: list = [
           EXPL, (ex_seed("star", "base", "cot", "1"), ex_seed("star", "chosen", "cot", "1"),
                  "groups/decoy/star/per_seed/s1/best_round", "groups/decoy/star/per_seed/s1/rounds_run",
                  ex_seed("star", "last_round", "cot", "1"))),
-    Quote("README.md", "exact match {}, at about {} tokens an answer", "gsm8k_zero_shot_cpu.json",
+    Quote(R_EXPL, "exact match {}, at about {} tokens an answer", "gsm8k_zero_shot_cpu.json",
           ("em", "tokens_per_answer")),
     Table("docs/explicit_preference.md", "| model | cot acc | cot tokens/answer | sampled acc (T=1.5) | direct acc |",
           PREF, {
@@ -504,14 +547,14 @@ CHECKS: list = [
           PREF, (*(pref_round("tpo", r, "cot/rationale_closed") for r in (0, 1, 2)),
                  pref_round("tpo", 0, "cot/tokens_per_answer"), pref_round("tpo", 2, "cot/tokens_per_answer"))),
     # ------------------------------------------------------------------ README: curriculum, evaluation, generation
-    Quote("README.md", "It ended at a 3-hop thought NLL of {}, against {} for a fixed length of {} with the same FLOPs "
+    Quote(R_CUR, "It ended at a 3-hop thought NLL of {}, against {} for a fixed length of {} with the same FLOPs "
           "(261 steps)", CUR, (f"{CUR_END}/thought_nll/3", f"{CUR_FIXED}/thought_nll/3", f"{CUR_FIXED}/n_ahead")),
-    Quote("README.md", "how well each length fits the chain, not progress: {} at {}, {} at {}", CUR,
+    Quote(R_CUR, "how well each length fits the chain, not progress: {} at {}, {} at {}", CUR,
           ("per_checkpoint/curriculum, end of stage 1 (step 60, n_ahead 11)/thought_nll/3",
            "per_checkpoint/curriculum, end of stage 1 (step 60, n_ahead 11)/n_ahead",
            "per_checkpoint/curriculum, end of stage 2 (step 120, n_ahead 9)/thought_nll/3",
            "per_checkpoint/curriculum, end of stage 2 (step 120, n_ahead 9)/n_ahead")),
-    Table("README.md", "| | base | 20 steps, no thought | 20 steps, with thought |", EVAL, {
+    Table(R_EVAL, "| | base | 20 steps, no thought | 20 steps, with thought |", EVAL, {
         "GSM8K soft accuracy (first 200 test)": [pct("table/base/gsm8k_soft_acc_base"),
                                                  pct("table/trained/gsm8k_soft_acc_base"),
                                                  pct("table/trained/gsm8k_soft_acc_thought")],
@@ -522,8 +565,8 @@ CHECKS: list = [
             em_count("base"), None, em_count("trained")],
         "held-out NLL, math_web last 30 records (nats/token)": ["table/base/nll_base", "table/trained/nll_base",
                                                                 "table/trained/nll_thought"]}),
-    Quote("README.md", "moves the mixing weight only to about {}", EVAL, ("training/last/thought/mix_weight_mean",)),
-    Quote("README.md", "runs at {} / {} / {} of plain decoding's tokens/s for {} / {} / {}-token thoughts at batch 1, "
+    Quote(R_EVAL, "moves the mixing weight only to about {}", EVAL, ("training/last/thought/mix_weight_mean",)),
+    Quote(BENCH, "runs at {} / {} / {} of plain decoding's tokens/s for {} / {} / {}-token thoughts at batch 1, "
           "and {} / {} / {} at batch 8 (goal: 0.8/(length+1) = {} / {} / {}", GEN,
           (gen(1, 4), gen(1, 8), gen(1, 12), gen(1, 4, "thought_length"), gen(1, 8, "thought_length"),
            gen(1, 12, "thought_length"),
@@ -560,16 +603,16 @@ CHECKS: list = [
           (kept_per_seed("nll", "1", min), kept_per_seed("nll", "1", max), kept_per_seed("acc", "1", min),
            kept_per_seed("acc", "1", max))),
     # ------------------------------------------------------------------ README, docs/learning.md: the RLP objective
-    Table("README.md", PD_HEADER, PD, PD_ROWS),
+    *(Table(doc, PD_HEADER, PD, PD_ROWS) for doc in (README, R_POLICY)),
     Table("docs/learning.md", PD_HEADER, PD, PD_ROWS),
     Table("docs/learning.md", "| seed | 3-hop chain share, pretrained | after (RLP) | after (policy_weight=0) | "
           "3-hop acc. with a thought (RLP) | (policy_weight=0) | no thought | baseline |", PDN,
           {str(s): pd_row(f"per_run/{s}/") for s in (0, 1)}),
-    Quote("README.md", "It takes the chains from {}% to {}% of the thoughts,\nand 3-hop accuracy with a thought to {}, "
+    Quote(R_POLICY, "It takes the chains from {}% to {}% of the thoughts,\nand 3-hop accuracy with a thought to {}, "
           "against {} with the term off", PD,
           (pct("per_run/0/chain_share/before"), pct("per_run/0/chain_share/after"), "per_run/0/answer_acc/thought/3",
            "per_run/0/policy_off/answer_acc/thought/3")),
-    Quote("README.md", "write the correct chain in only {}-{}% of their\nthoughts before 3-hop answers, and the chain "
+    Quote(R_POLICY, "write the correct chain in only {}-{}% of their\nthoughts before 3-hop answers, and the chain "
           "still gains them about {} nats on the answer", PD,
           (pct("per_run/2/chain_share/before"), pct("per_run/1/chain_share/before"),
            V(lambda r: load(PDD)["thought_gains"][1]["chain_gain_nats"]))),
@@ -610,7 +653,7 @@ CHECKS: list = [
           ("answer_nll/thought/3", "answer_acc/thought/3", V(lambda r: load(LTT)["runs"]["0"]["answer_nll"]["thought"]["3"]))),
     Quote("docs/learning.md", "the same stage with `policy_weight=0` ends at {}.", "policy_clean_cpu.json",
           ("policy_off/answer_nll/thought/3",)),
-    Quote("README.md", "at 13 sampled tokens {}% of them do", "policy_discovery_lengths_cpu.json",
+    Quote(R_LTT, "at 13 sampled tokens {}% of them do", "policy_discovery_lengths_cpu.json",
           (pct("by_length/2/contain_chain"),)),
     Table("docs/learning.md", "| model | NLL no thought | NLL after a thought | gain (95% interval) | GSM8K soft | "
           "CommonsenseQA soft |", PMW,
@@ -649,28 +692,63 @@ CHECKS: list = [
     Quote("docs/learning.md", "at steps 100 and 200 it is {} and {} for the official objective, {} and {} for RLP,\nand "
           "{} and {} without the policy term", PMW,
           tuple(f"curves/{n}/{i}/gain" for n in ("official", "rlp", "policy_off") for i in (1, 2))),
-    Quote("README.md", "continued pretraining with the same FLOPs ends at a\nheld-out NLL of {}, better than any "
+    Quote(R_LTT, "continued pretraining with the same FLOPs ends at a\nheld-out NLL of {}, better than any "
           "model after a thought: {} for the official objective, whose\npolicy term at 1e6 collapses the thoughts and "
           "raises the model's own NLL from {}, and {} for RLP,\nwhose thoughts gain {} nats per token", PMW,
           ("models/baseline/nll_base", "models/official/nll_thought", "models/before/nll_base", "models/rlp/nll_thought",
            "models/rlp/gain")),
-    Quote("README.md", "(seed 0: 3-hop thought NLL {}\nagainst {})", "policy_clean_cpu.json",
+    Quote(R_POLICY, "(seed 0: 3-hop thought NLL {}\nagainst {})", "policy_clean_cpu.json",
           ("answer_nll/thought/3", V(lambda r: load(LTT)["runs"]["0"]["answer_nll"]["thought"]["3"]))),
-    # ------------------------------------------------------------------ README: lm_eval backend
-    Quote("README.md", "the {} log-likelihoods of {} local CommonsenseQA questions match lm_eval's `hf` backend on the "
-          "`quietstar.export` of the same model within {} nats, at {} requests/s against {}", "lm_eval_cpu.json",
-          ("requests", "questions", V("max_abs_logprob_diff_nats", bound=True), "requests_per_s/quietstar",
-           "requests_per_s/hf")),
-    Quote("README.md", "That base model scores {}% on the first {} questions of `commonsense_qa_local`",
-          "lm_eval_csqa_smollm2_base_cpu.json", (pct("acc"), "questions")),
+    # ------------------------------------------------------------------ README and bench/README.md: timings
+    *(Table(doc, LEAN_HEADER, LEAN, LEAN_ROWS) for doc in (README, BENCH)),
+    Table(BENCH, "| think_fraction q | step | of the all-positions step | median of rounds | goal | peak RSS | "
+          "generation |", "where_cost_cpu.json", {
+              "all positions": [where_cost(0, "step_s"), None, None, None, where_cost(0, "peak_mem_mb", 1e-3),
+                                where_cost(0, "gen_tokens_per_s")],
+              **{label: [where_cost(i, "step_s"), f"summary/q={q}/time_ratio", f"median_of_rounds/q={q}/time_ratio",
+                         f"summary/q={q}/goal_ratio", where_cost(i, "peak_mem_mb", 1e-3),
+                         (where_cost(i, "gen_tokens_per_s"), where_cost(i, "gen_think_share", 100.0)) if q != "1.0"
+                         else where_cost(i, "gen_tokens_per_s")]
+                 for i, (label, q) in enumerate((("1.0 (subset grid of every position)", "1.0"), ("0.5", "0.5"),
+                                                 ("0.25", "0.25"), ("0.1", "0.1")), start=1)}}),
+    # ------------------------------------------------------------------ docs/results/lm_eval.md
+    Table(R_LM_EVAL, "| record | model | task | items | result |", LM_EVAL, {
+        "`lm_eval_cpu.json`": [None, None, ("questions", "requests"),
+                               (V("max_abs_logprob_diff_nats", bound=True), "requests_per_s/quietstar", "requests_per_s/hf")],
+        "`lm_eval_csqa_smollm2_base_cpu.json`": [None, None, recorded(LM_EVAL_CSQA, "questions"),
+                                                 recorded(LM_EVAL_CSQA, "acc", 100.0)]}),
 ]
 
 
+def documents() -> list[str]:
+    """Every document whose quoted numbers are checked: README.md, bench/README.md, each docs/results page, and
+    the other docs pages the checks name."""
+    pages = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs" / "results").glob("*.md"))
+    named = sorted({c.doc for c in CHECKS} - {README, BENCH, *pages})
+    return [README, BENCH, *pages, *named]
+
+
+DOCS = documents()
+
+
+def coverage_problems() -> list[str]:
+    """A checked document with no check at all (a new results page has to be mapped), and a record file that a
+    document names but bench/results does not hold."""
+    problems = [f"{doc}: no table or quote of it is checked" for doc in DOCS
+                if not any(c.doc == doc for c in CHECKS)]
+    for doc in DOCS:
+        for name in sorted(set(re.findall(r"bench/results/([\w.-]+\.(?:json|png))", read_doc(doc)))):
+            if not (RESULTS / name).exists():
+                problems.append(f"{doc}: names bench/results/{name}, which does not exist")
+    return problems
+
+
 def main() -> int:
-    problems = [p for c in CHECKS for p in check(c)]
+    problems = [p for c in CHECKS for p in check(c)] + coverage_problems()
     for p in problems:
         print(p)
-    print(f"{len(CHECKS)} tables and quotes checked, {len(problems)} mismatches")
+    counts = ", ".join(f"{doc} {sum(c.doc == doc for c in CHECKS)}" for doc in DOCS)
+    print(f"{len(CHECKS)} tables and quotes checked ({counts}), {len(problems)} mismatches")
     return 1 if problems else 0
 
 

@@ -48,3 +48,21 @@ def test_numbers_in_prose():
 
     assert re.findall(rn.NUMBER, "0.00-0.47, -7% to +9%, 3,190 steps; 0.108, 0.165 and 1,015") == \
         ["0.00", "0.47", "-7", "+9", "3,190", "0.108", "0.165", "1,015"]
+
+
+def test_the_readme_every_results_page_and_the_bench_page_are_checked():
+    pages = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs" / "results").glob("*.md"))
+    assert pages and {"README.md", "bench/README.md", *pages} <= set(rn.DOCS)
+    assert {c.doc for c in rn.CHECKS} <= set(rn.DOCS)
+    assert rn.coverage_problems() == []
+
+
+def test_an_unchecked_page_and_a_missing_record_are_reported(monkeypatch):
+    page = "docs/results/new_experiment.md"
+    texts = {page: "Held-out NLL 1.234 (`bench/results/no_such_record_cpu.json`)."}
+    read = rn.read_doc
+    monkeypatch.setattr(rn, "read_doc", lambda doc: texts[doc] if doc in texts else read(doc))
+    monkeypatch.setattr(rn, "DOCS", [*rn.DOCS, page])
+    assert rn.coverage_problems() == [
+        f"{page}: no table or quote of it is checked",
+        f"{page}: names bench/results/no_such_record_cpu.json, which does not exist"]
