@@ -43,7 +43,7 @@ def export_base(root: Path) -> Path:
     from quietstar.export import export
     from quietstar.loading import load_pretrained
     from quietstar.optim import build_optimizer
-    from quietstar.thinker import QuietStar, ThoughtConfig
+    from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig
 
     base, tok = load_pretrained("smollm2-135m", dtype=torch.float32)
     qs = QuietStar(base, tok, ThoughtConfig())

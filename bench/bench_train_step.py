@@ -69,7 +69,7 @@ def run_case(model: str, L: int, mode: str, T: int = 12, K: int = 4, n: int = 2,
     from quietstar import attention
     from quietstar.flops import step_flops
     from quietstar.model import ModelConfig, Transformer
-    from quietstar.thinker import QuietStar, ThoughtConfig
+    from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig
 
     torch.manual_seed(0)
     # bf16 autocast on CUDA (the GPU recipe), fp32 on CPU unless autocast=bf16 (CPUs with bf16 matmul units)
@@ -184,7 +184,7 @@ def saved_per_grid_token(model: str = "bench_small", L: int = 64, T: int = 12, K
     import torch
 
     from quietstar.model import ModelConfig, Transformer, measure_saved_bytes
-    from quietstar.thinker import QuietStar, ThoughtConfig
+    from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig
 
     torch.manual_seed(0)
     cfg = ModelConfig.from_preset(model)

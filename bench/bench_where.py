@@ -35,7 +35,7 @@ def run_case(where: str, q: float, model: str = "bench_small", L: int = 256, B: 
 
     from quietstar.generate import generate_stream
     from quietstar.model import ModelConfig, Transformer
-    from quietstar.thinker import QuietStar, ThoughtConfig
+    from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig
 
     torch.manual_seed(0)
     base = Transformer(ModelConfig.from_preset(model)).to(device)  # random weights: timing only

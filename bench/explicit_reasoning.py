@@ -26,8 +26,9 @@ from quietstar.provenance import write_record  # noqa: E402
 
 def read_seed(run: Path) -> int:
     from quietstar.checkpoint import find_checkpoint, read_train_config
+    from quietstar.methods import TrainConfig
 
-    return read_train_config(find_checkpoint(run / "quietstar")).train.seed
+    return read_train_config(find_checkpoint(run / "quietstar"), TrainConfig).train.seed
 
 
 def one(res: dict) -> dict:
@@ -53,12 +54,14 @@ def quietstar_rows(ltt_run: Path, explicit_results: Path) -> dict:
 
     import torch
 
-    from quietstar.checkpoint import find_checkpoint, load_thinker_checkpoint, read_train_config
-    from quietstar.explicit.config import ExplicitConfig
-    from quietstar.explicit.loop import Context, _questions, evaluate
+    from quietstar.checkpoint import find_checkpoint, read_train_config
+    from quietstar.methods import TrainConfig
+    from quietstar.methods.quietstar.load import load_thinker_checkpoint
+    from quietstar.methods.explicit.config import ExplicitConfig
+    from quietstar.methods.explicit.loop import Context, _questions, evaluate
 
     ex = json.loads(explicit_results.read_text())
-    cfg = read_train_config(find_checkpoint(ex["base"]))  # the explicit run's base: its corpus and seed
+    cfg = read_train_config(find_checkpoint(ex["base"]), TrainConfig)  # the explicit run's base: its corpus and seed
     cfg = dataclasses.replace(cfg, explicit=ExplicitConfig(**{**ex["settings"], "method": ex["method"]}))
     evq = _questions(cfg)[2]
     out = {"questions": len(evq), "explicit_run": str(explicit_results)}
@@ -69,7 +72,7 @@ def quietstar_rows(ltt_run: Path, explicit_results: Path) -> dict:
             out[f"{stage}_missing"] = str(e)
             print(f"{ltt_run} {stage}: no finished checkpoint ({e}); its rows are left out", flush=True)
             continue
-        if read_train_config(path).data.reasoning != cfg.data.reasoning:
+        if read_train_config(path, TrainConfig).data.reasoning != cfg.data.reasoning:
             raise SystemExit(f"{path}: its corpus differs from {explicit_results}'s; pair runs of one corpus and seed")
         qs = load_thinker_checkpoint(path).eval()
         ctx = Context(cfg, qs.tokenizer)

@@ -26,8 +26,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from quietstar.checkpoint import find_checkpoint, load_thinker_checkpoint, read_train_config  # noqa: E402
-from quietstar.plain import reset_thought_embeddings  # noqa: E402
+from quietstar.checkpoint import find_checkpoint, read_train_config
+from quietstar.methods import TrainConfig  # noqa: E402
+from quietstar.methods.quietstar.load import load_thinker_checkpoint  # noqa: E402
+from quietstar.methods.plain.model import reset_thought_embeddings  # noqa: E402
 from quietstar.provenance import write_record  # noqa: E402
 from quietstar.reasoning import (batches, chain_open_ids, lookup_chain, make_documents, query_symbol,  # noqa: E402
                                  score_answers)
@@ -44,7 +46,7 @@ def validation_docs(cfg):
 def thought_gains(run: Path, hops: int = 3) -> dict:
     """Mean gain of the answer's log-probability after the chain / the decoy over no thought."""
     ckpt = find_checkpoint(run / "quietstar")  # the Quiet-STaR stage's settings, its starting weights below
-    cfg = read_train_config(ckpt)
+    cfg = read_train_config(ckpt, TrainConfig)
     qs = load_thinker_checkpoint(ckpt)
     start = load_thinker_checkpoint(find_checkpoint(run / "pretrain"))
     qs.load_state_dict({**qs.state_dict(), **{f"model.{k}": v for k, v in start.model.state_dict().items()}})
@@ -71,7 +73,7 @@ def thought_gains(run: Path, hops: int = 3) -> dict:
 
 def checkpoint_scores(path: str) -> dict:
     ckpt = find_checkpoint(path)
-    cfg = read_train_config(ckpt)
+    cfg = read_train_config(ckpt, TrainConfig)
     qs = load_thinker_checkpoint(ckpt)
     r = score_answers(qs, validation_docs(cfg), qs.tokenizer, 32, cfg.train.seed + 7919, True, 0, "cpu",
                       without=chain_open_ids(cfg.data.reasoning, qs.tokenizer), chains=cfg.data.reasoning)
@@ -87,7 +89,7 @@ def discovery_lengths(run: Path, lengths: list, hops: int = 3, n_thoughts: int =
     """Per thought length: the share of sampled thoughts before `hops`-hop answers containing the chain."""
     import dataclasses
 
-    cfg = read_train_config(find_checkpoint(run / "quietstar"))
+    cfg = read_train_config(find_checkpoint(run / "quietstar"), TrainConfig)
     rows = []
     for T in lengths:
         qs = load_thinker_checkpoint(find_checkpoint(run / "pretrain"))
@@ -125,7 +127,7 @@ def main():
         rows = discovery_lengths(Path(a.discovery), a.lengths)
         for row in rows:
             print(row, flush=True)
-        seed = read_train_config(find_checkpoint(Path(a.discovery) / "quietstar")).train.seed
+        seed = read_train_config(find_checkpoint(Path(a.discovery) / "quietstar"), TrainConfig).train.seed
         write_record(a.out, {"split": f"validation: the {VALIDATION_DOCS} documents of the training split after the "
                                       f"ones the run trained on", "model": "the run's pretrained checkpoint, "
                                       "<start>/<end> at the run's init tokens", "by_length": rows}, seeds=[seed])

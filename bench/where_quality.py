@@ -30,13 +30,15 @@ N_BUCKETS = 5
 @torch.no_grad()
 def per_token(run_dir: Path) -> dict:
     """Per-token gain, base entropy and thinking share on the held-out split, for one run's Quiet-STaR stage."""
-    from quietstar.checkpoint import load_thinker_checkpoint, read_train_config
+    from quietstar.checkpoint import read_train_config
+    from quietstar.methods import TrainConfig
+    from quietstar.methods.quietstar.load import load_thinker_checkpoint
     from quietstar.reasoning import batches, train_and_eval_documents
-    from quietstar.recipes.report import EVAL_SEED_OFFSET
-    from quietstar.where import row_entropy
+    from quietstar.methods.quietstar.report import EVAL_SEED_OFFSET
+    from quietstar.methods.quietstar.where import row_entropy
 
     ckpt = run_dir / "quietstar"
-    cfg = read_train_config(next((ckpt / "checkpoints").iterdir()))
+    cfg = read_train_config(next((ckpt / "checkpoints").iterdir()), TrainConfig)
     _, docs = train_and_eval_documents(cfg.data.reasoning, cfg.data.max_docs or cfg.data.synthetic_docs, cfg.train.seed)
     qs = load_thinker_checkpoint(ckpt).eval()
     g = torch.Generator().manual_seed(cfg.train.seed + EVAL_SEED_OFFSET)

@@ -1,9 +1,12 @@
 """Quiet-STaR in raw PyTorch.
 
-The only top-level name the project installs is `quietstar`. The Triton kernels in the checkout's
-kernels/ folder import as `quietstar.kernels`: an install copies the folder into the package (pyproject's
-package-dir), and from a checkout `_checkout_kernels` below points the subpackage at it. The folder has no
-__init__.py, so that `import kernels` from the repository root stays Hugging Face's `kernels` package.
+The only top-level name the project installs is `quietstar`. Its public names (`from quietstar import
+QuietStar, ThoughtConfig, Transformer, ModelConfig, load_pretrained, ...`) load on first use.
+
+The Triton kernels in the checkout's kernels/ folder import as `quietstar.kernels`: an install copies the
+folder into the package (pyproject's package-dir), and from a checkout `_checkout_kernels` below points the
+subpackage at it. The folder has no __init__.py, so that `import kernels` from the repository root stays
+Hugging Face's `kernels` package.
 """
 
 import importlib.machinery
@@ -27,10 +30,14 @@ def _checkout_kernels() -> None:
 
 _checkout_kernels()
 
-from quietstar.loading import Tokenizer, load_pretrained, load_tokenizer
-from quietstar.model import ModelConfig, Transformer
-from quietstar.thinker import QuietStar, ThoughtConfig
-from quietstar import sequential  # noqa: F401  (registers thought.impl=sequential_dense)
+# The public names, imported when first used: `import quietstar.model` loads the core alone, no method.
+_PUBLIC = {"ModelConfig": "quietstar.model", "Transformer": "quietstar.model", "Tokenizer": "quietstar.loading",
+           "load_pretrained": "quietstar.loading", "load_tokenizer": "quietstar.loading",
+           "QuietStar": "quietstar.methods.quietstar", "ThoughtConfig": "quietstar.methods.quietstar"}
+__all__ = sorted(_PUBLIC)
 
-__all__ = ["ModelConfig", "QuietStar", "ThoughtConfig", "Tokenizer", "Transformer", "load_pretrained",
-           "load_tokenizer"]
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'quietstar' has no attribute {name!r}")
+    return getattr(importlib.import_module(_PUBLIC[name]), name)

@@ -280,16 +280,28 @@ def read_config_node(path):
     return node
 
 
-def read_train_config(path):
-    """The TrainConfig saved with a checkpoint."""
+def read_train_config(path, schema: type):
+    """The config saved with a checkpoint, as an instance of `schema` (the root config class, TrainConfig)."""
     from quietstar.config import load_config
 
     try:
-        return load_config(read_config_node(path))
+        return load_config(read_config_node(path), schema)
     except CheckpointError:
         raise
     except UserError as e:
         raise CheckpointError(f"{Path(path) / 'config.yaml'}: {e}") from e
+
+
+def read_config_section(path, name: str, cls: type):
+    """One section of the config saved with a checkpoint, as `cls` (e.g. "thought", ThoughtConfig)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    node = read_config_node(path)
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), node.get(name) or {}))
+    except (OmegaConfBaseException, ValueError, TypeError) as e:
+        raise CheckpointError(f"{Path(path) / 'config.yaml'}: {name}: {' '.join(str(e).split())}") from e
 
 
 # --------------------------------------------------------------------------------------------------
@@ -577,36 +589,6 @@ def _load_model_state(qs: nn.Module, sd: dict, path: Path, dist) -> None:
             raise CheckpointError(f"{path / 'model.safetensors'}: {k} has shape {tuple(v.shape)}, this model has "
                                   f"{tuple(want[k].shape)}")
     qs.load_state_dict(sd, strict=True)
-
-
-def build_thinker(model_cfg, tokenizer, thought_cfg, state: dict, dtype=None, device=None):
-    """A QuietStar holding exactly `state` (built on the meta device, no random init)."""
-    from quietstar.model import Transformer, rope_inv_freq
-    from quietstar.thinker import QuietStar
-
-    with torch.device("meta"):
-        base = Transformer(model_cfg)
-        qs = QuietStar(base, tokenizer, thought_cfg)
-    want = qs.state_dict()
-    missing, unexpected = sorted(set(want) - set(state)), sorted(set(state) - set(want))
-    if missing or unexpected:
-        raise CheckpointError(f"the saved weights do not match the saved model config (missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]})")
-    dtype = dtype or state["model.tok_embeddings.weight"].dtype
-    qs.load_state_dict({k: v.to(dtype).contiguous() for k, v in state.items()}, strict=True, assign=True)
-    base.register_buffer("inv_freq", rope_inv_freq(model_cfg), persistent=False)
-    return qs.to(device) if device is not None else qs
-
-
-def load_thinker_checkpoint(path, device=None, dtype=None):
-    """A QuietStar (with its tokenizer) from a training checkpoint, for inference or export."""
-    path = find_checkpoint(path)
-    verify_checkpoint(path)
-    model_cfg = read_model_config(path)
-    train_cfg = read_train_config(path)
-    tok = load_tokenizer_from(path, model_cfg.vocab_size)
-    _, thought = train_cfg.thought.at_step(step_of(path))  # a curriculum's lengths at the saved step
-    return build_thinker(model_cfg, tok, thought, read_model_state(path), dtype, device)
 
 
 def init_weights(qs: nn.Module, path) -> Path:

@@ -1,14 +1,15 @@
 """The training configuration schema: typed, nested dataclasses; Hydra's YAML under configs/ mirrors them.
 
-`TrainConfig` is registered in Hydra's ConfigStore as `base_config`, so `configs/train.yaml` starts
-`defaults: [base_config, model: ..., thought: ..., ...]` and every YAML value is type-checked against
-these fields. train.py turns the composed DictConfig into a `TrainConfig` with `OmegaConf.to_object`,
-which runs every `__post_init__` below: a bad value raises `ConfigError` (a ValueError) naming its field. Nothing past
-train.py ever sees a DictConfig.
+This module holds the sections every run has and knows no thinking method. The root class a run reads,
+`TrainConfig`, is composed by the method registry (quietstar/methods/__init__.py): `train_schema(METHODS)` adds
+each method's own sections (`thought`, `distill`, `explicit`, ...) to `RunConfig`'s. It is registered in Hydra's
+ConfigStore as `base_config`, so `configs/train.yaml` starts `defaults: [base_config, model: ..., thought: ...,
+...]` and every YAML value is type-checked against these fields. train.py turns the composed DictConfig into a
+`TrainConfig` with `OmegaConf.to_object`, which runs every `__post_init__`: a bad value raises `ConfigError` (a
+ValueError) naming its field. Nothing past train.py ever sees a DictConfig.
 
-Sections (each a config group under configs/):
+Sections of every run (each a config group under configs/):
   model       ModelSpec      which base model: pretrained weights (`name`) or a random-init preset (`preset`)
-  thought     ThoughtConfig  the Quiet-STaR settings (thinker.py; `thought=reference` = the official code)
   data        DataConfig     corpus, sequence length, cropping or packing, batch size
   optim       OptimConfig    AdamW, parameter groups, LR schedule, accumulation, clipping
   train       LoopConfig     steps, seed, device, precision, compile, progress
@@ -17,8 +18,8 @@ Sections (each a config group under configs/):
   dist        DistConfig     none | ddp | fsdp (under torchrun)
   attention   AttentionConfig  the thought-grid attention backend
   health      HealthConfig   divergence detection: a loss spike, a frozen loss or zero gradient
-  distill     DistillConfig  distillation of a thinking teacher into the plain model (quietstar/distill.py)
-  explicit    ExplicitConfig the explicit-thinking recipes: STaR, RFT, System-2 distillation (quietstar/explicit/)
+The methods' sections (quietstar/methods/): thought (Quiet-STaR; the plain LM is thought.enabled=false),
+distill, explicit, learn_to_think, policy_math_web.
 """
 
 from __future__ import annotations
@@ -27,19 +28,14 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from quietstar.distill import DistillConfig
 from quietstar.errors import ConfigError
-from quietstar.explicit.config import ExplicitConfig
 from quietstar.model import PRESETS, ModelConfig
 from quietstar.reasoning import ReasoningConfig
-from quietstar.recipes.learn_to_think import LearnToThinkConfig
-from quietstar.recipes.math_web import PolicyMathWebConfig
-from quietstar.thinker import ThoughtConfig
 
-__all__ = ["ModelSpec", "ThoughtConfig", "DataConfig", "OptimConfig", "LoopConfig", "CheckpointConfig",
-           "LoggerConfig", "DistConfig", "AttentionConfig", "HealthConfig", "TrainConfig", "register_configs",
+__all__ = ["ModelSpec", "DataConfig", "OptimConfig", "LoopConfig", "CheckpointConfig", "LoggerConfig", "DistConfig",
+           "AttentionConfig", "HealthConfig", "RunConfig", "Method", "train_schema",
            "build_config", "load_config", "check_device_dtype", "config_to_dict"]
 
 
@@ -48,7 +44,7 @@ def _one_of(section: str, name: str, value, allowed) -> None:
         raise ConfigError(f"{section}.{name} must be one of {tuple(allowed)}, got {value!r}")
 
 
-def _positive(section: str, name: str, value, allow_zero: bool = False) -> None:
+def check_positive(section: str, name: str, value, allow_zero: bool = False) -> None:
     """value > 0 (>= 0 with allow_zero); NaN and None fail both."""
     if value is None or not (value > 0 or (allow_zero and value == 0)):
         raise ConfigError(f"{section}.{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
@@ -120,7 +116,7 @@ class ModelSpec:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "intermediate_size",
                      "norm_eps", "rope_theta", "max_seq_len", "sliding_window"):
             if getattr(self, name) is not None:
-                _positive("model", name, getattr(self, name))
+                check_positive("model", name, getattr(self, name))
         if self.name is None:
             _one_of("model", "preset", self.preset, sorted(PRESETS))
             try:
@@ -175,10 +171,10 @@ class DataConfig:
             raise ConfigError(f"data.path is required for data.source={self.source!r}")
         if self.seq_len < 4:
             raise ConfigError(f"data.seq_len must be >= 4, got {self.seq_len}")
-        _positive("data", "batch_size", self.batch_size)
-        _positive("data", "synthetic_docs", self.synthetic_docs)
+        check_positive("data", "batch_size", self.batch_size)
+        check_positive("data", "synthetic_docs", self.synthetic_docs)
         if self.max_docs is not None:
-            _positive("data", "max_docs", self.max_docs)
+            check_positive("data", "max_docs", self.max_docs)
         if not self.text_field:
             raise ConfigError("data.text_field must be a field name")
 
@@ -206,15 +202,15 @@ class OptimConfig:
 
     def __post_init__(self):
         _one_of("optim", "schedule", self.schedule, ("constant", "cosine", "linear"))
-        _positive("optim", "lr", self.lr)
-        _positive("optim", "grad_accum", self.grad_accum)
+        check_positive("optim", "lr", self.lr)
+        check_positive("optim", "grad_accum", self.grad_accum)
         for name in ("weight_decay", "warmup_steps", "grad_clip", "base_lr_mult", "thought_embedding_lr_mult",
                      "talk_head_lr_mult", "eps"):
-            _positive("optim", name, getattr(self, name), allow_zero=True)
+            check_positive("optim", name, getattr(self, name), allow_zero=True)
         for name in ("beta1", "beta2", "min_lr_ratio"):
             _in_range("optim", name, getattr(self, name), 0.0, 1.0)
         if self.thought_embedding_weight_decay is not None:
-            _positive("optim", "thought_embedding_weight_decay", self.thought_embedding_weight_decay, True)
+            check_positive("optim", "thought_embedding_weight_decay", self.thought_embedding_weight_decay, True)
 
 
 @dataclass
@@ -237,16 +233,16 @@ class LoopConfig:
     rows each process consumed, to check that a resumed run skips and repeats none."""
 
     def __post_init__(self):
-        _positive("train", "max_steps", self.max_steps)
-        _positive("train", "log_every", self.log_every)
+        check_positive("train", "max_steps", self.max_steps)
+        check_positive("train", "log_every", self.log_every)
         _one_of("train", "precision", self.precision, ("auto", "fp32", "bf16"))
         if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
             raise ConfigError(f"train.device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         if self.threads is not None:
-            _positive("train", "threads", self.threads)
+            check_positive("train", "threads", self.threads)
         if self.memory_budget_gb is not None:
-            _positive("train", "memory_budget_gb", self.memory_budget_gb)
-        _positive("train", "seed", self.seed, allow_zero=True)
+            check_positive("train", "memory_budget_gb", self.memory_budget_gb)
+        check_positive("train", "seed", self.seed, allow_zero=True)
         if self.seed > 2**63 - 1:  # every derived seed fits torch's and numpy's generators (quietstar/seeds.py)
             raise ConfigError(f"train.seed must be at most 2**63 - 1 = {2**63 - 1}, got {self.seed}")
         if self.sample_position < -1:
@@ -262,8 +258,8 @@ class CheckpointConfig:
     verify_hashes: bool = True  # record sha256 of every file and check it on load
 
     def __post_init__(self):
-        _positive("checkpoint", "every", self.every, allow_zero=True)
-        _positive("checkpoint", "keep_last", self.keep_last, allow_zero=True)
+        check_positive("checkpoint", "every", self.every, allow_zero=True)
+        check_positive("checkpoint", "keep_last", self.keep_last, allow_zero=True)
 
 
 @dataclass
@@ -284,8 +280,8 @@ class HealthConfig:
         if not self.spike_factor > 1:
             raise ConfigError(f"health.spike_factor must be > 1, got {self.spike_factor!r}")
         for name in ("window", "min_history", "frozen_steps"):
-            _positive("health", name, getattr(self, name))
-        _positive("health", "frozen_rtol", self.frozen_rtol, allow_zero=True)
+            check_positive("health", name, getattr(self, name))
+        check_positive("health", "frozen_rtol", self.frozen_rtol, allow_zero=True)
 
 
 @dataclass
@@ -313,7 +309,7 @@ class DistConfig:
     def __post_init__(self):
         _one_of("dist", "kind", self.kind, ("none", "ddp", "fsdp"))
         _one_of("dist", "backend", self.backend, ("auto", "nccl", "gloo"))
-        _positive("dist", "timeout_s", self.timeout_s)
+        check_positive("dist", "timeout_s", self.timeout_s)
 
 
 @dataclass
@@ -325,11 +321,11 @@ class AttentionConfig:
 
 
 @dataclass
-class TrainConfig:
-    """The root config (ConfigStore: `base_config`)."""
+class RunConfig:
+    """The sections every run has, whatever its method. The root config a run reads, `TrainConfig`, is this
+    plus each thinking method's own sections (quietstar/methods/__init__.py composes it with `train_schema`)."""
 
     model: ModelSpec = field(default_factory=ModelSpec)
-    thought: ThoughtConfig = field(default_factory=ThoughtConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
@@ -344,69 +340,68 @@ class TrainConfig:
     """A checkpoint whose weights start this run (a step dir, checkpoints/ dir or run dir): a new run with a
     fresh optimizer, schedule and data order, unlike `resume`."""
     recipe: Optional[str] = None
-    """A multi-stage experiment run by train.py in place of one training run (quietstar/recipes/):
-    learn_to_think, policy_math_web, distill_reasoning (experiment presets), explicit (configs/explicit/*.yaml)."""
-    learn_to_think: LearnToThinkConfig = field(default_factory=LearnToThinkConfig)  # that recipe's settings
-    policy_math_web: PolicyMathWebConfig = field(default_factory=PolicyMathWebConfig)  # and this one's
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    """Distillation of a thinking checkpoint into this run's plain model (quietstar/distill.py): set
-    distill.teacher to train a student that does not think."""
-    explicit: ExplicitConfig = field(default_factory=ExplicitConfig)
-    """The explicit-thinking recipe's settings (quietstar/explicit/): `python train.py explicit=star` (rft, system2)."""
+    """A multi-stage experiment run by train.py in place of one training run: the name of a registered method
+    with a `run` (quietstar/methods/): learn_to_think, policy_math_web, distill_reasoning (experiment presets),
+    explicit (configs/explicit/*.yaml)."""
     output_dir: Optional[str] = None
     """Where the run writes (checkpoints, metrics.jsonl, wandb, config.yaml). train.py sets it to Hydra's
     output dir; None = ./outputs/run."""
 
-    def __post_init__(self):
-        if self.distill.teacher and self.thought.enabled:  # the student never thinks; its saved config says so
-            self.thought = dataclasses.replace(self.thought, enabled=False)
-        if self.recipe is not None:
-            from quietstar.recipes import RECIPES
 
-            if self.recipe not in RECIPES:
-                raise ConfigError(f"recipe must be one of {RECIPES} or null, got {self.recipe!r}")
+@dataclass(frozen=True)
+class Method:
+    """One thinking method, as the registry (quietstar/methods/__init__.py) lists it.
+
+    name      the registry key (`recipe=<name>` selects a method with a `run`)
+    sections  its config sections: {root field: dataclass}, e.g. {"thought": ThoughtConfig}; each becomes a
+              field of TrainConfig and a config group under configs/
+    build     (cfg, base Transformer, tokenizer, device) -> the trained module; None for a method that only runs
+    run       (cfg, train_fn) -> result: a multi-stage experiment run by train.py in place of one training run
+    check     (cfg) -> None: checks across sections (raise ConfigError), and settings one section implies in
+              another, run when the root config is built
+    selects   (cfg) -> bool: whether this method's `build` makes the run's model (the registry takes the first
+              method that says so)
+    """
+
+    name: str
+    sections: Dict[str, type] = field(default_factory=dict)
+    build: Optional[Callable] = None
+    run: Optional[Callable] = None
+    check: Optional[Callable] = None
+    selects: Optional[Callable] = None
+
+
+def train_schema(methods: Sequence[Method]) -> type:
+    """The root config class, `TrainConfig`: RunConfig's fields, then every method's sections in registry
+    order. Its __post_init__ checks that `recipe` names a method with a `run` and that every float is finite,
+    then runs each method's `check`."""
+    sections = [(name, cls, field(default_factory=cls)) for m in methods for name, cls in m.sections.items()]
+    recipes = tuple(m.name for m in methods if m.run is not None)
+    checks = [m.check for m in methods if m.check is not None]
+
+    def __post_init__(self):
+        if self.recipe is not None and self.recipe not in recipes:
+            raise ConfigError(f"recipe must be one of {recipes} or null, got {self.recipe!r}")
         for f in dataclasses.fields(self):
             if dataclasses.is_dataclass(getattr(self, f.name)):
                 _check_finite(f.name, getattr(self, f.name))
-        _positive("thought", "policy_weight", self.thought.policy_weight, allow_zero=True)
-        if self.thought.talk_head_hidden is not None:
-            _positive("thought", "talk_head_hidden", self.thought.talk_head_hidden)
-        if self.thought.ema_decay is not None and self.dist.kind == "fsdp":
-            raise ConfigError("thought.ema_decay: the EMA teacher is not sharded; use dist=ddp or dist=none, or "
-                              "thought.ema_decay=null (the base pass as the counterfactual)")
-        if self.data.seq_len <= self.thought.n_ahead_talk:
-            raise ConfigError(f"data.seq_len={self.data.seq_len} must exceed thought.n_ahead_talk="
-                             f"{self.thought.n_ahead_talk}")
-        if self.model.name is None:
-            max_len = self.model.architecture().max_seq_len
-            if self.data.seq_len + self.thought.n_grid_steps > max_len:
-                raise ConfigError(f"data.seq_len={self.data.seq_len} + thought steps exceeds model.max_seq_len="
-                                 f"{max_len}")
+        for check in checks:
+            check(self)
+
+    cls = dataclasses.make_dataclass("TrainConfig", sections, bases=(RunConfig,),
+                                     namespace={"__post_init__": __post_init__, "RECIPES": recipes})
+    cls.__module__ = "quietstar.methods"
+    cls.__doc__ = "The root config (ConfigStore: `base_config`): " + ", ".join(f.name for f in dataclasses.fields(cls))
+    return cls
 
 
-def register_configs() -> None:
-    """Register the schema in Hydra's ConfigStore (imported lazily: this module never needs Hydra)."""
-    from hydra.core.config_store import ConfigStore
-    from omegaconf import OmegaConf
-
-    ConfigStore.instance().store(name="base_config", node=TrainConfig)
-    from quietstar.elastic import launch_time, launcher_pid
-
-    # ${launched:} and ${pid:} in configs/train.yaml's default output dirs: the launching process, torchrun's
-    # agent under torchrun, so that every rank and every elastic restart name the same dir
-    if not OmegaConf.has_resolver("pid"):
-        OmegaConf.register_new_resolver("pid", launcher_pid)
-    if not OmegaConf.has_resolver("launched"):
-        OmegaConf.register_new_resolver("launched", launch_time)
-
-
-def config_to_dict(cfg: TrainConfig) -> dict:
+def config_to_dict(cfg) -> dict:
     """A plain, JSON/YAML-able dict of the whole config."""
     return dataclasses.asdict(cfg)
 
 
-def build_config(node) -> TrainConfig:
-    """A TrainConfig from a composed DictConfig: every `__post_init__` runs, and a bad value (including one
+def build_config(node):
+    """The root config from a composed DictConfig: every `__post_init__` runs, and a bad value (including one
     rejected by ThoughtConfig or ModelConfig) is a ConfigError naming its field."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
@@ -419,21 +414,22 @@ def build_config(node) -> TrainConfig:
         raise ConfigError(" ".join(str(e).split())) from e
 
 
-def load_config(obj) -> TrainConfig:
-    """A TrainConfig from a YAML file path, a dict or a DictConfig, checked against the schema."""
+def load_config(obj, schema: type):
+    """A `schema` instance (the root config class) from a YAML file path, a dict or a DictConfig, checked
+    against it."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     try:
         data = OmegaConf.load(str(obj)) if isinstance(obj, (str, os.PathLike)) else obj
-        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), data)
+        merged = OmegaConf.merge(OmegaConf.structured(schema), data)
     except (OmegaConfBaseException, ValueError) as e:  # YAML syntax (a yaml error is a ValueError), types
         where = f"{obj}: " if isinstance(obj, (str, os.PathLike)) else ""
         raise ConfigError(f"{where}{' '.join(str(e).split())}") from e
     return build_config(merged)
 
 
-def check_device_dtype(cfg: TrainConfig, device) -> None:
+def check_device_dtype(cfg, device) -> None:
     """Half-precision master weights need a GPU: on CPU the weights stay float32 (train.precision=bf16 runs
     the step under bf16 autocast there)."""
     if getattr(device, "type", str(device)) == "cpu" and cfg.model.dtype != "float32":

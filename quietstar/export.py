@@ -27,11 +27,11 @@ from typing import Optional
 
 import torch
 
-from quietstar.checkpoint import (CheckpointError, build_thinker, find_checkpoint, load_thinker_checkpoint,
-                                  load_tokenizer_from, save_tokenizer)
+from quietstar.checkpoint import CheckpointError, find_checkpoint, load_tokenizer_from, save_tokenizer
+from quietstar.methods.quietstar.load import thinker_from_state, load_thinker_checkpoint
 from quietstar.cli import one_of, parse_kv
 from quietstar.errors import UserError, run_main
-from quietstar.thinker import QuietStar, ThoughtConfig
+from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig
 
 
 def _thought_state(qs: QuietStar) -> dict[str, torch.Tensor]:
@@ -143,7 +143,7 @@ def load_thinker(path, device=None, dtype=None) -> QuietStar:
 
         cfg = read_model_config(path)
         tok = load_tokenizer_from(path, cfg.vocab_size)
-        return build_thinker(cfg, tok, thought, load_file(path / "model.safetensors"), dtype, device)
+        return thinker_from_state(cfg, tok, thought, load_file(path / "model.safetensors"), dtype, device)
     from quietstar.loading import load_hf_model
 
     base = load_hf_model(path, dtype=dtype)

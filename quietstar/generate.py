@@ -31,8 +31,8 @@ import torch
 from quietstar.cli import AT_LEAST_1, NON_NEGATIVE, UNIT_OPEN_LEFT, parse_kv
 from quietstar.errors import UserError, run_main
 from quietstar.model import KVCache
-from quietstar.thinker import QuietStar, sample_categorical
-from quietstar.where import fires
+from quietstar.methods.quietstar.thinker import QuietStar, sample_categorical
+from quietstar.methods.quietstar.where import fires
 
 
 def sample_token(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
@@ -234,7 +234,7 @@ def load_for_inference(ckpt: Optional[str] = None, device: str = "cpu", dtype: O
         tok = qs.tokenizer
     else:
         from quietstar.loading import load_pretrained
-        from quietstar.thinker import ThoughtConfig
+        from quietstar.methods.quietstar.thinker import ThoughtConfig
 
         base, tok = load_pretrained(model, dtype=dtype, device=device)
         qs = QuietStar(base, tok, ThoughtConfig())

@@ -239,7 +239,7 @@ def score_continuations(qs, inputs: Sequence[Sequence[int]], continuations: Sequ
 def _selected(qs, x, lengths: Sequence[int], pairs: Sequence[tuple[int, int]]) -> list[bool]:
     """thought.where in log-likelihoods: which of the (row, position) pairs think, chosen as training chooses
     (where.select over each row's own positions that have a next token, without the gate's exploration)."""
-    from quietstar.where import select
+    from quietstar.methods.quietstar.where import select
 
     h = qs.model(inputs_embeds=qs.embed(x), return_hidden=True)  # (B, L, d)
     scores = qs.think_scores(h)  # (B, L)

@@ -14,7 +14,7 @@ Hydra composes configs/train.yaml and the command line into a typed `TrainConfig
 `train(cfg)` below is plain Python and never imports Hydra, so tests and notebooks call it directly.
 Everything a run writes goes to its output dir (Hydra's): config.yaml, metrics.jsonl, checkpoints/,
 wandb/. Each step is: rollout of thoughts (no grad) + one learning pass over the thought grid
-(quietstar/thinker.py), `optim.grad_accum` micro-batches per optimizer step. The step's metrics stay
+(quietstar/methods/quietstar/thinker.py), `optim.grad_accum` micro-batches per optimizer step. The step's metrics stay
 0-dim tensors on the device and become numbers once per `train.log_every` steps; the only other host sync
 per step is the finiteness check that decides whether the optimizer steps.
 """
@@ -32,10 +32,9 @@ from typing import Callable, Optional
 import torch
 
 from quietstar import attention
-from quietstar.checkpoint import (NonFiniteStateError, RunLock, find_checkpoint, init_weights, load_checkpoint,
-                                  read_config_node, read_train_config, recover_checkpoints, recover_run, save_checkpoint,
-                                  set_aside_later)
-from quietstar.config import TrainConfig, build_config, check_device_dtype, config_to_dict
+from quietstar.checkpoint import (NonFiniteStateError, RunLock, find_checkpoint, load_checkpoint, read_config_node,
+                                  read_train_config, recover_checkpoints, recover_run, save_checkpoint, set_aside_later)
+from quietstar.config import build_config, check_device_dtype, config_to_dict
 from quietstar.data import Batch, ByteTokenizer, build_stream
 from quietstar.dist import DistInfo, no_sync, setup, teardown, wrap
 from quietstar.elastic import choose_resume
@@ -44,8 +43,8 @@ from quietstar.health import RunWatch
 from quietstar.logging import Progress, start_run
 from quietstar.model import Transformer
 from quietstar.optim import autocast_context, build_optimizer, clip_grad_norm, maybe_compile, resolve_precision
-from quietstar.plain import PlainLM, reset_thought_embeddings
-from quietstar.thinker import QuietStar
+from quietstar.methods import TrainConfig, method_for, register_configs, run_recipe
+from quietstar.methods.quietstar.thinker import QuietStar
 
 
 @dataclass
@@ -61,7 +60,8 @@ class TrainResult:
 
 
 def build_thinker(cfg: TrainConfig, device: torch.device):
-    """(QuietStar, tokenizer): pretrained weights by model.name, or a seeded random-init preset."""
+    """(the run's model, tokenizer): the base model from pretrained weights (model.name) or a seeded random-init
+    preset, wrapped by the run's method (methods.method_for: Quiet-STaR, the plain LM, a distilled student)."""
     spec = cfg.model
     dtype = getattr(torch, spec.dtype)
     torch.manual_seed(cfg.train.seed)  # the random init (preset, talk head) is a function of the seed
@@ -76,17 +76,7 @@ def build_thinker(cfg: TrainConfig, device: torch.device):
         tok = ByteTokenizer(base.cfg.vocab_size)
     base.grad_checkpointing = {"true": True, "false": False, "auto": "auto"}[spec.grad_checkpointing]
     base.memory_budget_gb = cfg.train.memory_budget_gb
-    if cfg.distill.teacher:  # a plain student trained towards a thinking teacher
-        from quietstar.distill import build_student
-
-        return build_student(cfg, base, tok, device), tok
-    cls = QuietStar if cfg.thought.enabled else PlainLM
-    qs = cls(base, tok, cfg.thought)
-    if cfg.init_from:
-        source = init_weights(qs, cfg.init_from)
-        if cfg.thought.enabled and not read_train_config(source).thought.enabled:  # from a plain-LM stage
-            reset_thought_embeddings(qs)
-    return qs.to(device), tok
+    return method_for(cfg).build(cfg, base, tok, device), tok
 
 
 def config_yaml(cfg: TrainConfig) -> str:
@@ -245,7 +235,7 @@ def resume(s: Session) -> None:
 
 def world_change_note(cfg: TrainConfig, where: Path, saved_world: int, world: int) -> str:
     """One line on a resume with another number of processes: what carries over and what does not."""
-    saved = read_train_config(where)
+    saved = read_train_config(where, TrainConfig)
     was = saved.data.batch_size * saved.optim.grad_accum * saved_world
     now = cfg.data.batch_size * cfg.optim.grad_accum * world
     batch = (f"the global batch stays {now} rows" if was == now else
@@ -522,7 +512,6 @@ def main() -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import DictConfig
 
-    from quietstar.config import register_configs
     from quietstar.errors import run_main, tracebacks_wanted
 
     register_configs()
@@ -535,9 +524,7 @@ def main() -> None:
             node = resume_config(node, list(hc.overrides.task))
         node.output_dir = hc.runtime.output_dir
         cfg: TrainConfig = build_config(node)
-        if cfg.recipe:  # a multi-stage experiment (quietstar/recipes/), each stage a train() run
-            from quietstar.recipes import run_recipe
-
+        if cfg.recipe:  # a multi-stage experiment (a method's run: quietstar/methods/), each stage a train() run
             result = run_recipe(cfg, train)
         else:
             result = train(cfg)

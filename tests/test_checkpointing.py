@@ -7,7 +7,7 @@ import torch
 from quietstar.config import LoopConfig, ModelSpec
 from quietstar.errors import ConfigError
 from quietstar.model import KVCache, ModelConfig, Transformer, checkpoint_plan, saved_bytes_per_token
-from quietstar.thinker import QuietStar, ThoughtConfig
+from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,9 +11,10 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationResolutionError, ValidationError
 
-from quietstar.config import ModelSpec, OptimConfig, TrainConfig, config_to_dict, load_config, register_configs
+from quietstar.config import ModelSpec, OptimConfig, config_to_dict
+from quietstar.methods import TrainConfig, load_config, register_configs
 from quietstar.model import ModelConfig
-from quietstar.thinker import ThoughtConfig
+from quietstar.methods.quietstar.thinker import ThoughtConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # what a group option leaves mandatory (???), filled in so that it can be converted

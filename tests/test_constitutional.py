@@ -1,4 +1,4 @@
-"""Constitutional AI on the explicit loop (quietstar/explicit/constitutional.py), on tiny random models: the
+"""Constitutional AI on the explicit loop (quietstar/methods/explicit/constitutional.py), on tiny random models: the
 multiple-choice label against a hand computation from the full logits, the supervised stage with a scripted
 critic and reviser (what it trains on, what it skips), the AI-feedback stage with a scripted labeller (which
 side is chosen, the pair's weight, the dropped pairs), the weighted preference loss, the worked examples and
@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from quietstar.explicit import constitutional as cai
-from quietstar.explicit.dataset import Skips
-from quietstar.explicit.losses import PreferenceLoss
-from quietstar.explicit.tasks import Question
+from quietstar.methods.explicit import constitutional as cai
+from quietstar.methods.explicit.dataset import Skips
+from quietstar.methods.explicit.losses import PreferenceLoss
+from quietstar.methods.explicit.tasks import Question
 from quietstar.seeds import derive_seed
 from test_explicit import TOK, comp, method_ctx, scripted, tiny_qs
 
@@ -181,7 +181,7 @@ def test_a_pairs_weight_scales_its_term_of_each_preference_loss():
 
 def test_the_options_are_checked():
     from quietstar.errors import ConfigError
-    from quietstar.explicit.config import ExplicitConfig
+    from quietstar.methods.explicit.config import ExplicitConfig
 
     with pytest.raises(ConfigError, match="explicit.k"):
         ExplicitConfig(method="cai", iterations=2, cai_sl_rounds=1, k=1)
@@ -205,8 +205,8 @@ def test_a_supervised_and_a_feedback_round_end_to_end_through_the_config(tmp_pat
     from test_learn_to_think import ROOT, TOY
 
     from quietstar import train as train_script
-    from quietstar.config import register_configs
-    from quietstar.recipes import run_recipe
+    from quietstar.methods import register_configs
+    from quietstar.methods import run_recipe
 
     parse, written = cai.parse_critique, []
 

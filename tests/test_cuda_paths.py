@@ -17,14 +17,16 @@ import torch.distributed.fsdp
 import torch.nn as nn
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 
-from quietstar import attention, fused, linear_ce, provenance, where
+from quietstar import attention, fused, linear_ce, provenance
+from quietstar.methods.quietstar import where
 from quietstar import dist as qdist
 from quietstar.checkpoint import load_checkpoint
-from quietstar.config import ConfigError, DistConfig, TrainConfig, check_device_dtype
+from quietstar.config import ConfigError, DistConfig, check_device_dtype
+from quietstar.methods import TrainConfig
 from quietstar.data import ByteTokenizer
 from quietstar.model import AUTO_BUDGET_FRACTION, ModelConfig, Transformer, auto_budget, device_memory_bytes
 from quietstar.optim import autocast_context, resolve_precision
-from quietstar.thinker import QuietStar, ThoughtConfig
+from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig
 
 GPU = torch.device("cuda", 1)
 FAKE = FakeTensorMode()  # one mode for every fake tensor: they cannot be mixed across modes
@@ -215,7 +217,7 @@ def test_gpu_defaults(monkeypatch):
     check_device_dtype(cfg, cuda)  # bf16 master weights: a GPU only
     with pytest.raises(ConfigError, match="not supported on CPU"):
         check_device_dtype(cfg, cpu)
-    from quietstar.recipes.report import recipe_device
+    from quietstar.methods.quietstar.report import recipe_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert recipe_device(TrainConfig()) == "cuda"

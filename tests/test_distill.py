@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 from quietstar import train as train_script
 from quietstar.checkpoint import find_checkpoint, read_model_state, read_train_config, save_checkpoint
-from quietstar.distill import Distiller, build_student
+from quietstar.methods import TrainConfig
+from quietstar.methods.distill.distill import Distiller, build_student
 from quietstar.errors import UserError, run_main
 from quietstar.export import export
 from quietstar.linear_ce import linear_kl_sum
@@ -113,7 +114,7 @@ def test_entry_point_trains_a_plain_student_that_exports_as_a_plain_hf_model(run
     assert m["distill/kl"] > 1e-3 and m["distill/teacher_nll"] > 0 and all(map(math.isfinite, result.losses))
     if objective == "ntp_rl":
         assert m["distill/reward_mean"] >= 0 and 0 <= m["distill/reward_pos_frac"] <= 1
-    assert not read_train_config(result.checkpoint).thought.enabled
+    assert not read_train_config(result.checkpoint, TrainConfig).thought.enabled
     changed = [k for k, v in read_model_state(result.checkpoint).items() if k.startswith("model.") and
                not torch.equal(v, read_model_state(teacher)[k])]
     assert changed  # the student's base weights moved
@@ -124,7 +125,7 @@ def test_entry_point_trains_a_plain_student_that_exports_as_a_plain_hf_model(run
         (hf_dir / f).unlink()
     assert not any(k.startswith(("start_", "end_", "talk_")) for k in load_file(hf_dir / "model.safetensors"))
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-    from quietstar.checkpoint import load_thinker_checkpoint
+    from quietstar.methods.quietstar.load import load_thinker_checkpoint
 
     student = load_thinker_checkpoint(result.checkpoint).model
     x = torch.randint(3, 250, (2, 20), generator=torch.Generator().manual_seed(1))

@@ -20,7 +20,7 @@ from quietstar.eval.nll import difficulty_buckets, score_tokens, summarize
 from quietstar.eval.report import _builtin_bars, token_pieces, write_report
 from quietstar.eval.soft import answer_start, answer_token_sets, soft_accuracy
 from quietstar.model import ModelConfig, Transformer
-from quietstar.thinker import QuietStar, ThoughtConfig, sample_categorical
+from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig, sample_categorical
 from quietstar.generate import encode_prompt
 
 

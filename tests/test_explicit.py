@@ -1,4 +1,4 @@
-"""The explicit-thinking methods (quietstar/explicit/) on tiny random models: the sampler against one-by-one
+"""The explicit-thinking methods (quietstar/methods/explicit/) on tiny random models: the sampler against one-by-one
 sampling, the SFT and DPO losses against hand-written references, each method's choice of examples, the bad
 input counted with its reason, and one STaR round end to end through the config entry point."""
 
@@ -10,14 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from quietstar.data import ByteTokenizer
-from quietstar.explicit.dataset import PreferencePair, Skips, SFTExample, make_pair, make_sft, majority
-from quietstar.explicit.judge import AnswerCheck, ModelJudge, parse_score
-from quietstar.explicit.losses import dpo_loss, fit_dpo, pair_batch, reference_logprobs, sft_loss, token_batch
-from quietstar.explicit.sample import Completion, sample_rows
-from quietstar.explicit.tasks import Question, StopRule, reasoning_questions
+from quietstar.methods.explicit.dataset import PreferencePair, Skips, SFTExample, make_pair, make_sft, majority
+from quietstar.methods.explicit.judge import AnswerCheck, ModelJudge, parse_score
+from quietstar.methods.explicit.losses import dpo_loss, fit_dpo, pair_batch, reference_logprobs, sft_loss, token_batch
+from quietstar.methods.explicit.sample import Completion, sample_rows
+from quietstar.methods.explicit.tasks import Question, StopRule, reasoning_questions
 from quietstar.model import ModelConfig, Transformer
 from quietstar.reasoning import ReasoningConfig, make_documents
-from quietstar.thinker import QuietStar, ThoughtConfig
+from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TOK = ByteTokenizer()
@@ -190,9 +190,9 @@ def test_dpo_training_reads_the_reference_once_per_dataset():
 
 
 def method_ctx(method, **explicit):
-    from quietstar.config import TrainConfig
-    from quietstar.explicit.config import ExplicitConfig
-    from quietstar.explicit.loop import Context
+    from quietstar.methods import TrainConfig
+    from quietstar.methods.explicit.config import ExplicitConfig
+    from quietstar.methods.explicit.loop import Context
 
     cfg = TrainConfig()
     cfg.data.reasoning = ReasoningConfig()
@@ -216,7 +216,7 @@ Q2 = Question("train/0/1", "b2=", "e", "!#$\n", [], "b2=e ", 2)
 
 
 def test_star_keeps_correct_rationales_and_trains_rationalisations_without_the_hint():
-    from quietstar.explicit.loop import collect_star
+    from quietstar.methods.explicit.loop import collect_star
 
     qs, ctx = tiny_qs(), method_ctx("star", few_shot=1)
     prompts = scripted(ctx, [[[comp("acfd", "d")], [comp("bx", "x")]],  # Q1 right, Q2 wrong
@@ -235,7 +235,7 @@ def test_star_keeps_correct_rationales_and_trains_rationalisations_without_the_h
 
 
 def test_rft_keeps_each_distinct_correct_path_once():
-    from quietstar.explicit.loop import collect_rft
+    from quietstar.methods.explicit.loop import collect_rft
 
     qs, ctx = tiny_qs(), method_ctx("rft", k=5)
     scripted(ctx, [[[comp("acfd", "d", 1), comp("ACFD ", "d", 2), comp("abcd", "d", 3), comp("acfd", "x", 4),
@@ -246,7 +246,7 @@ def test_rft_keeps_each_distinct_correct_path_once():
 
 
 def test_system2_keeps_self_consistent_answers_and_trains_them_without_a_rationale():
-    from quietstar.explicit.loop import collect_system2
+    from quietstar.methods.explicit.loop import collect_system2
 
     qs, ctx = tiny_qs(), method_ctx("system2", k=4, consistency=0.75)
     q3 = Question("train/0/2", "c1=", None, "!#$\n")  # no gold: System 2 distillation needs none
@@ -271,7 +271,7 @@ def test_a_thinking_model_is_scored_the_same_way_with_its_hidden_tokens_counted(
     counts n_ahead tokens per written token (<start>, the thought, <end>, the token)."""
     import dataclasses
 
-    from quietstar.explicit.loop import evaluate
+    from quietstar.methods.explicit.loop import evaluate
 
     qs, ctx = tiny_qs(), method_ctx("star")
     qs.cfg = dataclasses.replace(qs.cfg, n_ahead=5)
@@ -288,7 +288,7 @@ def test_a_thinking_model_is_scored_the_same_way_with_its_hidden_tokens_counted(
 
 
 def test_bad_input_is_counted_with_its_reason():
-    from quietstar.explicit.loop import collect_star
+    from quietstar.methods.explicit.loop import collect_star
 
     qs, ctx = tiny_qs(), method_ctx("star", rationalize=False)
     no_gold = Question("train/0/3", "d1=", None, "!#$\n")
@@ -326,8 +326,8 @@ def test_a_star_round_end_to_end_through_the_config(tmp_path):
     from test_learn_to_think import ROOT, TOY
 
     from quietstar import train as train_script
-    from quietstar.config import register_configs
-    from quietstar.recipes import run_recipe
+    from quietstar.methods import register_configs
+    from quietstar.methods import run_recipe
 
     def toy_cfg(out_dir, *overrides):  # learn_to_think's toy sizes, under the explicit=star preset
         GlobalHydra.instance().clear()

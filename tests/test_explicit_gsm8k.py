@@ -1,4 +1,4 @@
-"""GSM8K as a task of the explicit loop (quietstar/explicit/tasks.py: gsm8k_splits, gsm8k_worked, gsm8k_stop_rule):
+"""GSM8K as a task of the explicit loop (quietstar/methods/explicit/tasks.py: gsm8k_splits, gsm8k_worked, gsm8k_stop_rule):
 the splits of a small jsonl written here (validation carved from train, the held-out split test's first
 problems, the worked examples never asked), the prompt, the final-answer marker and the answer check, and
 one round of STaR, TPO and Constitutional AI end to end through the config on a tiny random model."""
@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from quietstar.errors import UserError
-from quietstar.explicit.judge import AnswerCheck
-from quietstar.explicit.tasks import (GSM8K_MARK, GSM8K_SHOTS, gsm8k_splits, gsm8k_stop_rule, gsm8k_worked,
-                                      normalise_answer)
+from quietstar.methods.explicit.judge import AnswerCheck
+from quietstar.methods.explicit.tasks import (GSM8K_MARK, GSM8K_SHOTS, gsm8k_splits, gsm8k_stop_rule, gsm8k_worked,
+                                              normalise_answer)
 from test_explicit import TOK, comp, tiny_qs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -92,10 +92,10 @@ def test_one_round_of_a_method_on_gsm8k_end_to_end_through_the_config(tmp_path, 
     from test_learn_to_think import ROOT, TOY
 
     from quietstar import train as train_script
-    from quietstar.config import register_configs
-    from quietstar.explicit import constitutional as cai
-    from quietstar.explicit import loop
-    from quietstar.recipes import run_recipe
+    from quietstar.methods import register_configs
+    from quietstar.methods.explicit import constitutional as cai
+    from quietstar.methods.explicit import loop
+    from quietstar.methods import run_recipe
 
     root = write_gsm8k(tmp_path / "data" / "gsm8k", n_train=24, n_test=6)
     loaded = []

@@ -1,4 +1,4 @@
-"""The preference-based explicit methods (quietstar/explicit/preference.py) on tiny random models: the preference
+"""The preference-based explicit methods (quietstar/methods/explicit/preference.py) on tiny random models: the preference
 losses (DPO, RPO, IPO, SimPO) against hand computations, TPO's best-vs-worst pairs and what it skips, V-STaR's
 verifier pairs from every round and its best-of-k wired to bestofk, CPO's tree search over the real sampler (its
 step filter, proposal temperature and pairs per question), and one round of each end to end through the config
@@ -14,13 +14,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from quietstar.explicit import preference, tree
-from quietstar.explicit.bestofk import accuracy_vs_k
-from quietstar.explicit.dataset import PreferencePair, Skips
-from quietstar.explicit.judge import Score
-from quietstar.explicit.losses import (PreferenceLoss, fit_dpo, pair_batch, preference_loss, reference_logprobs,
-                                      sequence_logprobs)
-from quietstar.explicit.tasks import Question
+from quietstar.methods.explicit import preference, tree
+from quietstar.methods.explicit.bestofk import accuracy_vs_k
+from quietstar.methods.explicit.dataset import PreferencePair, Skips
+from quietstar.methods.explicit.judge import Score
+from quietstar.methods.explicit.losses import (PreferenceLoss, fit_dpo, pair_batch, preference_loss, reference_logprobs,
+                                               sequence_logprobs)
+from quietstar.methods.explicit.tasks import Question
 from test_explicit import DOT, Q1, Q2, TOK, comp, method_ctx, reference_seq_logprob, scripted, tiny_qs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -99,7 +99,7 @@ def test_rpo_raises_the_chosen_likelihood_above_where_dpo_leaves_it():
 def test_a_reference_free_loss_never_runs_the_reference_and_the_option_is_checked():
     from quietstar.config import OptimConfig
     from quietstar.errors import ConfigError
-    from quietstar.explicit.config import ExplicitConfig
+    from quietstar.methods.explicit.config import ExplicitConfig
 
     qs, ref = tiny_qs(0), tiny_qs(1)
     calls = []
@@ -166,7 +166,7 @@ SIG = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
 def _choice_labeller(monkeypatch, favoured):
     """A scripted multiple-choice judge: the asked option whose response is in `favoured` gets logit +2, and
     (A) always +1 more (a position bias, which asking both orders cancels). Records the prompts."""
-    from quietstar.explicit import constitutional
+    from quietstar.methods.explicit import constitutional
 
     asked = []
 
@@ -230,7 +230,7 @@ def test_the_choice_judge_ranks_by_mean_win_probability_and_its_agreement_with_t
 
 
 def test_the_choice_judges_scores_equal_a_hand_computation_from_the_full_logits():
-    from quietstar.explicit import constitutional as cai
+    from quietstar.methods.explicit import constitutional as cai
 
     qs, ctx = tiny_qs(0, torch.float64), method_ctx("tpo", k=3, judge="choice")
     judge = preference.response_judge(ctx, qs)
@@ -260,7 +260,7 @@ def test_the_choice_judges_scores_equal_a_hand_computation_from_the_full_logits(
 
 def test_the_judge_model_is_the_base_the_latest_or_a_checkpoint_with_the_runs_tokenizer(tmp_path):
     from quietstar.errors import ConfigError, UserError
-    from quietstar.explicit.config import ExplicitConfig
+    from quietstar.methods.explicit.config import ExplicitConfig
 
     qs, base = tiny_qs(0), tiny_qs(1)
     ctx = method_ctx("tpo", judge="choice")
@@ -410,8 +410,8 @@ def test_one_round_of_each_preference_method_end_to_end_through_the_config(tmp_p
     from test_learn_to_think import ROOT, TOY
 
     from quietstar import train as train_script
-    from quietstar.config import register_configs
-    from quietstar.recipes import run_recipe
+    from quietstar.methods import register_configs
+    from quietstar.methods import run_recipe
 
     method, _, variant = method.partition("/")
     loss, judge = (variant, "") if variant in ("dpo", "rpo", "ipo", "simpo") else ("", variant)

@@ -1,4 +1,4 @@
-"""Model selection over explicit runs (quietstar/explicit/select.py): the run with the best validation accuracy is
+"""Model selection over explicit runs (quietstar/methods/explicit/select.py): the run with the best validation accuracy is
 chosen, never by the held-out split; and the loop's iterate_from=best builds each round on the best validation
 model so far."""
 
@@ -7,7 +7,7 @@ import json
 import pytest
 
 from quietstar.errors import UserError
-from quietstar.explicit import select
+from quietstar.methods.explicit import select
 
 
 def _result(val_by_round, held_out_by_round, best_round, beta, lr, method="tpo", seed=0):
@@ -44,7 +44,7 @@ def test_the_run_with_the_best_validation_score_is_chosen_never_by_held_out(tmp_
 
 @pytest.mark.parametrize("iterate_from", ["latest", "best"])
 def test_each_round_builds_on_the_latest_or_the_best_validation_model(iterate_from):
-    from quietstar.explicit.loop import Rounds
+    from quietstar.methods.explicit.loop import Rounds
 
     track = Rounds("base", 0.5, iterate_from)
     built_on = []

@@ -8,8 +8,8 @@ from collections import Counter
 
 import pytest
 
-from quietstar.explicit.bestofk import accuracy_vs_k, best_of_k, majority_vote, pass_at_k
-from quietstar.explicit.tree import KEPT, PRUNED, UNSCORED, preference_pairs, search, winning_path
+from quietstar.methods.explicit.bestofk import accuracy_vs_k, best_of_k, majority_vote, pass_at_k
+from quietstar.methods.explicit.tree import KEPT, PRUNED, UNSCORED, preference_pairs, search, winning_path
 
 # ---------------------------------------------------------------------------------------------------
 # Tree search

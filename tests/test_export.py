@@ -13,7 +13,7 @@ from quietstar.data import ByteTokenizer
 from quietstar.export import export, load_thinker, main
 from quietstar.model import ModelConfig, Transformer
 from quietstar.optim import build_optimizer
-from quietstar.thinker import QuietStar, ThoughtConfig
+from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig
 
 transformers = pytest.importorskip("transformers")
 

@@ -32,7 +32,7 @@ from quietstar.generate import generate
 from quietstar.health import HealthMonitor
 from quietstar.loading import LoadError, config_from_hf
 from quietstar.model import ModelConfig, Transformer
-from quietstar.thinker import QuietStar, ThoughtConfig
+from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig
 from test_checkpoint import make, save
 from test_train import ENV, ROOT, TINY, records, tiny_cfg
 
@@ -288,7 +288,7 @@ def test_default_output_dirs_are_unique_within_one_second():
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from quietstar.config import register_configs
+    from quietstar.methods import register_configs
 
     a, b = train_script.default_output_dir(), train_script.default_output_dir()
     assert a != b and str(os.getpid()) in a.name

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from quietstar import fused
 from quietstar.fused import ResidualNormLinearsFunction, RMSNormLinearsFunction, rms_norm, swiglu_down
 from quietstar.model import ModelConfig, Transformer, measure_saved_bytes, saved_bytes_per_token
-from quietstar.thinker import QuietStar, ThoughtConfig
+from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,7 +7,7 @@ import torch
 
 from quietstar.generate import Generation, generate, generate_stream, left_pad, sample_token
 from quietstar.model import KVCache, ModelConfig, Transformer
-from quietstar.thinker import QuietStar, ThoughtConfig, sample_categorical
+from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig, sample_categorical
 
 V = 256
 

@@ -8,14 +8,14 @@ import json
 import pytest
 import torch
 
-from quietstar import objective
+from quietstar.methods.quietstar import objective
 from quietstar.config import DataConfig
 from quietstar.data import ByteTokenizer, build_stream
 from quietstar.eval.nll import score_tokens
 from quietstar.generate import encode_prompt, generate
 from quietstar.masks import ThoughtGrid
 from quietstar.model import ModelConfig, Transformer
-from quietstar.thinker import QuietStar, ThoughtConfig, sample_categorical
+from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig, sample_categorical
 
 
 def tiny_qs(seed=0, tok=None, **cfg):
@@ -201,7 +201,7 @@ def test_inverse_cdf_sampling_is_exact_to_float64_at_a_large_vocabulary():
 def test_sampled_distribution_total_variation_is_below_1e7():
     """The distribution sample_categorical inverts (block mass x share in the block), against the float64
     softmax; a float32 cumulative sum over the vocabulary is far off."""
-    from quietstar.thinker import categorical_blocks
+    from quietstar.methods.quietstar.thinker import categorical_blocks
 
     for V in (32000, 49152, 1000):
         logits = torch.randn(8, V, generator=torch.Generator().manual_seed(V)) * 3

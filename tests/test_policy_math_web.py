@@ -11,11 +11,11 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from quietstar import train as train_script
-from quietstar.config import register_configs
+from quietstar.methods import register_configs
 from quietstar.errors import UserError
-from quietstar.recipes import run_recipe
-from quietstar.recipes.learn_to_think import micro_step_flops
-from quietstar.recipes.math_web import stage_config
+from quietstar.methods import run_recipe
+from quietstar.methods.quietstar.learn_to_think import micro_step_flops
+from quietstar.methods.quietstar.math_web import stage_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model=tiny", "model.dim=32", "model.intermediate_size=64", "model.n_heads=2", "model.n_kv_heads=2",
@@ -108,7 +108,7 @@ def test_a_split_that_trains_on_scored_records_is_refused(tmp_path, corpus):
 
 
 def test_the_summary_prints_question_scores_of_models_scored_without_thoughts(tmp_path, capsys):
-    from quietstar.recipes.math_web import print_results
+    from quietstar.methods.quietstar.math_web import print_results
 
     nll = {"nll_base": 2.5, "nll_thought": 2.5, "gain": 0.0}
     models = {"before": {**nll, "gsm8k_soft": {"no_thought": 0.011, "thought": None, "n": 2},

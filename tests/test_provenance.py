@@ -19,7 +19,7 @@ from quietstar.data import ByteTokenizer
 from quietstar.eval import common
 from quietstar.model import ModelConfig, Transformer
 from quietstar.provenance import write_record
-from quietstar.thinker import QuietStar, ThoughtConfig
+from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -85,10 +85,10 @@ def test_the_command_defaults_to_the_script_as_typed_from_the_root(monkeypatch):
     monkeypatch.setattr(sys, "argv", [str(ROOT / "bench" / "bench_where.py"), "--rounds", "5"])
     assert provenance.provenance([])["command"] == "python bench/bench_where.py --rounds 5"
     module = types.ModuleType("__main__")
-    module.__spec__ = types.SimpleNamespace(name="quietstar.recipes.distill")
+    module.__spec__ = types.SimpleNamespace(name="quietstar.methods.distill.recipe")
     monkeypatch.setitem(sys.modules, "__main__", module)
     monkeypatch.setattr(sys, "argv", ["/x/distill.py", "RUN0", "--out", "s.json"])
-    assert provenance.provenance([])["command"] == "python -m quietstar.recipes.distill RUN0 --out s.json"
+    assert provenance.provenance([])["command"] == "python -m quietstar.methods.distill.recipe RUN0 --out s.json"
 
 
 def test_the_evaluation_records_its_provenance(tmp_path, monkeypatch):
@@ -109,8 +109,8 @@ def test_the_evaluation_records_its_provenance(tmp_path, monkeypatch):
 
 
 def test_a_recipe_summary_records_the_runs_seeds(tmp_path, monkeypatch, capsys):
-    from quietstar.recipes.learn_to_think import median_over_seeds
-    from quietstar.recipes.report import EVAL_SEED_OFFSET, summarise_seeds_main
+    from quietstar.methods.quietstar.learn_to_think import median_over_seeds
+    from quietstar.methods.quietstar.report import EVAL_SEED_OFFSET, summarise_seeds_main
 
     runs = []
     for seed, nll in ((4, 1.0), (9, 3.0)):
@@ -213,7 +213,7 @@ def test_every_script_that_writes_a_record_uses_write_record():
     found = writers()
     names = {f.relative_to(ROOT).as_posix() for f in found}
     assert {"bench/bench_train_step.py", "bench/bench_where.py", "bench/scripts/op_times.py",
-            "quietstar/recipes/report.py"} <= names  # the check sees the writers it is meant to see
+            "quietstar/methods/quietstar/report.py"} <= names  # the check sees the writers it is meant to see
     bad = [f.relative_to(ROOT).as_posix() for f in found
            if RAW.search(f.read_text()) or "write_record(" not in f.read_text()]
     assert not bad, f"write JSON records without quietstar.provenance.write_record: {bad}"

@@ -8,12 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from quietstar import objective
+from quietstar.methods.quietstar import objective
 from quietstar import train as train_script
 from quietstar.ema import EMATeacher
 from quietstar.masks import ThoughtGrid
 from quietstar.model import ModelConfig, Transformer
-from quietstar.thinker import QuietStar, ThoughtConfig
+from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig
 from tests.test_objective import randomize_talk_head
 from tests.test_train import records, tiny_cfg
 

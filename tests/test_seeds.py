@@ -33,8 +33,8 @@ def test_a_derived_seed_is_a_stable_63_bit_hash_of_its_parts():
 @pytest.mark.parametrize("run_seed", RUN_SEEDS)
 def test_each_recipe_s_seeds_from_any_run_seed_fit_every_generator_and_are_distinct(run_seed):
     from quietstar.data import ListDocs
-    from quietstar.explicit.loop import round_seeds
-    from quietstar.recipes.report import EVAL_SEED_OFFSET
+    from quietstar.methods.explicit.loop import round_seeds
+    from quietstar.methods.quietstar.report import EVAL_SEED_OFFSET
 
     seeds = {}
     for r in range(1, 6):  # the explicit loop: each round's sampling and batch order
@@ -84,9 +84,9 @@ def test_train_seed_is_bounded_by_the_largest_derivable_seed():
 def test_cpo_searches_with_any_run_seed(run_seed):
     from test_explicit import Q1, method_ctx, tiny_qs
 
-    from quietstar.explicit.dataset import Skips
-    from quietstar.explicit.loop import round_seeds
-    from quietstar.explicit.preference import collect_cpo
+    from quietstar.methods.explicit.dataset import Skips
+    from quietstar.methods.explicit.loop import round_seeds
+    from quietstar.methods.explicit.preference import collect_cpo
 
     qs = tiny_qs()
     ctx = method_ctx("cpo", temperature=1.0, beam=1, proposals=2, self_eval="likelihood")

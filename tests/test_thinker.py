@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from quietstar.attention import use_backend
 from quietstar.model import ModelConfig, Transformer
-from quietstar.thinker import QuietStar, ThoughtConfig, TalkHead
+from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig, TalkHead
 
 
 def tiny_qs(seed=0, **cfg):

@@ -203,8 +203,8 @@ def test_subset_decode_step_equals_the_subset_grid(step):
 # the layer: selection, the subset learning pass against the full grid, the gate, generation
 
 from quietstar.model import ModelConfig, Transformer  # noqa: E402
-from quietstar.thinker import QuietStar, ThoughtConfig  # noqa: E402
-from quietstar.where import Selection, fires, select  # noqa: E402
+from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig  # noqa: E402
+from quietstar.methods.quietstar.where import Selection, fires, select  # noqa: E402
 
 
 def tiny_qs(seed=0, dtype=torch.float32, **cfg):
@@ -242,7 +242,7 @@ def test_subset_grid_hidden_equals_the_full_grid_at_the_thinking_positions(backe
 def test_the_text_row_then_the_thought_rows_is_one_grid_forward(backend, subset):
     """The learning pass runs the text row first (the rollout samples on its K/V) and the thought rows on top of
     it: hidden states and every parameter's gradient equal one forward over the whole (or subset) grid (fp64)."""
-    from quietstar.thinker import GridPass
+    from quietstar.methods.quietstar.thinker import GridPass
 
     qs = tiny_qs(dtype=torch.float64)
     x, mask = batch()

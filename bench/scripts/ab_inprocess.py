@@ -6,7 +6,7 @@ old/new/new/old..., so that the load of a shared machine hits both alike.
 bench_small, B=2, T=12, K=4, n=2. Each tree's modules are imported under the same names one after the
 other (the first tree's objects keep their own module globals). Prints each step time and a JSON line.
 """
-import importlib, json, sys, time
+import importlib, json, os, sys, time
 import torch
 
 def load(tree):
@@ -14,7 +14,9 @@ def load(tree):
         del sys.modules[m]
     sys.path.insert(0, tree)
     try:
-        model = importlib.import_module("quietstar.model"); thinker = importlib.import_module("quietstar.thinker")
+        model = importlib.import_module("quietstar.model")
+        methods = os.path.isdir(os.path.join(tree, "quietstar", "methods"))  # a tree from before the methods/ folder
+        thinker = importlib.import_module("quietstar.methods.quietstar.thinker" if methods else "quietstar.thinker")
         attention = importlib.import_module("quietstar.attention")
     finally:
         sys.path.remove(tree)

@@ -21,7 +21,7 @@ import torch
 from quietstar.errors import UserError
 from quietstar.model import KVCache
 from quietstar.provenance import write_json  # noqa: F401  (the evaluations' json writer: atomic)
-from quietstar.thinker import QuietStar
+from quietstar.methods.quietstar.thinker import QuietStar
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"

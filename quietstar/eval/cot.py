@@ -25,7 +25,7 @@ import torch
 
 from quietstar.eval.common import Progress
 from quietstar.generate import encode_prompt, generate_stream, left_pad
-from quietstar.thinker import QuietStar
+from quietstar.methods.quietstar.thinker import QuietStar
 
 COT_PROMPT = "\nA: Let's think step by step."
 GSM8K_FINAL = "\nTherefore, the answer (arabic numerals) is"

@@ -20,7 +20,7 @@ import torch
 from quietstar.eval.common import DataError, field, read_jsonl
 from quietstar.eval.cot import CSQA_FINAL, first_letter, zero_shot_cot
 from quietstar.eval.soft import SoftExample, soft_accuracy
-from quietstar.thinker import QuietStar
+from quietstar.methods.quietstar.thinker import QuietStar
 
 DEFAULT_PATH = "commonsenseqa/dev_rand_split.jsonl"
 

@@ -16,7 +16,7 @@ import torch
 from quietstar.eval.common import DataError, field, read_jsonl
 from quietstar.eval.cot import GSM8K_FINAL, first_integer, zero_shot_cot
 from quietstar.eval.soft import NUMERIC, SoftExample, soft_accuracy
-from quietstar.thinker import QuietStar
+from quietstar.methods.quietstar.thinker import QuietStar
 
 DEFAULT_PATH = "gsm8k/test.jsonl"
 

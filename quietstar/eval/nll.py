@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from quietstar.eval.common import DataError, Progress, field, read_jsonl
 from quietstar.generate import encode_prompt
-from quietstar.thinker import QuietStar
+from quietstar.methods.quietstar.thinker import QuietStar
 
 
 @dataclass

@@ -38,7 +38,7 @@ import torch
 
 from quietstar.eval.common import Progress, base_logits_at, next_token_logits_at
 from quietstar.generate import encode_prompt
-from quietstar.thinker import QuietStar
+from quietstar.methods.quietstar.thinker import QuietStar
 
 ANSWER_MARKER = "\nA:"
 NUMERIC = re.compile(r"\s*-?\d")

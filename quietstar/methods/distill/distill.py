@@ -41,6 +41,7 @@ Objectives (`distill.objective`):
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -49,8 +50,8 @@ import torch
 
 from quietstar.errors import ConfigError, UserError
 from quietstar.linear_ce import linear_kl_sum, linear_logprob_sum, lm_head_chunks
-from quietstar.plain import PlainLM, _in_document
-from quietstar.thinker import QuietStar, ThoughtOutput, sample_categorical
+from quietstar.methods.plain.model import PlainLM, _in_document
+from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig, ThoughtOutput, sample_categorical
 
 OBJECTIVES = ("kl", "ntp_rl")
 
@@ -93,11 +94,11 @@ class DistillConfig:
 def teacher_checkpoint(path) -> Path:
     """The step dir of the teacher `path` names. A missing path, a damaged checkpoint or a plain-LM checkpoint
     is a UserError naming distill.teacher and the file."""
-    from quietstar.checkpoint import CheckpointError, find_checkpoint, read_train_config
+    from quietstar.checkpoint import CheckpointError, find_checkpoint, read_config_section
 
     try:
         ckpt = find_checkpoint(path)
-        if not read_train_config(ckpt).thought.enabled:
+        if not read_config_section(ckpt, "thought", ThoughtConfig).enabled:
             raise UserError(f"distill.teacher={str(path)!r}: {ckpt} is a plain-LM checkpoint (thought.enabled="
                             "false), not a thinking model")
     except CheckpointError as e:
@@ -107,7 +108,8 @@ def teacher_checkpoint(path) -> Path:
 
 def load_teacher(path, device=None) -> QuietStar:
     """The frozen thinking teacher (see teacher_checkpoint for the errors)."""
-    from quietstar.checkpoint import CheckpointError, load_thinker_checkpoint
+    from quietstar.checkpoint import CheckpointError
+    from quietstar.methods.quietstar.load import load_thinker_checkpoint
 
     ckpt = teacher_checkpoint(path)
     try:
@@ -131,6 +133,13 @@ def build_student(cfg, base, tok, device) -> "Distiller":
     student = Distiller(base, tok, cfg.thought, teacher, cfg.distill)
     init_weights(student, cfg.init_from or cfg.distill.teacher)
     return student.to(device)
+
+
+def check(cfg) -> None:
+    """A run with distill.teacher trains a student that never thinks: its thought section (and so its saved
+    config) says so."""
+    if cfg.distill.teacher and cfg.thought.enabled:
+        cfg.thought = dataclasses.replace(cfg.thought, enabled=False)
 
 
 class Distiller(PlainLM):

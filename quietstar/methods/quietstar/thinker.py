@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from quietstar.ema import EMATeacher
 from quietstar.linear_ce import LogitsBuffer, WeightGradSum, linear_logprob_sum, lm_head_chunks
 from quietstar.masks import GridStates, ThoughtGrid, at_positions
-from quietstar.objective import OBJECTIVES, get_objective
-from quietstar.objective import metrics as objective_metrics
-from quietstar.where import WHERE, Selection, ThinkGate, base_entropy, row_entropy, select
+from quietstar.methods.quietstar.objective import OBJECTIVES, get_objective
+from quietstar.methods.quietstar.objective import metrics as objective_metrics
+from quietstar.methods.quietstar.where import WHERE, Selection, ThinkGate, base_entropy, row_entropy, select
 
 
 @dataclass
@@ -97,7 +97,7 @@ class ThoughtConfig:
     """Width of the talk head's hidden layers (None = d, as in the official code)."""
 
     enabled: bool = True
-    """False: train the base model as a plain language model (no thoughts, no talk head: quietstar/plain.py),
+    """False: train the base model as a plain language model (no thoughts, no talk head: quietstar/methods/plain/model.py),
     for pretraining and for the matched no-thought baseline. Checkpoints are the same either way."""
 
     impl: str = "grid"
@@ -631,7 +631,7 @@ class QuietStar(nn.Module):
             self.pad_token_id = 0
         self.tokenizer = tokenizer
         # Initialised once, here; a loaded state dict overwrites them and nothing re-initialises them
-        # (but quietstar.plain.reset_thought_embeddings, for a start from a plain-LM checkpoint).
+        # (but quietstar.methods.plain.model.reset_thought_embeddings, for a start from a plain-LM checkpoint).
         start, end = thought_init_ids(cfg, tokenizer)
         w = model.tok_embeddings.weight.detach()
         self.start_embedding = nn.Parameter((w[start].float() / cfg.embedding_scale).to(w.dtype))

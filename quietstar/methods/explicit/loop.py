@@ -34,18 +34,18 @@ import json
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import List
 
 import torch
 
-from quietstar.explicit.constitutional import collect_cai, preference_round
-from quietstar.explicit.dataset import Skips, majority, make_sft, normalise_rationale, write_jsonl
-from quietstar.explicit.judge import AnswerCheck
-from quietstar.explicit.losses import PreferenceLoss, fit_dpo, fit_sft
-from quietstar.explicit.preference import collect_cpo, collect_tpo, collect_vstar, verify
-from quietstar.explicit.sample import sample
-from quietstar.explicit.tasks import (GSM8K_MARK, GSM8K_START, gsm8k_splits, gsm8k_stop_rule, normalise_answer,
-                                      reasoning_questions, reasoning_stop_rule, step_alphabet)
+from quietstar.methods.explicit.collect import collect_rft, collect_star, collect_system2
+from quietstar.methods.explicit.constitutional import collect_cai, preference_round
+from quietstar.methods.explicit.dataset import Skips, write_jsonl
+from quietstar.methods.explicit.judge import AnswerCheck
+from quietstar.methods.explicit.losses import PreferenceLoss, fit_dpo, fit_sft
+from quietstar.methods.explicit.preference import collect_cpo, collect_tpo, collect_vstar, verify
+from quietstar.methods.explicit.sample import sample
+from quietstar.methods.explicit.tasks import (GSM8K_MARK, GSM8K_START, gsm8k_splits, gsm8k_stop_rule,
+                                              reasoning_questions, reasoning_stop_rule, step_alphabet)
 from quietstar.seeds import derive_seed
 
 EVAL_MODES = {"star": "cot", "rft": "cot", "system2": "direct", "vstar": "cot", "tpo": "cot", "cpo": "cot",
@@ -90,82 +90,6 @@ class Context:
         if bar:
             bar.close()
         return out
-
-
-def _meta(method, r, q, j, s, **extra) -> dict:
-    return {"method": method, "iteration": r, "question_id": q.id, "sample": j,
-            "scores": {"answer": s.value, "reason": s.reason}, **extra}
-
-
-def collect_star(ctx: Context, qs, questions, r: int, seed: int, skips: Skips):
-    ex, few = ctx.ex, ctx.ex.few_shot
-    out, wrong, stats = [], [], defaultdict(int)
-    comps = ctx.sample(qs, [q.prompt(few) for q in questions], 1, "cot", seed, desc=f"round {r}: star sample")
-    for q, (c,) in zip(questions, comps):
-        s = ctx.check.score(q, c)
-        if s.value is None:
-            skips.add(s.reason, q.id)
-        elif s.value == 1:
-            e = make_sft(qs, ctx.tok, q.prompt(), c, True, skips, _meta("star", r, q, 0, s, source="generated"))
-            out += [e] if e else []
-        else:
-            wrong.append(q)
-    stats["generated_correct"] = len(out)
-    if ex.rationalize and wrong:
-        comps = ctx.sample(qs, [q.prompt(few, hint=True) for q in wrong], 1, "cot", derive_seed(seed, "rationalise"),
-                           desc=f"round {r}: star rationalise")
-        for q, (c,) in zip(wrong, comps):
-            s = ctx.check.score(q, c)
-            if s.value == 1:  # trained on without the hint: the prompt is the plain question
-                e = make_sft(qs, ctx.tok, q.prompt(), c, True, skips, _meta("star", r, q, 0, s, source="rationalised"))
-                out += [e] if e else []
-                stats["rationalised_correct"] += e is not None
-        stats["rationalise_tried"] = len(wrong)
-    return out, dict(stats)
-
-
-def collect_rft(ctx: Context, qs, questions, r: int, seed: int, skips: Skips):
-    out, stats = [], defaultdict(int)
-    comps = ctx.k_rationales(qs, questions, seed, f"round {r}: rft sample")
-    for q, cs in zip(questions, comps):
-        seen = set()
-        for j, c in enumerate(cs):
-            s = ctx.check.score(q, c)
-            if s.value is None:
-                skips.add(s.reason, q.id)
-                continue
-            stats["correct"] += s.value == 1
-            key = normalise_rationale(c.rationale)
-            if s.value != 1 or key in seen:
-                stats["duplicates"] += s.value == 1
-                continue
-            seen.add(key)
-            e = make_sft(qs, ctx.tok, q.prompt(), c, True, skips, _meta("rft", r, q, j, s))
-            out += [e] if e else []
-        stats["questions_with_a_path"] += bool(seen)
-    return out, dict(stats)
-
-
-def collect_system2(ctx: Context, qs, questions, r: int, seed: int, skips: Skips):
-    out, stats = [], defaultdict(int)
-    comps = ctx.k_rationales(qs, questions, seed, f"round {r}: system2 sample")
-    for q, cs in zip(questions, comps):
-        answers = [normalise_answer(c.answer, q.kind) for c in cs]
-        top, share = majority(answers)
-        if top is None:
-            skips.add("no answer in any sample", q.id)
-            continue
-        if share < ctx.ex.consistency:
-            stats["inconsistent"] += 1
-            continue
-        j = answers.index(top)
-        s = ctx.check.score(q, cs[j])  # recorded, never used to choose: System 2 distillation has no labels
-        e = make_sft(qs, ctx.tok, q.prompt(), cs[j], False, skips,
-                     _meta("system2", r, q, j, s, majority_share=share, votes=answers))
-        if e:
-            out.append(e)
-            stats["kept_label_correct"] += s.value == 1
-    return out, dict(stats)
 
 
 class Rounds:
@@ -253,10 +177,11 @@ def _questions(cfg):
 
 
 def _base(cfg, train_fn, stages):
-    from quietstar.checkpoint import find_checkpoint, load_thinker_checkpoint
-    from quietstar.plain import reset_thought_embeddings
-    from quietstar.recipes.learn_to_think import pretrain_config, run_stage
-    from quietstar.recipes.report import recipe_device
+    from quietstar.checkpoint import find_checkpoint
+    from quietstar.methods.quietstar.load import load_thinker_checkpoint
+    from quietstar.methods.plain.model import reset_thought_embeddings
+    from quietstar.methods.quietstar.learn_to_think import pretrain_config, run_stage
+    from quietstar.methods.quietstar.report import recipe_device
 
     ex, marks = cfg.explicit, (cfg.thought.init_token, cfg.thought.end_init_token)
     if ex.task == "gsm8k":  # a pretrained model; <start> reads as a new line, <end> as the final-answer marker
@@ -275,9 +200,10 @@ def _base(cfg, train_fn, stages):
 
 def _pretrained(cfg, name: str, device):
     """(what was loaded, QuietStar) for task=gsm8k: a training checkpoint, or a pretrained model by name or HF dir."""
-    from quietstar.checkpoint import find_checkpoint, load_thinker_checkpoint
+    from quietstar.checkpoint import find_checkpoint
+    from quietstar.methods.quietstar.load import load_thinker_checkpoint
     from quietstar.loading import load_pretrained
-    from quietstar.thinker import QuietStar
+    from quietstar.methods.quietstar.thinker import QuietStar
 
     where = Path(name).expanduser()
     if where.is_dir() and not (where / "config.json").is_file():  # an HF dir has a config.json
@@ -308,7 +234,7 @@ def run(cfg, train_fn):
     """The recipe. -> a TrainResult-like summary; results.json and metrics.jsonl in the run dir."""
     from quietstar.errors import UserError
     from quietstar.logging import start_run
-    from quietstar.recipes.learn_to_think import _Summary
+    from quietstar.methods.quietstar.learn_to_think import _Summary
 
     if cfg.explicit.task == "reasoning" and cfg.data.source != "reasoning":
         raise UserError(f"explicit: needs data=reasoning (its questions have checkable answers), got "

@@ -19,7 +19,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from quietstar.errors import UserError
-from quietstar.explicit.tasks import StopRule
+from quietstar.methods.explicit.tasks import StopRule
 from quietstar.generate import encode_prompt, generate_stream, left_pad, sample_token
 
 

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import torch
 
-from quietstar.checkpoint import load_thinker_checkpoint
+from quietstar.methods.quietstar.load import load_thinker_checkpoint
 from quietstar.plots import PANELS, read_metrics, save_figure
-from quietstar.plain import reset_thought_embeddings
+from quietstar.methods.plain.model import reset_thought_embeddings
 from quietstar.reasoning import chain_open_ids, score_answers, train_and_eval_documents
-from quietstar.where import ThinkGate
+from quietstar.methods.quietstar.where import ThinkGate
 
 
 EVAL_SEED_OFFSET = 7919  # the held-out evaluation's own thought-sampling stream: seed = train.seed + this
@@ -194,7 +194,7 @@ def plot_learning_curves(qs_metrics: Path, baseline_metrics: Path, out: Path, re
 
 
 def summarise_seeds_main(recipe: str, summarise) -> None:
-    """`python -m quietstar.recipes.<recipe> RUN_DIR [RUN_DIR ...] [--out FILE]`: summarise(results.json paths)
+    """`python -m quietstar.methods.<recipe> RUN_DIR [RUN_DIR ...] [--out FILE]`: summarise(results.json paths)
     over several seeds' runs, printed, and written as JSON with its provenance (the runs' train.seed values)
     and each run's own commit where its results.json records one."""
     import argparse

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from quietstar.errors import ConfigError
-from quietstar.explicit.losses import PREFERENCE_LOSSES
+from quietstar.methods.explicit.losses import PREFERENCE_LOSSES
 
 METHODS = ("star", "rft", "system2", "vstar", "tpo", "cpo", "cai")
 TASKS = ("reasoning", "gsm8k")

@@ -37,9 +37,9 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from quietstar.errors import UserError
-from quietstar.explicit.dataset import PreferencePair, Skips, completion_ids, make_sft, prompt_ids
-from quietstar.explicit.sample import Completion
-from quietstar.explicit.tasks import GSM8K_MARK, Question, StopRule
+from quietstar.methods.explicit.dataset import PreferencePair, Skips, completion_ids, make_sft, prompt_ids
+from quietstar.methods.explicit.sample import Completion
+from quietstar.methods.explicit.tasks import GSM8K_MARK, Question, StopRule
 from quietstar.generate import encode_prompt
 from quietstar.seeds import derive_seed
 

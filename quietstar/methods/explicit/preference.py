@@ -35,13 +35,14 @@ from typing import List, Optional
 
 import torch
 
-from quietstar.explicit import tree
-from quietstar.explicit.bestofk import accuracy_vs_k
-from quietstar.explicit.dataset import PreferencePair, Skips, completion_ids, majority, make_pair, prompt_ids
-from quietstar.explicit.judge import ModelJudge, Score
-from quietstar.explicit.losses import fit_dpo, sequence_logprobs, token_batch
-from quietstar.explicit.sample import Completion, sample_rows
-from quietstar.explicit.tasks import normalise_answer
+from quietstar.methods.explicit import tree
+from quietstar.methods.explicit.bestofk import accuracy_vs_k
+from quietstar.methods.explicit.collect import collect_star
+from quietstar.methods.explicit.dataset import PreferencePair, Skips, completion_ids, majority, make_pair, prompt_ids
+from quietstar.methods.explicit.judge import ModelJudge, Score
+from quietstar.methods.explicit.losses import fit_dpo, sequence_logprobs, token_batch
+from quietstar.methods.explicit.sample import Completion, sample_rows
+from quietstar.methods.explicit.tasks import normalise_answer
 from quietstar.seeds import derive_seed
 
 # TPO's judge sees the response, not the thought (the paper's point: thoughts are optimised only through the
@@ -83,8 +84,6 @@ def verifier_pairs(ctx, qs, q, comps, scores, r: int, skips: Skips, stats) -> Li
 
 def collect_vstar(ctx, qs, questions, r: int, seed: int, skips: Skips):
     """STaR's SFT examples for the generator; the round's verifier pairs go to ctx.verifier_pairs."""
-    from quietstar.explicit.loop import collect_star
-
     examples, stats = collect_star(ctx, qs, questions, r, seed, skips)
     comps = ctx.k_rationales(qs, questions, derive_seed(seed, "vstar verifier samples"),
                              f"round {r}: vstar verifier samples")
@@ -161,7 +160,7 @@ def judge_model(ctx, qs):
 
 def load_judge(path, tokenizer, device):
     """A judge model from a checkpoint; UserError when its tokenizer writes text otherwise than the run's."""
-    from quietstar.checkpoint import load_thinker_checkpoint
+    from quietstar.methods.quietstar.load import load_thinker_checkpoint
     from quietstar.errors import UserError
 
     judge = load_thinker_checkpoint(path, device=device).eval()
@@ -197,7 +196,7 @@ class ChoiceJudge:
     problems."""
 
     def __init__(self, ctx, model):
-        from quietstar.explicit.constitutional import _constitution
+        from quietstar.methods.explicit.constitutional import _constitution
 
         self.ctx, self.model, self.con = ctx, model, _constitution(ctx)
 
@@ -208,7 +207,7 @@ class ChoiceJudge:
     def examples(self, q) -> list:
         """Worked multiple-choice questions for `q` (constitutional.Example: response = the wrong answer,
         revision = the right one)."""
-        from quietstar.explicit.constitutional import Example, GSM8K_EXAMPLES, GSM8K_PRINCIPLES
+        from quietstar.methods.explicit.constitutional import Example, GSM8K_EXAMPLES, GSM8K_PRINCIPLES
         from quietstar.eval.cot import COT_PROMPT
 
         n = self.ctx.ex.judge_shots
@@ -230,7 +229,7 @@ class ChoiceJudge:
 
     def score_groups(self, questions, groups) -> List[List[Score]]:
         """Per question, the Scores of its responses (a list of Completions)."""
-        from quietstar.explicit.constitutional import label_prompt, option_ids, option_logits, soft_label
+        from quietstar.methods.explicit.constitutional import label_prompt, option_ids, option_logits, soft_label
 
         prompts, where = [], []  # where: (question index, i, j) of each distinct pair, asked (i, j) then (j, i)
         texts = []

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, List, Optional
 
-from quietstar.explicit.sample import Completion
+from quietstar.methods.explicit.sample import Completion
 from quietstar.generate import encode_prompt
 
 

@@ -138,7 +138,7 @@ are the same whatever they are; the objective too where its NLL weights and scop
 
 
 def _same_nll(a, b) -> bool:
-    from quietstar.objective import get_objective
+    from quietstar.methods.quietstar.objective import get_objective
 
     x, y = get_objective(a.objective), get_objective(b.objective)
     return x.nll_coefficients is y.nll_coefficients and x.scope is y.scope
@@ -163,7 +163,7 @@ def run_stage(stage_cfg, train_fn, log: list, recipe: str = "learn_to_think",
     done = _final_checkpoint(stage_cfg)
     name = Path(stage_cfg.output_dir).name
     if done is not None:
-        changed = changed_fields(read_train_config(done), stage_cfg)
+        changed = changed_fields(read_train_config(done, type(stage_cfg)), stage_cfg)
         if changed:
             raise UserError(f"{recipe}: {stage_cfg.output_dir} holds a finished {name} stage run with other "
                             f"settings ({', '.join(changed[:6])}{', ...' if len(changed) > 6 else ''}); give the "
@@ -206,8 +206,8 @@ def run(cfg, train_fn):
                          thought=dataclasses.replace(cfg.thought, policy_weight=0.0))
         off_ckpt = run_stage(off_cfg, train_fn, stages)
 
-    from quietstar.recipes.report import (evaluate, evaluate_ablation, over_training, plot_learning_curves,
-                                          plot_over_training)
+    from quietstar.methods.quietstar.report import (evaluate, evaluate_ablation, over_training, plot_learning_curves,
+                                                    plot_over_training)
 
     results = evaluate(cfg, pre, qs_ckpt, bl_ckpt)
     if off_ckpt is not None:
@@ -315,7 +315,7 @@ def _median(xs: list) -> float:
 
 
 
-if __name__ == "__main__":  # python -m quietstar.recipes.learn_to_think RUN_DIR [RUN_DIR ...] [--out FILE]
-    from quietstar.recipes.report import summarise_seeds_main
+if __name__ == "__main__":  # python -m quietstar.methods.quietstar.learn_to_think RUN_DIR [RUN_DIR ...] [--out FILE]
+    from quietstar.methods.quietstar.report import summarise_seeds_main
 
     summarise_seeds_main("learn_to_think", median_over_seeds)

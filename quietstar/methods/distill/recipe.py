@@ -3,7 +3,7 @@
 
 Stages, in the run dir:
 
-  student/   an ordinary training run with distill.teacher set (quietstar/distill.py): the teacher's base
+  student/   an ordinary training run with distill.teacher set (quietstar/methods/distill/distill.py): the teacher's base
              model, without thoughts, trained towards the teacher's mixed prediction. Its model, data and
              seed are the teacher's (the same architecture to start from its weights; the same corpus and
              held-out split, so no evaluation map was ever in the student's training data either); the
@@ -32,7 +32,7 @@ def student_stage_config(cfg, teacher_ckpt: Path, output_dir: Path):
     distillation settings from this run."""
     from quietstar.checkpoint import read_train_config
 
-    t = read_train_config(teacher_ckpt)
+    t = read_train_config(teacher_ckpt, type(cfg))
     return dataclasses.replace(cfg, recipe=None, resume=None, output_dir=str(output_dir), model=t.model, data=t.data,
                                train=dataclasses.replace(cfg.train, seed=t.train.seed),
                                thought=dataclasses.replace(t.thought, enabled=False))
@@ -40,7 +40,7 @@ def student_stage_config(cfg, teacher_ckpt: Path, output_dir: Path):
 
 def _student(cfg, train_fn, teacher_ckpt: Path, root: Path, log: list) -> Path:
     """Train the student stage, or reuse a finished one with the same settings."""
-    from quietstar.recipes.learn_to_think import run_stage
+    from quietstar.methods.quietstar.learn_to_think import run_stage
 
     stage = student_stage_config(cfg, teacher_ckpt, root / "student")
     if stage.data.source != "reasoning":
@@ -58,11 +58,12 @@ def gain_kept(base: dict, teacher: dict, student: dict) -> dict:
 
 
 def evaluate(cfg, teacher_ckpt: Path, base_ckpt: Path, student_ckpt: Path) -> dict:
-    from quietstar.checkpoint import load_thinker_checkpoint, read_train_config
+    from quietstar.checkpoint import read_train_config
+    from quietstar.methods.quietstar.load import load_thinker_checkpoint
     from quietstar.reasoning import chain_open_ids, score_answers, train_and_eval_documents
-    from quietstar.recipes.report import EVAL_SEED_OFFSET, recipe_device
+    from quietstar.methods.quietstar.report import EVAL_SEED_OFFSET, recipe_device
 
-    t = read_train_config(teacher_ckpt)
+    t = read_train_config(teacher_ckpt, type(cfg))
     _, docs = train_and_eval_documents(t.data.reasoning, t.data.max_docs or t.data.synthetic_docs, t.train.seed)
     dev, seed, bs = recipe_device(cfg), t.train.seed + EVAL_SEED_OFFSET, t.learn_to_think.eval_batch_size
 
@@ -88,12 +89,12 @@ def evaluate(cfg, teacher_ckpt: Path, base_ckpt: Path, student_ckpt: Path) -> di
 def run(cfg, train_fn):
     """Student stage, then the held-out evaluation. -> a TrainResult-like summary; results.json in the run dir."""
     from quietstar.checkpoint import find_checkpoint, read_train_config
-    from quietstar.distill import teacher_checkpoint
+    from quietstar.methods.distill.distill import teacher_checkpoint
 
     if not cfg.distill.teacher:
         raise UserError("experiment=distill_reasoning needs distill.teacher=<a thinking checkpoint or run dir>")
     teacher_ckpt = teacher_checkpoint(cfg.distill.teacher)  # a missing or non-thinking one fails here, before any work
-    base = cfg.distill.base or read_train_config(teacher_ckpt).init_from
+    base = cfg.distill.base or read_train_config(teacher_ckpt, type(cfg)).init_from
     if not base:
         raise UserError(f"distill.base: the teacher's run ({teacher_ckpt}) started from no checkpoint; name the "
                         "no-thought reference model with distill.base=<checkpoint>")
@@ -110,7 +111,7 @@ def run(cfg, train_fn):
     results["distill"] = {"objective": cfg.distill.objective, "nll_weight": cfg.distill.nll_weight,
                           "teacher_thoughts": cfg.distill.teacher_thoughts, "steps": cfg.train.max_steps,
                           "lr": cfg.optim.lr}
-    write_record(root / "results.json", results, seeds=[read_train_config(teacher_ckpt).train.seed])
+    write_record(root / "results.json", results, seeds=[read_train_config(teacher_ckpt, type(cfg)).train.seed])
     print_results(results, root)
     return _Summary(root, student_ckpt)
 
@@ -137,7 +138,7 @@ def print_results(results: dict, root: Path) -> None:
 def summarise(result_files: list) -> dict:
     """Median over seeds of every answer NLL / accuracy; the share of the gain kept from those medians, and
     per run."""
-    from quietstar.recipes.learn_to_think import median_over_seeds
+    from quietstar.methods.quietstar.learn_to_think import median_over_seeds
 
     out = median_over_seeds(result_files)
     runs = [json.loads(Path(f).read_text()) for f in result_files]
@@ -148,7 +149,7 @@ def summarise(result_files: list) -> dict:
     return out
 
 
-if __name__ == "__main__":  # python -m quietstar.recipes.distill RUN_DIR [RUN_DIR ...] [--out FILE]
-    from quietstar.recipes.report import summarise_seeds_main
+if __name__ == "__main__":  # python -m quietstar.methods.distill.recipe RUN_DIR [RUN_DIR ...] [--out FILE]
+    from quietstar.methods.quietstar.report import summarise_seeds_main
 
     summarise_seeds_main("distill_reasoning", summarise)

@@ -1,6 +1,6 @@
 """Model selection over explicit runs by validation accuracy; the held-out split is never read to choose.
 
-    python -m quietstar.explicit.select RUN_DIR ... [--out selection.json]
+    python -m quietstar.methods.explicit.select RUN_DIR ... [--out selection.json]
 
 Each RUN_DIR holds one explicit run's results.json: one point of a small grid (explicit.beta, optim.lr,
 explicit.steps, explicit.nll_weight, explicit.loss, ...), the same method, corpus and seed. A run's score is
@@ -86,7 +86,7 @@ def main(argv=None) -> dict:
               f"round {r['best_round']})  {r['settings']}  {r['run']}")
     if args.out:
         seeds = sorted({r["seed"] for r in results if "seed" in r})
-        write_record(args.out, summary, seeds=seeds, command=[sys.executable, "-m", "quietstar.explicit.select",
+        write_record(args.out, summary, seeds=seeds, command=[sys.executable, "-m", "quietstar.methods.explicit.select",
                                                                *(argv if argv is not None else sys.argv[1:])])
     return summary
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from quietstar.masks import dense_grid_mask
-from quietstar.thinker import PassResult, register_learning_pass, sample_categorical
+from quietstar.methods.quietstar.thinker import PassResult, register_learning_pass, sample_categorical
 
 
 class _GrowingCache:

@@ -17,8 +17,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from quietstar.explicit.sample import Completion, sample
-from quietstar.explicit.tasks import Question, StopRule, normalise_answer
+from quietstar.methods.explicit.sample import Completion, sample
+from quietstar.methods.explicit.tasks import Question, StopRule, normalise_answer
 
 
 @dataclass

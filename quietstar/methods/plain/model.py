@@ -10,9 +10,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from quietstar.checkpoint import init_weights
 from quietstar.linear_ce import linear_logprob_sum
 from quietstar.masks import dense_grid_mask
-from quietstar.thinker import QuietStar, ThoughtOutput, thought_init_ids
+from quietstar.methods.quietstar.thinker import QuietStar, ThoughtOutput, thought_init_ids
 
 
 def _in_document(L: int, lengths, doc_ids, device):
@@ -45,6 +46,14 @@ class PlainLM(QuietStar):
         metrics = {"train/loss": v, "train/nll": v, "train/nll_base": v}
         return ThoughtOutput(loss=nll, nll=nll.detach(), policy_loss=zero, reward=zero, mix_weight=zero,
                              thoughts=empty, metrics=metrics)
+
+
+def build(cfg, base, tok, device) -> PlainLM:
+    """The plain LM's entry in the method registry: PlainLM around `base`, with init_from's weights."""
+    qs = PlainLM(base, tok, cfg.thought)
+    if cfg.init_from:
+        init_weights(qs, cfg.init_from)
+    return qs.to(device)
 
 
 @torch.no_grad()

@@ -73,7 +73,7 @@ class PolicyMathWebConfig:
 
 def stage_config(cfg, name: str):
     """The TrainConfig of one stage, writing to <run dir>/<name>."""
-    from quietstar.recipes.learn_to_think import _plain, _stage, micro_step_flops
+    from quietstar.methods.quietstar.learn_to_think import _plain, _stage, micro_step_flops
 
     t = cfg.thought
     if name == "official":
@@ -158,7 +158,7 @@ def saved_steps(stage_dir: Path) -> list:
 
 def run(cfg, train_fn):
     """Train and score this launch's stages; with every stage scored, results.json and curves.png."""
-    from quietstar.recipes.learn_to_think import _Summary, run_stage
+    from quietstar.methods.quietstar.learn_to_think import _Summary, run_stage
 
     root = Path(cfg.output_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -191,7 +191,7 @@ NLL_KEYS = ("nll_base", "nll_thought", "gain", "tokens", "gain_ci95_record_boots
 def collect(cfg, root: Path) -> dict:
     """results.json from the eval JSONs: per model the held-out NLL with and without a thought (and by
     base-entropy quintile), the gain curve over training, and the QA soft accuracies."""
-    from quietstar.recipes.learn_to_think import micro_step_flops
+    from quietstar.methods.quietstar.learn_to_think import micro_step_flops
 
     def read(tag):
         f = root / "eval" / f"{tag}.json"

@@ -1,0 +1,133 @@
+"""The package's import graph, from every `import` statement at any depth (inside functions too): no cycle, and a
+core that imports no method.
+
+Three floors (docs/architecture.md):
+  core     the modules directly in quietstar/ but the entry points below: they import only the core (and the
+           Triton kernels, quietstar.kernels)
+  methods  quietstar/methods/: the core, other methods, and the inference and evaluation that their
+           experiments run (generate.py, eval/)
+  entry    train.py, generate.py, export.py, lm_eval.py, eval/: what a user runs
+
+A module's own package __init__ runs when it is imported, but that is not counted as an edge: the registry
+(quietstar/methods/__init__.py) imports its methods, and no method imports the registry.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "quietstar"
+ENTRY = ("quietstar.train", "quietstar.generate", "quietstar.export", "quietstar.lm_eval", "quietstar.eval")
+
+
+def module_names() -> dict:
+    """dotted name -> file, for every .py file of the package."""
+    names = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        names[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return names
+
+
+def imports_of(name: str, path: Path, modules: dict) -> set:
+    """The package modules `name` imports, at any depth of its code: `import a.b` and `from a import b` name
+    a.b when it is a module, else the nearest module above it."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    targets = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from .x import y
+                parts = package.split(".")
+                base = ".".join(parts[:len(parts) - node.level + 1] + ([node.module] if node.module else []))
+            targets += [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+    found = set()
+    for t in targets:
+        if t.startswith("quietstar.kernels"):
+            continue  # the Triton kernels: outside the package's graph, below the core
+        while t and t not in modules:
+            t = t.rpartition(".")[0]
+        if t and t != name:
+            found.add(t)
+    return found
+
+
+def import_graph() -> dict:
+    modules = module_names()
+    return {name: imports_of(name, path, modules) for name, path in modules.items()}
+
+
+def floor(name: str) -> str:
+    if name == "quietstar.methods" or name.startswith("quietstar.methods."):
+        return "methods"
+    if any(name == e or name.startswith(e + ".") for e in ENTRY):
+        return "entry"
+    return "core"
+
+
+def cycles(graph: dict) -> list:
+    """The strongly connected components with more than one module (Tarjan), and self-imports."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1 or v in graph[v]:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_the_graph_sees_imports_inside_functions():
+    graph = import_graph()
+    assert "quietstar.checkpoint" in graph["quietstar.train"]  # top level
+    # only inside functions: checkpoint.py imports the data module where a tokenizer is read
+    source = (PACKAGE / "checkpoint.py").read_text()
+    assert "\n    from quietstar.data import" in source and "\nfrom quietstar.data import" not in source
+    assert "quietstar.data" in graph["quietstar.checkpoint"]
+
+
+def test_no_import_cycle_at_any_depth():
+    found = cycles(import_graph())
+    assert not found, "import cycles: " + "; ".join(" -> ".join(c) for c in found)
+
+
+def test_the_core_imports_no_method_and_no_entry_point():
+    bad = [f"{m} imports {t}" for m, targets in import_graph().items() if floor(m) == "core"
+           for t in sorted(targets) if floor(t) != "core"]
+    assert not bad, "core modules importing above the core: " + "; ".join(bad)
+
+
+def test_no_method_imports_the_training_entry_point():
+    bad = [f"{m} imports {t}" for m, targets in import_graph().items() if floor(m) == "methods"
+           for t in sorted(targets) if t in ("quietstar.train", "quietstar.lm_eval")]
+    assert not bad, "methods importing train.py or lm_eval.py: " + "; ".join(bad)
+
+
+@pytest.mark.parametrize("floor_name", ["core", "methods", "entry"])
+def test_every_floor_has_modules(floor_name):
+    assert any(floor(m) == floor_name for m in import_graph())
