@@ -36,9 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from quietstar.attention import dense_attention, split_attention  # noqa: E402
+from quietstar.attention import dense_attention  # noqa: E402
 from quietstar.masks import n_grid_rows  # noqa: E402
 from quietstar.provenance import machine, write_record  # noqa: E402
+from quietstar.split import split_attention  # noqa: E402
 
 BACKENDS = ("dense", "split", "flex", "triton")
 

@@ -68,6 +68,7 @@ def run_case(model: str, L: int, mode: str, T: int = 12, K: int = 4, n: int = 2,
 
     from quietstar import attention
     from quietstar.flops import step_flops
+    from quietstar.masks import ThoughtGrid
     from quietstar.model import ModelConfig, Transformer
     from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig
 
@@ -88,8 +89,8 @@ def run_case(model: str, L: int, mode: str, T: int = 12, K: int = 4, n: int = 2,
                         impl="sequential_dense" if mode == "sequential_dense" else "grid")
     qs = QuietStar(base, tok, cfg).to(device)
     V = base.cfg.vocab_size
-    S = T + K - 1
-    R = 1 + n * (S - 1)
+    layout = ThoughtGrid(T, K, n)
+    S, R = layout.S, layout.R
     rows = {"plain": B, "plain_grid": B * R}.get(mode, B)
     x = torch.randint(0, V, (rows, L), device=device)
     opt = torch.optim.AdamW(qs.parameters(), lr=1e-5, fused=True)  # as train.py (optim.build_optimizer)
@@ -183,7 +184,8 @@ def saved_per_grid_token(model: str = "bench_small", L: int = 64, T: int = 12, K
     sin) and the parameters are left out."""
     import torch
 
-    from quietstar.model import ModelConfig, Transformer, measure_saved_bytes
+    from quietstar.memory import measure_saved_bytes
+    from quietstar.model import ModelConfig, Transformer
     from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig
 
     torch.manual_seed(0)

@@ -34,6 +34,7 @@ def run_case(where: str, q: float, model: str = "bench_small", L: int = 256, B: 
     import torch
 
     from quietstar.generate import generate_stream
+    from quietstar.masks import ThoughtGrid
     from quietstar.model import ModelConfig, Transformer
     from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig
 
@@ -64,9 +65,10 @@ def run_case(where: str, q: float, model: str = "bench_small", L: int = 256, B: 
         sync()
         times.append(time.perf_counter() - t0)
     frac = out.metrics.get("thought/think_fraction")
+    P = L if where == "all" else out.selection.positions.shape[1]  # thinking positions
     res = dict(model=model, where=where, q=q, L=L, B=B, T=T, K=K, n=n, device=device, step_s=min(times),
                step_s_all=times, think_fraction=1.0 if frac is None else float(frac),
-               grid_tokens=int(B * (L + n * (T + K - 2) * (L if where == "all" else out.selection.positions.shape[1]))))
+               grid_tokens=int(B * (L + (ThoughtGrid(T, K, n).R - 1) * P)))
     res["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else peak_rss_mb()
     # generation: one prompt of 64 tokens, gen_tokens new ones; a thought only where the selector fires
     qs.eval()

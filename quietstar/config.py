@@ -88,7 +88,7 @@ class ModelSpec:
     grad_checkpointing: str = "auto"
     """Recompute blocks in backward instead of keeping their activations (less memory, up to ~30% more
     compute): true (every block) | false | auto (the fewest first blocks that fit the step's estimated
-    activation memory into train.memory_budget_gb; model.checkpoint_plan, which prints its choice)."""
+    activation memory into train.memory_budget_gb; memory.checkpoint_plan, which prints its choice)."""
 
     # ---- ModelConfig fields (None = the preset's value) ----
     vocab_size: Optional[int] = None  # rows of the embedding / outputs of the LM head (>= 256 for bytes)
@@ -225,7 +225,7 @@ class LoopConfig:
     progress: bool = True  # print a progress bar with loss, reward, mix weight and tok/s
     threads: Optional[int] = None  # torch CPU threads (None = torch's default)
     memory_budget_gb: Optional[float] = None
-    """GB a step may use, for model.grad_checkpointing=auto. None = model.AUTO_BUDGET_FRACTION of the
+    """GB a step may use, for model.grad_checkpointing=auto. None = memory.AUTO_BUDGET_FRACTION of the
     device's memory (80% of a GPU's, 50% of the machine's RAM)."""
     sample_position: int = -1  # the end-of-run summary decodes the thought after this position (-1 = middle)
     record_samples: bool = False

@@ -6,12 +6,14 @@ compute (the Quiet-STaR run and its plain-LM baseline).
 
 from __future__ import annotations
 
+from quietstar.masks import ThoughtGrid
+
 
 def step_flops(m, mode: str, B: int, L: int, T: int, K: int, n: int, q: float = 1.0) -> float:
     """Model FLOPs of one step (matmuls only, causal attention counted at half the square): what the
     step must compute, whatever it recomputes. Backward = 2x forward. q: the fraction of positions that
     think (thought.where): their branches, talk and policy predictions scale with it, the text row does not."""
-    S = T + K - 1
+    S = ThoughtGrid(T, K).S
     qd, kvd = m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim
     layer = 2 * m.n_layers * (m.dim * (2 * qd + 2 * kvd) + 3 * m.dim * m.intermediate_size)  # per token
     head = 2 * m.dim * m.vocab_size

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from quietstar import attention
-from quietstar.attention import decode_step_attention, dense_attention, grid_attention, split_attention
+from quietstar import attention, split
+from quietstar.attention import dense_attention, grid_attention
 from quietstar.masks import dense_grid_mask, flex_mask_mod, grid_rows, n_grid_rows
+from quietstar.split import decode_step_attention, split_attention
 
 
 def reference_mask(L, S, length):
@@ -129,7 +130,7 @@ def test_grid_rows_attention_is_the_grid_thought_rows(backend, tile, padded, doc
             out = attention.grid_rows_attention(q_rows, k, v, n, lengths, doc_ids)
     else:
         key_ok = None if lengths is None else torch.arange(L)[None] < lengths[:, None]
-        out = attention._SplitAttention.apply(q_rows, k, v, n, key_ok, doc_ids, tile, True)
+        out = split._SplitAttention.apply(q_rows, k, v, n, key_ok, doc_ids, tile, True)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
     grad = torch.randn_like(ref)
     g_out = torch.autograd.grad((out * grad).sum(), (q_rows, k, v))

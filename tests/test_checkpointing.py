@@ -1,4 +1,4 @@
-"""Activation checkpointing from a memory budget (model.checkpoint_plan, Transformer.grad_checkpointing):
+"""Activation checkpointing from a memory budget (memory.checkpoint_plan, Transformer.grad_checkpointing):
 the plan's choice on given sizes, that checkpointing changes no value or gradient, and its config fields."""
 
 import pytest
@@ -6,7 +6,8 @@ import torch
 
 from quietstar.config import LoopConfig, ModelSpec
 from quietstar.errors import ConfigError
-from quietstar.model import KVCache, ModelConfig, Transformer, checkpoint_plan, saved_bytes_per_token
+from quietstar.memory import checkpoint_plan, saved_bytes_per_token
+from quietstar.model import KVCache, ModelConfig, Transformer
 from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")

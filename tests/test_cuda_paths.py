@@ -24,7 +24,8 @@ from quietstar.checkpoint import load_checkpoint
 from quietstar.config import ConfigError, DistConfig, check_device_dtype
 from quietstar.methods import TrainConfig
 from quietstar.data import ByteTokenizer
-from quietstar.model import AUTO_BUDGET_FRACTION, ModelConfig, Transformer, auto_budget, device_memory_bytes
+from quietstar.memory import AUTO_BUDGET_FRACTION, auto_budget, device_memory_bytes
+from quietstar.model import ModelConfig, Transformer
 from quietstar.optim import autocast_context, resolve_precision
 from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig
 
@@ -144,7 +145,7 @@ def test_cuda_rng_states_are_saved_and_handed_back(monkeypatch, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# model.py: the memory budget from the GPU's memory
+# memory.py: the memory budget from the GPU's memory
 
 
 def test_memory_budget_comes_from_the_gpus_memory(monkeypatch, capsys):

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from quietstar import fused
 from quietstar.fused import ResidualNormLinearsFunction, RMSNormLinearsFunction, rms_norm, swiglu_down
-from quietstar.model import ModelConfig, Transformer, measure_saved_bytes, saved_bytes_per_token
+from quietstar.memory import measure_saved_bytes, saved_bytes_per_token
+from quietstar.model import ModelConfig, Transformer
 from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -142,7 +143,7 @@ def test_bf16_within_the_unfused_bf16_error(name, autocast):
 
 
 def saved_per_grid_token(model_cfg, L, autocast=False):
-    """(bytes layer 0 keeps for backward, grid tokens) of the learning pass (model.measure_saved_bytes)."""
+    """(bytes layer 0 keeps for backward, grid tokens) of the learning pass (memory.measure_saved_bytes)."""
     torch.manual_seed(0)
     qs = QuietStar(Transformer(model_cfg), None, ThoughtConfig(n_ahead=5, n_ahead_talk=2, n_thoughts=2))
     x = torch.randint(0, model_cfg.vocab_size, (2, L), generator=torch.Generator().manual_seed(1))

@@ -6,9 +6,10 @@ import os
 import pytest
 import torch
 
-from quietstar import attention
-from quietstar.attention import decode_step_attention, dense_attention, subset_grid_attention
+from quietstar import attention, split
+from quietstar.attention import dense_attention, subset_grid_attention
 from quietstar.masks import dense_grid_mask, flex_mask_mod, grid_coords, n_grid_rows
+from quietstar.split import decode_step_attention
 
 
 def _qkv(B, H, G, n, S, L, D, dtype=torch.float64, seed=0):
@@ -96,7 +97,7 @@ def test_subset_grid_rows_attention_is_the_subset_grid_branch_rows(backend, tile
             out = attention.subset_grid_rows_attention(q_rows, ks, vs, n, S, positions, lengths, doc_ids)
     else:
         key_ok = None if lengths is None else torch.arange(L)[None] < lengths[:, None]
-        out = attention._SubsetSplitAttention.apply(q_rows, ks, vs, n, S, positions, key_ok, doc_ids, tile, True)
+        out = split._SubsetSplitAttention.apply(q_rows, ks, vs, n, S, positions, key_ok, doc_ids, tile, True)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
     grad = torch.randn_like(ref)
     g_out = torch.autograd.grad((out * grad).sum(), (q_rows, ks, vs))
@@ -115,7 +116,7 @@ def test_subset_split_tiled_path_equals_dense():
     with attention.use_backend("dense"):
         ref = subset_grid_attention(qs, ks, vs, n, S, positions, lengths)
     key_ok = torch.arange(L)[None] < lengths[:, None]
-    out = attention._SubsetSplitAttention.apply(qs, ks, vs, n, S, positions, key_ok, None, 2, False)
+    out = split._SubsetSplitAttention.apply(qs, ks, vs, n, S, positions, key_ok, None, 2, False)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
     for a, b in zip(torch.autograd.grad(out.sum(), (qs, ks, vs)), torch.autograd.grad(ref.sum(), (qs, ks, vs))):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)

@@ -213,8 +213,8 @@ class ThoughtConfig:
 
     @property
     def n_grid_steps(self) -> int:
-        """S = T + K - 1."""
-        return self.n_ahead + self.n_ahead_talk - 1
+        """S = T + K - 1, the grid steps per copy (masks.ThoughtGrid.S)."""
+        return ThoughtGrid(self.n_ahead, self.n_ahead_talk).S
 
     @classmethod
     def reference(cls, **overrides) -> "ThoughtConfig":
@@ -522,7 +522,7 @@ class _RolloutAttention:
 
     @torch.compiler.disable  # as above: `step` changes every call, which would recompile the blocks
     def __call__(self, i, q, k, v):
-        from quietstar.attention import decode_step_attention, prefix_attention
+        from quietstar.split import decode_step_attention, prefix_attention
 
         B, H, _, D = q.shape
         G = k.shape[1]
