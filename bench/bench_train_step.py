@@ -6,7 +6,7 @@ CUDA: torch.cuda.max_memory_allocated). Ratios, not absolute times, are the resu
 measured in one run on one machine.
 
     python bench/bench_train_step.py                       # the README's table (bench_small + smollm2)
-    python bench/bench_train_step.py --scaling             # time/memory vs L and vs T, + a PNG if matplotlib
+    python bench/bench_train_step.py --scaling             # time/memory vs L and vs T, + a PNG
     python bench/bench_train_step.py --thoughts            # RLP: time/memory vs thoughts per position G and T
     python bench/bench_train_step.py --case model=bench_small L=256 mode=grid   # one case, JSON on stdout
     python bench/bench_train_step.py --models bench_small --lengths 256 --steps 2 --tensor-peak --saved --pairs 4 \
@@ -382,18 +382,12 @@ def main():
 
 
 def plot(rows, path):
-    try:
-        import matplotlib
+    from quietstar.plots import pyplot, save_figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
-        return
     def series(pts, key):  # one point per x, in order
         return sorted({r[key]: r for r in pts}.values(), key=lambda r: r[key])
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    fig, axes = pyplot().subplots(1, 3, figsize=(14, 4))
     for mode, style in (("grid", "o-"), ("grid+ckpt", "o--"), ("sequential_dense", "s--"), ("plain_grid", "^:")):
         pts = series([r for r in rows if label(r) == mode and r.get("T", 12) == 12 and "step_s" in r], "L")
         if pts:
@@ -410,8 +404,7 @@ def plot(rows, path):
     axes[0].set_xscale("log", base=2)
     axes[1].set_xscale("log", base=2)
     fig.suptitle("Quiet-STaR training step, bench_small model, B=2, K=4, n=2")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     print(f"wrote {path}")
 
 

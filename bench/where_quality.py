@@ -116,13 +116,9 @@ def main(argv):
 
 
 def plot(summary: dict, path: Path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    from quietstar.plots import pyplot, save_figure
+
+    fig, (ax, ax2) = pyplot().subplots(1, 2, figsize=(10, 3.6))
     x = range(1, N_BUCKETS + 1)
     for w, s in summary.items():
         ax.plot(x, s["gain_by_entropy_bucket"], marker="o", label=w)
@@ -136,8 +132,7 @@ def plot(summary: dict, path: Path) -> None:
     ax2.set_ylabel("share of tokens that think")
     ax2.set_title("Where each selector thinks")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Evaluation (quietstar/eval): soft accuracy against hand computation, thoughts at chosen positions against
 the full grid, data loading and its errors, NLL buckets, the HTML/PNG report, CoT parsing, and the CLI."""
 
+import base64
 import json
 import math
 import struct
@@ -17,7 +18,7 @@ from quietstar.errors import UserError
 from quietstar.eval.csqa import load_csqa, soft_example as csqa_example
 from quietstar.eval.gsm8k import Problem, gold_integer, load_gsm8k, soft_example as gsm_example
 from quietstar.eval.nll import difficulty_buckets, score_tokens, summarize
-from quietstar.eval.report import _builtin_bars, token_pieces, write_report
+from quietstar.eval.report import token_pieces, write_report
 from quietstar.eval.soft import answer_start, answer_token_sets, soft_accuracy
 from quietstar.model import ModelConfig, Transformer
 from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig, sample_categorical
@@ -326,7 +327,8 @@ def test_report_html_and_png(tmp_path):
     assert 'id="panel"' in page and "data:image/png;base64," in page
     png = (tmp_path / "r.png").read_bytes()
     _check_png(png)
-    assert info["png_writer"] in ("builtin", "matplotlib") and info["tokens"] == len(scores.gain)
+    assert base64.b64encode(png).decode() in page  # the page embeds the same plot
+    assert info["png"] == str(tmp_path / "r.png") and info["tokens"] == len(scores.gain)
     assert token_pieces(tok, tok.encode("caf\u00e9")) [-1] == "\u00e9"
 
 
@@ -341,16 +343,10 @@ def _check_png(png):
         assert zlib.crc32(tag + data) & 0xFFFFFFFF == struct.unpack(">I", png[pos + 8 + n:pos + 12 + n])[0]
         idat += data if tag == b"IDAT" else b""
         pos += 12 + n
-    if png[25] == 2:  # our writer: RGB, one filter byte per row
-        assert len(zlib.decompress(idat)) == h * (1 + 3 * w)
-
-
-def test_builtin_png_writer_draws_something():
-    summary = {"buckets": [{"gain": g, "base_ce_range": [i, i + 1]} for i, g in enumerate([-0.01, 0.0, 0.02])]}
-    png = _builtin_bars(summary)
-    _check_png(png)
-    raw = zlib.decompress(b"".join(_chunks(png, b"IDAT")))
-    assert len(set(raw)) > 3  # not a blank canvas
+    channels = {2: 3, 6: 4}[png[25]]  # 8-bit RGB or RGBA, one filter byte per row
+    raw = zlib.decompress(idat)
+    assert len(raw) == h * (1 + channels * w) and len(set(raw)) > 3  # the whole image, and not a blank canvas
+    assert b"Matplotlib" in b"".join(_chunks(png, b"tEXt"))
 
 
 def _chunks(png, want):

@@ -131,8 +131,8 @@ def score_text(task: str, qs, tok, data, think, g, args: dict, record: dict, des
         sub = f"{desc}; {path} records from {args['data.start']} ({len(data)}), first {args['seq_len']} tokens"
         summary = write_report(out, tok, scores, args["n_buckets"], subtitle=sub)
         record.update({k: summary[k] for k in ("nll_base", "nll_thought", "gain", "tokens")})
-        return ({"html": summary["html"], "png": summary["png"], "png_writer": summary["png_writer"],
-                 "buckets": summary["buckets"]}, out.with_suffix(".json"))
+        return ({"html": summary["html"], "png": summary["png"], "buckets": summary["buckets"]},
+                out.with_suffix(".json"))
     summary = nll.summarize(scores, args["n_buckets"])
     npz = Path(args["npz"] or out.with_suffix(".npz"))
     nll.save_npz(npz, scores, args["n_buckets"])
@@ -146,7 +146,7 @@ def score_text(task: str, qs, tok, data, think, g, args: dict, record: dict, des
         sub = f"{desc}; {path} lines {data[0][0]}..{data[-1][0]}, first {args['seq_len']} tokens"
         info = write_report(args["report"], tok, scores, args["n_buckets"], subtitle=sub,
                             max_records=args["report_records"])
-        detail.update(report_html=info["html"], report_png=info["png"], png_writer=info["png_writer"])
+        detail.update(report_html=info["html"], report_png=info["png"])
     return detail, out
 
 

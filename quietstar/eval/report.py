@@ -6,9 +6,8 @@ the thought sampled before the token and the numbers; clicking pins them in the 
 address suffix #t=N selects token N on load). The first token of a record is not predicted and stays
 grey. No external resources.
 
-PNG: the mean gain per difficulty bucket (quantiles of the base CE), and, with matplotlib, the per-token
-gain against the base CE. Without matplotlib a simpler bar chart is drawn by a small built-in PNG
-writer (zlib only).
+PNG (quietstar/plots.py, embedded in the page too): the mean gain per difficulty bucket (quantiles of the base
+CE), and the per-token gain against the base CE.
 """
 
 from __future__ import annotations
@@ -16,14 +15,13 @@ from __future__ import annotations
 import base64
 import html
 import json
-import struct
-import zlib
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
 from quietstar.eval.nll import TokenScores, summarize
+from quietstar.plots import plot_gain_by_difficulty
 
 
 def token_pieces(tok, ids: Sequence[int]) -> list[str]:
@@ -139,147 +137,13 @@ def _fmt(x, spec=".4f"):
     return "-" if x is None else format(x, spec)
 
 
-# --------------------------------------------------------------------------------------------------
-# the plot
-
-
-def plot_png(scores: TokenScores, summary: dict, title: str = "") -> tuple[bytes, str]:
-    """-> (PNG bytes, "matplotlib" | "builtin")."""
-    try:
-        import matplotlib
-    except ImportError:
-        return _builtin_bars(summary, title), "builtin"
-    matplotlib.use("Agg")
-    import io
-
-    import matplotlib.pyplot as plt
-
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
-    bk = summary["buckets"]
-    gains = [b["gain"] or 0.0 for b in bk]
-    a1.bar(range(len(bk)), gains, color=["#16a046" if g > 0 else "#d62828" for g in gains])
-    a1.axhline(0, color="#333", lw=0.8)
-    a1.set_xticks(range(len(bk)), [f"{b['base_ce_range'][0]:.1f}-{b['base_ce_range'][1]:.1f}" for b in bk])
-    a1.set_xlabel("base CE bucket (nats)")
-    a1.set_ylabel("mean gain (nats/token)")
-    a1.set_title("gain from thinking by difficulty")
-    a2.scatter(scores.ce_base, scores.gain, s=4, alpha=0.4, color="#1a4fd0")
-    a2.axhline(0, color="#333", lw=0.8)
-    a2.set_xlabel("base CE (nats)")
-    a2.set_ylabel("gain CE_base - CE_thought")
-    a2.set_title("per token")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue(), "matplotlib"
-
-
-# A 3x5 bitmap font for the built-in writer: upper case, digits, a little punctuation; rows top to bottom.
-_FONT = {
-    "A": ".#. #.# ### #.# #.#", "B": "##. #.# ##. #.# ##.", "C": ".## #.. #.. #.. .##", "D": "##. #.# #.# #.# ##.",
-    "E": "### #.. ##. #.. ###", "F": "### #.. ##. #.. #..", "G": ".## #.. #.# #.# .##", "H": "#.# #.# ### #.# #.#",
-    "I": "### .#. .#. .#. ###", "J": "..# ..# ..# #.# .#.", "K": "#.# #.# ##. #.# #.#", "L": "#.. #.. #.. #.. ###",
-    "M": "#.# ### ### #.# #.#", "N": "##. #.# #.# #.# #.#", "O": ".#. #.# #.# #.# .#.", "P": "##. #.# ##. #.. #..",
-    "Q": ".#. #.# #.# ##. .##", "R": "##. #.# ##. #.# #.#", "S": ".## #.. .#. ..# ##.", "T": "### .#. .#. .#. .#.",
-    "U": "#.# #.# #.# #.# ###", "V": "#.# #.# #.# #.# .#.", "W": "#.# #.# ### ### #.#", "X": "#.# #.# .#. #.# #.#",
-    "Y": "#.# #.# .#. .#. .#.", "Z": "### ..# .#. #.. ###", "0": "### #.# #.# #.# ###", "1": ".#. ##. .#. .#. ###",
-    "2": "##. ..# .#. #.. ###", "3": "##. ..# .#. ..# ##.", "4": "#.# #.# ### ..# ..#", "5": "### #.. ##. ..# ##.",
-    "6": ".## #.. ### #.# ###", "7": "### ..# .#. .#. .#.", "8": "### #.# ### #.# ###", "9": "### #.# ### ..# ##.",
-    ".": "... ... ... ... .#.", "-": "... ... ### ... ...", "+": "... .#. ### .#. ...", "(": ".#. #.. #.. #.. .#.",
-    ")": ".#. ..# ..# ..# .#.", ":": "... .#. ... .#. ...", "/": "..# ..# .#. #.. #..", "=": "... ### ... ### ...",
-    "%": "#.# ..# .#. #.. #.#", ",": "... ... ... .#. #..", "_": "... ... ... ... ###", " ": "... ... ... ... ...",
-}
-_FONT = {k: v.replace(" ", "") for k, v in _FONT.items()}
-
-
-class _Canvas:
-    def __init__(self, w: int, h: int, bg=(255, 255, 255)):
-        self.w, self.h = w, h
-        self.px = bytearray(bytes(bg) * (w * h))
-
-    def rect(self, x0, y0, x1, y1, rgb):
-        x0, x1 = max(0, min(x0, x1)), min(self.w, max(x0, x1))
-        y0, y1 = max(0, min(y0, y1)), min(self.h, max(y0, y1))
-        row = bytes(rgb) * (x1 - x0)
-        for y in range(y0, y1):
-            i = (y * self.w + x0) * 3
-            self.px[i:i + len(row)] = row
-
-    def text(self, x, y, s, rgb=(40, 40, 40), scale=2):
-        for ch in s.upper():
-            g = _FONT.get(ch, _FONT[" "])
-            for r in range(5):
-                for c in range(3):
-                    if g[r * 3 + c] == "#":
-                        self.rect(x + c * scale, y + r * scale, x + (c + 1) * scale, y + (r + 1) * scale, rgb)
-            x += 4 * scale
-
-    def png(self) -> bytes:
-        raw = b"".join(b"\x00" + bytes(self.px[y * self.w * 3:(y + 1) * self.w * 3]) for y in range(self.h))
-
-        def chunk(tag, data):
-            return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-        return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", self.w, self.h, 8, 2, 0, 0, 0))
-                + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
-
-
-def _nice_ticks(lo: float, hi: float, at_least: int = 4) -> list:
-    """Round tick values (a step of 1, 2 or 5 times a power of ten) inside [lo, hi], at least `at_least`."""
-    mag = 10 ** np.floor(np.log10(max(hi - lo, 1e-12)))
-    for m in (1.0, 0.5, 0.2, 0.1, 0.05):
-        step = m * mag
-        ticks = np.arange(np.ceil(lo / step) * step, hi + 1e-12, step)
-        if len(ticks) >= at_least:
-            break
-    return [0.0 if abs(t) < step * 1e-6 else float(t) for t in ticks]
-
-
-def _builtin_bars(summary: dict, title: str = "") -> bytes:
-    """Mean gain per difficulty bucket as bars, with tick labels, in a plain PNG."""
-    W, H = 720, 400
-    left, right, top, bottom = 90, 20, 60, 70
-    cv = _Canvas(W, H)
-    cv.text(left, 14, title or "gain from thinking by base-loss bucket", scale=2)
-    cv.text(left, 34, "mean CE_base - CE_thought (nats/token)", rgb=(90, 90, 90), scale=2)
-    bk = summary["buckets"]
-    gains = [b["gain"] or 0.0 for b in bk]
-    hi, lo = max(gains + [0.0]), min(gains + [0.0])
-    span = (hi - lo) or 1e-3
-    hi, lo = hi + 0.08 * span, lo - 0.08 * span
-    y_of = lambda v: int(top + (hi - v) / (hi - lo) * (H - top - bottom))
-    cv.rect(left, top, left + 1, H - bottom, (60, 60, 60))  # y axis
-    for t in _nice_ticks(lo, hi):
-        y = y_of(t)
-        cv.rect(left - 5, y, left, y + 1, (60, 60, 60))
-        cv.rect(left + 1, y, W - right, y + 1, (235, 235, 235))
-        cv.text(4, y - 5, f"{t:+.3g}" if t else "0", scale=2)
-    y0 = y_of(0.0)
-    cv.rect(left, y0, W - right, y0 + 1, (40, 40, 40))  # zero line
-    slot = (W - left - right) / len(bk)
-    for k, (b, g) in enumerate(zip(bk, gains)):
-        x0 = int(left + k * slot + slot * 0.2)
-        x1 = int(left + (k + 1) * slot - slot * 0.2)
-        cv.rect(x0, min(y0, y_of(g)), x1, max(y0, y_of(g)) + 1, (22, 160, 70) if g > 0 else (214, 40, 40))
-        cv.text(x0, H - bottom + 10, f"B{k + 1}", scale=2)
-        lo_ce, hi_ce = b["base_ce_range"]
-        cv.text(x0 - 6, H - bottom + 28, f"{lo_ce:.1f}-{hi_ce:.1f}", rgb=(90, 90, 90), scale=2)
-    cv.text(left, H - 22, "bucket: base CE range (nats), easiest first", rgb=(90, 90, 90), scale=2)
-    return cv.png()
-
-
 def write_report(path, tok, scores: TokenScores, n_buckets: int = 5, subtitle: str = "",
                  max_records: Optional[int] = None) -> dict:
     """Write PATH (.html) and PATH with .png; -> the summary plus where things went."""
     path = Path(path)
     summary = summarize(scores, n_buckets)
-    png, how = plot_png(scores, summary)
-    png_path = path.with_suffix(".png")
     path.parent.mkdir(parents=True, exist_ok=True)
-    png_path.write_bytes(png)
-    path.write_text(render_html(tok, scores, summary, subtitle=subtitle, png=png, max_records=max_records),
-                    encoding="utf-8")
-    return {**summary, "html": str(path), "png": str(png_path), "png_writer": how}
+    png_path = plot_gain_by_difficulty(summary["buckets"], scores.ce_base, scores.gain, path.with_suffix(".png"))
+    path.write_text(render_html(tok, scores, summary, subtitle=subtitle, png=png_path.read_bytes(),
+                                max_records=max_records), encoding="utf-8")
+    return {**summary, "html": str(path), "png": str(png_path)}

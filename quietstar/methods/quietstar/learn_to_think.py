@@ -206,8 +206,8 @@ def run(cfg, train_fn):
                          thought=dataclasses.replace(cfg.thought, policy_weight=0.0))
         off_ckpt = run_stage(off_cfg, train_fn, stages)
 
-    from quietstar.methods.quietstar.report import (evaluate, evaluate_ablation, over_training, plot_learning_curves,
-                                                    plot_over_training)
+    from quietstar.methods.quietstar.report import evaluate, evaluate_ablation, over_training
+    from quietstar.plots import plot_learning_curves, plot_over_training, read_metrics
 
     results = evaluate(cfg, pre, qs_ckpt, bl_ckpt)
     if off_ckpt is not None:
@@ -224,11 +224,14 @@ def run(cfg, train_fn):
         "quietstar_steps": cfg.train.max_steps, "baseline_steps": bl_cfg.train.max_steps,
         "baseline_compute": cfg.learn_to_think.baseline_compute}
     write_record(root / "results.json", results, seeds=[cfg.train.seed])
-    plot_learning_curves(root / "quietstar" / "metrics.jsonl", root / "baseline" / "metrics.jsonl",
-                         root / "learning_curves.png", results)
+    plot_learning_curves(read_metrics(root / "quietstar" / "metrics.jsonl"),
+                         read_metrics(root / "baseline" / "metrics.jsonl"), results["answer_nll"],
+                         root / "learning_curves.png",
+                         title="learn_to_think: Quiet-STaR vs a plain-LM baseline with the same FLOPs")
     if "over_training" in results:
         curves = {k: v for k, v in results["over_training"].items() if k != "start"}
-        plot_over_training(curves, results["over_training"]["start"], root / "over_training.png")
+        plot_over_training(curves, results["over_training"]["start"], root / "over_training.png",
+                           title="learn_to_think: the hardest answers over training")
     print_results(results, root)
     return _Summary(root, qs_ckpt)
 

@@ -249,42 +249,12 @@ def training_summary(metrics: Path, window: int = 4) -> dict:
 
 def plot(results: dict, root: Path, out: Path) -> Path:
     """Training curves of the three thought stages, the held-out gain over training, and the quintiles."""
-    import matplotlib
+    from quietstar.plots import plot_stage_comparison, read_metrics
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from quietstar.plots import read_metrics, save_figure
-
-    fig, axes = plt.subplots(2, 3, figsize=(14, 7))
-    runs = {s: read_metrics(root / s / "metrics.jsonl") for s in ("official", "rlp", "policy_off")}
-    panels = [("thought/reward_mean", "reward (mean)"), ("thought/reward_std", "reward spread (std over thoughts)"),
-              ("thought/mix_weight_mean", "mixing weight w"), ("thought/entropy_first_token", "thought entropy")]
-    for ax, (key, title) in zip(axes.flat, panels):
-        for s, rows in runs.items():
-            ax.plot([r["step"] for r in rows], [r.get(key, float("nan")) for r in rows], label=s, alpha=0.8)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    axes.flat[0].legend(fontsize=8)
-    ax = axes.flat[4]
-    for s, pts in results["curves"].items():
-        ax.plot([p["step"] for p in pts], [p["gain"] for p in pts], marker="o", label=s)
-    ax.axhline(0, color="k", lw=0.5)
-    ax.set_title("held-out gain after a thought (nats/token)", fontsize=10)
-    ax.set_xlabel("step")
-    ax.legend(fontsize=8)
-    ax = axes.flat[5]
-    width = 0.2
-    for j, s in enumerate(("official", "rlp", "policy_off")):
-        q = results["models"][s]["entropy_quintiles"]
-        ax.bar([b["bucket"] + (j - 1) * width for b in q], [b["gain"] for b in q], width, label=s)
-    ax.axhline(0, color="k", lw=0.5)
-    ax.set_xlabel("base-entropy quintile (0: most certain)")
-    ax.set_title("held-out gain by quintile, last step", fontsize=10)
-    ax.legend(fontsize=8)
-    fig.suptitle("policy_math_web: the official objective vs RLP vs RLP without its policy term")
-    return save_figure(fig, out)
+    stages = ("official", "rlp", "policy_off")
+    return plot_stage_comparison({s: read_metrics(root / s / "metrics.jsonl") for s in stages}, results["curves"],
+                                 {s: results["models"][s]["entropy_quintiles"] for s in stages}, out,
+                                 title="policy_math_web: the official objective vs RLP vs RLP without its policy term")
 
 
 def print_results(results: dict, root: Path) -> None:

@@ -1,4 +1,4 @@
-"""Scoring and plotting for the learn_to_think recipe."""
+"""Scoring for the learn_to_think recipe (its figures: quietstar/plots.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from pathlib import Path
 import torch
 
 from quietstar.methods.quietstar.load import load_thinker_checkpoint
-from quietstar.plots import PANELS, read_metrics, save_figure
 from quietstar.methods.plain.model import reset_thought_embeddings
 from quietstar.reasoning import chain_open_ids, score_answers, train_and_eval_documents
 from quietstar.methods.quietstar.where import ThinkGate
@@ -124,73 +123,6 @@ def over_training(cfg, stage_dir: Path) -> list:
             point["chain_share"], point["chain_like_share"] = chain_share(s), chain_share(s, later=True)
         out.append(point)
     return out
-
-
-def plot_over_training(curves: dict, before: dict, out: Path) -> Path:
-    """Chain share and hardest-level answer NLL with / without a thought against the step, per stage."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name, pts in curves.items():
-        steps = [0] + [p["step"] for p in pts]
-        if all("chain_share" in p for p in pts) and "chain_share" in before:
-            axes[0].plot(steps, [before["chain_share"]] + [p["chain_share"] for p in pts], marker="o", label=name)
-        line, = axes[1].plot(steps, [before["nll_thought"]] + [p["nll_thought"] for p in pts], marker="o",
-                             label=f"{name}: thought")
-        axes[1].plot(steps, [before["nll_no_thought"]] + [p["nll_no_thought"] for p in pts], ls="--",
-                     color=line.get_color(), label=f"{name}: no thought")
-    axes[0].set_title("share of thoughts that write the query's chain", fontsize=10)
-    axes[1].set_title(f"held-out {before['hops']}-hop answer NLL", fontsize=10)
-    for ax in axes:
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("learn_to_think: the hardest answers over training")
-    return save_figure(fig, out)
-
-
-def plot_learning_curves(qs_metrics: Path, baseline_metrics: Path, out: Path, results: dict) -> Path:
-    """The Quiet-STaR stage's curves and the baseline's NLL, on a shared axis: the fraction of the compute."""
-    qs, bl = read_metrics(qs_metrics), read_metrics(baseline_metrics)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
-    frac = lambda rows: [r["step"] / max(1, rows[-1]["step"]) for r in rows] if rows else []
-    x = frac(qs)
-    titles = {keys[0]: title for keys, title in PANELS}
-    panels = ["thought/reward_mean", "thought/advantage_pos_frac", "thought/mix_weight_mean",
-              "thought/entropy_first_token"]
-    for ax, key in zip(axes.flat, panels):
-        title = titles[key]
-        ax.plot(x, [r.get(key, float("nan")) for r in qs])
-        ax.set_title(title, fontsize=10)
-    ax = axes.flat[4]
-    ax.plot(x, [r.get("train/nll_talk", float("nan")) for r in qs], label="Quiet-STaR: after a thought")
-    ax.plot(x, [r.get("train/nll_base", float("nan")) for r in qs], label="Quiet-STaR: no thought")
-    ax.plot(frac(bl), [r.get("train/nll", float("nan")) for r in bl], label="baseline (plain LM)", alpha=0.7)
-    ax.set_title("training NLL (all tokens)", fontsize=10)
-    ax.legend(fontsize=8)
-    ax = axes.flat[5]
-    nll = results["answer_nll"]
-    keys = [k for k in nll["thought"] if k != "all"]
-    width = 0.27
-    for j, (model, label) in enumerate([("thought", "thought"), ("no_thought", "no thought"), ("baseline", "baseline")]):
-        ax.bar([i + (j - 1) * width for i in range(len(keys))], [nll[model][k] for k in keys], width, label=label)
-    ax.set_xticks(range(len(keys)), keys)
-    ax.set_xlabel("difficulty (hops)")
-    ax.set_title("held-out answer NLL", fontsize=10)
-    ax.legend(fontsize=8)
-    for ax in axes.flat[:5]:
-        ax.set_xlabel("fraction of the run's compute")
-        ax.grid(alpha=0.3)
-    fig.suptitle("learn_to_think: Quiet-STaR vs a plain-LM baseline with the same FLOPs")
-    return save_figure(fig, out)
 
 
 def summarise_seeds_main(recipe: str, summarise) -> None:
