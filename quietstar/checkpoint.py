@@ -1,4 +1,4 @@
-"""Resumable training checkpoints: atomic, verified, keep-last-k.
+"""The checkpoint format: a step dir written atomically, verified, read back and loaded; keep-last-k.
 
 Layout of `<output dir>/checkpoints/step_0000120/`:
 
@@ -9,7 +9,7 @@ Layout of `<output dir>/checkpoints/step_0000120/`:
     train_state.pt         step, LR scheduler, data cursor, wandb run id, counters (tokens seen)
     rng_rank{r}.pt         per rank: torch CPU / CUDA, Python, numpy, and the thought-sampling generator
     model_config.json      the base model's ModelConfig (so the model is rebuilt without its source file)
-    tokenizer.json, tokenizer_config.json   the tokenizer (or a byte-tokenizer marker)
+    tokenizer.json, tokenizer_config.json   the tokenizer (or a byte-tokenizer marker; tokenizer.py)
     config.yaml            the fully resolved training config
     state.json             human-readable step, data cursor and wandb id
     manifest.json          written last: every file with its size and sha256
@@ -22,7 +22,7 @@ crash interrupted, so at every instruction a complete `step_N` exists or is rest
 checkpoint is written from non-finite weights. Loading checks the manifest first and refuses a partial or
 corrupt checkpoint with an error naming the offending file.
 
-A run holds `RunLock` on its output dir, so two runs never write into one dir.
+The run dir around the checkpoints (its lock, setting later steps aside on resume) is rundir.py's.
 
 Checkpoints are saved from the unwrapped, uncompiled module (compile is per block and in place), so keys
 never carry `_orig_mod.` or DDP's `module.` prefix.
@@ -35,7 +35,6 @@ import json
 import os
 import random
 import shutil
-import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -44,6 +43,7 @@ import torch
 import torch.nn as nn
 
 from quietstar.errors import UserError
+from quietstar.tokenizer import save_tokenizer
 
 FORMAT_VERSION = 1
 STEP_PREFIX = "step_"
@@ -57,6 +57,10 @@ class CheckpointError(UserError):
 
 def step_dir_name(step: int) -> str:
     return f"{STEP_PREFIX}{step:07d}"
+
+
+def step_of(path: Path) -> int:
+    return int(Path(path).name[len(STEP_PREFIX):])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -92,12 +96,12 @@ def restore_rng(state: dict, generator: Optional[torch.Generator] = None) -> Non
 # files
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -120,41 +124,6 @@ def _sha256(path: Path) -> str:
 
 def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-
-
-def save_tokenizer(tok, out: Path) -> None:
-    """tokenizer.json + tokenizer_config.json (HF layout) for a loading.Tokenizer, or a marker for bytes."""
-    from quietstar.data import ByteTokenizer
-
-    if isinstance(tok, ByteTokenizer):
-        _write_json(out / "tokenizer_config.json", {"quietstar_tokenizer": "byte", "vocab_size": tok.vocab_size})
-        return
-    backend = getattr(tok, "backend", None)
-    if backend is None:
-        return
-    backend.save(str(out / "tokenizer.json"))
-    name = lambda i: None if i is None else backend.id_to_token(int(i))  # noqa: E731
-    _write_json(out / "tokenizer_config.json", {
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": name(tok.bos_id), "eos_token": name(tok.eos_id),
-        "pad_token": name(tok.pad_id), "add_bos_token": bool(getattr(tok, "add_bos", False)),
-        "model_max_length": 1 << 30})
-
-
-def load_tokenizer_from(path: Path, vocab_size: int):
-    """The tokenizer saved by `save_tokenizer` (None if there is none)."""
-    from quietstar.data import ByteTokenizer
-
-    path = Path(path)
-    tcfg = path / "tokenizer_config.json"
-    if tcfg.is_file():
-        meta = json.loads(tcfg.read_text())
-        if meta.get("quietstar_tokenizer") == "byte":
-            return ByteTokenizer(int(meta.get("vocab_size", vocab_size)))
-    if (path / "tokenizer.json").is_file():
-        from quietstar.loading import tokenizer_from_hf_dir
-
-        return tokenizer_from_hf_dir(path, vocab_size)
-    return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -355,7 +324,7 @@ def recover_checkpoints(root) -> list[str]:
             shutil.rmtree(leftover, ignore_errors=True)
         else:  # a manifest being written (.tmp-step_N.manifest.part)
             leftover.unlink(missing_ok=True)
-    _fsync_dir(root)
+    fsync_dir(root)
     return done
 
 
@@ -442,14 +411,14 @@ def _write_manifest(tmp: Path, step: int, verify_hashes: bool) -> None:
     """fsync every file, then write manifest.json (the mark of a complete checkpoint) and fsync the dirs."""
     files = {}
     for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
-        _fsync_file(f)
+        fsync_file(f)
         files[str(f.relative_to(tmp))] = {"size": f.stat().st_size, "sha256": _sha256(f) if verify_hashes else None}
     part = tmp.parent / f"{tmp.name}.manifest.part"  # outside tmp: never listed in the manifest
     _write_json(part, {"format_version": FORMAT_VERSION, "step": step, "files": files})
-    _fsync_file(part)
+    fsync_file(part)
     os.rename(part, tmp / "manifest.json")  # whole or absent, never half written
     for d in sorted({p.parent for p in tmp.rglob("*")}, key=lambda p: -len(p.parts)):
-        _fsync_dir(d)
+        fsync_dir(d)
 
 
 def _raise_write_error(e: BaseException, tmp: Path):
@@ -472,14 +441,14 @@ def _commit(tmp: Path, final: Path, keep_last: int, point: Callable[[str], None]
     old = root / f"{OLD_PREFIX}{final.name}"
     if final.exists():  # the same step saved again (e.g. a resumed run into the same dir)
         os.rename(final, old)
-        _fsync_dir(root)
+        fsync_dir(root)
         point("old_aside")
     os.rename(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     point("new_in_place")
     if old.exists():
         shutil.rmtree(old)
-        _fsync_dir(root)
+        fsync_dir(root)
         point("old_removed")
     if keep_last > 0:
         prune_checkpoints(root, keep_last, keep=(final, protect))
@@ -494,7 +463,7 @@ def prune_checkpoints(root, keep_last: int, keep=()) -> None:
     for p in steps[:-keep_last]:
         if p.name not in spared:
             shutil.rmtree(p, ignore_errors=True)
-    _fsync_dir(root)
+    fsync_dir(root)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -609,122 +578,3 @@ def init_weights(qs: nn.Module, path) -> Path:
     if getattr(qs, "ema", None) is not None:
         qs.ema.reset(qs.model)
     return path
-
-
-# --------------------------------------------------------------------------------------------------
-# one run per directory; resuming an earlier step
-
-
-LOCK_NAME = ".lock"
-
-
-class RunDirInUse(UserError):
-    """Another live process holds the run dir's lock."""
-
-
-class RunLock:
-    """An exclusive advisory lock on a run dir: `<run dir>/.lock` (flock), holding the owner's pid.
-
-    Taken by train.py before it writes anything into the dir; a second run into the same dir fails at once,
-    naming the holder's pid. The lock is released by `release()` or when the process ends (even by SIGKILL),
-    so a crashed run never leaves a stale lock behind."""
-
-    def __init__(self, run_dir):
-        self.path = Path(run_dir) / LOCK_NAME
-        self.fd: Optional[int] = None
-
-    def acquire(self) -> "RunLock":
-        import fcntl
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise RunDirInUse(f"{self.path.parent}: in use by another run (pid {holder}); wait for it to end or "
-                              "choose another output dir (hydra.run.dir=...)") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self.fd = fd
-        return self
-
-    def release(self) -> None:
-        if self.fd is not None:
-            import fcntl
-
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
-
-    def __enter__(self):
-        return self.acquire()
-
-    def __exit__(self, *exc):
-        self.release()
-
-    def __del__(self):
-        self.release()
-
-
-def recover_run(path) -> list[str]:
-    """`recover_checkpoints` for the run holding checkpoint `path`, if no live process holds its lock."""
-    path = Path(path).expanduser()
-    root = path.parent if path.name.startswith(STEP_PREFIX) else (
-        path / "checkpoints" if (path / "checkpoints").is_dir() else path)
-    run_dir = root.parent if root.name == "checkpoints" else root
-    if not root.is_dir():
-        return []
-    try:
-        with RunLock(run_dir):
-            return recover_checkpoints(root)
-    except (RunDirInUse, OSError):  # a live run (or a read-only dir): leave it as it is
-        return []
-
-
-def step_of(path: Path) -> int:
-    return int(Path(path).name[len(STEP_PREFIX):])
-
-
-def set_aside_later(ckpt_root, step: int, metrics_file: Optional[Path] = None) -> Optional[Path]:
-    """Resuming step `step` into the run it came from: move that run's later checkpoints, and the records of
-    later steps in its metrics.jsonl (and samples.jsonl beside it), into
-    `<ckpt_root>/abandoned_after_step_N_<time>/`, so the resumed timeline never mixes with the abandoned one
-    and nothing is deleted. -> that dir, or None."""
-    root = Path(ckpt_root)
-    later = sorted(p for p in root.glob(f"{STEP_PREFIX}*") if p.is_dir() and step_of(p) > step)
-    files = [] if metrics_file is None else [Path(metrics_file), Path(metrics_file).with_name("samples.jsonl")]
-    splits = [(f, *_split_metrics(f, step)) for f in files]
-    if not later and not any(dropped for _, _, dropped in splits):
-        return None
-    dest = root / f"abandoned_after_{step_dir_name(step)}_{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    dest.mkdir(parents=True)
-    for p in later:
-        os.rename(p, dest / p.name)
-    for f, kept, dropped in splits:
-        if not dropped:
-            continue
-        (dest / f.name).write_text("".join(dropped))
-        _fsync_file(dest / f.name)
-        tmp = f.with_name(f.name + ".tmp")
-        tmp.write_text("".join(kept))
-        _fsync_file(tmp)
-        os.replace(tmp, f)
-    _fsync_dir(dest)
-    _fsync_dir(root)
-    return dest
-
-
-def _split_metrics(metrics_file: Optional[Path], step: int) -> tuple[list[str], list[str]]:
-    """The lines of metrics.jsonl up to `step`, and those after it."""
-    if metrics_file is None or not Path(metrics_file).is_file():
-        return [], []
-    kept, dropped = [], []
-    for line in Path(metrics_file).read_text(errors="replace").splitlines(keepends=True):
-        try:
-            later = int(json.loads(line).get("step", 0)) > step
-        except (ValueError, TypeError, AttributeError):
-            later = False
-        (dropped if later else kept).append(line)
-    return kept, dropped

@@ -81,7 +81,7 @@ class ModelSpec:
     (config.json + safetensors). None = random init from `preset`."""
     preset: str = "tiny"
     """A ModelConfig preset (model.py PRESETS: tiny, bench_small, smollm2_135m, llama_1b, mistral_7b) for random
-    init; its text is byte-tokenized (data.ByteTokenizer). Ignored when `name` is set."""
+    init; its text is byte-tokenized (tokenizer.ByteTokenizer). Ignored when `name` is set."""
     dtype: str = "float32"
     """Parameter (master weight) dtype: float32 | bfloat16 | float16. On GPU, float32 weights run under
     bf16 autocast (train.precision)."""

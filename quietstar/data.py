@@ -33,7 +33,7 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -50,33 +50,6 @@ class MissingDataError(DataFileError, FileNotFoundError):
     """data.path names nothing."""
 
 MAX_WARNINGS_PER_FILE = 5  # per-record warnings; the rest are only counted in the file's summary
-
-
-# --------------------------------------------------------------------------------------------------
-# a byte-level tokenizer for random-init models (the `tiny` preset and friends)
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as token ids, for random-init models (vocab_size >= 256).
-
-    Ids 0, 1, 2 (the control bytes NUL, SOH, STX, dropped from text) serve as pad, BOS and EOS; the
-    thought tokens are `vocab_size` and `vocab_size + 1`, past the model's vocabulary, as thinker.py expects.
-    """
-
-    pad_id, bos_id, eos_id = 0, 1, 2
-
-    def __init__(self, vocab_size: int = 256):
-        if vocab_size < 256:
-            raise ValueError(f"ByteTokenizer needs vocab_size >= 256, got {vocab_size}")
-        self.vocab_size = vocab_size
-        self.start_thought_id, self.end_thought_id = vocab_size, vocab_size + 1
-
-    def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        ids = [b for b in text.encode("utf-8") if b > 2]
-        return [self.bos_id] + ids if add_bos else ids
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return bytes(int(i) for i in ids if 2 < int(i) < 256).decode("utf-8", errors="replace")
 
 
 # --------------------------------------------------------------------------------------------------

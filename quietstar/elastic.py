@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from quietstar.checkpoint import (CheckpointError, complete_checkpoints, read_config_node, set_aside_later,
-                                  verify_checkpoint)
+from quietstar.checkpoint import CheckpointError, complete_checkpoints, read_config_node, verify_checkpoint
 from quietstar.dist import restart_count
 from quietstar.errors import UserError
+from quietstar.rundir import set_aside_later
 
 RESUMABLE_CHANGES = ("resume", "output_dir", "init_from", "train.max_steps", "train.progress", "train.log_every",
                      "train.threads", "train.device", "train.memory_budget_gb", "train.record_samples",

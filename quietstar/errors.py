@@ -1,10 +1,11 @@
 """One exception type for mistakes a person can fix, and one wrapper that turns it into one line.
 
 `UserError` (a ValueError) is raised for a bad config value, a bad file or a bad argument; its message
-names the field, file (and line) or argument. Every entry point (train.py, python -m quietstar.export /
-.generate / .eval) runs its main function through `run_main`, which prints such an error as one line on
-stderr and exits with status 2. Anything else is a bug and keeps its full traceback. Set
-QUIETSTAR_TRACEBACK=1 to see the traceback of user errors too.
+names the field, file (and line) or argument. Its kinds: `ConfigError` (a config field), `LoadError` (a
+pretrained model, config or tokenizer that cannot be loaded) and `MissingFileError` (a file that is not
+there). Every entry point (train.py, python -m quietstar.export / .generate / .eval) runs its main function
+through `run_main`, which prints such an error as one line on stderr and exits with status 2. Anything
+else is a bug and keeps its full traceback. Set QUIETSTAR_TRACEBACK=1 to see the traceback of user errors too.
 
 Running out of memory is reported the same way (it is fixed by changing the config, not the code), with
 the fields that lower the memory a step needs.
@@ -26,6 +27,14 @@ class UserError(ValueError):
 
 class ConfigError(UserError):
     """A config field with a bad value; the message starts with the field's dotted name."""
+
+
+class LoadError(UserError):
+    """A model, config or tokenizer that cannot be loaded; the message names the file and the problem."""
+
+
+class MissingFileError(LoadError, FileNotFoundError):
+    """A file or directory that should be there is not."""
 
 
 OOM_HINT = ("lower data.batch_size, data.seq_len, thought.n_thoughts or thought.n_ahead, or set "

@@ -3,7 +3,7 @@
     python -m quietstar.export ckpt=<checkpoint or run dir> out=<dir> [format=hf|safetensors] [dtype=float32|bfloat16]
 
 format=hf (default): a plain Hugging Face causal-LM dir that `transformers` loads as Llama / Mistral / Qwen2
-    config.json, model.safetensors (HF key names, via loading.hf_config / hf_state_dict),
+    config.json, model.safetensors (HF key names, via hf_dir.hf_config / hf_state_dict),
     tokenizer.json + tokenizer_config.json (when the model has a BPE tokenizer),
   plus, beside it, what only quietstar reads:
     quietstar.safetensors   start_embedding, end_embedding, talk_head.*
@@ -27,10 +27,11 @@ from typing import Optional
 
 import torch
 
-from quietstar.checkpoint import CheckpointError, find_checkpoint, load_tokenizer_from, save_tokenizer
+from quietstar.checkpoint import CheckpointError, find_checkpoint
 from quietstar.methods.quietstar.load import thinker_from_state, load_thinker_checkpoint
 from quietstar.cli import one_of, parse_kv
 from quietstar.errors import UserError, run_main
+from quietstar.tokenizer import load_tokenizer_from, save_tokenizer
 from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig
 
 
@@ -92,7 +93,7 @@ def _write_export(out: Path, qs: QuietStar, fmt: str, dt: torch.dtype, source: P
 
     cast = lambda sd: {k: v.detach().to(dt).contiguous() for k, v in sd.items()}  # noqa: E731
     if fmt == "hf":
-        from quietstar.loading import hf_config, hf_state_dict
+        from quietstar.hf_dir import hf_config, hf_state_dict
 
         (out / "config.json").write_text(json.dumps(hf_config(qs.model.cfg, dt), indent=2) + "\n")
         save_file(cast(hf_state_dict(qs.model)), str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -144,7 +145,7 @@ def load_thinker(path, device=None, dtype=None) -> QuietStar:
         cfg = read_model_config(path)
         tok = load_tokenizer_from(path, cfg.vocab_size)
         return thinker_from_state(cfg, tok, thought, load_file(path / "model.safetensors"), dtype, device)
-    from quietstar.loading import load_hf_model
+    from quietstar.hf_dir import load_hf_model
 
     base = load_hf_model(path, dtype=dtype)
     tok = load_tokenizer_from(path, base.cfg.vocab_size)

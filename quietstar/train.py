@@ -32,10 +32,10 @@ from typing import Callable, Optional
 import torch
 
 from quietstar import attention
-from quietstar.checkpoint import (NonFiniteStateError, RunLock, find_checkpoint, load_checkpoint, read_config_node,
-                                  read_train_config, recover_checkpoints, recover_run, save_checkpoint, set_aside_later)
+from quietstar.checkpoint import (NonFiniteStateError, find_checkpoint, load_checkpoint, read_config_node,
+                                  read_train_config, recover_checkpoints, save_checkpoint)
 from quietstar.config import build_config, check_device_dtype, config_to_dict
-from quietstar.data import Batch, ByteTokenizer, build_stream
+from quietstar.data import Batch, build_stream
 from quietstar.dist import DistInfo, no_sync, setup, teardown, wrap
 from quietstar.elastic import choose_resume
 from quietstar.errors import ConfigError, UserError
@@ -43,6 +43,8 @@ from quietstar.health import RunWatch
 from quietstar.logging import Progress, start_run
 from quietstar.model import Transformer
 from quietstar.optim import autocast_context, build_optimizer, clip_grad_norm, maybe_compile, resolve_precision
+from quietstar.rundir import RunLock, recover_run, set_aside_later
+from quietstar.tokenizer import ByteTokenizer
 from quietstar.methods import TrainConfig, method_for, register_configs, run_recipe
 from quietstar.methods.quietstar.thinker import QuietStar
 

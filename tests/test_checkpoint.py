@@ -12,9 +12,10 @@ from safetensors.torch import load_file
 from quietstar.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint, verify_checkpoint
 from quietstar.methods.quietstar.load import load_thinker_checkpoint
 from quietstar.config import OptimConfig
-from quietstar.data import ByteTokenizer, ListDocs, SequenceStream, synthetic_math
+from quietstar.data import ListDocs, SequenceStream, synthetic_math
 from quietstar.model import ModelConfig, Transformer
 from quietstar.optim import build_optimizer, maybe_compile
+from quietstar.tokenizer import ByteTokenizer
 from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig
 
 THOUGHT = ThoughtConfig(n_ahead=4, n_ahead_talk=2)

@@ -23,7 +23,7 @@ from quietstar import dist as qdist
 from quietstar.checkpoint import load_checkpoint
 from quietstar.config import ConfigError, DistConfig, check_device_dtype
 from quietstar.methods import TrainConfig
-from quietstar.data import ByteTokenizer
+from quietstar.tokenizer import ByteTokenizer
 from quietstar.memory import AUTO_BUDGET_FRACTION, auto_budget, device_memory_bytes
 from quietstar.model import ModelConfig, Transformer
 from quietstar.optim import autocast_context, resolve_precision

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from quietstar.config import DataConfig
-from quietstar.data import (ByteTokenizer, ListDocs, SequenceStream, build_stream, load_documents, read_jsonl,
-                            read_parquet, synthetic_math)
+from quietstar.data import (ListDocs, SequenceStream, build_stream, load_documents, read_jsonl, read_parquet,
+                            synthetic_math)
+from quietstar.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
 

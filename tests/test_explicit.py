@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from quietstar.data import ByteTokenizer
+from quietstar.tokenizer import ByteTokenizer
 from quietstar.methods.explicit.dataset import PreferencePair, Skips, SFTExample, make_pair, make_sft, majority
 from quietstar.methods.explicit.judge import AnswerCheck, ModelJudge, parse_score
 from quietstar.methods.explicit.losses import dpo_loss, fit_dpo, pair_batch, reference_logprobs, sft_loss, token_batch

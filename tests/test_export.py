@@ -9,10 +9,10 @@ from safetensors.torch import load_file
 
 from quietstar.checkpoint import save_checkpoint
 from quietstar.config import OptimConfig
-from quietstar.data import ByteTokenizer
 from quietstar.export import export, load_thinker, main
 from quietstar.model import ModelConfig, Transformer
 from quietstar.optim import build_optimizer
+from quietstar.tokenizer import ByteTokenizer
 from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig
 
 transformers = pytest.importorskip("transformers")

@@ -19,19 +19,21 @@ from safetensors.torch import load_file
 
 from quietstar import train as train_script
 from quietstar import checkpoint as ckpt_mod
-from quietstar.checkpoint import (SAVE_POINTS, CheckpointError, RunDirInUse, RunLock, find_checkpoint,
-                                  prune_checkpoints, read_config_node, recover_checkpoints, verify_checkpoint)
+from quietstar.checkpoint import (SAVE_POINTS, CheckpointError, find_checkpoint, prune_checkpoints, read_config_node,
+                                  recover_checkpoints, verify_checkpoint)
 from quietstar.cli import parse_kv
 from quietstar.config import HealthConfig
-from quietstar.data import ByteTokenizer, read_jsonl
-from quietstar.errors import UserError, run_main
+from quietstar.data import read_jsonl
+from quietstar.errors import LoadError, UserError, run_main
 from quietstar.eval import common
 from quietstar.export import export, load_thinker
 from quietstar.generate import RULES as GENERATE_RULES
 from quietstar.generate import generate
 from quietstar.health import HealthMonitor
-from quietstar.loading import LoadError, config_from_hf
+from quietstar.hf_dir import config_from_hf
 from quietstar.model import ModelConfig, Transformer
+from quietstar.rundir import RunDirInUse, RunLock
+from quietstar.tokenizer import ByteTokenizer
 from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig
 from test_checkpoint import make, save
 from test_train import ENV, ROOT, TINY, records, tiny_cfg

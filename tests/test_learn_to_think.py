@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from quietstar import train as train_script
 from quietstar.methods import register_configs
-from quietstar.data import ByteTokenizer
+from quietstar.tokenizer import ByteTokenizer
 from quietstar.errors import UserError
 from quietstar.flops import step_flops
 from quietstar.model import ModelConfig, Transformer

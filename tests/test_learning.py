@@ -20,11 +20,12 @@ import pytest
 import torch
 
 from quietstar.config import OptimConfig
-from quietstar.data import ByteTokenizer, ListDocs, SequenceStream
+from quietstar.data import ListDocs, SequenceStream
 from quietstar.model import ModelConfig, Transformer
 from quietstar.optim import build_optimizer
 from quietstar.methods.plain.model import PlainLM, reset_thought_embeddings
 from quietstar.reasoning import ReasoningConfig, chain_open_ids, make_documents, score_answers
+from quietstar.tokenizer import ByteTokenizer
 from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig
 
 CORPUS = ReasoningConfig(n_symbols=5, max_hops=3, n_queries=5, eval_docs=48)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from quietstar.config import OptimConfig
-from quietstar.data import ByteTokenizer
+from quietstar.tokenizer import ByteTokenizer
 from quietstar.model import ModelConfig, Transformer
 from quietstar.methods.plain.model import reset_thought_embeddings
 from quietstar.reasoning import ReasoningConfig, batches, lookup_chain, query_symbol

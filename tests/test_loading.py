@@ -12,10 +12,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from quietstar.loading import (END_THOUGHT, START_THOUGHT, LoadError, MissingFileError, bytes_to_unicode,
-                               hf_config, hf_state_dict, load_pretrained, load_tokenizer, resolve_gguf,
-                               unpermute_qk)
+from quietstar.errors import LoadError, MissingFileError
+from quietstar.gguf_file import unpermute_qk
+from quietstar.hf_dir import hf_config, hf_state_dict
+from quietstar.loading import load_pretrained, load_tokenizer, resolve_gguf
 from quietstar.model import KVCache, ModelConfig, Transformer
+from quietstar.tokenizer import END_THOUGHT, START_THOUGHT, bytes_to_unicode
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from quietstar.loading import hf_config, hf_state_dict, load_pretrained
+from quietstar.hf_dir import hf_config, hf_state_dict
+from quietstar.loading import load_pretrained
 from quietstar.model import KVCache, ModelConfig, Transformer
 
 transformers = pytest.importorskip("transformers")

@@ -10,11 +10,12 @@ import torch
 
 from quietstar.methods.quietstar import objective
 from quietstar.config import DataConfig
-from quietstar.data import ByteTokenizer, build_stream
+from quietstar.data import build_stream
 from quietstar.eval.nll import score_tokens
 from quietstar.generate import encode_prompt, generate
 from quietstar.masks import ThoughtGrid
 from quietstar.model import ModelConfig, Transformer
+from quietstar.tokenizer import ByteTokenizer
 from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig, sample_categorical
 
 

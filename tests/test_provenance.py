@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from quietstar import provenance
-from quietstar.data import ByteTokenizer
+from quietstar.tokenizer import ByteTokenizer
 from quietstar.eval import common
 from quietstar.model import ModelConfig, Transformer
 from quietstar.provenance import write_record

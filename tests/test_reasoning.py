@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from quietstar.data import ByteTokenizer
+from quietstar.tokenizer import ByteTokenizer
 from quietstar.reasoning import (PAIR_CHARS, AnswerScores, Document, ReasoningConfig, Segment, encode_document,
                                  make_documents, max_document_chars, score_answers, train_and_eval_documents)
 from quietstar.reasoning import held_out as held_out_key

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from quietstar.checkpoint import (CheckpointError, find_checkpoint, load_tokenizer_from, read_config_section,
-                                  read_model_config, read_model_state, step_of, verify_checkpoint)
+from quietstar.checkpoint import (CheckpointError, find_checkpoint, read_config_section, read_model_config,
+                                  read_model_state, step_of, verify_checkpoint)
 from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig
 from quietstar.model import Transformer, rope_inv_freq
+from quietstar.tokenizer import load_tokenizer_from
 
 
 def thinker_from_state(model_cfg, tokenizer, thought_cfg, state: dict, dtype=None, device=None) -> QuietStar:
