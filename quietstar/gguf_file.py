@@ -148,4 +148,3 @@ def load_gguf_model(reader, meta: dict, path: Path, dtype=None, device=None) -> 
             w = unpermute_qk(w, cfg.n_kv_heads)
         ours[name] = w
     return model_from_tensors(cfg, ours, _to_gguf_name, path, dtype or torch.float32, device)
-

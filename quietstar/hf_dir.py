@@ -270,4 +270,3 @@ def load_hf_model(path: PathLike, dtype=None, device=None, allow_pickle: bool = 
         ours[to_ours[k]] = t
     keys = hf_key_map(cfg)
     return model_from_tensors(cfg, ours, lambda k: keys.get(k, k), path, dtype, device)
-
