@@ -32,7 +32,8 @@ def build(fused: bool, model: str = "bench_small"):
     from quietstar.config import OptimConfig
     from quietstar.model import ModelConfig, Transformer
     from quietstar.optim import build_optimizer
-    from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig
+    from quietstar.methods.quietstar.thinker import QuietStar
+    from quietstar.methods.quietstar.config import ThoughtConfig
 
     torch.manual_seed(0)
     qs = QuietStar(Transformer(ModelConfig.from_preset(model)), None,

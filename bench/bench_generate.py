@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from quietstar.cli import parse_kv  # noqa: E402
 from quietstar.generate import generate_stream  # noqa: E402
 from quietstar.provenance import write_record  # noqa: E402
-from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig  # noqa: E402
+from quietstar.methods.quietstar.thinker import QuietStar
+from quietstar.methods.quietstar.config import ThoughtConfig  # noqa: E402
 
 PROMPT = ("Q: Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
           "How many clips did Natalia sell altogether in April and May?\nA: Let's think step by step.")

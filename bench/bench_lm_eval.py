@@ -43,7 +43,8 @@ def export_base(root: Path) -> Path:
     from quietstar.export import export
     from quietstar.loading import load_pretrained
     from quietstar.optim import build_optimizer
-    from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig
+    from quietstar.methods.quietstar.thinker import QuietStar
+    from quietstar.methods.quietstar.config import ThoughtConfig
 
     base, tok = load_pretrained("smollm2-135m", dtype=torch.float32)
     qs = QuietStar(base, tok, ThoughtConfig())

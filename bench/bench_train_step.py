@@ -70,7 +70,8 @@ def run_case(model: str, L: int, mode: str, T: int = 12, K: int = 4, n: int = 2,
     from quietstar.flops import step_flops
     from quietstar.masks import ThoughtGrid
     from quietstar.model import ModelConfig, Transformer
-    from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig
+    from quietstar.methods.quietstar.thinker import QuietStar
+    from quietstar.methods.quietstar.config import ThoughtConfig
 
     torch.manual_seed(0)
     # bf16 autocast on CUDA (the GPU recipe), fp32 on CPU unless autocast=bf16 (CPUs with bf16 matmul units)
@@ -186,7 +187,8 @@ def saved_per_grid_token(model: str = "bench_small", L: int = 64, T: int = 12, K
 
     from quietstar.memory import measure_saved_bytes
     from quietstar.model import ModelConfig, Transformer
-    from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig
+    from quietstar.methods.quietstar.thinker import QuietStar
+    from quietstar.methods.quietstar.config import ThoughtConfig
 
     torch.manual_seed(0)
     cfg = ModelConfig.from_preset(model)

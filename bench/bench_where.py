@@ -36,7 +36,8 @@ def run_case(where: str, q: float, model: str = "bench_small", L: int = 256, B: 
     from quietstar.generate import generate_stream
     from quietstar.masks import ThoughtGrid
     from quietstar.model import ModelConfig, Transformer
-    from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig
+    from quietstar.methods.quietstar.thinker import QuietStar
+    from quietstar.methods.quietstar.config import ThoughtConfig
 
     torch.manual_seed(0)
     base = Transformer(ModelConfig.from_preset(model)).to(device)  # random weights: timing only

@@ -26,7 +26,7 @@ from quietstar.provenance import write_record  # noqa: E402
 
 def read_seed(run: Path) -> int:
     from quietstar.checkpoint import find_checkpoint, read_train_config
-    from quietstar.methods import TrainConfig
+    from quietstar.methods.registry import TrainConfig
 
     return read_train_config(find_checkpoint(run / "quietstar"), TrainConfig).train.seed
 
@@ -55,7 +55,7 @@ def quietstar_rows(ltt_run: Path, explicit_results: Path) -> dict:
     import torch
 
     from quietstar.checkpoint import find_checkpoint, read_train_config
-    from quietstar.methods import TrainConfig
+    from quietstar.methods.registry import TrainConfig
     from quietstar.methods.quietstar.load import load_thinker_checkpoint
     from quietstar.methods.explicit.config import ExplicitConfig
     from quietstar.methods.explicit.loop import Context, _questions, evaluate

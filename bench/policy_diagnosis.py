@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from quietstar.checkpoint import find_checkpoint, read_train_config
-from quietstar.methods import TrainConfig  # noqa: E402
+from quietstar.methods.registry import TrainConfig  # noqa: E402
 from quietstar.methods.quietstar.load import load_thinker_checkpoint  # noqa: E402
 from quietstar.methods.plain.model import reset_thought_embeddings  # noqa: E402
 from quietstar.provenance import write_record  # noqa: E402
@@ -93,7 +93,7 @@ def discovery_lengths(run: Path, lengths: list, hops: int = 3, n_thoughts: int =
     rows = []
     for T in lengths:
         qs = load_thinker_checkpoint(find_checkpoint(run / "pretrain"))
-        qs.cfg = dataclasses.replace(cfg.thought, n_ahead=T)
+        qs.configure(dataclasses.replace(cfg.thought, n_ahead=T))
         reset_thought_embeddings(qs)  # as the stage starts from the pretrained model
         qs.eval()
         tok, g = qs.tokenizer, torch.Generator().manual_seed(cfg.train.seed + 7919)

@@ -31,7 +31,7 @@ N_BUCKETS = 5
 def per_token(run_dir: Path) -> dict:
     """Per-token gain, base entropy and thinking share on the held-out split, for one run's Quiet-STaR stage."""
     from quietstar.checkpoint import read_train_config
-    from quietstar.methods import TrainConfig
+    from quietstar.methods.registry import TrainConfig
     from quietstar.methods.quietstar.load import load_thinker_checkpoint
     from quietstar.reasoning import batches, train_and_eval_documents
     from quietstar.methods.quietstar.report import EVAL_SEED_OFFSET

@@ -33,7 +33,7 @@ _checkout_kernels()
 # The public names, imported when first used: `import quietstar.model` loads the core alone, no method.
 _PUBLIC = {"ModelConfig": "quietstar.model", "Transformer": "quietstar.model", "Tokenizer": "quietstar.tokenizer",
            "load_pretrained": "quietstar.loading", "load_tokenizer": "quietstar.loading",
-           "QuietStar": "quietstar.methods.quietstar", "ThoughtConfig": "quietstar.methods.quietstar"}
+           "QuietStar": "quietstar.methods.quietstar.thinker", "ThoughtConfig": "quietstar.methods.quietstar.config"}
 __all__ = sorted(_PUBLIC)
 
 

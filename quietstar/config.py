@@ -1,7 +1,7 @@
 """The training configuration schema: typed, nested dataclasses; Hydra's YAML under configs/ mirrors them.
 
 This module holds the sections every run has and knows no thinking method. The root class a run reads,
-`TrainConfig`, is composed by the method registry (quietstar/methods/__init__.py): `train_schema(METHODS)` adds
+`TrainConfig`, is composed by the method registry (quietstar/methods/registry.py): `train_schema(METHODS)` adds
 each method's own sections (`thought`, `distill`, `explicit`, ...) to `RunConfig`'s. It is registered in Hydra's
 ConfigStore as `base_config`, so `configs/train.yaml` starts `defaults: [base_config, model: ..., thought: ...,
 ...]` and every YAML value is type-checked against these fields. train.py turns the composed DictConfig into a
@@ -323,7 +323,7 @@ class AttentionConfig:
 @dataclass
 class RunConfig:
     """The sections every run has, whatever its method. The root config a run reads, `TrainConfig`, is this
-    plus each thinking method's own sections (quietstar/methods/__init__.py composes it with `train_schema`)."""
+    plus each thinking method's own sections (quietstar/methods/registry.py composes it with `train_schema`)."""
 
     model: ModelSpec = field(default_factory=ModelSpec)
     data: DataConfig = field(default_factory=DataConfig)
@@ -350,7 +350,7 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class Method:
-    """One thinking method, as the registry (quietstar/methods/__init__.py) lists it.
+    """One thinking method, as the registry (quietstar/methods/registry.py) lists it.
 
     name      the registry key (`recipe=<name>` selects a method with a `run`)
     sections  its config sections: {root field: dataclass}, e.g. {"thought": ThoughtConfig}; each becomes a

@@ -32,7 +32,8 @@ from quietstar.methods.quietstar.load import thinker_from_state, load_thinker_ch
 from quietstar.cli import one_of, parse_kv
 from quietstar.errors import UserError, run_main
 from quietstar.tokenizer import load_tokenizer_from, save_tokenizer
-from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig
+from quietstar.methods.quietstar.thinker import QuietStar
+from quietstar.methods.quietstar.config import ThoughtConfig
 
 
 def _thought_state(qs: QuietStar) -> dict[str, torch.Tensor]:

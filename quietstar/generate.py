@@ -31,7 +31,8 @@ import torch
 from quietstar.cli import AT_LEAST_1, NON_NEGATIVE, UNIT_OPEN_LEFT, parse_kv
 from quietstar.errors import UserError, run_main
 from quietstar.model import KVCache
-from quietstar.methods.quietstar.thinker import QuietStar, sample_categorical
+from quietstar.methods.quietstar.thinker import QuietStar
+from quietstar.methods.quietstar.rollout import sample_categorical
 from quietstar.methods.quietstar.where import fires
 
 
@@ -234,12 +235,12 @@ def load_for_inference(ckpt: Optional[str] = None, device: str = "cpu", dtype: O
         tok = qs.tokenizer
     else:
         from quietstar.loading import load_pretrained
-        from quietstar.methods.quietstar.thinker import ThoughtConfig
+        from quietstar.methods.quietstar.config import ThoughtConfig
 
         base, tok = load_pretrained(model, dtype=dtype, device=device)
         qs = QuietStar(base, tok, ThoughtConfig())
     if n_ahead is not None:
-        qs.cfg = dataclasses.replace(qs.cfg, n_ahead=n_ahead)
+        qs.configure(dataclasses.replace(qs.cfg, n_ahead=n_ahead))
     return qs.to(device).eval(), tok
 
 

@@ -41,7 +41,7 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 
-from quietstar.cli import AT_LEAST_1, NON_NEGATIVE, UNIT_OPEN_LEFT, Rule, one_of, parse_kv
+from quietstar.cli import AT_LEAST_1, NON_NEGATIVE, Rule, one_of, parse_kv
 from quietstar.errors import UserError, run_main
 from quietstar.eval.common import Progress, next_token_logits_at, talk_head_is_zero
 
@@ -139,7 +139,7 @@ def load_model(args: dict):
     if args["thought_temperature"]:
         changes["gumbel_temperature"] = args["thought_temperature"]
     try:
-        qs.cfg = dataclasses.replace(qs.cfg, **changes)
+        qs.configure(dataclasses.replace(qs.cfg, **changes))
     except ValueError as e:
         raise UserError(f"model_args: {e}") from None
     if qs.cfg.where == "gate" and qs.gate is None:

@@ -34,6 +34,7 @@ from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 
 def grid_rows(n: int, S: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,12 +129,12 @@ class ThoughtGrid:
         future = torch.stack([at_positions(self.target(input_ids, k - 1, pad_id), positions) for k in range(1, K)], 1) \
             if K > 1 else input_ids[:, :0, None]  # x_{i+1}..x_{i+K-1}
         future = future.view(B, 1, K - 1, P).expand(B, n, K - 1, P)
-        branch = torch.cat([start, thoughts.permute(0, 1, 3, 2), end, future], dim=2)  # (B, n, S-1, P)
+        branch = torch.cat([start, rearrange(thoughts, "b n p t -> b n t p"), end, future], dim=2)  # (B, n, S-1, P)
         if positions is None:
-            ids = torch.cat([input_ids[:, None], branch.reshape(B, -1, L)], dim=1)
+            ids = torch.cat([input_ids[:, None], rearrange(branch, "b n s l -> b (n s) l")], dim=1)
             step, _ = self.rows(input_ids.device)
             return ids, self.position_ids(step[:, None], torch.arange(L, device=input_ids.device)).expand(B, -1, -1)
-        ids = torch.cat([input_ids, branch.reshape(B, -1)], dim=1)
+        ids = torch.cat([input_ids, rearrange(branch, "b n s p -> b (n s p)")], dim=1)
         f_step, _, f_pos = grid_coords(L, n, self.S, positions, input_ids.device)
         return ids, self.position_ids(f_step, f_pos)
 
@@ -152,7 +153,7 @@ class ThoughtGrid:
     def branch(self, h) -> torch.Tensor:
         """(B, R, L, ...) or GridStates -> the copies' rows (B, n, S-1, P, ...); index s - 1 is step s."""
         rows = h.rows if isinstance(h, GridStates) else h[:, 1:]
-        return rows.reshape(rows.shape[0], self.n, self.S - 1, *rows.shape[2:])
+        return rearrange(rows, "b (n s) p ... -> b n s p ...", n=self.n)
 
     def at_step(self, h, step: int) -> torch.Tensor:
         """(B, R, L, ...) or GridStates -> step `step` >= 1 of every copy (B, n, P, ...)."""
@@ -160,7 +161,7 @@ class ThoughtGrid:
 
     def sampled_rows(self, h) -> torch.Tensor:
         """(B, R, L, d) or GridStates -> the states predicting t_1..t_{T-3}, (B, n, P, T-3, d)."""
-        return self.branch(h)[:, :, :self.n_sampled].transpose(2, 3)
+        return rearrange(self.branch(h)[:, :, :self.n_sampled], "b n t p ... -> b n p t ...")
 
     def per_copy(self, h: torch.Tensor) -> torch.Tensor:
         """(B, R, L, ...) -> (B, n, S, L, ...): each copy with its own view of the shared text row."""
@@ -170,8 +171,7 @@ class ThoughtGrid:
 
     def from_per_copy(self, h: torch.Tensor) -> torch.Tensor:
         """(B, n, S, L, ...) with identical text rows -> the grid layout (B, R, L, ...)."""
-        B = h.shape[0]
-        return torch.cat([h[:, 0, :1], h[:, :, 1:].reshape(B, -1, *h.shape[3:])], dim=1)
+        return torch.cat([h[:, 0, :1], rearrange(h[:, :, 1:], "b n s l ... -> b (n s) l ...")], dim=1)
 
     # ---- targets and shifts along the positions
 

@@ -45,7 +45,7 @@ from quietstar.model import Transformer
 from quietstar.optim import autocast_context, build_optimizer, clip_grad_norm, maybe_compile, resolve_precision
 from quietstar.rundir import RunLock, recover_run, set_aside_later
 from quietstar.tokenizer import ByteTokenizer
-from quietstar.methods import TrainConfig, method_for, register_configs, run_recipe
+from quietstar.methods.registry import TrainConfig, method_for, register_configs, run_recipe
 from quietstar.methods.quietstar.thinker import QuietStar
 
 
@@ -323,7 +323,8 @@ def enter_curriculum_stage(s: Session, step: int, stage: Optional[int]) -> int:
     go on); say so when a stage begins. -> the stage."""
     if s.cfg.thought.stage_at(step) == stage:
         return stage
-    now, s.qs.cfg = s.cfg.thought.at_step(step)
+    now, thought = s.cfg.thought.at_step(step)
+    s.qs.configure(thought)
     if s.dist.is_main:
         print(f"[curriculum] stage {now + 1}/{len(s.cfg.thought.curriculum)} from step {step}: "
               f"n_ahead={s.qs.cfg.n_ahead} n_ahead_talk={s.qs.cfg.n_ahead_talk}", flush=True)

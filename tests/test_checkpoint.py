@@ -16,7 +16,8 @@ from quietstar.data import ListDocs, SequenceStream, synthetic_math
 from quietstar.model import ModelConfig, Transformer
 from quietstar.optim import build_optimizer, maybe_compile
 from quietstar.tokenizer import ByteTokenizer
-from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig
+from quietstar.methods.quietstar.thinker import QuietStar
+from quietstar.methods.quietstar.config import ThoughtConfig
 
 THOUGHT = ThoughtConfig(n_ahead=4, n_ahead_talk=2)
 

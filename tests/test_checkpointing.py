@@ -8,7 +8,8 @@ from quietstar.config import LoopConfig, ModelSpec
 from quietstar.errors import ConfigError
 from quietstar.memory import checkpoint_plan, saved_bytes_per_token
 from quietstar.model import KVCache, ModelConfig, Transformer
-from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig
+from quietstar.methods.quietstar.thinker import QuietStar
+from quietstar.methods.quietstar.config import ThoughtConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

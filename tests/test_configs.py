@@ -12,9 +12,9 @@ from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationResolutionError, ValidationError
 
 from quietstar.config import ModelSpec, OptimConfig, config_to_dict
-from quietstar.methods import TrainConfig, load_config, register_configs
+from quietstar.methods.registry import TrainConfig, load_config, register_configs
 from quietstar.model import ModelConfig
-from quietstar.methods.quietstar.thinker import ThoughtConfig
+from quietstar.methods.quietstar.config import ThoughtConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # what a group option leaves mandatory (???), filled in so that it can be converted

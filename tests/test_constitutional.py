@@ -205,8 +205,8 @@ def test_a_supervised_and_a_feedback_round_end_to_end_through_the_config(tmp_pat
     from test_learn_to_think import ROOT, TOY
 
     from quietstar import train as train_script
-    from quietstar.methods import register_configs
-    from quietstar.methods import run_recipe
+    from quietstar.methods.registry import register_configs
+    from quietstar.methods.registry import run_recipe
 
     parse, written = cai.parse_critique, []
 

@@ -22,12 +22,13 @@ from quietstar.methods.quietstar import where
 from quietstar import dist as qdist
 from quietstar.checkpoint import load_checkpoint
 from quietstar.config import ConfigError, DistConfig, check_device_dtype
-from quietstar.methods import TrainConfig
+from quietstar.methods.registry import TrainConfig
 from quietstar.tokenizer import ByteTokenizer
 from quietstar.memory import AUTO_BUDGET_FRACTION, auto_budget, device_memory_bytes
 from quietstar.model import ModelConfig, Transformer
 from quietstar.optim import autocast_context, resolve_precision
-from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig
+from quietstar.methods.quietstar.thinker import QuietStar
+from quietstar.methods.quietstar.config import ThoughtConfig
 
 GPU = torch.device("cuda", 1)
 FAKE = FakeTensorMode()  # one mode for every fake tensor: they cannot be mixed across modes

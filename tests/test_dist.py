@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from quietstar import train as train_script
 from quietstar.checkpoint import read_model_state
-from quietstar.methods import register_configs
+from quietstar.methods.registry import register_configs
 
 pytestmark = pytest.mark.skipif(not (tdist.is_available() and tdist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from quietstar import train as train_script
 from quietstar.checkpoint import find_checkpoint, read_model_state, read_train_config, save_checkpoint
-from quietstar.methods import TrainConfig
+from quietstar.methods.registry import TrainConfig
 from quietstar.methods.distill.distill import Distiller, build_student
 from quietstar.errors import UserError, run_main
 from quietstar.export import export

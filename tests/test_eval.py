@@ -21,7 +21,9 @@ from quietstar.eval.nll import difficulty_buckets, score_tokens, summarize
 from quietstar.eval.report import token_pieces, write_report
 from quietstar.eval.soft import answer_start, answer_token_sets, soft_accuracy
 from quietstar.model import ModelConfig, Transformer
-from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig, sample_categorical
+from quietstar.methods.quietstar.thinker import QuietStar
+from quietstar.methods.quietstar.rollout import sample_categorical
+from quietstar.methods.quietstar.config import ThoughtConfig
 from quietstar.generate import encode_prompt
 
 

@@ -17,7 +17,8 @@ from quietstar.methods.explicit.sample import Completion, sample_rows
 from quietstar.methods.explicit.tasks import Question, StopRule, reasoning_questions
 from quietstar.model import ModelConfig, Transformer
 from quietstar.reasoning import ReasoningConfig, make_documents
-from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig
+from quietstar.methods.quietstar.thinker import QuietStar
+from quietstar.methods.quietstar.config import ThoughtConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TOK = ByteTokenizer()
@@ -190,7 +191,7 @@ def test_dpo_training_reads_the_reference_once_per_dataset():
 
 
 def method_ctx(method, **explicit):
-    from quietstar.methods import TrainConfig
+    from quietstar.methods.registry import TrainConfig
     from quietstar.methods.explicit.config import ExplicitConfig
     from quietstar.methods.explicit.loop import Context
 
@@ -274,7 +275,7 @@ def test_a_thinking_model_is_scored_the_same_way_with_its_hidden_tokens_counted(
     from quietstar.methods.explicit.loop import evaluate
 
     qs, ctx = tiny_qs(), method_ctx("star")
-    qs.cfg = dataclasses.replace(qs.cfg, n_ahead=5)
+    qs.configure(dataclasses.replace(qs.cfg, n_ahead=5))
     questions = reasoning_questions(make_documents(ReasoningConfig(), 2, 0, "eval"), "eval", ".")
     calls = []
     think = qs.think
@@ -326,8 +327,8 @@ def test_a_star_round_end_to_end_through_the_config(tmp_path):
     from test_learn_to_think import ROOT, TOY
 
     from quietstar import train as train_script
-    from quietstar.methods import register_configs
-    from quietstar.methods import run_recipe
+    from quietstar.methods.registry import register_configs
+    from quietstar.methods.registry import run_recipe
 
     def toy_cfg(out_dir, *overrides):  # learn_to_think's toy sizes, under the explicit=star preset
         GlobalHydra.instance().clear()

@@ -92,10 +92,10 @@ def test_one_round_of_a_method_on_gsm8k_end_to_end_through_the_config(tmp_path, 
     from test_learn_to_think import ROOT, TOY
 
     from quietstar import train as train_script
-    from quietstar.methods import register_configs
+    from quietstar.methods.registry import register_configs
     from quietstar.methods.explicit import constitutional as cai
     from quietstar.methods.explicit import loop
-    from quietstar.methods import run_recipe
+    from quietstar.methods.registry import run_recipe
 
     root = write_gsm8k(tmp_path / "data" / "gsm8k", n_train=24, n_test=6)
     loaded = []

@@ -410,8 +410,8 @@ def test_one_round_of_each_preference_method_end_to_end_through_the_config(tmp_p
     from test_learn_to_think import ROOT, TOY
 
     from quietstar import train as train_script
-    from quietstar.methods import register_configs
-    from quietstar.methods import run_recipe
+    from quietstar.methods.registry import register_configs
+    from quietstar.methods.registry import run_recipe
 
     method, _, variant = method.partition("/")
     loss, judge = (variant, "") if variant in ("dpo", "rpo", "ipo", "simpo") else ("", variant)

@@ -13,7 +13,8 @@ from quietstar.export import export, load_thinker, main
 from quietstar.model import ModelConfig, Transformer
 from quietstar.optim import build_optimizer
 from quietstar.tokenizer import ByteTokenizer
-from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig
+from quietstar.methods.quietstar.thinker import QuietStar
+from quietstar.methods.quietstar.config import ThoughtConfig
 
 transformers = pytest.importorskip("transformers")
 

@@ -34,7 +34,8 @@ from quietstar.hf_dir import config_from_hf
 from quietstar.model import ModelConfig, Transformer
 from quietstar.rundir import RunDirInUse, RunLock
 from quietstar.tokenizer import ByteTokenizer
-from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig
+from quietstar.methods.quietstar.thinker import QuietStar
+from quietstar.methods.quietstar.config import ThoughtConfig
 from test_checkpoint import make, save
 from test_train import ENV, ROOT, TINY, records, tiny_cfg
 
@@ -290,7 +291,7 @@ def test_default_output_dirs_are_unique_within_one_second():
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from quietstar.methods import register_configs
+    from quietstar.methods.registry import register_configs
 
     a, b = train_script.default_output_dir(), train_script.default_output_dir()
     assert a != b and str(os.getpid()) in a.name

@@ -10,7 +10,8 @@ from quietstar import fused
 from quietstar.fused import ResidualNormLinearsFunction, RMSNormLinearsFunction, rms_norm, swiglu_down
 from quietstar.memory import measure_saved_bytes, saved_bytes_per_token
 from quietstar.model import ModelConfig, Transformer
-from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig
+from quietstar.methods.quietstar.thinker import QuietStar
+from quietstar.methods.quietstar.config import ThoughtConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

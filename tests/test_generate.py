@@ -7,7 +7,9 @@ import torch
 
 from quietstar.generate import Generation, generate, generate_stream, left_pad, sample_token
 from quietstar.model import KVCache, ModelConfig, Transformer
-from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig, sample_categorical
+from quietstar.methods.quietstar.thinker import QuietStar
+from quietstar.methods.quietstar.rollout import sample_categorical
+from quietstar.methods.quietstar.config import ThoughtConfig
 
 V = 256
 

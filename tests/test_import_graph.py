@@ -8,8 +8,9 @@ Three floors (docs/architecture.md):
            experiments run (generate.py, eval/)
   entry    train.py, generate.py, export.py, lm_eval.py, eval/: what a user runs
 
-A module's own package __init__ runs when it is imported, but that is not counted as an edge: the registry
-(quietstar/methods/__init__.py) imports its methods, and no method imports the registry.
+Importing a module first runs every package __init__ above it, so each module also has an edge to each of its
+packages; no __init__ imports a module of its own package (the root's public names load on first use), so
+importing one method loads no other and no circle closes through a package.
 """
 
 from __future__ import annotations
@@ -57,9 +58,15 @@ def imports_of(name: str, path: Path, modules: dict) -> set:
     return found
 
 
+def packages_above(name: str) -> set:
+    parts = name.split(".")
+    return {".".join(parts[:k]) for k in range(1, len(parts))}
+
+
 def import_graph() -> dict:
+    """module -> the modules it imports (any depth), and the packages whose __init__ runs first."""
     modules = module_names()
-    return {name: imports_of(name, path, modules) for name, path in modules.items()}
+    return {name: imports_of(name, path, modules) | packages_above(name) for name, path in modules.items()}
 
 
 def floor(name: str) -> str:
@@ -111,6 +118,14 @@ def test_the_graph_sees_imports_at_any_depth(tmp_path):
     found = imports_of("quietstar.m", source, module_names())
     assert found == {"quietstar.model", "quietstar.masks", "quietstar.data", "quietstar.methods.quietstar.thinker"}
     assert "quietstar.checkpoint" in import_graph()["quietstar.train"]
+
+
+def test_package_inits_import_nothing_of_their_own_package():
+    modules = module_names()
+    bad = {name: sorted(t for t in imports_of(name, path, modules) if t.startswith(name + "."))
+           for name, path in modules.items() if path.name == "__init__.py"}
+    bad = {k: v for k, v in bad.items() if v}
+    assert not bad, f"package __init__ files that import their own modules: {bad}"
 
 
 def test_no_import_cycle_at_any_depth():

@@ -12,7 +12,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from quietstar import train as train_script
-from quietstar.methods import register_configs
+from quietstar.methods.registry import register_configs
 from quietstar.tokenizer import ByteTokenizer
 from quietstar.errors import UserError
 from quietstar.flops import step_flops
@@ -38,7 +38,7 @@ def toy_cfg(out_dir, *overrides):
 
 
 def test_the_recipe_runs_its_stages_and_writes_results_and_curves(tmp_path, capsys):
-    from quietstar.methods import run_recipe
+    from quietstar.methods.registry import run_recipe
 
     cfg = toy_cfg(tmp_path)
     run_recipe(cfg, train_script.train)
@@ -65,7 +65,7 @@ def test_the_recipe_runs_its_stages_and_writes_results_and_curves(tmp_path, caps
 
 
 def test_the_policy_recipes_write_the_ablation_and_the_chain_share(tmp_path):
-    from quietstar.methods import run_recipe
+    from quietstar.methods.registry import run_recipe
 
     experiment = "policy_decoy"
     cfg = toy_cfg(tmp_path, f"experiment={experiment}", "checkpoint.every=1")
@@ -112,7 +112,7 @@ def test_the_policy_recipes_write_the_ablation_and_the_chain_share(tmp_path):
 
 def read_config(stage_dir):
     from quietstar.checkpoint import read_train_config
-    from quietstar.methods import TrainConfig
+    from quietstar.methods.registry import TrainConfig
 
     return read_train_config(sorted((stage_dir / "checkpoints").iterdir())[-1], TrainConfig)
 
@@ -128,7 +128,7 @@ def test_the_baseline_gets_the_quietstar_stage_s_flops(tmp_path):
 
 
 def test_the_recipe_refuses_another_data_source(tmp_path):
-    from quietstar.methods import run_recipe
+    from quietstar.methods.registry import run_recipe
 
     with pytest.raises(ValueError, match="data=reasoning"):
         run_recipe(toy_cfg(tmp_path, "data=synthetic"), train_script.train)
@@ -196,7 +196,8 @@ def test_quietstar_from_a_plain_lm_checkpoint_starts_its_thoughts_at_the_trained
 
 
 def test_end_init_token_starts_end_elsewhere_and_an_empty_one_is_refused():
-    from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig
+    from quietstar.methods.quietstar.thinker import QuietStar
+    from quietstar.methods.quietstar.config import ThoughtConfig
 
     tok = ByteTokenizer()
     base = Transformer(ModelConfig.from_preset("tiny"))

@@ -26,7 +26,8 @@ from quietstar.optim import build_optimizer
 from quietstar.methods.plain.model import PlainLM, reset_thought_embeddings
 from quietstar.reasoning import ReasoningConfig, chain_open_ids, make_documents, score_answers
 from quietstar.tokenizer import ByteTokenizer
-from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig
+from quietstar.methods.quietstar.thinker import QuietStar
+from quietstar.methods.quietstar.config import ThoughtConfig
 
 CORPUS = ReasoningConfig(n_symbols=5, max_hops=3, n_queries=5, eval_docs=48)
 THOUGHT = ThoughtConfig(n_ahead=7, n_ahead_talk=1, n_thoughts=2, policy_weight=1.0, policy_temperature=1.0,

@@ -19,7 +19,8 @@ from quietstar.tokenizer import ByteTokenizer
 from quietstar.model import ModelConfig, Transformer
 from quietstar.methods.plain.model import reset_thought_embeddings
 from quietstar.reasoning import ReasoningConfig, batches, lookup_chain, query_symbol
-from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig
+from quietstar.methods.quietstar.thinker import QuietStar
+from quietstar.methods.quietstar.config import ThoughtConfig
 from tests.test_learning import MODEL, _train, pretrain
 
 CORPUS = ReasoningConfig(n_symbols=5, max_hops=3, n_queries=5, eval_docs=48, decoy_share=0.5)

@@ -21,7 +21,8 @@ from quietstar.eval.common import next_token_logits_at  # noqa: E402
 from quietstar.lm_eval import TASKS_DIR, QuietStarLM, score_continuations  # noqa: E402
 from quietstar.model import ModelConfig, Transformer  # noqa: E402
 from quietstar.tokenizer import Tokenizer  # noqa: E402
-from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig  # noqa: E402
+from quietstar.methods.quietstar.thinker import QuietStar
+from quietstar.methods.quietstar.config import ThoughtConfig  # noqa: E402
 
 CORPUS = ["Question: what is two plus three?\nAnswer: five. #### 5", "The cat sat on the mat and the dog sat too.",
           "Compute 12 + 7 = 19. Then 19 - 4 = 15.", "A. apple B. banana C. cherry D. date E. elder",

@@ -13,11 +13,13 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from quietstar import config, methods
+from quietstar import config
+from quietstar.methods import registry
 from quietstar.config import ConfigError, Method, ModelSpec
 from quietstar.methods.distill.distill import Distiller
 from quietstar.methods.plain.model import PlainLM
-from quietstar.methods.quietstar.thinker import QuietStar, ThoughtOutput
+from quietstar.methods.quietstar.thinker import QuietStar
+from quietstar.methods.quietstar.scoring import ThoughtOutput
 from quietstar.train import build_thinker, train
 
 
@@ -58,9 +60,9 @@ SMOOTH = Method("smooth", {"smooth": SmoothConfig}, build=build_smooth, selects=
 @pytest.fixture
 def with_smooth(monkeypatch):
     """The registry with the toy method added before `plain`, and the root config composed from it."""
-    entries = list(methods.METHODS.values())
+    entries = list(registry.METHODS.values())
     entries.insert(1, SMOOTH)
-    monkeypatch.setattr(methods, "METHODS", {m.name: m for m in entries})
+    monkeypatch.setattr(registry, "METHODS", {m.name: m for m in entries})
     return config.train_schema(entries)
 
 
@@ -77,7 +79,7 @@ def test_a_new_method_is_a_module_and_one_registry_line(with_smooth, tmp_path):
     assert [f.name for f in dataclasses.fields(schema)][core:] == ["distill", "smooth", "thought", "learn_to_think",
                                                                   "policy_math_web", "explicit"]
     cfg = tiny(schema, tmp_path, smooth=SmoothConfig(enabled=True, epsilon=0.2))
-    assert methods.method_for(cfg).name == "smooth"
+    assert registry.method_for(cfg).name == "smooth"
     model, _ = build_thinker(cfg, torch.device("cpu"))
     assert type(model) is SmoothLM and model.epsilon == 0.2
     result = train(cfg)
@@ -98,25 +100,25 @@ def test_the_new_sections_config_is_checked_by_its_class(with_smooth):
 
 
 def test_the_registry_composes_every_methods_sections_and_recipes():
-    fields = [f.name for f in dataclasses.fields(methods.TrainConfig)]
+    fields = [f.name for f in dataclasses.fields(registry.TrainConfig)]
     core = [f.name for f in dataclasses.fields(config.RunConfig)]
     assert fields[:len(core)] == core
-    assert set(fields[len(core):]) == {s for m in methods.METHODS.values() for s in m.sections}
-    assert methods.RECIPES == tuple(m.name for m in methods.METHODS.values() if m.run is not None)
+    assert set(fields[len(core):]) == {s for m in registry.METHODS.values() for s in m.sections}
+    assert registry.RECIPES == tuple(m.name for m in registry.METHODS.values() if m.run is not None)
     with pytest.raises(ConfigError, match="recipe must be one of"):
-        methods.TrainConfig(recipe="no_such_experiment")
+        registry.TrainConfig(recipe="no_such_experiment")
 
 
 @pytest.mark.parametrize("overrides, kind", [({}, QuietStar), ({"thought": {"enabled": False}}, PlainLM)])
 def test_each_run_builds_its_methods_model(tmp_path, overrides, kind):
-    cfg = methods.load_config({"model": {"preset": "tiny"}, "data": {"seq_len": 24}, **overrides})
+    cfg = registry.load_config({"model": {"preset": "tiny"}, "data": {"seq_len": 24}, **overrides})
     model, _ = build_thinker(cfg, torch.device("cpu"))
     assert type(model) is kind
-    assert methods.method_for(cfg).name == ("quietstar" if kind is QuietStar else "plain")
+    assert registry.method_for(cfg).name == ("quietstar" if kind is QuietStar else "plain")
 
 
 def test_a_distillation_run_selects_the_student_and_turns_thinking_off():
-    cfg = methods.load_config({"model": {"preset": "tiny"}, "data": {"seq_len": 24}, "distill": {"teacher": "x"}})
-    assert methods.method_for(cfg).name == "distill" and methods.METHODS["distill"].build.__name__ == "build_student"
+    cfg = registry.load_config({"model": {"preset": "tiny"}, "data": {"seq_len": 24}, "distill": {"teacher": "x"}})
+    assert registry.method_for(cfg).name == "distill" and registry.METHODS["distill"].build.__name__ == "build_student"
     assert cfg.thought.enabled is False  # distill.check: the student never thinks
     assert issubclass(Distiller, PlainLM)

@@ -16,7 +16,9 @@ from quietstar.generate import encode_prompt, generate
 from quietstar.masks import ThoughtGrid
 from quietstar.model import ModelConfig, Transformer
 from quietstar.tokenizer import ByteTokenizer
-from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig, sample_categorical
+from quietstar.methods.quietstar.thinker import QuietStar
+from quietstar.methods.quietstar.rollout import sample_categorical
+from quietstar.methods.quietstar.config import ThoughtConfig
 
 
 def tiny_qs(seed=0, tok=None, **cfg):
@@ -129,7 +131,7 @@ def test_a_new_objective_is_one_function_and_one_config_value():
         x = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(2))
         th = qs.rollout(x, generator=torch.Generator().manual_seed(0))
         official = qs(x, thoughts=th)
-        qs.cfg = dataclasses.replace(qs.cfg, objective="normalised")
+        qs.configure(dataclasses.replace(qs.cfg, objective="normalised"))
         new = qs(x, thoughts=th)
         assert new.nll.item() == official.nll.item()
         assert new.policy_loss.item() != pytest.approx(official.policy_loss.item(), rel=1e-3)
@@ -202,7 +204,7 @@ def test_inverse_cdf_sampling_is_exact_to_float64_at_a_large_vocabulary():
 def test_sampled_distribution_total_variation_is_below_1e7():
     """The distribution sample_categorical inverts (block mass x share in the block), against the float64
     softmax; a float32 cumulative sum over the vocabulary is far off."""
-    from quietstar.methods.quietstar.thinker import categorical_blocks
+    from quietstar.methods.quietstar.rollout import categorical_blocks
 
     for V in (32000, 49152, 1000):
         logits = torch.randn(8, V, generator=torch.Generator().manual_seed(V)) * 3

@@ -11,9 +11,9 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from quietstar import train as train_script
-from quietstar.methods import register_configs
+from quietstar.methods.registry import register_configs
 from quietstar.errors import UserError
-from quietstar.methods import run_recipe
+from quietstar.methods.registry import run_recipe
 from quietstar.methods.quietstar.learn_to_think import micro_step_flops
 from quietstar.methods.quietstar.math_web import stage_config
 

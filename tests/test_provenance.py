@@ -19,7 +19,8 @@ from quietstar.tokenizer import ByteTokenizer
 from quietstar.eval import common
 from quietstar.model import ModelConfig, Transformer
 from quietstar.provenance import write_record
-from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig
+from quietstar.methods.quietstar.thinker import QuietStar
+from quietstar.methods.quietstar.config import ThoughtConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -205,7 +206,7 @@ RAW = re.compile(r"write_text\(\s*json\.dumps|json\.dump\(")
 
 def writers():
     files = [*sorted((ROOT / "bench").glob("*.py")), *sorted((ROOT / "bench" / "scripts").glob("*.py")),
-             *sorted((ROOT / "quietstar" / "recipes").glob("*.py"))]
+             *sorted((ROOT / "quietstar" / "methods").rglob("*.py"))]
     return [f for f in files if WRITES.search(f.read_text()) and PLACE.search(f.read_text())]
 
 

@@ -132,7 +132,8 @@ def test_answer_scoring_matches_a_hand_computation():
 
 def test_score_answers_on_a_tiny_model_is_consistent():
     from quietstar.model import ModelConfig, Transformer
-    from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig
+    from quietstar.methods.quietstar.thinker import QuietStar
+    from quietstar.methods.quietstar.config import ThoughtConfig
 
     torch.manual_seed(0)
     tok = ByteTokenizer()
@@ -173,7 +174,8 @@ def test_thoughts_are_sorted_into_chain_chain_later_decoy_and_other(monkeypatch)
     from quietstar import reasoning
     from quietstar.model import ModelConfig, Transformer
     from quietstar.methods.quietstar.report import chain_share
-    from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig
+    from quietstar.methods.quietstar.thinker import QuietStar
+    from quietstar.methods.quietstar.config import ThoughtConfig
 
     torch.manual_seed(0)
     tok = ByteTokenizer()

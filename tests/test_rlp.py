@@ -13,7 +13,8 @@ from quietstar import train as train_script
 from quietstar.ema import EMATeacher
 from quietstar.masks import ThoughtGrid
 from quietstar.model import ModelConfig, Transformer
-from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig
+from quietstar.methods.quietstar.thinker import QuietStar
+from quietstar.methods.quietstar.config import ThoughtConfig
 from tests.test_objective import randomize_talk_head
 from tests.test_train import records, tiny_cfg
 
@@ -114,9 +115,9 @@ def test_reward_from_unmixed_is_the_official_objective_with_rlp_reward():
     x = torch.randint(3, 256, (2, 8), generator=torch.Generator().manual_seed(2))
     thoughts = qs.rollout(x, generator=torch.Generator().manual_seed(4))
     official = qs(x, thoughts=thoughts)
-    qs.cfg = dataclasses.replace(qs.cfg, reward_from="unmixed")
+    qs.configure(dataclasses.replace(qs.cfg, reward_from="unmixed"))
     ablation = qs(x, thoughts=thoughts)
-    qs.cfg = dataclasses.replace(qs.cfg, objective="rlp", clamp_negative_advantage=True)
+    qs.configure(dataclasses.replace(qs.cfg, objective="rlp", clamp_negative_advantage=True))
     rlp = qs(x, thoughts=thoughts)
     assert ablation.nll.item() == official.nll.item()
     assert not torch.allclose(ablation.rewards, official.rewards)
@@ -154,7 +155,7 @@ def test_ema_teacher_is_the_rewards_counterfactual():
     x = torch.randint(3, 256, (2, 8), generator=torch.Generator().manual_seed(5))
     thoughts = qs.rollout(x, generator=torch.Generator().manual_seed(6))
     plain = qs(x, thoughts=thoughts)
-    qs.cfg = dataclasses.replace(qs.cfg, ema_decay=0.5)
+    qs.configure(dataclasses.replace(qs.cfg, ema_decay=0.5))
     qs.ema = EMATeacher(qs.model, 0.5).double()
     with torch.no_grad():  # a teacher that differs from the model
         for b in qs.ema.buffers():

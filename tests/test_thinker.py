@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from quietstar.attention import use_backend
 from quietstar.model import ModelConfig, Transformer
-from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig, TalkHead
+from quietstar.methods.quietstar.thinker import QuietStar, TalkHead
+from quietstar.methods.quietstar.config import ThoughtConfig
 
 
 def tiny_qs(seed=0, **cfg):

@@ -18,10 +18,11 @@ from omegaconf import OmegaConf
 from quietstar import train as train_script
 from quietstar.checkpoint import verify_checkpoint
 from quietstar.config import OptimConfig
-from quietstar.methods import register_configs
+from quietstar.methods.registry import register_configs
 from quietstar.model import ModelConfig, Transformer
 from quietstar.optim import WarmupSchedule, build_optimizer, param_groups
-from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig
+from quietstar.methods.quietstar.thinker import QuietStar
+from quietstar.methods.quietstar.config import ThoughtConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model=tiny", "logger=none", "data.seq_len=24", "data.batch_size=2", "thought.n_ahead=4",
@@ -144,7 +145,7 @@ def test_a_curriculum_sets_the_lengths_by_step_and_resumes_mid_stage_exactly(tmp
 
 
 def test_a_bad_curriculum_stage_is_refused_by_name():
-    from quietstar.methods.quietstar.thinker import ThoughtConfig
+    from quietstar.methods.quietstar.config import ThoughtConfig
 
     with pytest.raises(ValueError, match=r"ThoughtConfig.curriculum\[1\] needs n_ahead >= 3"):
         ThoughtConfig(curriculum=[dict(n_ahead=5, n_ahead_talk=1, steps=2), dict(n_ahead=2, n_ahead_talk=1, steps=2)])

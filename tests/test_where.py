@@ -204,7 +204,8 @@ def test_subset_decode_step_equals_the_subset_grid(step):
 # the layer: selection, the subset learning pass against the full grid, the gate, generation
 
 from quietstar.model import ModelConfig, Transformer  # noqa: E402
-from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig  # noqa: E402
+from quietstar.methods.quietstar.thinker import QuietStar
+from quietstar.methods.quietstar.config import ThoughtConfig  # noqa: E402
 from quietstar.methods.quietstar.where import Selection, fires, select  # noqa: E402
 
 

@@ -27,7 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 from quietstar.model import ModelConfig, Transformer  # noqa: E402
 from quietstar.provenance import write_record  # noqa: E402
-from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig  # noqa: E402
+from quietstar.methods.quietstar.thinker import QuietStar
+from quietstar.methods.quietstar.config import ThoughtConfig  # noqa: E402
 
 MATMULS = {"aten.mm", "aten.addmm", "aten.addmm_", "aten.bmm", "aten.baddbmm"}
 

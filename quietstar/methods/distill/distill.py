@@ -50,10 +50,14 @@ import torch
 
 from quietstar.errors import ConfigError, UserError
 from quietstar.linear_ce import linear_kl_sum, linear_logprob_sum, lm_head_chunks
+from quietstar.masks import ThoughtGrid
 from quietstar.methods.plain.model import PlainLM, _in_document
-from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig, ThoughtOutput, sample_categorical
+from quietstar.methods.quietstar.config import ThoughtConfig
+from quietstar.methods.quietstar.thinker import QuietStar
+from quietstar.methods.quietstar.scoring import ThoughtOutput
+from quietstar.methods.quietstar.rollout import sample_categorical
 
-OBJECTIVES = ("kl", "ntp_rl")
+STUDENT_OBJECTIVES = ("kl", "ntp_rl")
 
 
 @dataclass
@@ -76,8 +80,8 @@ class DistillConfig:
     checkpoint the teacher's run started from, its pretrain stage)."""
 
     def __post_init__(self):
-        if self.objective not in OBJECTIVES:
-            raise ConfigError(f"distill.objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.objective not in STUDENT_OBJECTIVES:
+            raise ConfigError(f"distill.objective must be one of {STUDENT_OBJECTIVES}, got {self.objective!r}")
         if self.ntp_variant not in ("official", "teacher_gain"):
             raise ConfigError(f"distill.ntp_variant must be official or teacher_gain, got {self.ntp_variant!r}")
         if self.teacher_thoughts < 1:
@@ -158,14 +162,12 @@ class Distiller(PlainLM):
         attn = None if doc_ids is None else _in_document(L, lengths, doc_ids, input_ids.device)
         h = self.model(input_ids, attention_mask=attention_mask, attn=attn, return_hidden=True)  # (B, L, d)
         _, h_teacher, w, _ = self.teacher.next_token_hidden(input_ids, attention_mask, generator, n, doc_ids=doc_ids)
-        pos = torch.arange(L, device=input_ids.device)
-        ok = (pos[None, :] + 1 < (lengths[:, None] if lengths is not None else L)).expand(B, L)
-        if doc_ids is not None:  # the last token of a document predicts nothing
-            ok = ok & torch.cat([doc_ids[:, 1:] == doc_ids[:, :-1], torch.zeros_like(ok[:, -1:])], 1)
+        # x_{i+1} is a real token of position i's document (the last token of a document predicts nothing)
+        ok = ThoughtGrid.target_ok(L, 0, lengths, doc_ids, input_ids.device).expand(B, L)
         acc = torch.float64 if h.dtype == torch.float64 else torch.float32
         ok = ok.to(acc)[:, None].expand(B, n, L)  # (B, n, L): each of the n teacher thoughts is one row
         coef = ok / ok.sum().clamp_min(1)  # a mean over positions and thoughts
-        tgt = torch.cat([input_ids[:, 1:], input_ids[:, -1:]], 1)[:, None].expand(B, n, L)
+        tgt = ThoughtGrid.target(input_ids, 0)[:, None].expand(B, n, L)
         h_rows = h[:, None].expand(B, n, L, h.shape[-1])
         W, Wt = self.model.lm_head_weight, self.teacher.model.lm_head_weight
         d = self.distill

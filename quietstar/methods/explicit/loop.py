@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -46,6 +45,7 @@ from quietstar.methods.explicit.preference import collect_cpo, collect_tpo, coll
 from quietstar.methods.explicit.sample import sample
 from quietstar.methods.explicit.tasks import (GSM8K_MARK, GSM8K_START, gsm8k_splits, gsm8k_stop_rule,
                                               reasoning_questions, reasoning_stop_rule, step_alphabet)
+from quietstar.provenance import write_record
 from quietstar.seeds import derive_seed
 
 EVAL_MODES = {"star": "cot", "rft": "cot", "system2": "direct", "vstar": "cot", "tpo": "cot", "cpo": "cot",
@@ -192,7 +192,7 @@ def _base(cfg, train_fn, stages):
             run_stage(pretrain_config(cfg), train_fn, stages, "explicit", ("train/",))
         qs = load_thinker_checkpoint(path, device=recipe_device(cfg))
     qs.model.grad_checkpointing = False  # short SFT sequences: nothing to save
-    qs.cfg = dataclasses.replace(qs.cfg, init_token=marks[0], end_init_token=marks[1])
+    qs.configure(dataclasses.replace(qs.cfg, init_token=marks[0], end_init_token=marks[1]))
     with torch.no_grad():  # <start> / <end> read as the chain's marks (never trained by a plain LM)
         reset_thought_embeddings(qs)
     return path, qs.eval()
@@ -318,7 +318,7 @@ def run(cfg, train_fn):
                "settings": dataclasses.asdict(ex), "optim": dataclasses.asdict(cfg.optim), "seed": cfg.train.seed}
     if verifier is not None:
         results["verifier"] = verifier
-    (root / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    write_record(root / "results.json", results, seeds=[cfg.train.seed])
     b, f = rounds[0]["eval"][mode], rounds[best_round]["eval"][mode]
     print(f"\n[explicit] {ex.method}: held-out {mode} accuracy {b['acc']:.3f} -> {f['acc']:.3f} (round {best_round}, "
           f"by validation), tokens/answer {b['tokens_per_answer']:.2f} -> {f['tokens_per_answer']:.2f}\n"

@@ -12,8 +12,9 @@ import torch.nn.functional as F
 
 from quietstar.checkpoint import init_weights
 from quietstar.linear_ce import linear_logprob_sum
-from quietstar.masks import dense_grid_mask
-from quietstar.methods.quietstar.thinker import QuietStar, ThoughtOutput, thought_init_ids
+from quietstar.masks import ThoughtGrid, dense_grid_mask
+from quietstar.methods.quietstar.thinker import QuietStar, thought_init_ids
+from quietstar.methods.quietstar.scoring import ThoughtOutput
 
 
 def _in_document(L: int, lengths, doc_ids, device):
@@ -29,14 +30,12 @@ class PlainLM(QuietStar):
     def forward(self, input_ids, attention_mask=None, generator=None, doc_ids=None, thoughts=None) -> ThoughtOutput:
         lengths = self._check_input(input_ids, attention_mask)
         B, L = input_ids.shape
-        pos = torch.arange(L, device=input_ids.device)
         attn = None if doc_ids is None else _in_document(L, lengths, doc_ids, input_ids.device)
         h = self.model(input_ids, attention_mask=attention_mask, attn=attn, return_hidden=True)  # (B, L, d)
-        ok = (pos[None, :] + 1 < (lengths[:, None] if lengths is not None else L)).expand(B, L)
-        if doc_ids is not None:  # the last token of a document predicts nothing
-            ok = ok & torch.cat([doc_ids[:, 1:] == doc_ids[:, :-1], torch.zeros_like(ok[:, -1:])], 1)
+        # x_{i+1} is a real token of position i's document (the last token of a document predicts nothing)
+        ok = ThoughtGrid.target_ok(L, 0, lengths, doc_ids, input_ids.device).expand(B, L)
         ok = ok.to(h.dtype if h.dtype == torch.float64 else torch.float32)
-        tgt = torch.cat([input_ids[:, 1:], input_ids[:, -1:]], 1)
+        tgt = ThoughtGrid.target(input_ids, 0)
         coef = ok / ok.sum().clamp_min(1)
         weighted, _ = linear_logprob_sum(h.reshape(B * L, -1), self.model.lm_head_weight, tgt.flatten(), coef.flatten())
         nll = -weighted

@@ -1,8 +1,11 @@
 """Quiet-STaR (Zelikman et al. 2024): the model writes a thought after every token and learns from the thoughts
 that help it predict the text that follows.
 
-  thinker.py         ThoughtConfig and QuietStar: the rollout of a thought at every position, the learning pass
-                     over the thought grid, the talk head's mix, inference (think, next_token_logits_at)
+  config.py          ThoughtConfig (the `thought` section), its curriculum, the learning passes' names
+  thinker.py         QuietStar: its parameters, the talk head's mix, forward (the step), the grid learning pass
+  rollout.py         phase 1: the text row, the thinking positions, sampled thoughts; the attention adapters
+  scoring.py         the step's loss: score -> objective -> metrics (ThoughtOutput)
+  inference.py       the prediction after a thought, one thought on a KV cache (`think`), thoughts as text
   objective.py       the loss from the scored log-probabilities: official (NLL + REINFORCE), rlp, ... (a registry)
   where.py           selective thinking: which positions think (thought.where)
   sequential.py      thought.impl=sequential_dense, the official code's one-step-at-a-time pass (a reference)
@@ -12,8 +15,3 @@ that help it predict the text that follows.
   math_web.py        experiment=policy_math_web: the objectives on math web text against continued pretraining
   report.py          the reasoning-corpus scores and plots the experiments share
 """
-
-from quietstar.methods.quietstar import sequential  # noqa: F401  (registers thought.impl=sequential_dense)
-from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig
-
-__all__ = ["QuietStar", "ThoughtConfig"]

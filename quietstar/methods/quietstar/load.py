@@ -7,7 +7,8 @@ import torch
 
 from quietstar.checkpoint import (CheckpointError, find_checkpoint, read_config_section, read_model_config,
                                   read_model_state, step_of, verify_checkpoint)
-from quietstar.methods.quietstar.thinker import QuietStar, ThoughtConfig
+from quietstar.methods.quietstar.thinker import QuietStar
+from quietstar.methods.quietstar.config import ThoughtConfig
 from quietstar.model import Transformer, rope_inv_freq
 from quietstar.tokenizer import load_tokenizer_from
 

@@ -33,7 +33,7 @@ def evaluate(cfg, pretrain_ckpt, quietstar_ckpt, baseline_ckpt) -> dict:
     def score(path, thoughts: bool, plain_start: bool = False):
         qs = load_thinker_checkpoint(path, device=dev)
         if plain_start:  # the pretrained model as the Quiet-STaR stage starts from it
-            qs.cfg = cfg.thought
+            qs.configure(cfg.thought)
             reset_thought_embeddings(qs)
             if cfg.thought.where == "gate" and qs.gate is None:  # and with a fresh gate (thought.where=gate)
                 qs.gate = ThinkGate(qs.model.cfg.dim).to(dev)

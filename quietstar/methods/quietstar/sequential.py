@@ -10,7 +10,8 @@ or NaN'd out of the loss); here it enters the loss with weight exactly 0, so val
 those of the grid pass while time and memory follow the official code's cost model.
 
 It is the baseline of bench/bench_train_step.py and a second test oracle. It plugs in as a learning pass
-(`SequentialDensePass`, registered for `thought.impl=sequential_dense`); thinker.py does not import it.
+(`SequentialDensePass`, registered for `thought.impl=sequential_dense`); thinker.py imports it for that
+registration, and it needs nothing of thinker.py.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from quietstar.masks import dense_grid_mask
-from quietstar.methods.quietstar.thinker import PassResult, register_learning_pass, sample_categorical
+from quietstar.methods.quietstar.config import register_learning_pass
+from quietstar.methods.quietstar.rollout import sample_categorical
+from quietstar.methods.quietstar.scoring import PassResult
 
 
 class _GrowingCache:
