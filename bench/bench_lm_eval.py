@@ -16,7 +16,8 @@ csqa: lm_eval.simple_evaluate of commonsense_qa_local on the first `csqa_items` 
 the samples) is kept in the record.
 task: lm_eval.simple_evaluate of one local task on its first `limit` items with a checkpoint (or the base model
 without ckpt=), think=true or false; lm_eval's own output is kept, and for generation tasks each item's
-response, extracted answer, target answer and score (the prompts, being the 5-shot context, are left out).
+response, extracted answer, target answer and score (the prompts, being the 5-shot context, are left out); for
+multiple choice, how often each choice was taken and how often it is the answer.
 """
 
 from __future__ import annotations
@@ -135,6 +136,12 @@ def task(args: dict) -> dict:
             it[smp.get("filter", "none")] = {"extracted": got[0] if isinstance(got, list) else got,
                                             "exact_match": smp.get("exact_match")}
         rec["items_scored"] = [items[k] for k in sorted(items)]
+    elif samples and "choices" in samples[0]["doc"]:  # multiple choice: which choice each item took
+        picks = [max(range(len(smp["resps"])), key=lambda i: float(smp["resps"][i][0][0])) for smp in samples]
+        labels = samples[0]["doc"]["choices"].get("label") or [str(i) for i in range(len(samples[0]["resps"]))]
+        rec["chosen"] = {lab: sum(p == i for p in picks) for i, lab in enumerate(labels)}
+        rec["targets"] = {lab: sum(str(smp["target"]) in (lab, str(i)) for smp in samples)
+                          for i, lab in enumerate(labels)}
     rec["lm_eval_output"] = json.loads(json.dumps(out, default=str))
     return rec
 
