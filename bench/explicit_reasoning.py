@@ -7,6 +7,10 @@ Each RUN_ROOT holds s<seed>/<method>/results.json (or <method>/results.json). Pe
 held-out accuracy (overall and by hops) and tokens per answer of the base model and of the round chosen by
 validation, with a rationale (cot) and without (direct); the median over seeds and every seed's numbers.
 
+--add-to RECORD keeps the groups of an earlier record of this script and adds (or replaces) the ones given
+here: the record's provenance is then this command's, and each earlier group keeps the provenance it was
+written with (`group_provenance`), so new rows sit beside the old ones for comparison.
+
 --quietstar GROUP=LTT_RUN [...] scores learn_to_think runs (python train.py experiment=learn_to_think) on the
 same held-out questions, in the same way (greedy, from the map line): the Quiet-STaR stage answering directly
 with a thought before every token it writes (`implicit`; its hidden thought tokens count in tokens per
@@ -37,7 +41,7 @@ def one(res: dict) -> dict:
     pick = lambda e: {m: {"acc": e[m]["acc"], "acc_by_hops": e[m]["acc_by_difficulty"],  # noqa: E731
                           "tokens_per_answer": e[m]["tokens_per_answer"]} for m in ("cot", "direct")}
     out = {"base": pick(base), "chosen": pick(best), "last_round": pick(last["eval"]), "best_round": res["best_round"],
-            "rounds_run": len(res["rounds"]) - 1, "examples_per_round": [r["examples"] for r in res["rounds"][1:]],
+            "rounds_run": len(res["rounds"]) - 1, "val_acc_per_round": [r["eval"].get("val") for r in res["rounds"]], "examples_per_round": [r["examples"] for r in res["rounds"][1:]],
             "stats_per_round": [r["stats"] for r in res["rounds"][1:]],
             "skips_per_round": [r["skips"] for r in res["rounds"][1:]], "wall_s": res["wall_s"]}
     if "verifier" in res:  # V-STaR: held-out accuracy vs k at k = 1, 2, 4, 8, 16
@@ -98,8 +102,10 @@ def main():
                     "block holds this summary's own command line)")
     ap.add_argument("--quietstar", nargs="*", default=[], help="GROUP=LEARN_TO_THINK_RUN (seed s: s<seed> of GROUP's "
                     "explicit runs gives its questions); the seed's Quiet-STaR rows go to GROUP")
+    ap.add_argument("--add-to", default=None, help="an earlier record of this script whose groups are kept")
     args = ap.parse_args()
     out = {"command": args.command, "groups": {}}
+    earlier = json.loads(Path(args.add_to).read_text()) if args.add_to else None
     for g in args.groups:
         name, root = g.split("=", 1)
         files = sorted(Path(root).glob("*/results.json")) + sorted(Path(root).glob("s*/*/results.json"))
@@ -133,6 +139,15 @@ def main():
             summary["quietstar"]["seeds"] = sorted(seeds)
             summary["quietstar"]["median"] = {k: {f: median([s[k][f] for s in seeds.values() if k in s])
                                                   for f in ("acc", "tokens_per_answer")} for k in keys}
+    if earlier is not None:
+        new = set(out["groups"])
+        kept = {k: v for k, v in earlier["groups"].items() if k not in new}
+        prov = dict(earlier.get("group_provenance", {}))
+        for k in kept:
+            prov.setdefault(k, {**earlier["provenance"], "command": earlier.get("command", "")})
+        for k in new:
+            prov.pop(k, None)
+        out = {**out, "groups": {**kept, **out["groups"]}, "group_provenance": prov}
     seeds = {int(s[1:]) for summary in out["groups"].values() for m in summary.values() for s in m["seeds"]}  # "s0"
     write_record(args.out, out, seeds=seeds)
     for name, summary in out["groups"].items():

@@ -251,6 +251,53 @@ def ex_quietstar(kind: str, base_mode: str) -> list:
             + [V(gain), f"groups/decoy/quietstar/median/{kind}/tokens_per_answer"])
 
 
+# explicit_reasoning_cpu.json, the decoy corpus on the bases trained again (group decoy_rpo) and the TPO grid
+def kc_seed(group: str, method: str, which: str, seed: str) -> str:
+    return f"groups/{group}/{method}/per_seed/s{seed}/{which}/cot/acc"
+
+
+def kc_row(group: str, method: str, which: str = "chosen") -> list:
+    def gain(r):
+        g = r["groups"][group][method]["per_seed"]
+        return median([g[s][which]["cot"]["acc"] - g[s]["base"]["cot"]["acc"] for s in sorted(g)])
+    return [kc_seed(group, method, which, s) for s in SEEDS] + [V(gain)]
+
+
+def grid_val(setting: str) -> list:
+    def val(seed):
+        def f(r):
+            p = r["groups"][f"tpo_grid_{setting}"]["tpo"]["per_seed"][f"s{seed}"]
+            return p["val_acc_per_round"][p["best_round"]]
+        return V(f)
+    per_seed = [val(s) for s in SEEDS]
+    return per_seed + [V(lambda r: median([v.value(r) for v in per_seed]))]
+
+
+KEEP_ROWS = {
+    "base, rationale then answer": kc_row("decoy_rpo", "star", "base"),
+    "STaR": kc_row("decoy_rpo", "star"),
+    "TPO (`explicit=tpo`, the preset)": kc_row("decoy_rpo", "tpo"),
+    "TPO, `dpo` with the preset's rounds cut to 2": kc_row("tpo_grid_dpo50lr1", "tpo"),
+    "CPO, beam 1, 6 proposals, `rpo`": kc_row("decoy_rpo", "cpo"),
+}
+KEEP_PREF_ROWS = {
+    "base, rationale then answer": kc_row("decoy_rpo", "star", "base"),
+    "STaR": kc_row("decoy_rpo", "star"),
+    "TPO, `rpo`, up to 4 rounds (the preset)": kc_row("decoy_rpo", "tpo"),
+    "TPO, `rpo`, 2 rounds": kc_row("tpo_grid_rpo50lr1", "tpo"),
+    "TPO, `dpo`, the same 2 rounds": kc_row("tpo_grid_dpo50lr1", "tpo"),
+    "CPO, beam 1, 6 proposals, step filter, `rpo`": kc_row("decoy_rpo", "cpo"),
+}
+GRID_ROWS = {
+    "`rpo`, 200 steps a round, lr 3e-4, 2 rounds": grid_val("rpo200"),
+    "`rpo`, 50 steps, lr 3e-4, 2 rounds": grid_val("rpo50"),
+    "`rpo`, 50 steps, lr 1e-4, 2 rounds": grid_val("rpo50lr1"),
+    "`ipo`, 50 steps, lr 3e-4, 2 rounds": grid_val("ipo50"),
+    "`dpo`, 50 steps, lr 1e-4, 2 rounds": grid_val("dpo50lr1"),
+    "`rpo`, 50 steps, lr 1e-4, up to 4 rounds (stop after one without a gain)": grid_val("rpo50lr1it4"),
+}
+
+
 # explicit_preference_cpu.json
 def pref_round(method: str, rnd: int, path: str) -> str:
     return f"methods/{method}/rounds/{rnd}/{path}"
@@ -510,6 +557,20 @@ CHECKS: list = [
     Table(R_EXPL, EXPLICIT_HEADER, EXPL, EXPLICIT_ROWS),
     Table(README, EXPLICIT_HEADER, EXPL, {k: v for k, v in EXPLICIT_ROWS.items() if not k.endswith(", last round")}),
     Table("docs/explicit.md", EXPLICIT_HEADER, EXPL, EXPLICIT_ROWS),
+    Quote(README, "TPO gains on every seed: {} / {} / {} -> {} / {} / {} on bases trained again, against STaR's "
+          "median {} on the same bases", EXPL,
+          tuple(kc_seed("decoy_rpo", "tpo", "base", s) for s in SEEDS)
+          + tuple(kc_seed("decoy_rpo", "tpo", "chosen", s) for s in SEEDS) + (kc_row("decoy_rpo", "star")[3],)),
+    Table(R_EXPL, "| model, same bases (held-out cot accuracy) | seed 0 | seed 1 | seed 2 | median gain over the base |",
+          EXPL, KEEP_ROWS),
+    Table("docs/explicit_preference.md", "| TPO, same bases (held-out cot accuracy) | seed 0 | seed 1 | seed 2 "
+          "| median gain over the base |", EXPL, KEEP_PREF_ROWS),
+    Table("docs/explicit_preference.md", "| TPO setting | validation, seed 0 | seed 1 | seed 2 | median |", EXPL,
+          GRID_ROWS),
+    Quote("docs/explicit_preference.md", "right no more often than the base model's own greedy chain (held-out {} / {} / "
+          "{}): on {}, {} and {} of 1,024 training questions", EXPL,
+          tuple(kc_seed("decoy_rpo", "cpo", "base", s) for s in SEEDS)
+          + tuple(f"groups/decoy_rpo/cpo/per_seed/s{s}/stats_per_round/0/winning_correct" for s in SEEDS)),
     Quote(R_EXPL, "reach the gold answer ({} -> {} on seed 0, {} -> {} on seed 1)", EXPL,
           (ex_seed("star", "base", "cot", "0"), ex_seed("star", "chosen", "cot", "0"),
            ex_seed("star", "base", "cot", "1"), ex_seed("star", "chosen", "cot", "1"))),

@@ -449,8 +449,9 @@ def test_one_round_of_each_preference_method_end_to_end_through_the_config(tmp_p
     if method != "vstar" and lines:
         assert r1["loss_last"] is not None  # DPO ran
         # the first step's model is its reference: DPO's loss is log 2; RPO's adds the chosen side's NLL
-        assert res["settings"]["loss"] == (loss or "dpo")
-        if loss:
+        loss = loss or {"tpo": "rpo", "cpo": "dpo"}[method]  # the presets' losses (TPO's chosen on validation)
+        assert res["settings"]["loss"] == loss
+        if loss == "rpo":
             assert r1["loss_first"] > math.log(2) + 0.1
         else:
             assert r1["loss_first"] == pytest.approx(math.log(2), abs=1e-5)
