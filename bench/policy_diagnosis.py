@@ -10,6 +10,11 @@ share by hops and its answer accuracy with and without a thought.
 
     python bench/policy_diagnosis.py --discovery RUN --lengths 7 12 16 --out FILE
 
+For a policy_decoy run's starting point: the reward and the group-relative advantage RLP pays each kind of
+sampled thought (the chain, the decoy, a wrong chain, other) before direct answers, by hops:
+
+    python bench/policy_diagnosis.py --rewards RUN[@SEED] [RUN ...] [--floor 0] --out FILE
+
 For a policy_discovery run (<start>/<end> at a space): the pretrained model's thoughts before 3-hop answers,
 4 per position, at each thought length n_ahead, and how many of them contain the query's chain anywhere (a
 thought from a space must restate the query, `a3=-`, before it can write the chain) or restate the query.
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -32,7 +38,7 @@ from quietstar.methods.quietstar.load import load_thinker_checkpoint  # noqa: E4
 from quietstar.methods.plain.model import reset_thought_embeddings  # noqa: E402
 from quietstar.provenance import write_record  # noqa: E402
 from quietstar.reasoning import (batches, chain_open_ids, lookup_chain, make_documents, query_symbol,  # noqa: E402
-                                 score_answers)
+                                 score_answers, thought_kind)
 
 VALIDATION_DOCS = 256
 
@@ -69,6 +75,59 @@ def thought_gains(run: Path, hops: int = 3) -> dict:
     return {"seed": cfg.train.seed, "answers": len(gains["chain"]),
             **{f"{k}_gain_nats": sum(v) / len(v) for k, v in gains.items()},
             **{f"{k}_gain_positive_share": sum(x > 0 for x in v) / len(v) for k, v in gains.items()}}
+
+
+@torch.no_grad()
+def rewards_by_kind(run: Path, seed: Optional[int] = None, n_thoughts: int = 4, floor: Optional[float] = 0.0) -> dict:
+    """What the RLP reward pays each kind of sampled thought before direct answers, at the start of the Quiet-STaR
+    stage (the pretrained model, thought embeddings reset): n_thoughts per answer position, as in training;
+    reward = log p(answer | thought row) - log p(answer | no thought), raised to `floor`; the group-relative
+    advantage G/(G-1) (r - mean of the group). Kinds: the query's chain, its decoy, a wrong chain (begins with
+    the queried symbol, neither of those), other. `seed` scores another seed's pretrained model with the run's
+    settings (`run` holds pretrain/ and quietstar/ of one seed; pretrain/ may be the other seed's)."""
+    import dataclasses
+
+    ckpt = find_checkpoint(run / "quietstar")
+    cfg = read_train_config(ckpt, TrainConfig)
+    if seed is not None:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
+    qs = load_thinker_checkpoint(ckpt)
+    start = load_thinker_checkpoint(find_checkpoint(run / "pretrain"))
+    qs.load_state_dict({**qs.state_dict(), **{f"model.{k}": v for k, v in start.model.state_dict().items()}})
+    reset_thought_embeddings(qs)
+    qs.eval()
+    tok, T, G = qs.tokenizer, qs.cfg.n_ahead, n_thoughts
+    g = torch.Generator().manual_seed(cfg.train.seed + 7919)
+    rows: dict = {}
+    for ids, mask, diff, chunk in batches(validation_docs(cfg), tok, 32):
+        out = qs.next_token_logits(ids, mask, generator=g, n_thoughts=G).full()
+        logits = qs.grid_logits(ids, out.thoughts, mask)  # (B, G, S, L, V)
+        after = torch.log_softmax(logits[:, :, T - 1].float(), -1)  # the thought row's own prediction
+        base = torch.log_softmax(logits[:, 0, 0].float(), -1)
+        for b, p in (diff > 0).nonzero().tolist():
+            hops = int(diff[b, p])
+            query = query_symbol(tok, ids[b], p)
+            chain, decoy = lookup_chain(chunk[b], query, hops, cfg.data.reasoning)
+            r = after[b, :, p - 1, ids[b, p]] - base[b, p - 1, ids[b, p]]  # (G,)
+            if floor is not None:
+                r = r.clamp_min(floor)
+            adv = (r - r.mean()) * G / (G - 1)
+            for j in range(G):
+                t = qs.decode_thought(out.thoughts, b, j, p - 1)
+                kind = thought_kind(t, chain, decoy)
+                if kind == "other" and t[:1] == query:
+                    kind = "wrong_chain"
+                k = rows.setdefault(str(hops), {}).setdefault(kind, {"n": 0, "reward": 0.0, "advantage": 0.0})
+                k["n"] += 1
+                k["reward"] += float(r[j])
+                k["advantage"] += float(adv[j])
+    for by_kind in rows.values():
+        total = sum(k["n"] for k in by_kind.values())
+        for k in by_kind.values():
+            k["share"] = k["n"] / total
+            k["reward"] /= k["n"]
+            k["advantage"] /= k["n"]
+    return {"seed": cfg.train.seed, "n_thoughts": G, "floor": floor, "by_hops": rows}
 
 
 def checkpoint_scores(path: str) -> dict:
@@ -120,9 +179,22 @@ def main():
     ap.add_argument("--checkpoints", nargs="*", default=[], help="checkpoints (or run dirs) to score")
     ap.add_argument("--discovery", help="a policy_discovery run dir: thoughts by length (--lengths)")
     ap.add_argument("--lengths", nargs="*", type=int, default=[7, 12, 16])
+    ap.add_argument("--rewards", nargs="*", default=[], help="policy_decoy run dirs: the reward and advantage of each "
+                    "kind of sampled thought before direct answers, at the start of the Quiet-STaR stage (RUN@SEED: "
+                    "that seed's validation documents, RUN's quietstar/ settings and pretrain/ model)")
+    ap.add_argument("--floor", type=float, default=0.0, help="--rewards: the reward floor (the recipe's 0)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     torch.set_num_threads(1)
+    if a.rewards:
+        runs = [r.partition("@") for r in a.rewards]  # RUN or RUN@SEED
+        rows = [rewards_by_kind(Path(r), seed=int(sd) if sd else None, floor=a.floor) for r, _, sd in runs]
+        for row in rows:
+            print(row, flush=True)
+        write_record(a.out, {"split": f"validation: the {VALIDATION_DOCS} documents of the training split after the "
+                                      f"ones the runs trained on", "rewards_by_kind": rows},
+                     seeds=sorted({r["seed"] for r in rows}))
+        return
     if a.discovery:
         rows = discovery_lengths(Path(a.discovery), a.lengths)
         for row in rows:

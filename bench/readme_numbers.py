@@ -298,6 +298,37 @@ GRID_ROWS = {
 }
 
 
+# policy_decoy_rewards_cpu.json, policy_decoy_positions_cpu.json: why seeds 1 and 2 do not move
+def rk(seed: int, hops: str, kind: str) -> tuple:
+    def get(field):
+        def f(r):
+            row = next(x for x in r["rewards_by_kind"] if x["seed"] == seed)
+            return row["by_hops"][hops][kind][field]
+        return V(f)
+    return (get("share"), get("reward"), get("advantage"))
+
+
+def pos(run: str, seed: int) -> tuple:
+    def get(hops):
+        def f(r):
+            return next(x for x in r["checkpoints"] if x["run"] == run and x["seed"] == seed)["chain_share"][hops]
+        return V(f)
+    return (get("3"), get("1"))
+
+
+REWARD_ROWS = {f"{s}, {h} hop{'s' if h == '3' else ''}": [rk(s, h, "chain"), rk(s, h, "decoy")]
+               for s in (0, 1, 2) for h in ("1", "3")}
+POSITION_ROWS = {
+    "policy term off (`policy_weight=0`)": [pos("policy term off (policy_weight=0)", s) for s in (1, 2)],
+    "RLP, the recipe": [pos("RLP, the recipe (reward_floor=0)", s) for s in (1, 2)],
+    "policy term before direct answers only": [pos("RLP, policy term at direct answers only", s) for s in (1, 2)],
+    "policy term everywhere but direct answers": [pos("RLP, policy term everywhere but direct answers", s)
+                                                  for s in (1, 2)],
+    "`reward_floor=1.0` (the decoy's 0.7 nats no longer count)": [pos("RLP, reward_floor=1.0", s) for s in (1, 2)],
+    "`reward_floor=1.0`, `policy_weight=100`": [pos("RLP, reward_floor=1.0, policy_weight=100", 1), None],
+}
+
+
 # explicit_preference_cpu.json
 def pref_round(method: str, rnd: int, path: str) -> str:
     return f"methods/{method}/rounds/{rnd}/{path}"
@@ -440,6 +471,7 @@ def where_cost(i: int, key: str, scale: float = 1.0) -> V:
 
 
 LM_EVAL, LM_EVAL_CSQA = "lm_eval_cpu.json", "lm_eval_csqa_smollm2_base_cpu.json"
+LM_EVAL_COUNTS = "lm_eval_csqa_smollm2_base_counts_cpu.json"
 PMW = "policy_math_web_cpu.json"
 
 
@@ -772,12 +804,26 @@ CHECKS: list = [
                          else where_cost(i, "gen_tokens_per_s")]
                  for i, (label, q) in enumerate((("1.0 (subset grid of every position)", "1.0"), ("0.5", "0.5"),
                                                  ("0.25", "0.25"), ("0.1", "0.1")), start=1)}}),
+    # ------------------------------------------------------------------ docs/learning.md: seeds 1 and 2
+    Table("docs/learning.md", "| seed, hops | chain: share, reward, advantage | decoy: share, reward, advantage |",
+          "policy_decoy_rewards_cpu.json", REWARD_ROWS),
+    Table("docs/learning.md", "| run | seed 1 | seed 2 |", "policy_decoy_positions_cpu.json", POSITION_ROWS),
+    Quote("docs/learning.md", "Held-out, seeds 1 and 2 with the floor at 1.0 end with 3-hop chain shares of {} and {}, "
+          "against {} and {} with the policy term off", "policy_decoy_floor1_cpu.json",
+          ("per_run/0/chain_share/after", "per_run/1/chain_share/after",
+           V(lambda r: r["per_run"][0]["policy_off"]["chain_share"]["after"]),
+           V(lambda r: r["per_run"][1]["policy_off"]["chain_share"]["after"]))),
     # ------------------------------------------------------------------ docs/results/lm_eval.md
     Table(R_LM_EVAL, "| record | model | task | items | result |", LM_EVAL, {
         "`lm_eval_cpu.json`": [None, None, ("questions", "requests"),
                                (V("max_abs_logprob_diff_nats", bound=True), "requests_per_s/quietstar", "requests_per_s/hf")],
         "`lm_eval_csqa_smollm2_base_cpu.json`": [None, None, recorded(LM_EVAL_CSQA, "questions"),
-                                                 recorded(LM_EVAL_CSQA, "acc", 100.0)]}),
+                                                 recorded(LM_EVAL_CSQA, "acc", 100.0)],
+        "`lm_eval_csqa_smollm2_base_counts_cpu.json`": [None, None, recorded(LM_EVAL_COUNTS, "items"),
+                                                        (recorded(LM_EVAL_COUNTS, "chosen/A"),
+                                                         recorded(LM_EVAL_COUNTS, "targets/A"))]}),
+    Quote(R_LM_EVAL, "letter A the highest log-likelihood on every one of the {} questions. Its {}% is the share",
+          LM_EVAL_COUNTS, ("chosen/A", V("scores/acc,none", 100.0))),
 ]
 
 
