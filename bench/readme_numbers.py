@@ -472,6 +472,7 @@ def where_cost(i: int, key: str, scale: float = 1.0) -> V:
 
 LM_EVAL, LM_EVAL_CSQA = "lm_eval_cpu.json", "lm_eval_csqa_smollm2_base_cpu.json"
 LM_EVAL_COUNTS = "lm_eval_csqa_smollm2_base_counts_cpu.json"
+LM_EVAL_DEFAULT_RUN = "lm_eval_csqa_default_run_cpu.json"
 PMW = "policy_math_web_cpu.json"
 
 
@@ -821,7 +822,12 @@ CHECKS: list = [
                                                  recorded(LM_EVAL_CSQA, "acc", 100.0)],
         "`lm_eval_csqa_smollm2_base_counts_cpu.json`": [None, None, recorded(LM_EVAL_COUNTS, "items"),
                                                         (recorded(LM_EVAL_COUNTS, "chosen/A"),
-                                                         recorded(LM_EVAL_COUNTS, "targets/A"))]}),
+                                                         recorded(LM_EVAL_COUNTS, "targets/A"))],
+        "`lm_eval_csqa_default_run_cpu.json`": [None, None, recorded(LM_EVAL_DEFAULT_RUN, "items"),
+                                                (recorded(LM_EVAL_DEFAULT_RUN, "scores/acc,none", 100.0),
+                                                 recorded(LM_EVAL_DEFAULT_RUN, "chosen/A"))]}),
+    Quote(R_LM_EVAL, "with a thought before every continuation token, they do not: A is still chosen on all {}",
+          LM_EVAL_DEFAULT_RUN, ("chosen/A",)),
     Quote(R_LM_EVAL, "letter A the highest log-likelihood on every one of the {} questions. Its {}% is the share",
           LM_EVAL_COUNTS, ("chosen/A", V("scores/acc,none", 100.0))),
 ]
