@@ -809,6 +809,15 @@ CHECKS: list = [
     Table("docs/learning.md", "| seed, hops | chain: share, reward, advantage | decoy: share, reward, advantage |",
           "policy_decoy_rewards_cpu.json", REWARD_ROWS),
     Table("docs/learning.md", "| run | seed 1 | seed 2 |", "policy_decoy_positions_cpu.json", POSITION_ROWS),
+    Quote("docs/learning.md", "At the start it is then paid more than a decoy ({} against {} nats, advantage {} against {})",
+          "policy_decoy_rewards_cpu.json",
+          tuple(V(lambda r, k=k, f=f: r["rewards_by_kind"][3]["by_hops"]["1"][k][f])
+                for k, f in (("chain", "reward"), ("decoy", "reward"), ("chain", "advantage"), ("decoy", "advantage")))),
+    Quote("docs/learning.md", "the policy term leaves fewer 1-hop chains than no policy term ({} against {})",
+          "policy_decoy_positions_cpu.json",
+          tuple(V(lambda r, w=w: next(x for x in r["checkpoints"] if x["run"] == w)["chain_share"]["1"])
+                for w in ("n_ahead=5 (2 sampled tokens: a 1-hop chain fits), RLP, the recipe",
+                          "n_ahead=5 (2 sampled tokens: a 1-hop chain fits), policy term off"))),
     Quote("docs/learning.md", "Held-out, seeds 1 and 2 with the floor at 1.0 end with 3-hop chain shares of {} and {}, "
           "against {} and {} with the policy term off", "policy_decoy_floor1_cpu.json",
           ("per_run/0/chain_share/after", "per_run/1/chain_share/after",
