@@ -1,12 +1,13 @@
-"""A learning regression test for the policy term itself: it fails when the policy gradient's sign is flipped
-or the term is zeroed.
+"""A learning regression test for the policy term itself: it fails when the term is zeroed (a flipped sign
+passes too; see below).
 
 A 1-layer model pretrained on the decoy corpus (half the worked chains are decoys, `a3=-aaaa.d`) has two habits
 after `<start>`: the chain, which makes the answer a copy, and the decoy, which does not help. A short run of
 the RLP objective with the NLL terms off (thought.nll_weight=0: only the policy term moves the weights) must
 raise the policy's preference for the chain over the decoy before held-out 3-hop answers, measured without
 sampling noise: log pi(chain) - log pi(decoy), both teacher-forced. A zeroed term leaves the weights, and so
-the preference, exactly as they were; a flipped one lowers it.
+the preference, exactly as they were. A flipped sign is NOT caught: checked by hand, the preference rises with
+either sign at these settings (docs/learning.md, "The learning regression test").
 """
 
 import dataclasses
