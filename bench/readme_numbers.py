@@ -809,6 +809,10 @@ CHECKS: list = [
     Table("docs/learning.md", "| seed, hops | chain: share, reward, advantage | decoy: share, reward, advantage |",
           "policy_decoy_rewards_cpu.json", REWARD_ROWS),
     Table("docs/learning.md", "| run | seed 1 | seed 2 |", "policy_decoy_positions_cpu.json", POSITION_ROWS),
+    Quote("docs/learning.md", "medians) the 3-hop thought NLL is {} and the accuracy {}, against {} with "
+          "`policy_weight=0` and {} for the official objective's runs", "policy_clean_seeds_cpu.json",
+          ("answer_nll/thought/3", "answer_acc/thought/3", "policy_off/answer_nll/thought/3",
+           V(lambda r: load(LTT)["median"]["answer_nll"]["thought"]["3"]))),
     Quote("docs/learning.md", "chain share is {} -> {} ({} with the term off), and the 3-hop answer NLL is {} with a "
           "thought and {} without", "policy_discovery_seeds_cpu.json",
           ("chain_share/before", "chain_share/after", "policy_off/chain_share/after", "answer_nll/thought/3",
