@@ -329,6 +329,20 @@ POSITION_ROWS = {
 }
 
 
+def s2_row(hops: str) -> list:
+    def acc(which, mode, seed):
+        return f"groups/decoy_3layer/system2/per_seed/s{seed}/{which}/{mode}/acc_by_hops/{hops}"
+
+    def gap(seed):
+        def f(r):
+            g = r["groups"]["decoy_3layer"]["system2"]["per_seed"][f"s{seed}"]
+            b, c = g["base"]["direct"]["acc_by_hops"][hops], g["base"]["cot"]["acc_by_hops"][hops]
+            return (g["last_round"]["direct"]["acc_by_hops"][hops] - b) / (c - b)
+        return V(f)
+    return [tuple(acc("base", "direct", s) for s in SEEDS), tuple(acc("base", "cot", s) for s in SEEDS),
+            tuple(acc("last_round", "direct", s) for s in SEEDS), tuple(gap(s) for s in SEEDS)]
+
+
 # explicit_preference_cpu.json
 def pref_round(method: str, rnd: int, path: str) -> str:
     return f"methods/{method}/rounds/{rnd}/{path}"
@@ -590,6 +604,8 @@ CHECKS: list = [
     Table(R_EXPL, EXPLICIT_HEADER, EXPL, EXPLICIT_ROWS),
     Table(README, EXPLICIT_HEADER, EXPL, {k: v for k, v in EXPLICIT_ROWS.items() if not k.endswith(", last round")}),
     Table("docs/explicit.md", EXPLICIT_HEADER, EXPL, EXPLICIT_ROWS),
+    Table("docs/explicit.md", "| 3 layers, held-out accuracy | direct, base | rationale, base | direct, after the round "
+          "| gap closed |", EXPL, {"1 hop, seeds 0 / 1 / 2": s2_row("1"), "3 hops, seeds 0 / 1 / 2": s2_row("3")}),
     Quote(README, "TPO gains on every seed: {} / {} / {} -> {} / {} / {} on bases trained again, against STaR's "
           "median {} on the same bases", EXPL,
           tuple(kc_seed("decoy_rpo", "tpo", "base", s) for s in SEEDS)
