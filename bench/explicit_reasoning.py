@@ -41,7 +41,8 @@ def one(res: dict) -> dict:
     pick = lambda e: {m: {"acc": e[m]["acc"], "acc_by_hops": e[m]["acc_by_difficulty"],  # noqa: E731
                           "tokens_per_answer": e[m]["tokens_per_answer"]} for m in ("cot", "direct")}
     out = {"base": pick(base), "chosen": pick(best), "last_round": pick(last["eval"]), "best_round": res["best_round"],
-            "rounds_run": len(res["rounds"]) - 1, "val_acc_per_round": [r["eval"].get("val") for r in res["rounds"]], "examples_per_round": [r["examples"] for r in res["rounds"][1:]],
+            "rounds_run": len(res["rounds"]) - 1, "val_acc_per_round": [r["eval"].get("val") for r in res["rounds"]],
+            "examples_per_round": [r["examples"] for r in res["rounds"][1:]],
             "stats_per_round": [r["stats"] for r in res["rounds"][1:]],
             "skips_per_round": [r["skips"] for r in res["rounds"][1:]], "wall_s": res["wall_s"]}
     if "verifier" in res:  # V-STaR: held-out accuracy vs k at k = 1, 2, 4, 8, 16

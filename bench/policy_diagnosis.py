@@ -48,16 +48,22 @@ def validation_docs(cfg):
     return make_documents(cfg.data.reasoning, n + VALIDATION_DOCS, cfg.train.seed, "train")[n:]
 
 
-@torch.no_grad()
-def thought_gains(run: Path, hops: int = 3) -> dict:
-    """Mean gain of the answer's log-probability after the chain / the decoy over no thought."""
-    ckpt = find_checkpoint(run / "quietstar")  # the Quiet-STaR stage's settings, its starting weights below
+def stage_start(run: Path):
+    """(the Quiet-STaR stage's model as it starts: its settings with the pretrained weights and the thought
+    embeddings reset, in eval mode; the stage's TrainConfig)."""
+    ckpt = find_checkpoint(run / "quietstar")
     cfg = read_train_config(ckpt, TrainConfig)
     qs = load_thinker_checkpoint(ckpt)
     start = load_thinker_checkpoint(find_checkpoint(run / "pretrain"))
     qs.load_state_dict({**qs.state_dict(), **{f"model.{k}": v for k, v in start.model.state_dict().items()}})
     reset_thought_embeddings(qs)  # as the stage starts from the pretrained model
-    qs.eval()
+    return qs.eval(), cfg
+
+
+@torch.no_grad()
+def thought_gains(run: Path, hops: int = 3) -> dict:
+    """Mean gain of the answer's log-probability after the chain / the decoy over no thought."""
+    qs, cfg = stage_start(run)
     tok, T = qs.tokenizer, qs.cfg.n_ahead
     gains: dict = {"chain": [], "decoy": []}
     for ids, mask, diff, chunk in batches(validation_docs(cfg), tok, 32):
@@ -87,15 +93,9 @@ def rewards_by_kind(run: Path, seed: Optional[int] = None, n_thoughts: int = 4, 
     settings (`run` holds pretrain/ and quietstar/ of one seed; pretrain/ may be the other seed's)."""
     import dataclasses
 
-    ckpt = find_checkpoint(run / "quietstar")
-    cfg = read_train_config(ckpt, TrainConfig)
+    qs, cfg = stage_start(run)
     if seed is not None:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
-    qs = load_thinker_checkpoint(ckpt)
-    start = load_thinker_checkpoint(find_checkpoint(run / "pretrain"))
-    qs.load_state_dict({**qs.state_dict(), **{f"model.{k}": v for k, v in start.model.state_dict().items()}})
-    reset_thought_embeddings(qs)
-    qs.eval()
     tok, T, G = qs.tokenizer, qs.cfg.n_ahead, n_thoughts
     g = torch.Generator().manual_seed(cfg.train.seed + 7919)
     rows: dict = {}

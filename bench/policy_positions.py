@@ -32,15 +32,14 @@ from quietstar.methods.quietstar.objective import RLP, register_objective  # noq
 from quietstar.tokenizer import ByteTokenizer  # noqa: E402
 
 _IDS: contextvars.ContextVar = contextvars.ContextVar("input_ids")
+EQ, OPEN = ByteTokenizer().encode("=-")  # the query's `=` and the chain's opening mark
 
 
 def direct_answer_positions(ids: torch.Tensor) -> torch.Tensor:
     """(B, L) bool: position i's next token is a direct answer (x_i is `=`, x_{i+1} is neither the chain's
     opening mark nor padding)."""
-    tok = ByteTokenizer()
-    eq, dash = tok.encode("=")[0], tok.encode("-")[0]
-    nxt = torch.cat([ids[:, 1:], ids.new_full((ids.shape[0], 1), dash)], 1)
-    return (ids == eq) & (nxt != dash) & (nxt != 0)
+    nxt = torch.cat([ids[:, 1:], ids.new_full((ids.shape[0], 1), OPEN)], 1)
+    return (ids == EQ) & (nxt != OPEN) & (nxt != 0)
 
 
 def masked(keep_answers: bool):

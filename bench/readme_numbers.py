@@ -835,7 +835,8 @@ CHECKS: list = [
            "answer_nll/no_thought/3")),
     Quote("docs/learning.md", "At the start it is then paid more than a decoy ({} against {} nats, advantage {} against {})",
           "policy_decoy_rewards_cpu.json",
-          tuple(V(lambda r, k=k, f=f: r["rewards_by_kind"][3]["by_hops"]["1"][k][f])
+          tuple(V(lambda r, k=k, f=f: next(x for x in r["rewards_by_kind"] if "n_ahead=5" in x["settings"])
+                  ["by_hops"]["1"][k][f])
                 for k, f in (("chain", "reward"), ("decoy", "reward"), ("chain", "advantage"), ("decoy", "advantage")))),
     Quote("docs/learning.md", "the policy term leaves fewer 1-hop chains than no policy term ({} against {})",
           "policy_decoy_positions_cpu.json",
