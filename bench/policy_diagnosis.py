@@ -87,7 +87,8 @@ def thought_gains(run: Path, hops: int = 3) -> dict:
 def rewards_by_kind(run: Path, seed: Optional[int] = None, n_thoughts: int = 4, floor: Optional[float] = 0.0) -> dict:
     """What the RLP reward pays each kind of sampled thought before direct answers, at the start of the Quiet-STaR
     stage (the pretrained model, thought embeddings reset): n_thoughts per answer position, as in training;
-    reward = log p(answer | thought row) - log p(answer | no thought), raised to `floor`; the group-relative
+    reward = log p(answer | thought row, read where the thought ends) - log p(answer | no thought), raised to
+    `floor`; the group-relative
     advantage G/(G-1) (r - mean of the group). Kinds: the query's chain, its decoy, a wrong chain (begins with
     the queried symbol, neither of those), other. `seed` scores another seed's pretrained model with the run's
     settings (`run` holds pretrain/ and quietstar/ of one seed; pretrain/ may be the other seed's)."""
@@ -96,13 +97,15 @@ def rewards_by_kind(run: Path, seed: Optional[int] = None, n_thoughts: int = 4, 
     qs, cfg = stage_start(run)
     if seed is not None:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
-    tok, T, G = qs.tokenizer, qs.cfg.n_ahead, n_thoughts
+    tok, G = qs.tokenizer, n_thoughts
     g = torch.Generator().manual_seed(cfg.train.seed + 7919)
     rows: dict = {}
     for ids, mask, diff, chunk in batches(validation_docs(cfg), tok, 32):
         out = qs.next_token_logits(ids, mask, generator=g, n_thoughts=G).full()
         logits = qs.grid_logits(ids, out.thoughts, mask)  # (B, G, S, L, V)
-        after = torch.log_softmax(logits[:, :, T - 1].float(), -1)  # the thought row's own prediction
+        read, _ = qs.read_steps(out.thoughts)  # (B, G, L): <end>, or a thought's close (thought.close_token)
+        after = logits.gather(2, read[:, :, None, :, None].expand(-1, -1, 1, -1, logits.shape[-1])).squeeze(2)
+        after = torch.log_softmax(after.float(), -1)  # the thought row's own prediction
         base = torch.log_softmax(logits[:, 0, 0].float(), -1)
         for b, p in (diff > 0).nonzero().tolist():
             hops = int(diff[b, p])

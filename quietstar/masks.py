@@ -159,6 +159,26 @@ class ThoughtGrid:
         """(B, R, L, ...) or GridStates -> step `step` >= 1 of every copy (B, n, P, ...)."""
         return self.branch(h)[:, :, step - 1]
 
+    def at_steps(self, h, steps: torch.Tensor) -> torch.Tensor:
+        """(B, R, L, d) or GridStates, and one step >= 1 per copy and position (B, n, P) -> the states there
+        (B, n, P, d): a thought's read step (`read_steps`) where it differs by thought."""
+        branch = self.branch(h)  # (B, n, S - 1, P, d)
+        idx = (steps - 1)[:, :, None, :, None].expand(-1, -1, 1, -1, branch.shape[-1])
+        return branch.gather(2, idx).squeeze(2)
+
+    def read_steps(self, thoughts: torch.Tensor, close_id: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where each thought ends when a sampled `close_id` closes it (thought.close_token): (the step whose
+        output predicts x_{i+1} after it (B, n, P): the step fed its first close token, or the <end> step when it
+        has none; the sampled tokens that belong to it (B, n, P, T-3) bool: those up to its first close)."""
+        B, n, P, M = thoughts.shape
+        steps = thoughts.new_full((B, n, P), self.end_step)
+        if close_id is None or M == 0:
+            return steps, torch.ones_like(thoughts, dtype=torch.bool)
+        is_close = thoughts == close_id
+        first = torch.where(is_close.any(-1), is_close.long().argmax(-1), M)  # t_{first+1} closes (M: none)
+        keep = torch.arange(M, device=thoughts.device) <= first[..., None]
+        return torch.where(first < M, first + 2, steps), keep  # t_m is fed at step m + 1
+
     def sampled_rows(self, h) -> torch.Tensor:
         """(B, R, L, d) or GridStates -> the states predicting t_1..t_{T-3}, (B, n, P, T-3, d)."""
         return rearrange(self.branch(h)[:, :, :self.n_sampled], "b n t p ... -> b n p t ...")

@@ -76,6 +76,13 @@ class ThoughtConfig:
     """The start/end thought embeddings are initialised, once, from this text's first token embedding."""
     end_init_token: Optional[str] = None
     """<end> is initialised from this text's first token instead (None: init_token, as in the official code)."""
+    close_token: Optional[str] = None
+    """A text whose first token, when a thought samples it, ends the thought there (None: every thought runs to
+    <end>). The prediction after the thought is then read at that token's step, where the text's own closing
+    mark is followed by what follows a chain, and the tokens sampled after it carry no policy weight (nothing
+    reads them). A short chain is then read at its own end instead of running on inside a fixed-length thought
+    (docs/learning.md, "Thoughts that end where the model closes them"). Needs n_ahead_talk = 1: later talk
+    steps would attend the whole row."""
     talk_head_hidden: Optional[int] = None
     """Width of the talk head's hidden layers (None = d, as in the official code)."""
 
@@ -172,6 +179,11 @@ class ThoughtConfig:
         if self.where != "all" and self.impl != "grid":
             raise ValueError(f"ThoughtConfig.where={self.where!r} needs impl='grid' (the subset grid), got {self.impl!r}")
         self.curriculum = [CurriculumStage(**c) if isinstance(c, dict) else c for c in self.curriculum]
+        if self.close_token is not None and (self.n_ahead_talk != 1 or any(c.n_ahead_talk != 1 for c in self.curriculum)):
+            raise ValueError(f"ThoughtConfig.close_token={self.close_token!r} needs n_ahead_talk=1 (the talk steps "
+                             f"after <end> would attend the tokens after the close), got {self.n_ahead_talk}")
+        if self.close_token == "":
+            raise ValueError("ThoughtConfig.close_token must be a non-empty text or null")
         for k, c in enumerate(self.curriculum):
             if c.n_ahead < 3 or c.n_ahead_talk < 1 or c.steps < 1:
                 raise ValueError(f"ThoughtConfig.curriculum[{k}] needs n_ahead >= 3, n_ahead_talk >= 1 and steps >= 1, "

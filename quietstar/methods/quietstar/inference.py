@@ -97,7 +97,9 @@ class Inference:
             else:
                 h = self.learning_pass.hidden(self, input_ids, thoughts, lengths, doc_ids, positions)
             grid = self.grid(n_thoughts)
-            h0, h_end = h.text, grid.at_step(h, grid.talk_step(0))
+            h0 = h.text
+            h_end = grid.at_step(h, grid.talk_step(0)) if self.close_id is None else \
+                grid.at_steps(h, self.read_steps(thoughts, grid)[0])
             h_mix, w = self.mix(at_positions(h0, positions)[:, None].expand_as(h_end), h_end)
             return NextTokenLogits(h0, h_mix, w, thoughts, selection)
 
@@ -109,26 +111,38 @@ class Inference:
         feed(tokens (P,), position_ids (P,)) -> hidden (P, d) runs one single-token step on a K/V cache that
         holds the text up to each row's thinking position `position` (P,); h_base (P, d) is the text's hidden
         state there. Feeds <start>, t_1..t_{T-3} (sampled at `temperature`, default the training one, or
-        taken from `thoughts` (P, T-3)) and <end> at grid steps 1..T-1 (positions position + s), then mixes.
+        taken from `thoughts` (P, T-3)) and <end> at grid steps 1..T-1 (positions position + s), then mixes
+        the <end> step's output (with thought.close_token, the output of the step fed a thought's first close).
         -> (mixed logits (P, V), mix weight (P,), the thought (P, T-3)). The caller drops the thought's K/V."""
         grid = ThoughtGrid(self.cfg.n_ahead, 1)
         temperature = self.cfg.gumbel_temperature if temperature is None else temperature
         token = torch.full_like(position, self.start_token_id)
         sampled = []
+        read, closed = None, torch.zeros_like(position, dtype=torch.bool)
         for s in range(grid.START_STEP, grid.end_step + 1):
             h = feed(token, grid.position_ids(s, position))
+            if self.close_id is not None:  # thought.close_token: a thought is read where it first closes
+                now = (token == self.close_id) & ~closed
+                read = h if read is None else torch.where(now[:, None], h, read)
+                closed = closed | now
             if s <= grid.n_sampled:  # step s predicts t_s
                 token = thoughts[:, s - 1].to(position.device) if thoughts is not None else \
                     sample_categorical(self.model.head(h).float(), temperature, generator)
                 sampled.append(token)
             else:
                 token = torch.full_like(position, self.end_token_id)
-        h_mix, w = self.mix(h_base, h)  # h: the <end> step's output
+        if read is not None:
+            h = torch.where(closed[:, None], read, h)
+        h_mix, w = self.mix(h_base, h)  # h: the <end> step's output (or the close's)
         th = torch.stack(sampled, -1) if sampled else position.new_zeros(position.shape[0], 0)
         return self.model.head(h_mix), w, th
 
     def decode_thought(self, thoughts: torch.Tensor, b: int, copy: int, position: int) -> str:
-        """The thought sampled after position `position` of sequence b, copy `copy`, as text."""
+        """The thought sampled after position `position` of sequence b, copy `copy`, as text (up to its close, with
+        thought.close_token: the tokens after it are not part of it)."""
         if self.tokenizer is None:
             raise ValueError("decode_thought needs a tokenizer")
-        return self.tokenizer.decode(thoughts[b, copy, position].tolist())
+        ids = thoughts[b, copy, position].tolist()
+        if self.close_id is not None and self.close_id in ids:
+            ids = ids[:ids.index(self.close_id) + 1]
+        return self.tokenizer.decode(ids)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from quietstar.linear_ce import LogitsBuffer, WeightGradSum, linear_logprob_sum
 from quietstar.masks import GridStates, ThoughtGrid, at_positions
 from quietstar.methods.quietstar.objective import get_objective
+from quietstar.methods.quietstar.objective import masked_mean as objective_masked_mean
 from quietstar.methods.quietstar.objective import metrics as objective_metrics
 from quietstar.methods.quietstar.rollout import TextAttention
 from quietstar.methods.quietstar.where import Selection
@@ -96,14 +97,17 @@ class Scoring:
         if cfg.nll_weight != 1.0:
             coef_base, coef_talk = cfg.nll_weight * coef_base, cfg.nll_weight * coef_talk
         unmixed = (cfg.reward_from or obj.reward_from) == "unmixed"
-        talk = self.score_talk(states, input_ids, grid, coef_base, coef_talk, buf, base, head_grad, unmixed)
+        read, kept = self.read_steps(thoughts, grid)  # thought.close_token: where each thought ends
+        talk = self.score_talk(states, input_ids, grid, coef_base, coef_talk, buf, base, head_grad, unmixed,
+                               read if self.close_id is not None else None)
         ce_none = talk.ce_base if self.ema is None else self.teacher_ce(input_ids, lengths, doc_ids, buf)
         reward = obj.rewards(ce_none, talk.ce_thought if unmixed else talk.ce_talk, scope, cfg)
         adv = obj.advantages(reward, scope, cfg)
         if grid.n_sampled > 0:
-            policy_loss, logp = self.score_thoughts(states, thoughts, grid,
-                                                    obj.policy_coefficients(adv, scope, cfg, grid.n_sampled), buf,
-                                                    head_grad)
+            coef = obj.policy_coefficients(adv, scope, cfg, grid.n_sampled)
+            if self.close_id is not None:  # the tokens after a thought's close are not part of it
+                coef = coef * kept
+            policy_loss, logp = self.score_thoughts(states, thoughts, grid, coef, buf, head_grad)
         else:
             policy_loss, logp = states.text.new_zeros(()), None
         loss = talk.nll + cfg.policy_weight * policy_loss + head_grad.attach(self.model.lm_head_weight)
@@ -112,6 +116,8 @@ class Scoring:
             thought_ok = thought_ok & selection.valid
         m = objective_metrics(loss, talk.nll, policy_loss, talk.ce_base, talk.ce_talk, reward, adv, talk.mix_weight,
                               scope, cfg, thoughts, thought_ok[:, None].expand(B, grid.n, -1), self.model.cfg.vocab_size)
+        if self.close_id is not None:
+            m["thought/length_mean"] = objective_masked_mean(kept.sum(-1).to(acc), scope.scorable[:, None].expand_as(reward))
         if self.gate is not None and positions is not None:  # the gate learns the reward it predicts
             gate_mse = self.gate_loss(states.text, positions, reward, scope.scorable)
             loss = loss + cfg.gate_loss_weight * gate_mse
@@ -160,19 +166,21 @@ class Scoring:
 
     def score_talk(self, hidden, input_ids, grid: ThoughtGrid, coef_base, coef_talk,
                    buf: Optional[LogitsBuffer] = None, base: Optional[BaseScore] = None,
-                   head_grad: Optional[WeightGradSum] = None, unmixed: bool = False) -> "TalkScores":
+                   head_grad: Optional[WeightGradSum] = None, unmixed: bool = False,
+                   read: Optional[torch.Tensor] = None) -> "TalkScores":
         """The no-thought prediction of x_{i+1} at every position and the K mixed talk predictions of x_{i+k+1}
         (talk step k) at the thinking positions, all in one LM-head pass: -nll = sum coef * log p.
         hidden: GridStates; coef_base (B, L), coef_talk (K, B, n, P). With `base` scored already, the pass
         takes only the change of its weights, at the thinking positions (coef_base - base.coef). With
-        `unmixed`, the same pass also scores the talk rows' own predictions (weight 0: for the reward only)."""
+        `unmixed`, the same pass also scores the talk rows' own predictions (weight 0: for the reward only).
+        `read` (B, n, P): the step each thought is read at, in place of the <end> step (thought.close_token)."""
         h0, positions = hidden.text, hidden.positions  # (B, L, d)
         B, L, d = h0.shape
         K, n, P = grid.K, grid.n, hidden.rows.shape[2]
         h_mix, ws, h_own = [], [], []
         for k in range(K):
             h_base = at_positions(grid.ahead(h0, k), positions)[:, None].expand(B, n, P, d)
-            h_own.append(grid.at_step(hidden, grid.talk_step(k)))
+            h_own.append(grid.at_step(hidden, grid.talk_step(k)) if read is None else grid.at_steps(hidden, read))
             hm, w = self.mix(h_base, h_own[-1])
             h_mix.append(hm)
             ws.append(w)

@@ -128,16 +128,18 @@ register_learning_pass("grid", GridPass)
 
 def thought_init_ids(cfg: ThoughtConfig, tokenizer) -> tuple[int, int]:
     """The token ids whose embeddings <start> and <end> start from (0, 0 without a tokenizer)."""
-    if tokenizer is None:
-        return 0, 0
     end = cfg.init_token if cfg.end_init_token is None else cfg.end_init_token
-    ids = []
-    for name, text in (("init_token", cfg.init_token), ("end_init_token", end)):
-        enc = tokenizer.encode(text, add_bos=False)
-        if not enc:
-            raise ValueError(f"thought.{name}={text!r} encodes to no token")
-        ids.append(enc[0])
-    return ids[0], ids[1]
+    return text_token_id("init_token", cfg.init_token, tokenizer), text_token_id("end_init_token", end, tokenizer)
+
+
+def text_token_id(name: str, text: str, tokenizer) -> int:
+    """The first token of `text` (the thought setting `name`); 0 without a tokenizer (bare models, tests)."""
+    if tokenizer is None:
+        return 0
+    enc = tokenizer.encode(text, add_bos=False)
+    if not enc:
+        raise ValueError(f"thought.{name}={text!r} encodes to no token")
+    return enc[0]
 
 
 class QuietStar(Rollouts, Scoring, Inference, nn.Module):
@@ -152,6 +154,7 @@ class QuietStar(Rollouts, Scoring, Inference, nn.Module):
     def __init__(self, model: nn.Module, tokenizer=None, cfg: Optional[ThoughtConfig] = None):
         super().__init__()
         self.model = model
+        self.tokenizer = tokenizer
         cfg = cfg or ThoughtConfig()
         self.configure(cfg)
         mcfg = model.cfg
@@ -168,7 +171,6 @@ class QuietStar(Rollouts, Scoring, Inference, nn.Module):
             self.pad_token_id = tokenizer.pad_id
         else:  # bare model (tests): initialise from token 0
             self.pad_token_id = 0
-        self.tokenizer = tokenizer
         # Initialised once, here; a loaded state dict overwrites them and nothing re-initialises them
         # (but quietstar.methods.plain.model.reset_thought_embeddings, for a start from a plain-LM checkpoint).
         start, end = thought_init_ids(cfg, tokenizer)
@@ -226,6 +228,12 @@ class QuietStar(Rollouts, Scoring, Inference, nn.Module):
         place the config changes, and the grid layout with it."""
         self._cfg = cfg
         self._grid = ThoughtGrid(cfg.n_ahead, cfg.n_ahead_talk, cfg.n_thoughts)
+        self.close_id = None if cfg.close_token is None else text_token_id("close_token", cfg.close_token, self.tokenizer)
+
+    def read_steps(self, thoughts: torch.Tensor, grid: Optional[ThoughtGrid] = None):
+        """Where each thought (B, n, P, T-3) is read, and which of its sampled tokens belong to it
+        (ThoughtGrid.read_steps with thought.close_token's id)."""
+        return (grid or self.grid(thoughts.shape[1])).read_steps(thoughts, self.close_id)
 
     def grid(self, n: Optional[int] = None) -> ThoughtGrid:
         """The grid layout for the current config (n copies; default cfg.n_thoughts)."""
