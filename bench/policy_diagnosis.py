@@ -15,6 +15,11 @@ sampled thought (the chain, the decoy, a wrong chain, other) before direct answe
 
     python bench/policy_diagnosis.py --rewards RUN[@SEED] [RUN ...] [--floor 0] --out FILE
 
+For a thought.where=gate checkpoint: how many of its thinking slots are direct answers, and how many of the
+direct answers, by hops, it picks:
+
+    python bench/policy_diagnosis.py --gate CKPT [CKPT ...] --out FILE
+
 For a policy_discovery run (<start>/<end> at a space): the pretrained model's thoughts before 3-hop answers,
 4 per position, at each thought length n_ahead, and how many of them contain the query's chain anywhere (a
 thought from a space must restate the query, `a3=-`, before it can write the chain) or restate the query.
@@ -86,7 +91,8 @@ def thought_gains(run: Path, hops: int = 3) -> dict:
 @torch.no_grad()
 def rewards_by_kind(run: Path, seed: Optional[int] = None, n_thoughts: int = 4, floor: Optional[float] = 0.0) -> dict:
     """What the RLP reward pays each kind of sampled thought before direct answers, at the start of the Quiet-STaR
-    stage (the pretrained model, thought embeddings reset): n_thoughts per answer position, as in training;
+    stage (the pretrained model, thought embeddings reset): n_thoughts per answer position, as in training
+    (at every answer, whatever the stage's thought.where);
     reward = log p(answer | thought row, read where the thought ends) - log p(answer | no thought), raised to
     `floor`; the group-relative
     advantage G/(G-1) (r - mean of the group). Kinds: the query's chain, its decoy, a wrong chain (begins with
@@ -101,8 +107,9 @@ def rewards_by_kind(run: Path, seed: Optional[int] = None, n_thoughts: int = 4, 
     g = torch.Generator().manual_seed(cfg.train.seed + 7919)
     rows: dict = {}
     for ids, mask, diff, chunk in batches(validation_docs(cfg), tok, 32):
-        out = qs.next_token_logits(ids, mask, generator=g, n_thoughts=G).full()
-        logits = qs.grid_logits(ids, out.thoughts, mask)  # (B, G, S, L, V)
+        with qs.overridden(where="all"):  # a thought before every answer, whatever the stage's thought.where
+            out = qs.next_token_logits(ids, mask, generator=g, n_thoughts=G)
+            logits = qs.grid_logits(ids, out.thoughts, mask)  # (B, G, S, L, V)
         read, _ = qs.read_steps(out.thoughts)  # (B, G, L): <end>, or a thought's close (thought.close_token)
         after = logits.gather(2, read[:, :, None, :, None].expand(-1, -1, 1, -1, logits.shape[-1])).squeeze(2)
         after = torch.log_softmax(after.float(), -1)  # the thought row's own prediction
@@ -131,6 +138,37 @@ def rewards_by_kind(run: Path, seed: Optional[int] = None, n_thoughts: int = 4, 
             k["reward"] /= k["n"]
             k["advantage"] /= k["n"]
     return {"seed": cfg.train.seed, "n_thoughts": G, "floor": floor, "by_hops": rows}
+
+
+@torch.no_grad()
+def gate_picks(path: str) -> dict:
+    """Where a thought.where=gate checkpoint thinks on the validation split: the share of its thinking slots that
+    are direct answers (the token after `=` when no chain opens there), and the share of the direct answers, by
+    hops, that it picks (as the evaluation does: the top think_fraction of each sequence's gate scores, a
+    gate_explore share of the slots drawn at random)."""
+    ckpt = find_checkpoint(path)
+    cfg = read_train_config(ckpt, TrainConfig)
+    qs = load_thinker_checkpoint(ckpt).eval()
+    if qs.cfg.where != "gate":
+        raise SystemExit(f"error: {ckpt}: thought.where={qs.cfg.where!r}, not gate")
+    eq, open_ = qs.tokenizer.encode("=-", add_bos=False)
+    g = torch.Generator().manual_seed(cfg.train.seed + 7919)
+    slots = answers_in_slots = 0
+    picked: dict = {}
+    for ids, mask, diff, _ in batches(validation_docs(cfg), qs.tokenizer, 32):
+        lengths = mask.sum(-1)
+        sel = qs.thinking_positions(qs.text_pass(ids, lengths).hidden, lengths, None, g)
+        thinks = torch.zeros_like(ids, dtype=torch.bool).scatter_(1, sel.positions, sel.valid)
+        nxt = torch.cat([ids[:, 1:], ids.new_full((ids.shape[0], 1), open_)], 1)
+        direct = (ids == eq) & (nxt != open_) & (nxt != 0)  # position p - 1 of a direct answer at p
+        slots += int(thinks.sum())
+        answers_in_slots += int((thinks & direct).sum())
+        for b, p in (diff > 0).nonzero().tolist():
+            k = picked.setdefault(str(int(diff[b, p])), [0, 0])
+            k[0], k[1] = k[0] + int(thinks[b, p - 1]), k[1] + 1
+    return {"checkpoint": str(ckpt), "seed": cfg.train.seed, "think_fraction": qs.cfg.think_fraction,
+            "gate_explore": qs.cfg.gate_explore, "slots_that_are_direct_answers": answers_in_slots / max(1, slots),
+            "direct_answers_picked": {h: a / max(1, n) for h, (a, n) in sorted(picked.items())}}
 
 
 def checkpoint_scores(path: str) -> dict:
@@ -185,6 +223,8 @@ def main():
     ap.add_argument("--rewards", nargs="*", default=[], help="policy_decoy run dirs: the reward and advantage of each "
                     "kind of sampled thought before direct answers, at the start of the Quiet-STaR stage (RUN@SEED: "
                     "that seed's validation documents, RUN's quietstar/ settings and pretrain/ model)")
+    ap.add_argument("--gate", nargs="*", default=[], help="thought.where=gate checkpoints (or run dirs): where they "
+                    "think (the share of their slots that are direct answers, and of the direct answers they pick)")
     ap.add_argument("--floor", type=float, default=0.0, help="--rewards: the reward floor (the recipe's 0)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
@@ -206,6 +246,14 @@ def main():
         write_record(a.out, {"split": f"validation: the {VALIDATION_DOCS} documents of the training split after the "
                                       f"ones the run trained on", "model": "the run's pretrained checkpoint, "
                                       "<start>/<end> at the run's init tokens", "by_length": rows}, seeds=[seed])
+        return
+    if a.gate:
+        rows = [gate_picks(c) for c in a.gate]
+        for row in rows:
+            print(row, flush=True)
+        write_record(a.out, {"split": f"validation: the {VALIDATION_DOCS} documents of the training split after the "
+                                      f"ones the runs trained on", "gate_picks": rows},
+                     seeds=sorted({r["seed"] for r in rows}))
         return
     gains = [thought_gains(Path(r)) for r in a.runs]
     scores = [checkpoint_scores(c) for c in a.checkpoints]
