@@ -508,6 +508,29 @@ def pd_row(prefix: str) -> list:
 
 
 PD_ROWS = {**{str(s): pd_row(f"per_run/{s}/") for s in (0, 1, 2)}, "median": pd_row("")}
+PDCG, PDCG_START = "policy_decoy_close_gate_cpu.json", "policy_decoy_close_gate_start_cpu.json"
+PDCG_HEADER = "| seed | chain share | policy off | acc. with a thought | policy off | no thought | baseline |"
+PDCG_ROWS = {**{str(s): pd_row(f"per_run/{s}/")[1:] for s in (0, 1, 2)}, "median": pd_row("")[1:]}
+
+
+PDCG_VAL = "policy_decoy_close_gate_validation_cpu.json"
+
+
+def close_kind(r, seed: int, hops: str, kind: str) -> dict:
+    return next(x for x in r["rewards_by_kind_close"] if x["seed"] == seed)["by_hops"][hops][kind]
+
+
+def close_adv(seed: int, hops: str, kind: str) -> V:
+    return V(lambda r: close_kind(r, seed, hops, kind)["advantage"])
+
+
+def val_share(i: int, hops: str) -> V:
+    return V(lambda r: r["checkpoints"][i]["chain_share"][hops])
+
+
+def start_share(seed: int, hops: str = "3") -> V:
+    """The pretrained model's share of chains before `hops`-hop answers, a thought before every answer."""
+    return V(lambda r: 100.0 * next(x for x in r["rewards_by_kind"] if x["seed"] == seed)["by_hops"][hops]["chain"]["share"])
 
 
 CHECKS: list = [
@@ -713,8 +736,42 @@ CHECKS: list = [
           (kept_per_seed("nll", "1", min), kept_per_seed("nll", "1", max), kept_per_seed("acc", "1", min),
            kept_per_seed("acc", "1", max))),
     # ------------------------------------------------------------------ README, docs/learning.md: the RLP objective
-    *(Table(doc, PD_HEADER, PD, PD_ROWS) for doc in (README, R_POLICY)),
+    *(Table(doc, PD_HEADER, PD, PD_ROWS) for doc in (R_POLICY,)),
     Table("docs/learning.md", PD_HEADER, PD, PD_ROWS),
+    *(Table(doc, PDCG_HEADER, PDCG, PDCG_ROWS) for doc in (README, R_POLICY)),
+    Quote(README, "The pretrained models write the chain in {}%, {}% and {}% of\ntheir thoughts", PDCG_START,
+          tuple(start_share(s) for s in (0, 1, 2))),
+    Quote(R_POLICY, "the pretrained models write the chain in {}%, {}% and {}% of their thoughts", PDCG_START,
+          tuple(start_share(s) for s in (0, 1, 2))),
+    Quote(R_POLICY, "ends with {} / {} / {} 3-hop accuracy with a thought, {}, {} and {} below the run with it",
+          PDCG, (*(f"per_run/{s}/policy_off/answer_acc/thought/3" for s in (0, 1, 2)),
+                 *(V(lambda r, s=s: r["per_run"][s]["answer_acc"]["thought"]["3"]
+                     - r["per_run"][s]["policy_off"]["answer_acc"]["thought"]["3"]) for s in (0, 1, 2)))),
+    Quote(R_POLICY, "the chains before 3-hop answers end at {} / {} / {}", PDCG,
+          tuple(f"per_run/{s}/policy_off/chain_share/after" for s in (0, 1, 2))),
+    Quote(R_POLICY, "gets the same FLOPs ({} plain steps)", PDCG, ("compute/baseline_steps",)),
+    Table("docs/learning.md", "| seed | 1 hop | 2 hops | 3 hops |", PDCG_VAL,
+          {str(s): [(close_adv(s, h, "chain"), close_adv(s, h, "decoy")) for h in ("1", "2", "3")] for s in (1, 2)}),
+    Quote("docs/learning.md", "At one hop the chain now earns {} / {} nats against {} / {} without the close", PDCG_VAL,
+          (V(lambda r: close_kind(r, 1, "1", "chain")["reward"]), V(lambda r: close_kind(r, 2, "1", "chain")["reward"]),
+           *(V(lambda r, s=s: next(x for x in load("policy_decoy_rewards_cpu.json")["rewards_by_kind"]
+                                   if x["seed"] == s)["by_hops"]["1"]["chain"]["reward"]) for s in (1, 2)))),
+    Quote("docs/learning.md", "validation split from {} to {}, against {} with the policy term off, and restricting "
+          "the policy term\nto the direct answers (the diagnosis objective of `bench/policy_positions.py`) gives {}",
+          PDCG_VAL, (V(lambda r: close_kind(r, 1, "3", "chain")["share"]), val_share(1, "3"), val_share(0, "3"),
+                     val_share(2, "3"))),
+    Table("docs/learning.md", "| step | 200 | 400 | 600 | 800 | 1,000 |", PDCG_VAL,
+          {"chain share": [val_share(i, "3") for i in range(4, 9)],
+           "accuracy": [V(lambda r, i=i: r["checkpoints"][i]["answer_acc"]["thought"]["3"]) for i in range(4, 9)]}),
+    Quote("docs/learning.md", "3-hop accuracy with a thought {} (median), against {} with the\npolicy term off", PDCG,
+          ("answer_acc/thought/3", "policy_off/answer_acc/thought/3")),
+    Quote(R_POLICY, "each gate picks {}-{}% of the 3-hop answers and {}-{}% of the 1-hop ones, and about {}% of its "
+          "slots are direct answers", PDCG_START,
+          tuple(V(lambda r, h=h, f=f: 100.0 * f(x["direct_answers_picked"][h] for x in r["gate_picks"][:3]))
+                for h, f in (("3", min), ("3", max), ("1", min), ("1", max)))
+          + (V(lambda r: 100.0 * median(x["slots_that_are_direct_answers"] for x in r["gate_picks"][:3])),)),
+    Quote(R_POLICY, "met on seed 0 (0.997),\n  missed on seeds 1 ({}) and 2 ({})", PDCG,
+          ("per_run/1/answer_acc/thought/3", "per_run/2/answer_acc/thought/3")),
     Table("docs/learning.md", "| seed | 3-hop chain share, pretrained | after (RLP) | after (policy_weight=0) | "
           "3-hop acc. with a thought (RLP) | (policy_weight=0) | no thought | baseline |", PDN,
           {str(s): pd_row(f"per_run/{s}/") for s in (0, 1)}),
