@@ -229,40 +229,29 @@ def main():
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     torch.set_num_threads(1)
+    split = f"validation: the {VALIDATION_DOCS} documents of the training split after the ones the runs trained on"
+
+    def record(rows: list, key: str, seeds=None, **extra) -> None:
+        for row in rows:
+            print(row, flush=True)
+        write_record(a.out, {"split": split, **extra, key: rows},
+                     seeds=seeds if seeds is not None else sorted({r["seed"] for r in rows}))
+
     if a.rewards:
         runs = [r.partition("@") for r in a.rewards]  # RUN or RUN@SEED
-        rows = [rewards_by_kind(Path(r), seed=int(sd) if sd else None, floor=a.floor) for r, _, sd in runs]
-        for row in rows:
-            print(row, flush=True)
-        write_record(a.out, {"split": f"validation: the {VALIDATION_DOCS} documents of the training split after the "
-                                      f"ones the runs trained on", "rewards_by_kind": rows},
-                     seeds=sorted({r["seed"] for r in rows}))
-        return
+        return record([rewards_by_kind(Path(r), seed=int(sd) if sd else None, floor=a.floor) for r, _, sd in runs],
+                      "rewards_by_kind")
     if a.discovery:
-        rows = discovery_lengths(Path(a.discovery), a.lengths)
-        for row in rows:
-            print(row, flush=True)
         seed = read_train_config(find_checkpoint(Path(a.discovery) / "quietstar"), TrainConfig).train.seed
-        write_record(a.out, {"split": f"validation: the {VALIDATION_DOCS} documents of the training split after the "
-                                      f"ones the run trained on", "model": "the run's pretrained checkpoint, "
-                                      "<start>/<end> at the run's init tokens", "by_length": rows}, seeds=[seed])
-        return
+        return record(discovery_lengths(Path(a.discovery), a.lengths), "by_length", [seed],
+                      model="the run's pretrained checkpoint, <start>/<end> at the run's init tokens")
     if a.gate:
-        rows = [gate_picks(c) for c in a.gate]
-        for row in rows:
-            print(row, flush=True)
-        write_record(a.out, {"split": f"validation: the {VALIDATION_DOCS} documents of the training split after the "
-                                      f"ones the runs trained on", "gate_picks": rows},
-                     seeds=sorted({r["seed"] for r in rows}))
-        return
+        return record([gate_picks(c) for c in a.gate], "gate_picks")
     gains = [thought_gains(Path(r)) for r in a.runs]
     scores = [checkpoint_scores(c) for c in a.checkpoints]
-    for row in gains + scores:
+    for row in gains:
         print(row, flush=True)
-    seeds = sorted({r["seed"] for r in gains + scores})
-    write_record(a.out, {"split": f"validation: the {VALIDATION_DOCS} documents of the training split after the "
-                                  f"ones the runs trained on", "thought_gains": gains, "checkpoints": scores},
-                 seeds=seeds)
+    record(scores, "checkpoints", sorted({r["seed"] for r in gains + scores}), thought_gains=gains)
 
 
 if __name__ == "__main__":
