@@ -95,9 +95,9 @@ def rewards_by_kind(run: Path, seed: Optional[int] = None, n_thoughts: int = 4, 
     (at every answer, whatever the stage's thought.where);
     reward = log p(answer | thought row, read where the thought ends) - log p(answer | no thought), raised to
     `floor`; the group-relative
-    advantage G/(G-1) (r - mean of the group). Kinds: the query's chain, its decoy, a wrong chain (begins with
-    the queried symbol, neither of those), other. `seed` scores another seed's pretrained model with the run's
-    settings (`run` holds pretrain/ and quietstar/ of one seed; pretrain/ may be the other seed's)."""
+    advantage G/(G-1) (r - mean of the group). Kinds: the query's chain, its decoy, the chain after something
+    else (chain_later), a wrong chain (begins with the queried symbol, none of those), other. `seed` scores
+    another seed's pretrained model with the run's settings (`run` holds pretrain/ and quietstar/ of one seed; pretrain/ may be the other seed's)."""
     import dataclasses
 
     qs, cfg = stage_start(run)
@@ -125,7 +125,9 @@ def rewards_by_kind(run: Path, seed: Optional[int] = None, n_thoughts: int = 4, 
             for j in range(G):
                 t = qs.decode_thought(out.thoughts, b, j, p - 1)
                 kind = thought_kind(t, chain, decoy)
-                if kind == "other" and t[:1] == query:
+                if kind == "other" and chain in t:  # e.g. `a3=-afcd.` from a <start> that restates the query
+                    kind = "chain_later"
+                elif kind == "other" and t[:1] == query:
                     kind = "wrong_chain"
                 k = rows.setdefault(str(hops), {}).setdefault(kind, {"n": 0, "reward": 0.0, "advantage": 0.0})
                 k["n"] += 1
