@@ -91,13 +91,13 @@ def thought_gains(run: Path, hops: int = 3) -> dict:
 @torch.no_grad()
 def rewards_by_kind(run: Path, seed: Optional[int] = None, n_thoughts: int = 4, floor: Optional[float] = 0.0) -> dict:
     """What the RLP reward pays each kind of sampled thought before direct answers, at the start of the Quiet-STaR
-    stage (the pretrained model, thought embeddings reset): n_thoughts per answer position, as in training
-    (at every answer, whatever the stage's thought.where);
-    reward = log p(answer | thought row, read where the thought ends) - log p(answer | no thought), raised to
-    `floor`; the group-relative
-    advantage G/(G-1) (r - mean of the group). Kinds: the query's chain, its decoy, the chain after something
-    else (chain_later), a wrong chain (begins with the queried symbol, none of those), other. `seed` scores
-    another seed's pretrained model with the run's settings (`run` holds pretrain/ and quietstar/ of one seed; pretrain/ may be the other seed's)."""
+    stage (the pretrained model, thought embeddings reset): n_thoughts per answer position, as in training (at
+    every answer, whatever the stage's thought.where); reward = log p(answer | thought row, read where the
+    thought ends) - log p(answer | no thought), raised to `floor`; the group-relative advantage G/(G-1) (r - mean
+    of the group). Kinds: the query's chain, its decoy, the chain after something else (chain_later), a wrong
+    chain (begins with the queried symbol, none of those), other. `seed` scores another seed's pretrained model
+    with the run's settings (`run` holds pretrain/ and quietstar/ of one seed; pretrain/ may be the other
+    seed's)."""
     import dataclasses
 
     qs, cfg = stage_start(run)
