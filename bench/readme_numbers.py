@@ -513,7 +513,11 @@ PDCG_HEADER = "| seed | chain share | policy off | acc. with a thought | policy 
 PDCG_ROWS = {**{str(s): pd_row(f"per_run/{s}/")[1:] for s in (0, 1, 2)}, "median": pd_row("")[1:]}
 
 
-PDCG_VAL = "policy_decoy_close_gate_validation_cpu.json"
+PDCG_VAL, PDISC = "policy_decoy_close_gate_validation_cpu.json", "policy_discovery_close_gate_validation_cpu.json"
+
+
+def disc_ckpt(r, seed: int, step: int) -> dict:
+    return next(x for x in r["checkpoints"] if x["seed"] == seed and x["step"] == step)
 
 
 def close_kind(r, seed: int, hops: str, kind: str) -> dict:
@@ -750,6 +754,14 @@ CHECKS: list = [
     Quote(R_POLICY, "the chains before 3-hop answers end at {} / {} / {}", PDCG,
           tuple(f"per_run/{s}/policy_off/chain_share/after" for s in (0, 1, 2))),
     Quote(R_POLICY, "gets the same FLOPs ({} plain steps)", PDCG, ("compute/baseline_steps",)),
+    Quote("docs/learning.md", "At step 1,000 the thoughts\nthat hold the chain are {}%, {}% and {}% of those before "
+          "3-hop answers", PDISC, tuple(pct(lambda r, s=s: disc_ckpt(r, s, 1000)["chain_like_share"]["3"])
+                                        for s in (0, 1, 2))),
+    Quote("docs/learning.md", "RLP pays a thought that holds the chain {} nats before a 3-hop answer, advantage {}", PDISC,
+          tuple(V(lambda r, f=f: r["rewards_by_kind_start"][0]["by_hops"]["3"]["chain_later"][f])
+                for f in ("reward", "advantage"))),
+    Quote("docs/learning.md", "But such thoughts are {}% of the samples there", PDISC,
+          (pct(lambda r: r["rewards_by_kind_start"][0]["by_hops"]["3"]["chain_later"]["share"]),)),
     Table("docs/learning.md", "| seed | 1 hop | 2 hops | 3 hops |", PDCG_VAL,
           {str(s): [(close_adv(s, h, "chain"), close_adv(s, h, "decoy")) for h in ("1", "2", "3")] for s in (1, 2)}),
     Quote("docs/learning.md", "At one hop the chain now earns {} / {} nats against {} / {} without the close", PDCG_VAL,
