@@ -509,6 +509,7 @@ def pd_row(prefix: str) -> list:
 
 PD_ROWS = {**{str(s): pd_row(f"per_run/{s}/") for s in (0, 1, 2)}, "median": pd_row("")}
 PDCG, PDCG_START = "policy_decoy_close_gate_cpu.json", "policy_decoy_close_gate_start_cpu.json"
+PDCG2K = "policy_decoy_close_gate_2000_cpu.json"
 PDCG_HEADER = "| seed | chain share | policy off | acc. with a thought | policy off | no thought | baseline |"
 PDCG_ROWS = {**{str(s): pd_row(f"per_run/{s}/")[1:] for s in (0, 1, 2)}, "median": pd_row("")[1:]}
 
@@ -754,6 +755,16 @@ CHECKS: list = [
     Quote(R_POLICY, "the chains before 3-hop answers end at {} / {} / {}", PDCG,
           tuple(f"per_run/{s}/policy_off/chain_share/after" for s in (0, 1, 2))),
     Quote(R_POLICY, "gets the same FLOPs ({} plain steps)", PDCG, ("compute/baseline_steps",)),
+    Table(R_POLICY, "| seed, 2,000 steps | chain share | policy off | acc. with a thought | policy off | no thought | "
+          "baseline |", PDCG2K, PDCG_ROWS),
+    Quote(R_POLICY, "matched again: {}\nplain steps", PDCG2K, ("compute/baseline_steps",)),
+    Quote(R_POLICY, "every seed's 3-hop accuracy with a thought is above 0.90 ({}, {}, {}), the chain\nshare is above "
+          "90% on seeds 1 and 2 and {} on seed 0, and the policy term off is {}-{} lower", PDCG2K,
+          (*(f"per_run/{s}/answer_acc/thought/3" for s in (0, 1, 2)), "per_run/0/chain_share/after",
+           *(V(lambda r, f=f: f(x["answer_acc"]["thought"]["3"] - x["policy_off"]["answer_acc"]["thought"]["3"]
+                                for x in r["per_run"])) for f in (min, max)))),
+    Quote(README, "At 2,000 steps the accuracy with a thought is {},\n{} and {}", PDCG2K,
+          tuple(f"per_run/{s}/answer_acc/thought/3" for s in (0, 1, 2))),
     Quote("docs/learning.md", "At step 1,000 the thoughts\nthat hold the chain are {}%, {}% and {}% of those before "
           "3-hop answers", PDISC, tuple(pct(lambda r, s=s: disc_ckpt(r, s, 1000)["chain_like_share"]["3"])
                                         for s in (0, 1, 2))),
