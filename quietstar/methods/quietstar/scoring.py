@@ -12,8 +12,7 @@ import torch.nn.functional as F
 
 from quietstar.linear_ce import LogitsBuffer, WeightGradSum, linear_logprob_sum
 from quietstar.masks import GridStates, ThoughtGrid, at_positions
-from quietstar.methods.quietstar.objective import get_objective
-from quietstar.methods.quietstar.objective import masked_mean as objective_masked_mean
+from quietstar.methods.quietstar.objective import get_objective, masked_mean
 from quietstar.methods.quietstar.objective import metrics as objective_metrics
 from quietstar.methods.quietstar.rollout import TextAttention
 from quietstar.methods.quietstar.where import Selection
@@ -97,15 +96,14 @@ class Scoring:
         if cfg.nll_weight != 1.0:
             coef_base, coef_talk = cfg.nll_weight * coef_base, cfg.nll_weight * coef_talk
         unmixed = (cfg.reward_from or obj.reward_from) == "unmixed"
-        read, kept = self.read_steps(thoughts, grid)  # thought.close_token: where each thought ends
-        talk = self.score_talk(states, input_ids, grid, coef_base, coef_talk, buf, base, head_grad, unmixed,
-                               read if self.close_id is not None else None)
+        read, kept = self.read_steps(thoughts, grid) if self.close_id is not None else (None, None)  # close_token
+        talk = self.score_talk(states, input_ids, grid, coef_base, coef_talk, buf, base, head_grad, unmixed, read)
         ce_none = talk.ce_base if self.ema is None else self.teacher_ce(input_ids, lengths, doc_ids, buf)
         reward = obj.rewards(ce_none, talk.ce_thought if unmixed else talk.ce_talk, scope, cfg)
         adv = obj.advantages(reward, scope, cfg)
         if grid.n_sampled > 0:
             coef = obj.policy_coefficients(adv, scope, cfg, grid.n_sampled)
-            if self.close_id is not None:  # the tokens after a thought's close are not part of it
+            if kept is not None:  # the tokens after a thought's close are not part of it
                 coef = coef * kept
             policy_loss, logp = self.score_thoughts(states, thoughts, grid, coef, buf, head_grad)
         else:
@@ -116,8 +114,8 @@ class Scoring:
             thought_ok = thought_ok & selection.valid
         m = objective_metrics(loss, talk.nll, policy_loss, talk.ce_base, talk.ce_talk, reward, adv, talk.mix_weight,
                               scope, cfg, thoughts, thought_ok[:, None].expand(B, grid.n, -1), self.model.cfg.vocab_size)
-        if self.close_id is not None:
-            m["thought/length_mean"] = objective_masked_mean(kept.sum(-1).to(acc), scope.scorable[:, None].expand_as(reward))
+        if kept is not None:
+            m["thought/length_mean"] = masked_mean(kept.sum(-1).to(acc), scope.scorable[:, None].expand_as(reward))
         if self.gate is not None and positions is not None:  # the gate learns the reward it predicts
             gate_mse = self.gate_loss(states.text, positions, reward, scope.scorable)
             loss = loss + cfg.gate_loss_weight * gate_mse
