@@ -347,6 +347,32 @@ def test_cpo_searches_with_the_real_sampler_and_pairs_carry_their_prefix_steps(s
         assert p.prompt_ids[:len(s.root)] == s.root and len(p.prompt_ids) == len(s.root) + p.meta["depth"] - 1
 
 
+def test_cpo_answer_check_scores_by_the_gold_and_agreement_by_the_majority(monkeypatch):
+    """self_eval=answer: a finished chain scores 1 / 0 by whether its answer is the gold one, a partial chain by
+    the share of its rollouts that reach the gold; agreement scores the same rollouts against the model's own
+    majority answer instead; a question without a gold answer leaves every node unscored."""
+    qs = tiny_qs()
+    end, stop = qs.end_token_id, TOK.encode(" ")[0]
+    finished = lambda answer: tuple(TOK.encode("ab.")) + (end,) + tuple(TOK.encode(answer)) + (stop,)
+    root = [comp("ab.", a) for a in ("x", "x", "x", "d")]  # the model's majority answer is "x"; the gold is "d"
+    rolled = [comp("b.", a) for a in ("d", "x", "d", "d")]  # 3 of 4 reach the gold, 1 of 4 the majority
+
+    def scripted_sample(self, prefixes, n, max_tokens, temperature):
+        return [list(root if p == () else rolled)[:n] for p in prefixes]
+
+    monkeypatch.setattr(preference.StepSearch, "_sample", scripted_sample)
+    paths = [(finished("d"),), (finished("x"),), (tuple(TOK.encode("a")),)]
+    got = {}
+    for how in ("answer", "agreement"):
+        ctx = method_ctx("cpo", beam=1, proposals=3, temperature=1.0, self_eval=how, rollouts=4)
+        got[how] = preference.StepSearch(ctx, qs, Q1, seed=0).evaluate(paths)
+    assert got["answer"] == [1.0, 0.0, 0.75]
+    assert got["agreement"] == [0.0, 1.0, 0.25]
+    ctx = method_ctx("cpo", beam=1, proposals=3, temperature=1.0, self_eval="answer", rollouts=4)
+    no_gold = dataclasses.replace(Q1, gold=None)
+    assert preference.StepSearch(ctx, qs, no_gold, seed=0).evaluate(paths) == [None, None, None]
+
+
 def test_cpo_counts_an_unparseable_self_evaluation():
     qs, ctx = tiny_qs(), method_ctx("cpo", beam=1, proposals=3, temperature=1.0)
     s = preference.StepSearch(ctx, qs, Q2, seed=0)

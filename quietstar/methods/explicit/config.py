@@ -11,7 +11,7 @@ from quietstar.methods.explicit.losses import PREFERENCE_LOSSES
 METHODS = ("star", "rft", "system2", "vstar", "tpo", "cpo", "cai")
 TASKS = ("reasoning", "gsm8k")
 JUDGES = ("answer", "model", "choice")
-SELF_EVALS = ("agreement", "likelihood", "model")
+SELF_EVALS = ("agreement", "likelihood", "model", "answer")
 VERIFIER_SCORES = ("ratio", "likelihood")
 
 
@@ -108,8 +108,10 @@ class ExplicitConfig:
     self_eval: str = "agreement"
     """cpo: how the model rates a partial chain: agreement (the share of `rollouts` sampled continuations from
     it whose answer is the model's own majority answer to the question) | likelihood (the mean per-token
-    probability of the chain so far) | model (ModelJudge's rubric prompt)."""
-    rollouts: int = 4  # cpo, self_eval=agreement: continuations sampled per rated prefix (and for the root's vote)
+    probability of the chain so far) | model (ModelJudge's rubric prompt) | answer (the share of `rollouts`
+    continuations whose answer is the gold answer: the answer check of a verifiable task, as TPO's judge=answer;
+    not the paper's gold-free self-evaluation)."""
+    rollouts: int = 4  # cpo, self_eval=agreement|answer: continuations sampled per rated prefix (and for the root's vote)
     # -- Constitutional AI (explicit/constitutional.py)
     cai_sl_rounds: int = 1
     """cai: rounds 1 .. cai_sl_rounds are the supervised stage (SFT on critiqued revisions); the later rounds

@@ -456,25 +456,34 @@ class StepSearch:
             return self._likelihood(paths)
         if how == "model":
             return self._model_judge(paths)
-        return self._agreement(paths)
+        if how == "answer":
+            if self.q.gold is None:  # nothing to check against: every node unscored (tree counts them)
+                return [None] * len(paths)
+            return self._reach(paths, self.q.gold)
+        return self._reach(paths, self._majority())
 
-    def _agreement(self, paths):
-        """The share of `rollouts` sampled continuations of each partial chain whose answer is the model's
-        own majority answer to the question (from `rollouts` chains sampled at the root, once); a finished
-        chain scores 1 or 0 by its own answer. Self-consistency as a value estimate: no gold answer is read."""
-        m, t = self.ctx.ex.rollouts, self.ctx.ex.temperature
+    def _majority(self) -> str:
+        """The model's own majority answer to the question, from `rollouts` chains sampled at the root (once)."""
         if self._target is None:
-            (root,) = self._sample([()], m, self._left, t)
+            (root,) = self._sample([()], self.ctx.ex.rollouts, self._left, self.ctx.ex.temperature)
             self._target = majority(normalise_answer(c.answer, self.q.kind) for c in root)[0] or ""
+        return self._target
+
+    def _reach(self, paths, target: str):
+        """The share of `rollouts` sampled continuations of each partial chain whose answer is `target`; a
+        finished chain scores 1 or 0 by its own answer. With the model's majority answer as the target
+        (self_eval=agreement) this is self-consistency as a value estimate and reads no gold answer; with the
+        gold answer (self_eval=answer) it is the answer check of a verifiable task, as TPO's judge=answer."""
+        m, t = self.ctx.ex.rollouts, self.ctx.ex.temperature
         open_paths = [p for p in paths if not self.is_final(p[-1])]
         rolled = iter(self._sample(open_paths, m, self._left, t) if open_paths else [])
         out = []
         for p in paths:
             if self.is_final(p[-1]):
-                out.append(float(self._answer(p[-1]) == self._target))
+                out.append(float(self._answer(p[-1]) == target))
             else:
                 cs = next(rolled)
-                out.append(sum(normalise_answer(c.answer, self.q.kind) == self._target for c in cs) / m)
+                out.append(sum(normalise_answer(c.answer, self.q.kind) == target for c in cs) / m)
         return out
 
     @torch.no_grad()
@@ -524,7 +533,7 @@ def collect_cpo(ctx, qs, questions, r: int, seed: int, skips: Skips):
         stats["nodes"] += len(t.nodes) - 1
         if path is not None:
             got = s._answer(path[-1].step)
-            stats["winning_correct"] += q.gold is not None and got == q.gold  # recorded, never used
+            stats["winning_correct"] += q.gold is not None and got == q.gold  # recorded; the search reads the gold only with self_eval=answer
         for pr in pairs:
             out.append(PreferencePair(s.ids(pr.prefix), list(pr.chosen), list(pr.rejected),
                                       _meta("cpo", r, q, depth=pr.depth, scores=[pr.chosen_score, pr.rejected_score],
