@@ -390,7 +390,7 @@ def train_schema(methods: Sequence[Method]) -> type:
 
     cls = dataclasses.make_dataclass("TrainConfig", sections, bases=(RunConfig,),
                                      namespace={"__post_init__": __post_init__, "RECIPES": recipes})
-    cls.__module__ = "quietstar.methods"
+    cls.__module__ = "quietstar.methods.registry"  # where it is built: pickling (a spawned stage) finds it there
     cls.__doc__ = "The root config (ConfigStore: `base_config`): " + ", ".join(f.name for f in dataclasses.fields(cls))
     return cls
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
+from safetensors.torch import load_file
 
 from quietstar import train as train_script
 from quietstar.methods.registry import register_configs
@@ -62,6 +63,25 @@ def test_the_recipe_runs_its_stages_and_writes_results_and_curves(tmp_path, caps
     with pytest.raises(UserError, match=r"quietstar stage run with other settings \(thought.policy_weight\)"):
         run_recipe(toy_cfg(tmp_path, "thought.policy_weight=2"), lambda c: calls.append(c))
     assert calls == []
+
+
+def test_stages_side_by_side_give_the_results_of_stages_one_after_another(tmp_path):
+    """learn_to_think.workers=2 trains quietstar, baseline and policy_off in two spawned processes: the scores
+    and every stage's final checkpoint equal those of the same recipe run in one process."""
+    from quietstar.methods.registry import run_recipe
+
+    scores = {}
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        run_recipe(toy_cfg(out, "experiment=policy_decoy", "train.threads=1", f"learn_to_think.workers={workers}"),
+                   train_script.train)
+        res = json.loads((out / "results.json").read_text())
+        assert [s["stage"] for s in res["stages"]] == ["pretrain", "quietstar", "baseline", "policy_off"]
+        scores[workers] = {k: res[k] for k in ("answer_nll", "answer_acc", "policy_off", "chain_share")}
+        for stage in ("quietstar", "baseline", "policy_off"):
+            ckpt = max((out / stage / "checkpoints").iterdir())
+            scores[workers][stage] = {k: v.tolist() for k, v in load_file(ckpt / "model.safetensors").items()}
+    assert scores[1] == scores[2]
 
 
 def test_the_policy_recipes_write_the_ablation_and_the_chain_share(tmp_path):

@@ -20,7 +20,8 @@ before the hardest answers that write the query's chain, before and after; `lear
 training curves of both runs against the shared compute axis. With `checkpoint.every`, `over_training` (and
 `over_training.png`) holds the hardest answers' chain share and NLL with and without a thought at every saved
 step of the thought stages. A stage whose final checkpoint exists is not run again, so the same
-command continues an interrupted recipe.
+command continues an interrupted recipe. With `learn_to_think.workers=2` the stages after pretraining train in
+two processes side by side (each stage's result is the same as one after another).
 """
 
 from __future__ import annotations
@@ -53,10 +54,16 @@ class LearnToThinkConfig:
     policy_off: bool = False
     """Also run the Quiet-STaR stage with thought.policy_weight=0 from the same checkpoint (`policy_off/`) and
     score it: results.json's `policy_off` holds its answer_nll / answer_acc / chain_share."""
+    workers: int = 1
+    """Processes that train the stages after pretraining (quietstar, policy_off, baseline: independent, each
+    from the pretrained checkpoint) side by side; 1: one after another in this process. Each stage gives the
+    same result either way (its own seed and threads); a worker without train.threads gets cpu_count / workers."""
 
     def __post_init__(self):
         if self.pretrain_steps < 1 or self.pretrain_warmup < 0 or not self.pretrain_lr > 0:
             raise ValueError("learn_to_think: pretrain_steps must be >= 1, pretrain_warmup >= 0, pretrain_lr > 0")
+        if self.workers < 1:
+            raise ValueError(f"learn_to_think.workers must be >= 1, got {self.workers}")
         if self.baseline_compute not in ("flops", "steps"):
             raise ValueError(f"learn_to_think.baseline_compute must be flops or steps, got {self.baseline_compute!r}")
 
@@ -182,6 +189,37 @@ def run_stage(stage_cfg, train_fn, log: list, recipe: str = "learn_to_think",
     return result.checkpoint
 
 
+def _stage_in_worker(stage_cfg, train_fn, threads: int) -> tuple:
+    """run_stage in a worker process, with `threads` torch threads where the stage sets none."""
+    import torch
+
+    if not stage_cfg.train.threads:
+        torch.set_num_threads(threads)
+    log: list = []
+    return run_stage(stage_cfg, train_fn, log), log
+
+
+def run_stages(stage_cfgs: list, train_fn, log: list, workers: int = 1) -> list:
+    """run_stage for each config, in order, or with workers > 1 in that many spawned processes (train_fn must
+    then be a module-level function); the first stages start first. -> their checkpoints, in order; `log`
+    gets their records in the same order."""
+    if workers <= 1 or len(stage_cfgs) <= 1:
+        return [run_stage(c, train_fn, log) for c in stage_cfgs]
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    n = min(workers, len(stage_cfgs))
+    threads = max(1, (os.cpu_count() or 1) // n)
+    names = ", ".join(Path(c.output_dir).name for c in stage_cfgs)
+    print(f"[learn_to_think] {names}: {n} processes side by side", flush=True)
+    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
+        done = [f.result() for f in [pool.submit(_stage_in_worker, c, train_fn, threads) for c in stage_cfgs]]
+    for _, records in done:
+        log.extend(records)
+    return [ckpt for ckpt, _ in done]
+
+
 def run(cfg, train_fn):
     """Pretrain, Quiet-STaR, matched baseline, held-out evaluation. -> the Quiet-STaR stage's TrainResult-like
     summary (status "done"); results.json and learning_curves.png in the run dir."""
@@ -196,15 +234,14 @@ def run(cfg, train_fn):
     stages: list = []
     pre = run_stage(pretrain_config(cfg), train_fn, stages)
     qs_cfg = _stage(cfg, "quietstar", init_from=str(pre))
-    qs_ckpt = run_stage(qs_cfg, train_fn, stages)
     bl_cfg = _stage(cfg, "baseline", init_from=str(pre), thought=_plain(cfg),
                     train=dataclasses.replace(cfg.train, max_steps=baseline_steps(cfg)))
-    bl_ckpt = run_stage(bl_cfg, train_fn, stages)
-    off_ckpt = None
+    todo = [qs_cfg, bl_cfg]
     if cfg.learn_to_think.policy_off:
-        off_cfg = _stage(cfg, "policy_off", init_from=str(pre),
-                         thought=dataclasses.replace(cfg.thought, policy_weight=0.0))
-        off_ckpt = run_stage(off_cfg, train_fn, stages)
+        todo.append(_stage(cfg, "policy_off", init_from=str(pre),
+                           thought=dataclasses.replace(cfg.thought, policy_weight=0.0)))
+    qs_ckpt, bl_ckpt, *rest = run_stages(todo, train_fn, stages, cfg.learn_to_think.workers)
+    off_ckpt = rest[0] if rest else None
 
     from quietstar.methods.quietstar.report import evaluate, evaluate_ablation, over_training
     from quietstar.plots import plot_learning_curves, plot_over_training, read_metrics
