@@ -72,7 +72,7 @@ def test_both_orders_are_asked_and_averaged(monkeypatch):
 # ---------------------------------------------------------------------------------------------- the stages
 
 
-def test_the_supervised_stage_trains_on_revisions_and_counts_what_it_cannot_parse():
+def test_the_supervised_stage_trains_on_revisions_and_counts_what_it_cannot_parse(capsys):
     qs, ctx = tiny_qs(), method_ctx("cai", cai_shots=2)
     seen = scripted(ctx, [
         [[comp("aaaa", "a", 1)], [comp("cg", "g", 2)], [comp("dx", "x", 3)], [comp("eb", "b", 4)]],  # responses
@@ -83,6 +83,8 @@ def test_the_supervised_stage_trains_on_revisions_and_counts_what_it_cannot_pars
     skips = Skips()
     out, stats = cai.collect_revisions(ctx, qs, [QA, QB, QC, QD], 1, 7, skips)
     assert skips.as_dict() == {"empty critique": 1, "critique has no verdict": 1, "revision has no chain": 1}
+    # what the model wrote instead of a verdict is shown, so that a round with nothing to train on can be read
+    assert "round 1: 2 of 4 critiques have no verdict; the first: '   '" in capsys.readouterr().out
     assert skips.examples["empty critique"] == [QB.id] and skips.examples["revision has no chain"] == [QD.id]
     assert stats == {"critiques_violates": 1, "critiques_follows": 1, "revisions_changed": 1, "revisions_correct": 1,
                      "revisions_fixed": 1, "revisions_broke": 0, "responses_correct": 2, "revisions": 1}

@@ -288,14 +288,18 @@ def collect_revisions(ctx, qs, questions, r: int, seed: int, skips: Skips):
     cprompts = [critique_prompt(q, p, e, t, con) for q, p, e, t in zip(questions, principles, shots, texts)]
     critiques = ctx.sample(qs, cprompts, 1, "critique", derive_seed(seed, "cai critique"),
                            desc=f"round {r}: cai critiques")
-    keep = []  # (index, critique text, verdict)
+    keep, unparsed = [], []  # (index, critique text, verdict); critiques without one
     for i, (q, (c,)) in enumerate(zip(questions, critiques)):
         verdict, why = parse_critique(c.answer)
         if verdict is None:
             skips.add(why, q.id)
+            unparsed.append(c.answer)
             continue
         stats[f"critiques_{verdict}"] += 1
         keep.append((i, c.answer.strip(), verdict))
+    if unparsed:  # what the model wrote instead, so that a round with nothing to train on can be diagnosed
+        print(f"[cai] round {r}: {len(unparsed)} of {len(questions)} critiques have no verdict; the first: "
+              f"{unparsed[0][:200]!r}", flush=True)
     rprompts = [revision_prompt(cprompts[i], crit, questions[i], con) for i, crit, _ in keep]
     revisions = ctx.sample(qs, rprompts, 1, "cot", derive_seed(seed, "cai revision"),
                            desc=f"round {r}: cai revisions") if keep else []
