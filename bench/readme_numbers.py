@@ -279,6 +279,7 @@ KEEP_ROWS = {
     "TPO (`explicit=tpo`, the preset)": kc_row("decoy_rpo", "tpo"),
     "TPO, `dpo` with the preset's rounds cut to 2": kc_row("tpo_grid_dpo50lr1", "tpo"),
     "CPO, beam 1, 6 proposals, `rpo`": kc_row("decoy_rpo", "cpo"),
+    "CPO, the same, answer check as the search's value (`self_eval=answer`)": kc_row("decoy_cpo_answer", "cpo"),
 }
 KEEP_PREF_ROWS = {
     "base, rationale then answer": kc_row("decoy_rpo", "star", "base"),
@@ -287,6 +288,7 @@ KEEP_PREF_ROWS = {
     "TPO, `rpo`, 2 rounds": kc_row("tpo_grid_rpo50lr1", "tpo"),
     "TPO, `dpo`, the same 2 rounds": kc_row("tpo_grid_dpo50lr1", "tpo"),
     "CPO, beam 1, 6 proposals, step filter, `rpo`": kc_row("decoy_rpo", "cpo"),
+    "CPO, the same with the answer check as the search's value": kc_row("decoy_cpo_answer", "cpo"),
 }
 GRID_ROWS = {
     "`rpo`, 200 steps a round, lr 3e-4, 2 rounds": grid_val("rpo200"),
@@ -648,6 +650,15 @@ CHECKS: list = [
           "{}): on {}, {} and {} of 1,024 training questions", EXPL,
           tuple(kc_seed("decoy_rpo", "cpo", "base", s) for s in SEEDS)
           + tuple(f"groups/decoy_rpo/cpo/per_seed/s{s}/stats_per_round/0/winning_correct" for s in SEEDS)),
+    Quote(README, "scores partial chains with the answer check (`explicit.self_eval=answer`): {} / {} / {} -> {} / "
+          "{} / {}", EXPL, tuple(kc_seed("decoy_cpo_answer", "cpo", w, s) for w in ("base", "chosen") for s in SEEDS)),
+    Quote("docs/explicit_preference.md", "the winning path is right on {}, {} and {} of the 1,024 training questions "
+          "(round 1), against {}, {} and {} with self-agreement. Held-out accuracy goes {} / {} / {} -> {} / {} / {}, "
+          "a median gain of {} against STaR's {}", EXPL,
+          tuple(f"groups/decoy_cpo_answer/cpo/per_seed/s{s}/stats_per_round/0/winning_correct" for s in SEEDS)
+          + tuple(f"groups/decoy_rpo/cpo/per_seed/s{s}/stats_per_round/0/winning_correct" for s in SEEDS)
+          + tuple(kc_seed("decoy_cpo_answer", "cpo", w, s) for w in ("base", "chosen") for s in SEEDS)
+          + (kc_row("decoy_cpo_answer", "cpo")[3], kc_row("decoy_rpo", "star")[3])),
     Quote(R_EXPL, "reach the gold answer ({} -> {} on seed 0, {} -> {} on seed 1)", EXPL,
           (ex_seed("star", "base", "cot", "0"), ex_seed("star", "chosen", "cot", "0"),
            ex_seed("star", "base", "cot", "1"), ex_seed("star", "chosen", "cot", "1"))),
