@@ -516,6 +516,7 @@ PDCG_HEADER = "| seed | chain share | policy off | acc. with a thought | policy 
 PDCG_ROWS = {**{str(s): pd_row(f"per_run/{s}/")[1:] for s in (0, 1, 2)}, "median": pd_row("")[1:]}
 
 
+S2GRID = "system2_3layer_grid_cpu.json"
 PDCG_VAL, PDISC = "policy_decoy_close_gate_validation_cpu.json", "policy_discovery_close_gate_validation_cpu.json"
 
 
@@ -659,6 +660,17 @@ CHECKS: list = [
           + tuple(f"groups/decoy_rpo/cpo/per_seed/s{s}/stats_per_round/0/winning_correct" for s in SEEDS)
           + tuple(kc_seed("decoy_cpo_answer", "cpo", w, s) for w in ("base", "chosen") for s in SEEDS)
           + (kc_row("decoy_cpo_answer", "cpo")[3], kc_row("decoy_rpo", "star")[3])),
+    Quote("docs/explicit.md", "all lower the validation accuracy after round 1, from {} to {}-{}", S2GRID,
+          (V(lambda r: r["settings"]["steps=50 lr=1.0e-4"]["val_acc_per_round"][0]),
+           V(lambda r: min(v["val_acc_per_round"][1] for v in r["settings"].values())),
+           V(lambda r: max(v["val_acc_per_round"][1] for v in r["settings"].values())))),
+    Quote("docs/explicit.md", "Held-out 1-hop direct accuracy falls with them, from {} to {}-{}, although 88% of the "
+          "round's training labels are right ({} of {})", S2GRID,
+          (V(lambda r: r["settings"]["steps=50 lr=1.0e-4"]["held_out_direct_acc_by_hops_per_round"][0]["1"]),
+           V(lambda r: min(v["held_out_direct_acc_by_hops_per_round"][1]["1"] for v in r["settings"].values())),
+           V(lambda r: max(v["held_out_direct_acc_by_hops_per_round"][1]["1"] for v in r["settings"].values())),
+           "settings/steps=50 lr=1.0e-4/stats_round_1/kept_label_correct",
+           "settings/steps=50 lr=1.0e-4/examples_round_1")),
     Quote(R_EXPL, "reach the gold answer ({} -> {} on seed 0, {} -> {} on seed 1)", EXPL,
           (ex_seed("star", "base", "cot", "0"), ex_seed("star", "chosen", "cot", "0"),
            ex_seed("star", "base", "cot", "1"), ex_seed("star", "chosen", "cot", "1"))),
