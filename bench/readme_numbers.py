@@ -660,6 +660,10 @@ CHECKS: list = [
           + tuple(f"groups/decoy_rpo/cpo/per_seed/s{s}/stats_per_round/0/winning_correct" for s in SEEDS)
           + tuple(kc_seed("decoy_cpo_answer", "cpo", w, s) for w in ("base", "chosen") for s in SEEDS)
           + (kc_row("decoy_cpo_answer", "cpo")[3], kc_row("decoy_rpo", "star")[3])),
+    Quote(README, "One seed's default run takes {} minutes on 2 CPU cores", "policy_decoy_default_run_time_cpu.json",
+          (V(lambda r: r["wall_s"] / 60),)),
+    Quote(R_POLICY, "The default run takes {} minutes on 2 CPU cores", "policy_decoy_default_run_time_cpu.json",
+          (V(lambda r: r["wall_s"] / 60),)),
     Quote("docs/explicit.md", "all lower the validation accuracy after round 1, from {} to {}-{}", S2GRID,
           (V(lambda r: r["settings"]["steps=50 lr=1.0e-4"]["val_acc_per_round"][0]),
            V(lambda r: min(v["val_acc_per_round"][1] for v in r["settings"].values())),
