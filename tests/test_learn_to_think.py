@@ -82,6 +82,11 @@ def test_stages_side_by_side_give_the_results_of_stages_one_after_another(tmp_pa
             ckpt = max((out / stage / "checkpoints").iterdir())
             scores[workers][stage] = {k: v.tolist() for k, v in load_file(ckpt / "model.safetensors").items()}
     assert scores[1] == scores[2]
+    # run again, every stage is reused in this process: nothing is trained, so train_fn need not be picklable
+    calls = []
+    run_recipe(toy_cfg(tmp_path / "w2", "experiment=policy_decoy", "train.threads=1", "learn_to_think.workers=2"),
+               lambda c: calls.append(c))
+    assert calls == []
 
 
 def test_the_policy_recipes_write_the_ablation_and_the_chain_share(tmp_path):

@@ -199,22 +199,29 @@ def _stage_in_worker(stage_cfg, train_fn, threads: int) -> tuple:
     return run_stage(stage_cfg, train_fn, log), log
 
 
+def _reused(stage_cfg, train_fn) -> tuple:
+    log: list = []
+    return run_stage(stage_cfg, train_fn, log), log
+
+
 def run_stages(stage_cfgs: list, train_fn, log: list, workers: int = 1) -> list:
     """run_stage for each config, in order, or with workers > 1 in that many spawned processes (train_fn must
     then be a module-level function); the first stages start first. -> their checkpoints, in order; `log`
     gets their records in the same order."""
-    if workers <= 1 or len(stage_cfgs) <= 1:
+    to_train = [c for c in stage_cfgs if _final_checkpoint(c) is None]  # finished stages are reused here
+    if workers <= 1 or len(to_train) <= 1:
         return [run_stage(c, train_fn, log) for c in stage_cfgs]
     import multiprocessing
     import os
     from concurrent.futures import ProcessPoolExecutor
 
-    n = min(workers, len(stage_cfgs))
+    n = min(workers, len(to_train))
     threads = max(1, (os.cpu_count() or 1) // n)
-    names = ", ".join(Path(c.output_dir).name for c in stage_cfgs)
-    print(f"[learn_to_think] {names}: {n} processes side by side", flush=True)
+    print(f"[learn_to_think] {', '.join(Path(c.output_dir).name for c in to_train)}: {n} processes side by side",
+          flush=True)
     with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
-        done = [f.result() for f in [pool.submit(_stage_in_worker, c, train_fn, threads) for c in stage_cfgs]]
+        futures = {id(c): pool.submit(_stage_in_worker, c, train_fn, threads) for c in to_train}
+        done = [futures[id(c)].result() if id(c) in futures else _reused(c, train_fn) for c in stage_cfgs]
     for _, records in done:
         log.extend(records)
     return [ckpt for ckpt, _ in done]
