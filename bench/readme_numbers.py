@@ -489,6 +489,7 @@ def where_cost(i: int, key: str, scale: float = 1.0) -> V:
 LM_EVAL, LM_EVAL_CSQA = "lm_eval_cpu.json", "lm_eval_csqa_smollm2_base_cpu.json"
 LM_EVAL_COUNTS = "lm_eval_csqa_smollm2_base_counts_cpu.json"
 LM_EVAL_DEFAULT_RUN = "lm_eval_csqa_default_run_cpu.json"
+LM_EVAL_GSM8K = "lm_eval_gsm8k_smollm2_base_cpu.json"
 PMW = "policy_math_web_cpu.json"
 
 
@@ -978,7 +979,14 @@ CHECKS: list = [
                                                          recorded(LM_EVAL_COUNTS, "targets/A"))],
         "`lm_eval_csqa_default_run_cpu.json`": [None, None, recorded(LM_EVAL_DEFAULT_RUN, "items"),
                                                 (recorded(LM_EVAL_DEFAULT_RUN, "scores/acc,none", 100.0),
-                                                 recorded(LM_EVAL_DEFAULT_RUN, "chosen/A"))]}),
+                                                 recorded(LM_EVAL_DEFAULT_RUN, "chosen/A"))],
+        "`lm_eval_gsm8k_smollm2_base_cpu.json`": [None, None, recorded(LM_EVAL_GSM8K, "items"),
+                                                  (recorded(LM_EVAL_GSM8K, "scores/exact_match,strict-match", 100.0),
+                                                   recorded(LM_EVAL_GSM8K, "scores/exact_match,flexible-extract", 100.0))]}),
+    Quote(R_LM_EVAL, "{} of {}\nanswers is right in lm_eval's strict format, and {} with its flexible extraction",
+          LM_EVAL_GSM8K, (V(lambda r: round(r["scores"]["exact_match,strict-match"] * r["items"])), "items",
+                          V(lambda r: round(r["scores"]["exact_match,flexible-extract"] * r["items"])))),
+    Quote(R_LM_EVAL, "zero-shot CoT scoring gives {}% on the same problems", "gsm8k_zero_shot_cpu.json", (V("em", 100.0),)),
     Quote(R_LM_EVAL, "with a thought before every continuation token, they do not: A is still chosen on all {}",
           LM_EVAL_DEFAULT_RUN, ("chosen/A",)),
     Quote(R_LM_EVAL, "letter A the highest log-likelihood on every one of the {} questions. Its {}% is the share",
