@@ -533,7 +533,8 @@ def collect_cpo(ctx, qs, questions, r: int, seed: int, skips: Skips):
         stats["nodes"] += len(t.nodes) - 1
         if path is not None:
             got = s._answer(path[-1].step)
-            stats["winning_correct"] += q.gold is not None and got == q.gold  # recorded; the search reads the gold only with self_eval=answer
+            # recorded; the search itself reads the gold answer only with self_eval=answer
+            stats["winning_correct"] += q.gold is not None and got == q.gold
         for pr in pairs:
             out.append(PreferencePair(s.ids(pr.prefix), list(pr.chosen), list(pr.rejected),
                                       _meta("cpo", r, q, depth=pr.depth, scores=[pr.chosen_score, pr.rejected_score],

@@ -189,17 +189,12 @@ def run_stage(stage_cfg, train_fn, log: list, recipe: str = "learn_to_think",
     return result.checkpoint
 
 
-def _stage_in_worker(stage_cfg, train_fn, threads: int) -> tuple:
-    """run_stage in a worker process, with `threads` torch threads where the stage sets none."""
-    import torch
+def _stage_in_worker(stage_cfg, train_fn, threads: Optional[int] = None) -> tuple:
+    """run_stage with its own log (in a worker process: with `threads` torch threads where the stage sets none)."""
+    if threads and not stage_cfg.train.threads:
+        import torch
 
-    if not stage_cfg.train.threads:
         torch.set_num_threads(threads)
-    log: list = []
-    return run_stage(stage_cfg, train_fn, log), log
-
-
-def _reused(stage_cfg, train_fn) -> tuple:
     log: list = []
     return run_stage(stage_cfg, train_fn, log), log
 
@@ -221,7 +216,7 @@ def run_stages(stage_cfgs: list, train_fn, log: list, workers: int = 1) -> list:
           flush=True)
     with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {id(c): pool.submit(_stage_in_worker, c, train_fn, threads) for c in to_train}
-        done = [futures[id(c)].result() if id(c) in futures else _reused(c, train_fn) for c in stage_cfgs]
+        done = [futures[id(c)].result() if id(c) in futures else _stage_in_worker(c, train_fn) for c in stage_cfgs]
     for _, records in done:
         log.extend(records)
     return [ckpt for ckpt, _ in done]
