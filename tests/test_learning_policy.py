@@ -88,9 +88,9 @@ def policy_run(pretrained, policy_weight: float) -> tuple[float, float]:
         opt = torch.optim.SGD(qs.parameters(), lr=LR)
         g = torch.Generator().manual_seed(SEED)
         qs.train()
-        stream = (b for _ in iter(int, 1) for b in batches(docs, tok, 8))
-        for _ in range(POLICY_STEPS):
-            ids, mask, diff, _ = next(stream)
+        train_batches = list(batches(docs, tok, 8))
+        for step in range(POLICY_STEPS):
+            ids, mask, diff, _ = train_batches[step % len(train_batches)]
             qs(ids, attention_mask=mask, generator=g, selection=before_answers(diff)).loss.backward()
             torch.nn.utils.clip_grad_norm_(qs.parameters(), 1.0)
             opt.step()
