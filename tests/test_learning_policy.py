@@ -23,7 +23,7 @@ from quietstar.methods.plain.model import reset_thought_embeddings
 from quietstar.reasoning import ReasoningConfig, batches
 from quietstar.methods.quietstar.thinker import QuietStar
 from quietstar.methods.quietstar.config import ThoughtConfig
-from quietstar.methods.quietstar.where import Selection
+from quietstar.methods.quietstar.where import Selection, select
 from tests.test_learning import MODEL, pretrain
 
 CORPUS = ReasoningConfig(n_symbols=5, max_hops=3, n_queries=5, eval_docs=48, decoy_share=0.5)
@@ -44,19 +44,14 @@ def pretrained_with_decoys():
 
 
 def before_answers(diff: torch.Tensor) -> Selection:
-    """The positions whose next token is a direct answer (difficulty (B, L) > 0), as a thinking selection;
-    a sequence with fewer answers fills its slots with other positions, marked not valid."""
-    B, L = diff.shape
-    at = [(diff[b] > 0).nonzero()[:, 0] - 1 for b in range(B)]
-    P = max(1, max(len(a) for a in at))
-    positions = torch.zeros(B, P, dtype=torch.long)
-    valid = torch.zeros(B, P, dtype=torch.bool)
-    for b, a in enumerate(at):
-        taken = set(a.tolist())
-        filler = torch.tensor([i for i in range(L - 1) if i not in taken][:P - len(a)], dtype=torch.long)
-        slots, order = torch.cat([a, filler]).sort()
-        positions[b], valid[b] = slots, (torch.arange(P) < len(a))[order]
-    return Selection(positions, valid)
+    """The positions whose next token is a direct answer (difficulty (B, L) > 0), as a thinking selection
+    (where.select with a threshold: a sequence with fewer answers fills its slots with other positions, marked
+    not valid)."""
+    at = torch.zeros_like(diff, dtype=torch.float)
+    at[:, :-1] = (diff[:, 1:] > 0).float()
+    has_next = torch.ones_like(diff, dtype=torch.bool)
+    has_next[:, -1] = False
+    return select(at, has_next, fraction=1.0, threshold=0.5)
 
 
 @torch.no_grad()
