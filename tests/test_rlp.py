@@ -191,6 +191,20 @@ def test_ema_teacher_is_saved_and_a_resumed_run_continues_it_bitwise(tmp_path):
     assert rewards(tmp_path / "half") + rewards(tmp_path / "resumed") == rewards(tmp_path / "full")
 
 
+@pytest.mark.parametrize("where", [[], ["thought.where=entropy", "thought.think_fraction=0.25"]],
+                         ids=["every_position", "entropy"])
+def test_a_run_with_the_policy_term_alone_trains_no_nll_and_is_not_taken_for_a_frozen_one(tmp_path, where):
+    """thought.nll_weight=0 trains no NLL, also at the positions that do not think (where=entropy scores them
+    in a pass of their own), so train/nll is 0 on every step: the divergence watch follows the NLL without a
+    thought instead, and the run goes to its last step."""
+    result = train_script.train(tiny_cfg(tmp_path, "thought.objective=rlp", "thought.nll_weight=0",
+                                         "thought.clamp_negative_advantage=false", "train.max_steps=5",
+                                         "train.log_every=1", "train.threads=1", *where))
+    rows = records(tmp_path)
+    assert result.status != "diverged" and result.step == 5
+    assert all(r["train/nll"] == 0.0 for r in rows) and len({r["train/nll_base"] for r in rows}) > 1
+
+
 def test_the_ema_teacher_is_counted_in_the_memory_budget():
     x = torch.randint(3, 256, (2, 8), generator=torch.Generator().manual_seed(0))
     peaks = []

@@ -90,11 +90,9 @@ class Scoring:
         device = states.text.device
         scope = obj.scope(grid, B, L, lengths, doc_ids, cfg, device) if positions is None else \
             obj.scope(grid, B, L, lengths, doc_ids, cfg, device, positions, selection.valid)
-        coef_base, coef_talk = obj.nll_coefficients(scope, grid.n, cfg, acc)
+        coef_base, coef_talk = self.nll_coefficients(scope, grid.n, acc)
         buf = LogitsBuffer() if buf is None else buf  # the logits scratch of both scoring calls
         head_grad = WeightGradSum() if base is None else base.head_grad  # one LM-head weight gradient (-nll, policy)
-        if cfg.nll_weight != 1.0:
-            coef_base, coef_talk = cfg.nll_weight * coef_base, cfg.nll_weight * coef_talk
         unmixed = (cfg.reward_from or obj.reward_from) == "unmixed"
         read, kept = self.read_steps(thoughts, grid) if self.close_id is not None else (None, None)  # close_token
         talk = self.score_talk(states, input_ids, grid, coef_base, coef_talk, buf, base, head_grad, unmixed, read)
@@ -144,6 +142,12 @@ class Scoring:
         return cfg.where == "entropy" and selection is None and (cfg.think_threshold is not None
                                                                   or 3 * cfg.think_fraction < 1)
 
+    def nll_coefficients(self, scope, n: int, acc: torch.dtype):
+        """The objective's NLL weights (base (B, L), talk (K, B, n, P)) times thought.nll_weight."""
+        coef_base, coef_talk = get_objective(self.cfg.objective).nll_coefficients(scope, n, self.cfg, acc)
+        w = self.cfg.nll_weight
+        return (coef_base, coef_talk) if w == 1.0 else (w * coef_base, w * coef_talk)
+
     def score_base(self, h_text, input_ids, lengths=None, doc_ids=None,
                    buf: Optional[LogitsBuffer] = None) -> BaseScore:
         """The no-thought term before any position is chosen, with the base next-token entropies from the same
@@ -155,7 +159,7 @@ class Scoring:
         acc = torch.float64 if h_text.dtype == torch.float64 else torch.float32
         none = input_ids.new_zeros(B, 0)
         scope = obj.scope(grid, B, L, lengths, doc_ids, cfg, input_ids.device, none, none.bool())
-        coef, _ = obj.nll_coefficients(scope, grid.n, cfg, acc)
+        coef, _ = self.nll_coefficients(scope, grid.n, acc)
         head_grad = WeightGradSum()  # -weighted enters the loss (through the NLL), and losses() attaches it
         weighted, logp, entropy = self._logprob_sum(h_text.reshape(B * L, -1), grid.target(input_ids, 0).flatten(),
                                                     coef.flatten(), buf=buf, entropy=True, head_grad=head_grad,
