@@ -138,6 +138,48 @@ def test_sft_reads_only_the_completion_and_scores_end_as_the_stop_mark():
     assert (b2.weight == b.weight).all() and (b2.targets[b2.weight > 0] == b.targets[b.weight > 0]).all()
 
 
+def test_sft_with_replay_adds_the_weighted_nll_of_every_token_of_the_next_documents_in_order():
+    from quietstar.methods.explicit.losses import fit_sft
+    from quietstar.config import OptimConfig
+
+    qs = tiny_qs(dtype=torch.float64)
+    examples = [SFTExample([1, 40, qs.start_token_id], [60, 61, qs.end_token_id])]
+    replay = [[1, 70, 71, 72], [1, 73, 74], [1, 75, 76, 77, 78]]  # BOS first; the first 2 then the 3rd and 1st
+
+    def doc_nll(docs):  # every token after BOS, from the full logits
+        return -sum(reference_seq_logprob(qs, d[:1], d[1:], DOT) for d in docs) / sum(len(d) - 1 for d in docs)
+
+    sft = sft_loss(qs, token_batch([examples[0].prompt_ids] * 2, [examples[0].completion_ids] * 2, TOK.pad_id,
+                                   qs.end_token_id, DOT))
+    first_two, next_two = doc_nll(replay[:2]), doc_nll(replay[2:] + replay[:1])
+    opt = OptimConfig(lr=1e-300, warmup_steps=0)  # steps too small to change a float64 weight: step 2 reads step 1's
+    plain = fit_sft(qs, examples, 1, 2, opt, 0, DOT, TOK.pad_id)
+    losses = fit_sft(qs, examples, 2, 2, opt, 0, DOT, TOK.pad_id, replay=replay, replay_weight=0.5)
+    assert plain[0] == pytest.approx(float(sft), rel=1e-10)
+    assert losses[0] == pytest.approx(float(sft + 0.5 * first_two), rel=1e-10)
+    assert losses[1] == pytest.approx(float(sft + 0.5 * next_two), rel=1e-10)
+
+
+def test_the_replayed_documents_come_after_every_training_and_validation_questions_document():
+    from types import SimpleNamespace
+
+    from quietstar.errors import ConfigError
+    from quietstar.methods.explicit.config import ExplicitConfig
+    from quietstar.methods.explicit.loop import _questions, _replay_documents
+    from quietstar.reasoning import encode_document
+
+    rc = ReasoningConfig(n_symbols=5, max_hops=3, n_queries=5)
+    ex = ExplicitConfig(train_questions=12, val_questions=7, eval_questions=4, replay_weight=1.0, replay_docs=6)
+    cfg = SimpleNamespace(data=SimpleNamespace(reasoning=rc), explicit=ex, train=SimpleNamespace(seed=3))
+    train_q, val_q, _ = _questions(cfg)
+    used = {int(q.id.split("/")[1]) for q in train_q + val_q}
+    assert max(used) == 4  # 3 documents' queries for training, 2 for validation (5 queries each)
+    docs = make_documents(rc, 11, 3, "train")
+    assert _replay_documents(cfg, TOK) == [encode_document(d, TOK)[0] for d in docs[5:]]
+    with pytest.raises(ConfigError, match="explicit.replay_weight"):
+        ExplicitConfig(task="gsm8k", replay_weight=0.5)
+
+
 def test_dpo_loss_and_gradients_equal_a_hand_written_reference():
     qs, ref = tiny_qs(0, torch.float64), tiny_qs(1, torch.float64)
     S, E = qs.start_token_id, qs.end_token_id

@@ -59,6 +59,12 @@ class ExplicitConfig:
     a correct rationalisation is trained on without the hint."""
     consistency: float = 0.75  # system2: the least majority share of the k answers for a question to be kept
     steps: int = 200  # SFT optimizer steps per round (the run's `optim` settings)
+    replay_weight: float = 0.0
+    """SFT rounds (star, rft, system2, cai's supervised stage), task=reasoning: each step adds replay_weight times
+    the plain-LM NLL of a batch of the corpus's own text (whole training-split documents after the questions'
+    ones: text of the kind the base was pretrained on, no new labels), so that fine-tuning on one kind of
+    completion does not wear away what the rest of the text taught. 0: off."""
+    replay_docs: int = 1024  # replay_weight > 0: the training-split documents the replay batches cycle through
     batch_size: int = 32  # SFT examples per step
     sample_batch: int = 512  # rows (questions x k) sampled at once
     keep_checkpoints: bool = True  # save each round's model under <run dir>/round_<n>/checkpoints
@@ -147,7 +153,7 @@ class ExplicitConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"explicit.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("patience", "few_shot", "steps", "verifier_steps", "eval_samples", "nll_weight", "simpo_gamma",
-                     "cai_sl_rounds", "cai_shots", "judge_shots"):
+                     "cai_sl_rounds", "cai_shots", "judge_shots", "replay_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"explicit.{name} must be >= 0, got {getattr(self, name)}")
         if not self.temperature >= 0:
@@ -160,6 +166,10 @@ class ExplicitConfig:
             raise ConfigError(f"explicit.beta must be > 0, got {self.beta}")
         if not 0 < self.consistency <= 1:
             raise ConfigError(f"explicit.consistency must be in (0, 1], got {self.consistency}")
+        if self.replay_docs < 1:
+            raise ConfigError(f"explicit.replay_docs must be >= 1, got {self.replay_docs}")
+        if self.task == "gsm8k" and self.replay_weight > 0:
+            raise ConfigError("explicit.replay_weight: replays the reasoning corpus's text; task=gsm8k has none")
         if self.task == "gsm8k" and self.step_filter:
             raise ConfigError("explicit.step_filter: the reasoning corpus's chain symbols; task=gsm8k has none")
         if not str(self.judge_model).strip():

@@ -176,6 +176,17 @@ def _questions(cfg):
     return train, val, evq
 
 
+def _replay_documents(cfg, tok) -> list:
+    """explicit.replay_weight: token ids of explicit.replay_docs training-split documents, those after the ones
+    whose queries are the training and validation questions (_questions)."""
+    from quietstar.reasoning import encode_document, make_documents
+
+    rc, ex = cfg.data.reasoning, cfg.explicit
+    first = -(-ex.train_questions // rc.n_queries) + -(-ex.val_questions // rc.n_queries)
+    docs = make_documents(rc, first + ex.replay_docs, cfg.train.seed, "train")[first:]
+    return [encode_document(d, tok)[0] for d in docs]
+
+
 def _base(cfg, train_fn, stages):
     from quietstar.checkpoint import find_checkpoint
     from quietstar.methods.quietstar.load import load_thinker_checkpoint
@@ -249,6 +260,7 @@ def run(cfg, train_fn):
     ctx = Context(cfg, tok)
     ctx.base = base
     train_q, val_q, eval_q = _questions(cfg)
+    replay = _replay_documents(cfg, tok) if ex.replay_weight > 0 else []
     mode = EVAL_MODES[ex.method]
     run_log = start_run(cfg.logger, root, config=dataclasses.asdict(cfg))
     t0 = time.time()
@@ -286,7 +298,7 @@ def run(cfg, train_fn):
                              loss=PreferenceLoss(ex.loss, ex.beta, ex.nll_weight, ex.simpo_gamma))
         else:
             losses = fit_sft(model, examples, ex.steps, ex.batch_size, cfg.optim, seeds["fit"], ctx.end_target,
-                             tok.pad_id, _fit_progress(r, ex.steps))
+                             tok.pad_id, _fit_progress(r, ex.steps), replay, ex.replay_weight)
         e = assess(model, f"round {r}")
         rec = {"round": r, "from_round": track.latest_round, "examples": len(examples), "stats": stats,
                "skips": skips.as_dict(), "skip_examples": skips.examples, "loss_first": losses[0] if losses else None,

@@ -72,7 +72,8 @@ def _hidden(qs, batch: TokenBatch):
 def sft_loss(qs, batch: TokenBatch) -> torch.Tensor:
     """Mean -log p over the completion tokens of the batch."""
     h, tgt, _ = _hidden(qs, batch)
-    coef = torch.full(tgt.shape, 1.0 / max(1, tgt.numel()), device=h.device)
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32  # linear_ce's accumulation dtype
+    coef = torch.full(tgt.shape, 1.0 / max(1, tgt.numel()), dtype=acc, device=h.device)
     weighted, _ = linear_logprob_sum(h, qs.model.lm_head_weight, tgt, coef)
     return -weighted
 
@@ -213,14 +214,25 @@ def fit(qs, n_items: int, loss_fn: Callable[[List[int]], tuple], steps: int, bat
 
 
 def fit_sft(qs, examples, steps: int, batch_size: int, optim_cfg, seed: int, end_target: int, pad_id: int,
-            progress=None) -> List[float]:
+            progress=None, replay: Sequence[Sequence[int]] = (), replay_weight: float = 0.0) -> List[float]:
+    """SFT on the examples' completions. With `replay` (token ids of whole documents, BOS first) and
+    replay_weight > 0, each step adds replay_weight times the mean NLL of every token of the next batch_size
+    replay documents (taken in order, cycling)."""
     dev = qs.model.tok_embeddings.weight.device
+    cursor = [0]
+
+    def replay_loss():
+        docs = [replay[(cursor[0] + i) % len(replay)] for i in range(batch_size)]
+        cursor[0] = (cursor[0] + batch_size) % len(replay)
+        return sft_loss(qs, token_batch([d[:1] for d in docs], [d[1:] for d in docs], pad_id, qs.end_token_id,
+                                        end_target, dev))
 
     def loss_fn(idx):
         ex = [examples[i] for i in idx]
         batch = token_batch([e.prompt_ids for e in ex], [e.completion_ids for e in ex], pad_id, qs.end_token_id,
                             end_target, dev)
-        return sft_loss(qs, batch), {}
+        loss = sft_loss(qs, batch)
+        return (loss + replay_weight * replay_loss() if replay_weight > 0 and replay else loss), {}
     return fit(qs, len(examples), loss_fn, steps, batch_size, optim_cfg, seed, progress)
 
 
