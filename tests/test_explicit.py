@@ -180,6 +180,24 @@ def test_the_replayed_documents_come_after_every_training_and_validation_questio
         ExplicitConfig(task="gsm8k", replay_weight=0.5)
 
 
+def test_max_difficulty_keeps_the_easier_training_and_validation_questions_and_every_held_out_one():
+    from types import SimpleNamespace
+
+    from quietstar.errors import ConfigError
+    from quietstar.methods.explicit.config import ExplicitConfig
+    from quietstar.methods.explicit.loop import _questions
+
+    rc = ReasoningConfig(n_symbols=5, max_hops=3, n_queries=5)
+    cfg = lambda **kw: SimpleNamespace(data=SimpleNamespace(reasoning=rc), train=SimpleNamespace(seed=3),
+                                       explicit=ExplicitConfig(train_questions=40, val_questions=20, eval_questions=30, **kw))
+    every, easy = _questions(cfg()), _questions(cfg(max_difficulty=1))
+    for all_q, kept in zip(every[:2], easy[:2]):
+        assert kept == [q for q in all_q if q.difficulty == 1] and 0 < len(kept) < len(all_q)
+    assert easy[2] == every[2] and {q.difficulty for q in easy[2]} == {1, 2, 3}
+    with pytest.raises(ConfigError, match="explicit.max_difficulty"):
+        ExplicitConfig(max_difficulty=0)
+
+
 def test_dpo_loss_and_gradients_equal_a_hand_written_reference():
     qs, ref = tiny_qs(0, torch.float64), tiny_qs(1, torch.float64)
     S, E = qs.start_token_id, qs.end_token_id

@@ -48,6 +48,10 @@ class ExplicitConfig:
     just trained, whatever its validation accuracy) | best (the round with the best validation accuracy so far,
     base included: a round that made the model worse on validation is not iterated on)."""
     train_questions: int = 1024  # training-split questions sampled each round (the first documents' queries)
+    max_difficulty: Optional[int] = None
+    """Train and validate on the questions of at most this difficulty only (the reasoning corpus: hops, which
+    the query itself states, `a2=`), e.g. 1 for System-2 distillation where one position can compute only a
+    1-hop answer. The held-out split is still scored at every difficulty. None: every question."""
     val_questions: int = 256  # training-split questions of later documents, for the stopping rule
     eval_questions: int = 512  # held-out-split questions scored after every round (the first documents' queries)
     k: int = 1  # completions sampled per question
@@ -166,8 +170,12 @@ class ExplicitConfig:
             raise ConfigError(f"explicit.beta must be > 0, got {self.beta}")
         if not 0 < self.consistency <= 1:
             raise ConfigError(f"explicit.consistency must be in (0, 1], got {self.consistency}")
+        if self.max_difficulty is not None and self.max_difficulty < 1:
+            raise ConfigError(f"explicit.max_difficulty must be >= 1 (or null), got {self.max_difficulty}")
         if self.replay_docs < 1:
             raise ConfigError(f"explicit.replay_docs must be >= 1, got {self.replay_docs}")
+        if self.task == "gsm8k" and self.max_difficulty is not None:
+            raise ConfigError("explicit.max_difficulty: the reasoning corpus's hops; task=gsm8k's problems are not graded")
         if self.task == "gsm8k" and self.replay_weight > 0:
             raise ConfigError("explicit.replay_weight: replays the reasoning corpus's text; task=gsm8k has none")
         if self.task == "gsm8k" and self.step_filter:

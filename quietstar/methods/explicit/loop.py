@@ -173,6 +173,8 @@ def _questions(cfg):
     n_eval = min(rc.eval_docs, -(-ex.eval_questions // per_doc))
     evq = reasoning_questions(make_documents(rc, n_eval, seed, "eval"), "eval", rc.chain_close,
                               corpus=rc)[:ex.eval_questions]
+    if ex.max_difficulty is not None:  # the training and validation questions of the documents above, filtered
+        train, val = ([q for q in part if q.difficulty <= ex.max_difficulty] for part in (train, val))
     return train, val, evq
 
 
