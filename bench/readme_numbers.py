@@ -521,6 +521,18 @@ S2GRID = "system2_3layer_grid_cpu.json"
 PDCG_VAL, PDISC = "policy_decoy_close_gate_validation_cpu.json", "policy_discovery_close_gate_validation_cpu.json"
 
 
+PDISC_MORE = "policy_discovery_more_validation_cpu.json"
+PDISC_MORE_HEADER = ("| variant | chain-holding thoughts before 3-hop answers, step 100 / 300 / 500 | NLL without a thought, "
+                     "start -> step 500 |")
+
+
+def disc_more_row(run: str) -> list:
+    """A discovery variant: its chain-holding share before 3-hop answers at steps 100, 300, 500, then its train NLL
+    without a thought at the first logged step and at step 500."""
+    return [tuple(f"runs/{run}/checkpoints/{i}/chain_like_share/3" for i in range(3)),
+            (f"runs/{run}/training_curve/0/nll_base", f"runs/{run}/training_curve/-1/nll_base")]
+
+
 def disc_ckpt(r, seed: int, step: int) -> dict:
     return next(x for x in r["checkpoints"] if x["seed"] == seed and x["step"] == step)
 
@@ -674,6 +686,15 @@ CHECKS: list = [
     Quote("docs/learning.md", "first token's entropy stays at {}-{} nats throughout",
           "policy_discovery_answers_only_validation_cpu.json",
           tuple(V(lambda r, f=f: f(x["entropy_first_token"] for x in r["training_curve"])) for f in (min, max))),
+    Table("docs/learning.md", PDISC_MORE_HEADER, PDISC_MORE, {
+        "the RLP objective alone (`thought.nll_weight=0`, as RLP has no NLL term), policy term before answers only":
+            disc_more_row("rlp_alone_before_answers"),
+        "the RLP objective alone, the gate's positions": disc_more_row("rlp_alone_gate"),
+        "16 thoughts per position (`thought.n_thoughts=16`, the recipe's 4), the gate's positions":
+            disc_more_row("sixteen_thoughts_gate")}),
+    Quote("docs/learning.md", "The mean reward then rises ({} -> {} and {} -> {})", PDISC_MORE,
+          tuple(f"runs/{run}/training_curve/{i}/reward_mean" for run in ("rlp_alone_before_answers", "rlp_alone_gate")
+                for i in (0, -1))),
     Quote(R_POLICY, "The default run takes {} minutes on 2 CPU cores", "policy_decoy_default_run_time_cpu.json",
           (V(lambda r: r["wall_s"] / 60),)),
     Quote("docs/explicit.md", "all lower the validation accuracy after round 1, from {} to {}-{}", S2GRID,
