@@ -518,6 +518,25 @@ PDCG_ROWS = {**{str(s): pd_row(f"per_run/{s}/")[1:] for s in (0, 1, 2)}, "median
 
 
 S2GRID = "system2_3layer_grid_cpu.json"
+S2HOP, S2REPLAY, S2RIGHT = ("system2_1hop_3layer_cpu.json", "system2_replay_3layer_cpu.json",
+                            "system2_right_labels_3layer_cpu.json")
+S2HOP_CHOSEN = "settings/chosen: max_difficulty=1 train_questions=8192 steps=200 lr=3.0e-4"
+S2HOP_HEADER = "| 3 layers, held-out 1-hop accuracy | seed 0 | seed 1 | seed 2 |"
+
+
+def s2hop(seed: int, field: str, scale: float = 1.0) -> V:
+    return V(f"gap_closed_1hop/seed {seed}/{field}", scale)
+
+
+def s2_setting(name: str, path: str) -> str:
+    return f"settings/{name}/{path}"
+
+
+S2_GOLD1 = "diagnosis, gold: 1-hop questions with right labels only, train_questions={}, steps={} lr={} (seed 0)"
+S2_SYSTEM2_LINE = ("System-2 distillation gains where one position can compute the answer. On 3-layer bases, trained "
+                   "on the 1-hop questions only and with 8,192 questions (`explicit.max_difficulty=1`), its direct "
+                   "answers close {}% and {}% of the gap to the base's rationale on held-out 1-hop questions (seeds 0 "
+                   "and 1)")
 PDCG_VAL, PDISC = "policy_decoy_close_gate_validation_cpu.json", "policy_discovery_close_gate_validation_cpu.json"
 
 
@@ -708,6 +727,42 @@ CHECKS: list = [
            V(lambda r: max(v["held_out_direct_acc_by_hops_per_round"][1]["1"] for v in r["settings"].values())),
            "settings/steps=50 lr=1.0e-4/stats_round_1/kept_label_correct",
            "settings/steps=50 lr=1.0e-4/examples_round_1")),
+    Table("docs/explicit.md", S2HOP_HEADER, S2HOP, {
+        "direct, base": [s2hop(s, "direct_base") for s in (0, 1, 2)],
+        "rationale, base": [s2hop(s, "cot_base") for s in (0, 1, 2)],
+        "direct, the round chosen by validation": [s2hop(s, "direct_chosen") for s in (0, 1, 2)],
+        "share of the gap closed": [s2hop(s, "gap_closed", 100.0) for s in (0, 1, 2)]}),
+    Quote(README, S2_SYSTEM2_LINE, S2HOP, (s2hop(0, "gap_closed", 100.0), s2hop(1, "gap_closed", 100.0))),
+    Quote(R_EXPL, "trained on the\n  1-hop questions only and with 8,192 questions (`explicit.max_difficulty=1`), its "
+          "direct answers close {}% and\n  {}% of the gap", S2HOP, (s2hop(0, "gap_closed", 100.0), s2hop(1, "gap_closed", 100.0))),
+    Quote("docs/explicit.md", "so the 50% goal is met\n  there (median {}%)", S2HOP,
+          (V(lambda r: 100 * statistics.median(v["gap_closed"] for v in r["gap_closed_1hop"].values())),)),
+    Quote("docs/explicit.md", "Only {}% of its\n  round's labels are right ({} of {})", S2HOP,
+          (V(lambda r: 100 * at(r, S2HOP_CHOSEN + "/seed 2/stats_round_1/kept_label_correct")
+             / at(r, S2HOP_CHOSEN + "/seed 2/examples_round_1")),
+           S2HOP_CHOSEN + "/seed 2/stats_round_1/kept_label_correct", S2HOP_CHOSEN + "/seed 2/examples_round_1")),
+    Quote("docs/explicit.md", "Direct 2-hop answers\n  get worse ({} -> {} and {} -> {} on seeds 0 and 1), and so do the "
+          "round's own rationales\n  (1-hop {} -> {} and {} -> {})", S2HOP,
+          tuple(f"{S2HOP_CHOSEN}/seed {s}/held_out_direct_acc_by_hops_per_round/{i}/2" for s in (0, 1) for i in (0, 1))
+          + tuple(f"{S2HOP_CHOSEN}/seed {s}/held_out_cot_acc_by_hops_per_round/{i}/1" for s in (0, 1) for i in (0, 1))),
+    Quote("docs/explicit.md", "Validation goes from {} to {} / {} after 50 steps at lr 1e-4", S2REPLAY,
+          ("settings/steps=50 lr=1.0e-4 replay_weight=1.0/val_acc_per_round/0",
+           "settings/steps=50 lr=1.0e-4 replay_weight=1.0/val_acc_per_round/1",
+           "settings/steps=50 lr=1.0e-4 replay_weight=3.0/val_acc_per_round/1")),
+    Quote("docs/explicit.md", "still takes held-out 1-hop direct accuracy from {} to {}", S2RIGHT,
+          ("settings/steps=50 lr=1.0e-4/held_out_direct_acc_by_hops_per_round/0/1",
+           "settings/steps=50 lr=1.0e-4/held_out_direct_acc_by_hops_per_round/1/1")),
+    Quote("docs/explicit.md", "This gives 1-hop {} and {} (50 steps at 1e-4; 200 at 3e-4)", S2HOP,
+          tuple(s2_setting(f"every depth, train_questions=8192, steps={n} lr={lr} (seed 0)",
+                           "held_out_direct_acc_by_hops_per_round/1/1") for n, lr in (("50", "1.0e-4"), ("200", "3.0e-4")))),
+    Quote("docs/explicit.md", "1-hop accuracy falls to {} and {}. The round fits\n    its {} training prompts (greedy "
+          "accuracy on them {} -> {})", S2HOP,
+          tuple(s2_setting(S2_GOLD1.format(1024, n, lr), "held_out_direct_acc_by_hops_per_round/1/1")
+                for n, lr in (("50", "1.0e-4"), ("200", "3.0e-4")))
+          + ("fit_of_its_own_prompts/prompts", "fit_of_its_own_prompts/base_greedy_acc",
+             "fit_of_its_own_prompts/round_1_greedy_acc")),
+    Quote("docs/explicit.md", "1-hop accuracy rises to {}, so the two changes", S2HOP,
+          (s2_setting(S2_GOLD1.format(8192, "200", "3.0e-4"), "held_out_direct_acc_by_hops_per_round/1/1"),)),
     Quote(R_EXPL, "reach the gold answer ({} -> {} on seed 0, {} -> {} on seed 1)", EXPL,
           (ex_seed("star", "base", "cot", "0"), ex_seed("star", "chosen", "cot", "0"),
            ex_seed("star", "base", "cot", "1"), ex_seed("star", "chosen", "cot", "1"))),
