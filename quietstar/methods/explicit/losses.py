@@ -28,6 +28,7 @@ Two sweeps over the completion tokens, no full logits.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Callable, List, NamedTuple, Optional, Sequence
@@ -219,11 +220,10 @@ def fit_sft(qs, examples, steps: int, batch_size: int, optim_cfg, seed: int, end
     replay_weight > 0, each step adds replay_weight times the mean NLL of every token of the next batch_size
     replay documents (taken in order, cycling)."""
     dev = qs.model.tok_embeddings.weight.device
-    cursor = [0]
+    replayed = itertools.cycle(replay)
 
     def replay_loss():
-        docs = [replay[(cursor[0] + i) % len(replay)] for i in range(batch_size)]
-        cursor[0] = (cursor[0] + batch_size) % len(replay)
+        docs = [next(replayed) for _ in range(batch_size)]
         return sft_loss(qs, token_batch([d[:1] for d in docs], [d[1:] for d in docs], pad_id, qs.end_token_id,
                                         end_target, dev))
 
