@@ -490,6 +490,7 @@ LM_EVAL, LM_EVAL_CSQA = "lm_eval_cpu.json", "lm_eval_csqa_smollm2_base_cpu.json"
 LM_EVAL_COUNTS = "lm_eval_csqa_smollm2_base_counts_cpu.json"
 LM_EVAL_DEFAULT_RUN = "lm_eval_csqa_default_run_cpu.json"
 LM_EVAL_GSM8K = "lm_eval_gsm8k_smollm2_base_cpu.json"
+LM_EVAL_RLP = "lm_eval_csqa_rlp_math_web_cpu.json"
 PMW = "policy_math_web_cpu.json"
 
 
@@ -1058,7 +1059,11 @@ CHECKS: list = [
                                                  recorded(LM_EVAL_DEFAULT_RUN, "chosen/A"))],
         "`lm_eval_gsm8k_smollm2_base_cpu.json`": [None, None, recorded(LM_EVAL_GSM8K, "items"),
                                                   (recorded(LM_EVAL_GSM8K, "scores/exact_match,strict-match", 100.0),
-                                                   recorded(LM_EVAL_GSM8K, "scores/exact_match,flexible-extract", 100.0))]}),
+                                                   recorded(LM_EVAL_GSM8K, "scores/exact_match,flexible-extract", 100.0))],
+        "`lm_eval_csqa_rlp_math_web_cpu.json`": [None, None, recorded(LM_EVAL_RLP, "items"),
+                                                 (recorded(LM_EVAL_RLP, "scores/acc,none", 100.0),
+                                                  recorded(LM_EVAL_RLP, "chosen/A"))]}),
+    Quote(R_LM_EVAL, "([policy.md](policy.md)): A on all {} again", LM_EVAL_RLP, ("chosen/A",)),
     Quote(R_LM_EVAL, "{} of {}\nanswers is right in lm_eval's strict format, and {} with its flexible extraction",
           LM_EVAL_GSM8K, (V(lambda r: round(r["scores"]["exact_match,strict-match"] * r["items"])), "items",
                           V(lambda r: round(r["scores"]["exact_match,flexible-extract"] * r["items"])))),
