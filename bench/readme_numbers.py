@@ -710,8 +710,12 @@ CHECKS: list = [
         "the RLP objective alone (`thought.nll_weight=0`, as RLP has no NLL term), policy term before answers only":
             disc_more_row("rlp_alone_before_answers"),
         "the RLP objective alone, the gate's positions": disc_more_row("rlp_alone_gate"),
+        "the policy term at 10 times its weight (`thought.policy_weight=10`), the gate's positions":
+            disc_more_row("policy_weight_10_gate"),
         "16 thoughts per position (`thought.n_thoughts=16`, the recipe's 4), the gate's positions":
             disc_more_row("sixteen_thoughts_gate")}),
+    Quote("docs/learning.md", "chain-holding thoughts before 1-hop answers reach {} at step 100 and fall back to {}",
+          PDISC_MORE, tuple(f"runs/policy_weight_10_gate/checkpoints/{i}/chain_like_share/1" for i in (0, 2))),
     Quote("docs/learning.md", "The mean reward then rises ({} -> {} and {} -> {})", PDISC_MORE,
           tuple(f"runs/{run}/training_curve/{i}/reward_mean" for run in ("rlp_alone_before_answers", "rlp_alone_gate")
                 for i in (0, -1))),
