@@ -491,6 +491,7 @@ LM_EVAL_COUNTS = "lm_eval_csqa_smollm2_base_counts_cpu.json"
 LM_EVAL_DEFAULT_RUN = "lm_eval_csqa_default_run_cpu.json"
 LM_EVAL_GSM8K = "lm_eval_gsm8k_smollm2_base_cpu.json"
 LM_EVAL_RLP = "lm_eval_csqa_rlp_math_web_cpu.json"
+LM_EVAL_GSM8K_RUN = "lm_eval_gsm8k_default_run_cpu.json"
 PMW = "policy_math_web_cpu.json"
 
 
@@ -551,6 +552,17 @@ def disc_more_row(run: str) -> list:
     without a thought at the first logged step and at step 500."""
     return [tuple(f"runs/{run}/checkpoints/{i}/chain_like_share/3" for i in range(3)),
             (f"runs/{run}/training_curve/0/nll_base", f"runs/{run}/training_curve/-1/nll_base")]
+
+
+def right_problems(r) -> set:
+    """The GSM8K problems an lm_eval generation record gets right with the flexible extraction."""
+    return {x["doc_id"] for x in r["items_scored"] if x["flexible-extract"]["exact_match"] == 1.0}
+
+
+def one(xs: set):
+    if len(xs) != 1:
+        raise ValueError(f"expected one problem, got {sorted(xs)}")
+    return next(iter(xs))
 
 
 def disc_ckpt(r, seed: int, step: int) -> dict:
@@ -1064,10 +1076,25 @@ CHECKS: list = [
         "`lm_eval_gsm8k_smollm2_base_cpu.json`": [None, None, recorded(LM_EVAL_GSM8K, "items"),
                                                   (recorded(LM_EVAL_GSM8K, "scores/exact_match,strict-match", 100.0),
                                                    recorded(LM_EVAL_GSM8K, "scores/exact_match,flexible-extract", 100.0))],
+        "`lm_eval_gsm8k_default_run_cpu.json`": [None, None, recorded(LM_EVAL_GSM8K_RUN, "items"),
+                                                 (recorded(LM_EVAL_GSM8K_RUN, "scores/exact_match,strict-match", 100.0),
+                                                  recorded(LM_EVAL_GSM8K_RUN, "scores/exact_match,flexible-extract", 100.0))],
         "`lm_eval_csqa_rlp_math_web_cpu.json`": [None, None, recorded(LM_EVAL_RLP, "items"),
                                                  (recorded(LM_EVAL_RLP, "scores/acc,none", 100.0),
                                                   recorded(LM_EVAL_RLP, "chosen/A"))]}),
     Quote(R_LM_EVAL, "([policy.md](policy.md)): A on all {} again", LM_EVAL_RLP, ("chosen/A",)),
+    Quote(R_LM_EVAL, "with a thought before every generated token, {} of {} are right in both formats", LM_EVAL_GSM8K_RUN,
+          (V(lambda r: sum(x["strict-match"]["exact_match"] == 1.0 and x["flexible-extract"]["exact_match"] == 1.0
+                           for x in r["items_scored"])), "items")),
+    Quote(R_LM_EVAL, "Both models get\nproblem {} right, and each gets one other (the base problem {}, the thinking "
+          "model problem {})", LM_EVAL_GSM8K_RUN,
+          (V(lambda r: one(right_problems(r) & right_problems(load(LM_EVAL_GSM8K)))),
+           V(lambda r: one(right_problems(load(LM_EVAL_GSM8K)) - right_problems(r))),
+           V(lambda r: one(right_problems(r) - right_problems(load(LM_EVAL_GSM8K)))))),
+    Quote(R_LM_EVAL, "Thinking at every token costs {} s a problem (one thread, batches of\n{}, beside other jobs), "
+          "against the base model's {} s (batches of {})", LM_EVAL_GSM8K_RUN,
+          (V(lambda r: r["seconds"] / r["items"]), "batch_size", recorded(LM_EVAL_GSM8K, "seconds", 1 / 200),
+           recorded(LM_EVAL_GSM8K, "batch_size"))),
     Quote(R_LM_EVAL, "{} of {}\nanswers is right in lm_eval's strict format, and {} with its flexible extraction",
           LM_EVAL_GSM8K, (V(lambda r: round(r["scores"]["exact_match,strict-match"] * r["items"])), "items",
                           V(lambda r: round(r["scores"]["exact_match,flexible-extract"] * r["items"])))),
