@@ -155,6 +155,11 @@ def evaluate_sampled(ctx: Context, qs, questions, n: int, seed: int, desc: str =
             "tokens_per_answer": sum(c.n_generated for cs in comps for c in cs) / len(hits)}
 
 
+def _question_documents(rc, ex) -> tuple[int, int]:
+    """How many training-split documents hold the training questions, and how many after them the validation ones."""
+    return -(-ex.train_questions // rc.n_queries), -(-ex.val_questions // rc.n_queries)
+
+
 def _questions(cfg):
     """(train, validation, eval) questions: the first documents of the training split, later training
     documents, the first documents of the held-out split (GSM8K: tasks.gsm8k_splits)."""
@@ -166,7 +171,7 @@ def _questions(cfg):
         return gsm8k_splits(root / "train.jsonl", root / "test.jsonl", ex.train_questions, ex.val_questions,
                             ex.eval_questions)
     per_doc = rc.n_queries
-    n_train, n_val = -(-ex.train_questions // per_doc), -(-ex.val_questions // per_doc)
+    n_train, n_val = _question_documents(rc, ex)
     docs = make_documents(rc, n_train + n_val, seed, "train")
     train = reasoning_questions(docs[:n_train], "train", rc.chain_close, corpus=rc)[:ex.train_questions]
     val = reasoning_questions(docs[n_train:], "train", rc.chain_close, n_train, corpus=rc)[:ex.val_questions]
@@ -184,7 +189,7 @@ def _replay_documents(cfg, tok) -> list:
     from quietstar.reasoning import encode_document, make_documents
 
     rc, ex = cfg.data.reasoning, cfg.explicit
-    first = -(-ex.train_questions // rc.n_queries) + -(-ex.val_questions // rc.n_queries)
+    first = sum(_question_documents(rc, ex))
     docs = make_documents(rc, first + ex.replay_docs, cfg.train.seed, "train")[first:]
     return [encode_document(d, tok)[0] for d in docs]
 
