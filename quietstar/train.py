@@ -401,12 +401,12 @@ def record_samples(s: Session, step: int) -> None:
             f.write(json.dumps({"step": step, "rows": gathered}) + "\n")
 
 
-def watched_nll(metrics: dict) -> float:
+def watched_nll(metrics: dict, cfg: TrainConfig) -> float:
     """The NLL the divergence watch follows: the objective's, or where the objective trains none
-    (thought.nll_weight=0, RLP's own recipe: its train/nll is exactly 0 on every step) the model's NLL
-    without a thought, which every thought step measures."""
-    nll = metrics.get("train/nll", metrics["train/loss"])
-    return metrics.get("train/nll_base", nll) if nll == 0.0 else nll
+    (thought.nll_weight=0, RLP's own recipe: its train/nll is 0 on every step) the model's NLL without a
+    thought, which every thought step measures."""
+    key = "train/nll_base" if cfg.thought.nll_weight == 0 else "train/nll"
+    return metrics.get(key, metrics["train/loss"])
 
 
 def log_pending(pending: list, s: Session, run, result: TrainResult, write: bool = True) -> bool:
@@ -420,7 +420,7 @@ def log_pending(pending: list, s: Session, run, result: TrainResult, write: bool
         metrics.update(host)
         result.losses.append(metrics["train/loss"])
         result.step, result.metrics = step, metrics
-        bad = bad or s.watch.after_step(step, watched_nll(metrics), metrics["train/grad_norm"])
+        bad = bad or s.watch.after_step(step, watched_nll(metrics, s.cfg), metrics["train/grad_norm"])
     if write:
         run.log(result.metrics, step=result.step)
     pending.clear()
