@@ -279,7 +279,7 @@ KEEP_ROWS = {
     "TPO (`explicit=tpo`, the preset)": kc_row("decoy_rpo", "tpo"),
     "TPO, `dpo` with the preset's rounds cut to 2": kc_row("tpo_grid_dpo50lr1", "tpo"),
     "CPO, beam 1, 6 proposals, `rpo`": kc_row("decoy_rpo", "cpo"),
-    "CPO, the same, answer check as the search's value (`self_eval=answer`)": kc_row("decoy_cpo_answer", "cpo"),
+    "CPO, the same, answer check as the search's value (`self_eval=answer`: the `explicit=cpo` preset)": kc_row("decoy_cpo_answer", "cpo"),
 }
 KEEP_PREF_ROWS = {
     "base, rationale then answer": kc_row("decoy_rpo", "star", "base"),
@@ -696,8 +696,8 @@ CHECKS: list = [
           "{}): on {}, {} and {} of 1,024 training questions", EXPL,
           tuple(kc_seed("decoy_rpo", "cpo", "base", s) for s in SEEDS)
           + tuple(f"groups/decoy_rpo/cpo/per_seed/s{s}/stats_per_round/0/winning_correct" for s in SEEDS)),
-    Quote(README, "scores partial chains with the answer check (`explicit.self_eval=answer`): {} / {} / {} -> {} / "
-          "{} / {}", EXPL, tuple(kc_seed("decoy_cpo_answer", "cpo", w, s) for w in ("base", "chosen") for s in SEEDS)),
+    Quote(README, "scores partial chains with the answer check (`explicit.self_eval=answer`, now the `explicit=cpo` "
+          "preset):\n{} / {} / {} -> {} / {} / {}", EXPL, tuple(kc_seed("decoy_cpo_answer", "cpo", w, s) for w in ("base", "chosen") for s in SEEDS)),
     Quote("docs/explicit_preference.md", "the winning path is right on {}, {} and {} of the 1,024 training questions "
           "(round 1), against {}, {} and {} with self-agreement. Held-out accuracy goes {} / {} / {} -> {} / {} / {}, "
           "a median gain of {} against STaR's {}", EXPL,

@@ -178,6 +178,8 @@ def test_the_replayed_documents_come_after_every_training_and_validation_questio
     assert _replay_documents(cfg, TOK) == [encode_document(d, TOK)[0] for d in docs[5:]]
     with pytest.raises(ConfigError, match="explicit.replay_weight"):
         ExplicitConfig(task="gsm8k", replay_weight=0.5)
+    with pytest.raises(ConfigError, match="add explicit.step_filter=false"):  # explicit=cpo's default, on GSM8K
+        ExplicitConfig(task="gsm8k", method="cpo", step_filter=True)
 
 
 def test_max_difficulty_keeps_the_easier_training_and_validation_questions_and_every_held_out_one():

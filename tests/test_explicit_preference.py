@@ -428,7 +428,7 @@ def test_cpo_proposes_at_its_own_temperature_and_reports_pairs_per_question():
 # ---------------------------------------------------------------------------------------------- end to end
 
 
-@pytest.mark.parametrize("method", ["vstar", "tpo", "tpo/choice", "cpo", "cpo/rpo"])
+@pytest.mark.parametrize("method", ["vstar", "tpo", "tpo/choice", "cpo", "cpo/dpo"])
 def test_one_round_of_each_preference_method_end_to_end_through_the_config(tmp_path, method):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -475,7 +475,7 @@ def test_one_round_of_each_preference_method_end_to_end_through_the_config(tmp_p
     if method != "vstar" and lines:
         assert r1["loss_last"] is not None  # DPO ran
         # the first step's model is its reference: DPO's loss is log 2; RPO's adds the chosen side's NLL
-        loss = loss or {"tpo": "rpo", "cpo": "dpo"}[method]  # the presets' losses (TPO's chosen on validation)
+        loss = loss or {"tpo": "rpo", "cpo": "rpo"}[method]  # the presets' losses (chosen on validation)
         assert res["settings"]["loss"] == loss
         if loss == "rpo":
             assert r1["loss_first"] > math.log(2) + 0.1

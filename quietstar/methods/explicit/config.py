@@ -179,7 +179,8 @@ class ExplicitConfig:
         if self.task == "gsm8k" and self.replay_weight > 0:
             raise ConfigError("explicit.replay_weight: replays the reasoning corpus's text; task=gsm8k has none")
         if self.task == "gsm8k" and self.step_filter:
-            raise ConfigError("explicit.step_filter: the reasoning corpus's chain symbols; task=gsm8k has none")
+            raise ConfigError("explicit.step_filter=true (explicit=cpo's default) keeps the reasoning corpus's chain "
+                              "symbols; task=gsm8k has none: add explicit.step_filter=false")
         if not str(self.judge_model).strip():
             raise ConfigError("explicit.judge_model must be base, latest or a checkpoint path, got ''")
         if not 0 <= self.cai_min_confidence <= 1:
