@@ -523,6 +523,8 @@ S2GRID = "system2_3layer_grid_cpu.json"
 S2HOP, S2REPLAY, S2RIGHT = ("system2_1hop_3layer_cpu.json", "system2_replay_3layer_cpu.json",
                             "system2_right_labels_3layer_cpu.json")
 S2HOP_CHOSEN = "settings/chosen: max_difficulty=1 train_questions=8192 steps=200 lr=3.0e-4"
+S2_4K, S2_4K_MD2 = "system2_3layer_4k_cpu.json", "bases_4000_steps_1_and_2_hops"
+S2_STRICT = "label_filter_2000_step_bases/k8_c1.0_q32768_s2"
 S2HOP_HEADER = "| 3 layers, held-out 1-hop accuracy | seed 0 | seed 1 | seed 2 |"
 
 
@@ -780,6 +782,27 @@ CHECKS: list = [
              "fit_of_its_own_prompts/round_1_greedy_acc")),
     Quote("docs/explicit.md", "1-hop accuracy rises to {}, so the two changes", S2HOP,
           (s2_setting(S2_GOLD1.format(8192, "200", "3.0e-4"), "held_out_direct_acc_by_hops_per_round/1/1"),)),
+    Quote("docs/explicit.md", "So {}% of its round's labels are the queried symbol itself, against {}% and {}% on "
+          "seeds 0 and\n  1", S2_4K, tuple(pct(f"labels_of_the_2000_step_bases_runs/seed {s}/answer_is_queried_symbol")
+                                       for s in (2, 0, 1))),
+    Quote("docs/explicit.md", "label right, but {}% of them are then fixed points", S2_4K,
+          (pct(f"{S2_STRICT}/labels_round_1/answer_is_queried_symbol"),)),
+    Quote("docs/explicit.md", "held-out 1-hop direct accuracy\n  falls from {} to {}", S2_4K,
+          (f"{S2_STRICT}/held_out_direct_acc_by_hops_per_round/0/1", f"{S2_STRICT}/held_out_direct_acc_by_hops_per_round/1/1")),
+    Quote("docs/explicit.md", "(held-out {} / {} /\n  {} direct, {} with a rationale)", S2_4K,
+          tuple(f"bases_4000_steps_1hop_only/seed {s}/gap_1hop/direct_base" for s in SEEDS)
+          + ("bases_4000_steps_1hop_only/seed 0/gap_1hop/cot_base",)),
+    Quote("docs/explicit.md", "At 2 hops it answers\n  directly {} / {} / {}, against {} / {} / {} with a rationale",
+          S2_4K, tuple(f"{S2_4K_MD2}/seed {s}/gap_2hop/{w}" for w in ("direct_base", "cot_base") for s in SEEDS)),
+    Quote("docs/explicit.md", "the round validation picks closes {}%, {}% and {}% of the 2-hop gap (median {}%)", S2_4K,
+          tuple(pct(f"{S2_4K_MD2}/seed {s}/gap_2hop/gap_closed") for s in SEEDS) + (pct("gap_closed_2hop_median"),)),
+    Quote("docs/explicit.md", "although\n  about {}% of its labels are right", S2_4K,
+          (V(lambda r: 100 * min(at(r, f"{S2_4K_MD2}/seed {s}/labels_round_1/right") for s in SEEDS)),)),
+    Quote(R_EXPL, "it: {}% of its self-consistent labels are the queried symbol", S2_4K,
+          (pct("labels_of_the_2000_step_bases_runs/seed 2/answer_is_queried_symbol"),)),
+    Quote(R_EXPL, "the round closes {}%, {}% and {}% of the 2-hop gap", S2_4K,
+          tuple(pct(f"{S2_4K_MD2}/seed {s}/gap_2hop/gap_closed") for s in SEEDS)),
+    Quote(README, "the round closes a median {}% of the 2-hop gap", S2_4K, (pct("gap_closed_2hop_median"),)),
     Quote(R_EXPL, "reach the gold answer ({} -> {} on seed 0, {} -> {} on seed 1)", EXPL,
           (ex_seed("star", "base", "cot", "0"), ex_seed("star", "chosen", "cot", "0"),
            ex_seed("star", "base", "cot", "1"), ex_seed("star", "chosen", "cot", "1"))),
