@@ -730,6 +730,8 @@ CHECKS: list = [
             disc_more_row("sixteen_thoughts_gate")}),
     Quote("docs/learning.md", "chain-holding thoughts before 1-hop answers reach {} at step 100 and fall back to {}",
           PDISC_MORE, tuple(f"runs/policy_weight_10_gate/checkpoints/{i}/chain_like_share/1" for i in (0, 2))),
+    Quote("docs/learning.md", "has {} of chain-holding thoughts before 3-hop answers, where it started\nat {}",
+          "policy_discovery_longer_validation_cpu.json", ("checkpoints/3/chain_like_share/3", "start_chain_like_share_3hop")),
     Quote("docs/learning.md", "The mean reward then rises ({} -> {} and {} -> {})", PDISC_MORE,
           tuple(f"runs/{run}/training_curve/{i}/reward_mean" for run in ("rlp_alone_before_answers", "rlp_alone_gate")
                 for i in (0, -1))),
