@@ -492,6 +492,7 @@ LM_EVAL_DEFAULT_RUN = "lm_eval_csqa_default_run_cpu.json"
 LM_EVAL_GSM8K = "lm_eval_gsm8k_smollm2_base_cpu.json"
 LM_EVAL_RLP = "lm_eval_csqa_rlp_math_web_cpu.json"
 LM_EVAL_GSM8K_RUN = "lm_eval_gsm8k_default_run_cpu.json"
+LM_EVAL_GSM8K_RLP = "lm_eval_gsm8k_rlp_math_web_cpu.json"
 PMW = "policy_math_web_cpu.json"
 
 
@@ -1104,10 +1105,20 @@ CHECKS: list = [
         "`lm_eval_gsm8k_default_run_cpu.json`": [None, None, recorded(LM_EVAL_GSM8K_RUN, "items"),
                                                  (recorded(LM_EVAL_GSM8K_RUN, "scores/exact_match,strict-match", 100.0),
                                                   recorded(LM_EVAL_GSM8K_RUN, "scores/exact_match,flexible-extract", 100.0))],
+        "`lm_eval_gsm8k_rlp_math_web_cpu.json`": [None, None, recorded(LM_EVAL_GSM8K_RLP, "items"),
+                                                  (recorded(LM_EVAL_GSM8K_RLP, "scores/exact_match,strict-match", 100.0),
+                                                   recorded(LM_EVAL_GSM8K_RLP, "scores/exact_match,flexible-extract",
+                                                            100.0))],
         "`lm_eval_csqa_rlp_math_web_cpu.json`": [None, None, recorded(LM_EVAL_RLP, "items"),
                                                  (recorded(LM_EVAL_RLP, "scores/acc,none", 100.0),
                                                   recorded(LM_EVAL_RLP, "chosen/A"))]}),
     Quote(R_LM_EVAL, "([policy.md](policy.md)): A on all {} again", LM_EVAL_RLP, ("chosen/A",)),
+    Quote(R_LM_EVAL, "After the RLP objective's 200 steps on math\nweb text, {} of {} are right in the strict format and {} "
+          "with the flexible extraction. Problem {} is among them",
+          LM_EVAL_GSM8K_RLP,
+          (V(lambda r: round(r["scores"]["exact_match,strict-match"] * r["items"])), "items",
+           V(lambda r: len(right_problems(r))),
+           V(lambda r: one(right_problems(r) & right_problems(load(LM_EVAL_GSM8K)) & right_problems(load(LM_EVAL_GSM8K_RUN)))))),
     Quote(R_LM_EVAL, "with a thought before every generated token, {} of {} are right in both formats", LM_EVAL_GSM8K_RUN,
           (V(lambda r: sum(x["strict-match"]["exact_match"] == 1.0 and x["flexible-extract"]["exact_match"] == 1.0
                            for x in r["items_scored"])), "items")),
