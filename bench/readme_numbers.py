@@ -546,6 +546,27 @@ PDCG_VAL, PDISC = "policy_decoy_close_gate_validation_cpu.json", "policy_discove
 
 
 PDISC_MORE = "policy_discovery_more_validation_cpu.json"
+PDISC_EMB = "policy_discovery_embedding_lr_validation_cpu.json"
+
+
+def emb_path(run: str, step: int, field: str) -> str:
+    def path(r):
+        i = next(i for i, c in enumerate(r["runs"][run]["checkpoints"]) if c["step"] == step)
+        return f"runs/{run}/checkpoints/{i}/{field}"
+    return path
+
+
+def emb_at(run: str, step: int, field: str, scale: float = 1.0) -> V:
+    """A checkpoint's value in the discovery runs with the 100x thought-embedding rate, found by its step."""
+    return V(lambda r: at(r, emb_path(run, step, field)(r)), scale)
+
+
+def emb_row(seed: str) -> list:
+    run = f"seed {seed}"
+    return [tuple(emb_at(run, 500, f"chain_like_share/{h}") for h in "123"),
+            tuple(emb_at(run, 1000, f"chain_like_share/{h}") for h in "123"),
+            (emb_at(run, 1000, "answer_acc/thought/3"), emb_at(run, 1000, "answer_acc/no_thought/3")),
+            (emb_at(run, 1000, "answer_acc/thought/2"), emb_at(run, 1000, "answer_acc/no_thought/2"))]
 PDISC_MORE_HEADER = ("| variant | chain-holding thoughts before 3-hop answers, step 100 / 300 / 500 | NLL without a thought, "
                      "start -> step 500 |")
 
@@ -731,6 +752,28 @@ CHECKS: list = [
             disc_more_row("sixteen_thoughts_gate")}),
     Quote("docs/learning.md", "chain-holding thoughts before 1-hop answers reach {} at step 100 and fall back to {}",
           PDISC_MORE, tuple(f"runs/policy_weight_10_gate/checkpoints/{i}/chain_like_share/1" for i in (0, 2))),
+    Table("docs/learning.md", "| seed | chain-holding, step 500 | step 1,000 | 3-hop accuracy, step 1,000 | 2-hop accuracy, "
+          "step 1,000 |", PDISC_EMB, {s: emb_row(s) for s in SEEDS}),
+    Quote("docs/learning.md", "seed 2's thoughts before 3-hop answers\nhold the chain {}% of the time at step 1,000, and "
+          "its accuracy with a thought equals its accuracy without one\n({})", PDISC_EMB,
+          (emb_at("seed 2, policy_weight=0", 1000, "chain_like_share/3", 100.0),
+           emb_at("seed 2, policy_weight=0", 1000, "answer_acc/thought/3"))),
+    Quote("docs/learning.md", "Seed 0's reach {} at step 500, against {} with the term", PDISC_EMB,
+          (emb_at("seed 0, policy_weight=0", 500, "chain_like_share/3"), emb_at("seed 0", 500, "chain_like_share/3"))),
+    Quote("docs/learning.md", "({} before 3-hop answers at step 1,500)", PDISC_EMB,
+          (emb_at("seed 0", 1500, "chain_like_share/3"),)),
+    Quote("docs/learning.md", "the 3-hop accuracy with a thought is {}, against {} without one", PDISC_EMB,
+          (emb_at("seed 2", 1000, "answer_acc/thought/3"), emb_at("seed 2", 1000, "answer_acc/no_thought/3"))),
+    Quote("docs/learning.md", "Its 1- and 2-hop answers are right {}% of the time after a thought", PDISC_EMB,
+          (emb_at("seed 1", 1000, "answer_acc/thought/2", 100.0),)),
+    Quote("docs/learning.md", "before 3-hop answers the chain-holding share is {} at step\n1,000 (goal 0.5), and before "
+          "2-hop answers {}", PDISC_EMB,
+          (V(lambda r: median([at(r, emb_path(f"seed {s}", 1000, "chain_like_share/3")(r)) for s in SEEDS])),
+           V(lambda r: median([at(r, emb_path(f"seed {s}", 1000, "chain_like_share/2")(r)) for s in SEEDS])))),
+    Quote(README, "seed 2's thoughts before 3-hop answers hold it {}% of the time after\n1,000 steps ({}% with the policy "
+          "term off), seed 1's before 1- and 2-hop answers only, seed 0's {}% of the time", PDISC_EMB,
+          (emb_at("seed 2", 1000, "chain_like_share/3", 100.0), emb_at("seed 2, policy_weight=0", 1000, "chain_like_share/3", 100.0),
+           emb_at("seed 0", 1000, "chain_like_share/3", 100.0))),
     Quote("docs/learning.md", "has {} of chain-holding thoughts before 3-hop answers, where it started\nat {}",
           "policy_discovery_longer_validation_cpu.json", ("checkpoints/3/chain_like_share/3", "start_chain_like_share_3hop")),
     Quote("docs/learning.md", "The mean reward then rises ({} -> {} and {} -> {})", PDISC_MORE,
