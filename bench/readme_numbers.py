@@ -279,7 +279,8 @@ KEEP_ROWS = {
     "TPO (`explicit=tpo`, the preset)": kc_row("decoy_rpo", "tpo"),
     "TPO, `dpo` with the preset's rounds cut to 2": kc_row("tpo_grid_dpo50lr1", "tpo"),
     "CPO, beam 1, 6 proposals, `rpo`": kc_row("decoy_rpo", "cpo"),
-    "CPO, the same, answer check as the search's value (`self_eval=answer`: the `explicit=cpo` preset)": kc_row("decoy_cpo_answer", "cpo"),
+    "CPO, the same, answer check as the search's value (`self_eval=answer`: the `explicit=cpo` preset)":
+        kc_row("decoy_cpo_answer", "cpo"),
 }
 KEEP_PREF_ROWS = {
     "base, rationale then answer": kc_row("decoy_rpo", "star", "base"),
@@ -549,16 +550,13 @@ PDISC_MORE = "policy_discovery_more_validation_cpu.json"
 PDISC_EMB = "policy_discovery_embedding_lr_validation_cpu.json"
 
 
-def emb_path(run: str, step: int, field: str) -> str:
-    def path(r):
-        i = next(i for i, c in enumerate(r["runs"][run]["checkpoints"]) if c["step"] == step)
-        return f"runs/{run}/checkpoints/{i}/{field}"
-    return path
+def emb_ckpt(r, run: str, step: int) -> dict:
+    return next(c for c in r["runs"][run]["checkpoints"] if c["step"] == step)
 
 
 def emb_at(run: str, step: int, field: str, scale: float = 1.0) -> V:
     """A checkpoint's value in the discovery runs with the 100x thought-embedding rate, found by its step."""
-    return V(lambda r: at(r, emb_path(run, step, field)(r)), scale)
+    return V(lambda r: at(emb_ckpt(r, run, step), field), scale)
 
 
 def emb_row(seed: str) -> list:
@@ -768,8 +766,8 @@ CHECKS: list = [
           (emb_at("seed 1", 1000, "answer_acc/thought/2", 100.0),)),
     Quote("docs/learning.md", "before 3-hop answers the chain-holding share is {} at step\n1,000 (goal 0.5), and before "
           "2-hop answers {}", PDISC_EMB,
-          (V(lambda r: median([at(r, emb_path(f"seed {s}", 1000, "chain_like_share/3")(r)) for s in SEEDS])),
-           V(lambda r: median([at(r, emb_path(f"seed {s}", 1000, "chain_like_share/2")(r)) for s in SEEDS])))),
+          (V(lambda r: median([at(emb_ckpt(r, f"seed {s}", 1000), "chain_like_share/3") for s in SEEDS])),
+           V(lambda r: median([at(emb_ckpt(r, f"seed {s}", 1000), "chain_like_share/2") for s in SEEDS])))),
     Quote(README, "seed 2's thoughts before 3-hop answers hold it {}% of the time after\n1,000 steps ({}% with the policy "
           "term off), seed 1's before 1- and 2-hop answers only, seed 0's {}% of the time", PDISC_EMB,
           (emb_at("seed 2", 1000, "chain_like_share/3", 100.0), emb_at("seed 2, policy_weight=0", 1000, "chain_like_share/3", 100.0),
